@@ -1,0 +1,72 @@
+// The backend interface: every op a model family's forward pass is built from. Model code calls only
+// these; each backend (CPU now, CUDA later) implements all of them, and the CPU reference backend is the
+// oracle the op tests compare every other implementation against.
+//
+// Conventions: activations are fp32, row-major and contiguous; "[T, n]" means T rows of n floats.
+// Pointers refer to memory of this backend (host memory for the CPU; device memory for a GPU backend).
+// Weight matrices come as WeightView (quant/weight_format.hpp): y = x · Wᵀ, W stored [out, in].
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "quant/weight_format.hpp"
+
+namespace moeflux {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+
+  // Activation memory owned by the caller, freed with free_activations.
+  virtual float* alloc_activations(size_t n_floats) = 0;
+  virtual void free_activations(float* p) = 0;
+
+  // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
+  virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;
+
+  // out[t, :] = W[ids[t], :] as fp32 (embedding row lookup).   out: [T, w.cols]
+  virtual void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) = 0;
+
+  // RMSNorm, Llama style: out = x · rsqrt(mean(x²) + eps) · weight.   x, out: [n_rows, dim]; weight: [dim]
+  // out may alias x.
+  virtual void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) = 0;
+
+  // Rotary embedding, rotate_half ("NeoX") layout, in place: for each head h of token t the pairs
+  // (i, i + rot_dim/2), i < rot_dim/2, rotate by positions[t] · inv_freq[i]; dims ≥ rot_dim pass through.
+  // x: [T, n_heads, head_dim]; inv_freq: [rot_dim/2] (host memory).
+  virtual void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim,
+                         const int32_t* positions, const float* inv_freq) = 0;
+
+  // Causal GQA softmax attention over a KV cache.
+  // q: [T, n_head, head_dim]; k_cache, v_cache: [n_ctx, n_head_kv, head_dim] holding positions
+  // 0 .. n_past + T − 1; query t sits at position n_past + t and sees keys 0 .. n_past + t.
+  // KV head j serves query heads j·g … j·g + g − 1, g = n_head / n_head_kv.   out: [T, n_head, head_dim]
+  virtual void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens,
+                         int64_t n_past, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                         float* out) = 0;
+
+  // Router: p = softmax(logits[t, :]) over n_expert; the k largest (ties: lower id first), optionally
+  // renormalized to sum 1.   logits: [T, n_expert]; ids: [T, k] int32 (host); weights: [T, k] (host).
+  virtual void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k,
+                                   bool normalize, int32_t* ids, float* weights) = 0;
+
+  // out[i] = silu(gate[i]) · up[i].   n elements; out may alias gate or up.
+  virtual void swiglu(const float* gate, const float* up, float* out, int64_t n) = 0;
+
+  // acc[i] += a · x[i]
+  virtual void axpy(float* acc, const float* x, float a, int64_t n) = 0;
+
+  // dst[i, :] = src[rows[i], :].   src: [*, dim]; rows: [n_rows] (host); dst: [n_rows, dim]
+  virtual void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) = 0;
+};
+
+// The plain reference of every op: simple loops, single thread. The oracle for op tests.
+std::unique_ptr<Backend> make_reference_backend();
+
+// The optimized CPU backend (SIMD chosen at run time, n_threads compute threads; 0 = all cores).
+std::unique_ptr<Backend> make_cpu_backend(int n_threads = 0);
+
+}  // namespace moeflux

@@ -1,0 +1,86 @@
+// The expert store on the host: brings routed experts from the pack's experts/layer_NNN.bin files into
+// memory on demand, keeps a byte-budgeted cache of them under a replaceable policy, and counts what it
+// did. Owns: reader threads, aligned blob buffers, the cache and its policy, telemetry. Does not know
+// what is inside a blob (Pack::expert_view does) nor which experts a token needs (the model does).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "core/status.hpp"
+
+namespace moeflux {
+
+class Pack;
+
+enum class IoMode : uint8_t {
+  direct,      // O_DIRECT reads into aligned buffers, bypassing the page cache (falls back to
+               // page_cache for a file system that refuses O_DIRECT, and says so once)
+  page_cache,  // ordinary buffered reads
+};
+
+struct ExpertStoreOptions {
+  uint64_t cache_bytes = 0;   // experts kept after use; 0 keeps none (every use reads storage)
+  int n_readers = 8;          // reader threads issuing reads in parallel
+  IoMode io_mode = IoMode::direct;
+  bool verify_hashes = false;  // check every blob read from storage against the manifest's XXH3
+  std::string policy = "lru";  // cache policy name (see make_cache_policy)
+};
+
+struct ExpertStoreStats {
+  uint64_t hits = 0;           // acquires served from the cache
+  uint64_t misses = 0;         // acquires that needed a read
+  uint64_t bytes_read = 0;     // from storage
+  uint64_t reads = 0;          // storage reads issued
+  double wait_seconds = 0;     // time acquire() spent waiting for reads
+  uint64_t prefetches = 0;     // reads started by prefetch()
+  uint64_t evictions = 0;
+  uint64_t cached_experts = 0; // now in the cache
+  uint64_t cached_bytes = 0;   // now in the cache (blob stride each)
+};
+
+// Replacement policy over keys (layer << 32 | expert). The store calls these under its lock; a policy
+// knows nothing about memory or I/O, so policies are tested alone.
+class CachePolicy {
+ public:
+  virtual ~CachePolicy() = default;
+  virtual const char* name() const = 0;
+  virtual void on_insert(uint64_t key) = 0;
+  virtual void on_hit(uint64_t key) = 0;
+  virtual void on_erase(uint64_t key) = 0;
+  // The key to evict among those inserted and not erased; `evictable(key)` says whether it may go now
+  // (an expert in use may not). Returns false when none may go.
+  virtual bool choose_victim(const std::function<bool(uint64_t)>& evictable, uint64_t* key) = 0;
+};
+
+// "lru" → least recently used. Unknown names: invalid_argument.
+Result<std::unique_ptr<CachePolicy>> make_cache_policy(const std::string& name);
+
+inline uint64_t expert_key(int layer, int64_t expert) { return (uint64_t(uint32_t(layer)) << 32) | uint32_t(expert); }
+
+class ExpertStore {
+ public:
+  static Result<std::unique_ptr<ExpertStore>> open(const Pack& pack, const ExpertStoreOptions& options);
+  virtual ~ExpertStore() = default;
+
+  // Makes experts[0..n) of `layer` available in host memory and sets blobs[i] to expert i's blob
+  // (Manifest::expert_bytes long, 64-byte aligned), valid until the matching release(). Missing experts
+  // are read in parallel by the reader threads. Errors: a bad id, a short or failed read, a hash
+  // mismatch, n above max_acquire(). Experts in use beyond cache_bytes are allowed (the working set),
+  // and the budget bounds what stays cached after release.
+  virtual Status acquire(int layer, const int32_t* experts, int n, const void** blobs) = 0;
+  virtual void release(int layer, const int32_t* experts, int n) = 0;
+
+  // Starts reading these experts into the cache if they are not there; never blocks, never fails
+  // (errors surface at acquire). Does nothing when the cache budget cannot hold them.
+  virtual void prefetch(int layer, const int32_t* experts, int n) = 0;
+
+  virtual int max_acquire() const = 0;
+  virtual ExpertStoreStats stats() const = 0;
+  virtual void reset_stats() = 0;
+  virtual const ExpertStoreOptions& options() const = 0;
+};
+
+}  // namespace moeflux
