@@ -59,6 +59,9 @@ class Backend {
   // acc[i] += a · x[i]
   virtual void axpy(float* acc, const float* x, float a, int64_t n) = 0;
 
+  // x[i] = value for i < n.
+  virtual void fill(float* x, float value, int64_t n) = 0;
+
   // dst[i, :] = src[rows[i], :].   src: [*, dim]; rows: [n_rows] (host); dst: [n_rows, dim]
   virtual void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) = 0;
 };

@@ -1,0 +1,91 @@
+#include "blocks/blocks.hpp"
+
+#include <algorithm>
+
+#include "experts/expert_store.hpp"
+#include "format/pack.hpp"
+
+namespace moeflux {
+
+void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape& s, const float* x, int64_t n_tokens,
+                   int64_t n_past, const int32_t* positions, float* k_cache, float* v_cache, AttentionScratch& scratch,
+                   float* y) {
+  const int64_t kv_dim = s.n_head_kv * s.head_dim;
+  // K and V of this batch go straight into their cache rows: no copy.
+  float* k_rows = k_cache + n_past * kv_dim;
+  float* v_rows = v_cache + n_past * kv_dim;
+  be.matmul(w.q_proj, x, scratch.q, n_tokens);
+  be.matmul(w.k_proj, x, k_rows, n_tokens);
+  be.matmul(w.v_proj, x, v_rows, n_tokens);
+  // Per-head RMSNorm comes before rotary (qwen3: q_norm/k_norm shared by all heads).
+  if (w.q_norm) be.rms_norm(scratch.q, w.q_norm, s.norm_eps, n_tokens * s.n_head, s.head_dim, scratch.q);
+  if (w.k_norm) be.rms_norm(k_rows, w.k_norm, s.norm_eps, n_tokens * s.n_head_kv, s.head_dim, k_rows);
+  if (s.rot_dim > 0) {
+    be.rope_neox(scratch.q, n_tokens, s.n_head, s.head_dim, s.rot_dim, positions, s.inv_freq);
+    be.rope_neox(k_rows, n_tokens, s.n_head_kv, s.head_dim, s.rot_dim, positions, s.inv_freq);
+  }
+  be.attention(scratch.q, k_cache, v_cache, n_tokens, n_past, s.n_head, s.n_head_kv, s.head_dim, s.scale, scratch.out);
+  be.matmul(w.o_proj, scratch.out, y, n_tokens);
+}
+
+void swiglu_mlp(Backend& be, const WeightView& gate, const WeightView& up, const WeightView& down, const float* x,
+                int64_t n_tokens, MlpScratch& scratch, float* y) {
+  be.matmul(gate, x, scratch.gate, n_tokens);
+  be.matmul(up, x, scratch.up, n_tokens);
+  be.swiglu(scratch.gate, scratch.up, scratch.gate, n_tokens * gate.rows);
+  be.matmul(down, scratch.gate, y, n_tokens);
+}
+
+Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
+                  const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y) {
+  const int64_t k = s.n_expert_used;
+  be.matmul(router, x, scratch.router_logits, n_tokens);
+  scratch.ids.resize(size_t(n_tokens * k));
+  scratch.weights.resize(size_t(n_tokens * k));
+  be.router_softmax_topk(scratch.router_logits, n_tokens, s.n_expert, k, s.normalize_topk, scratch.ids.data(),
+                         scratch.weights.data());
+
+  // Group (token, weight) pairs by expert; experts are then visited in ascending id, so each token's
+  // sum has a fixed order whatever the batch, and each touched expert is fetched once.
+  std::vector<std::vector<std::pair<int32_t, float>>> routed(size_t(s.n_expert));
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = scratch.ids[size_t(t * k + j)];
+      if (e < 0 || e >= s.n_expert) return make_error(ErrorCode::internal, "router chose expert {} of {}", e, s.n_expert);
+      routed[size_t(e)].push_back({int32_t(t), scratch.weights[size_t(t * k + j)]});
+    }
+  std::vector<int32_t> touched;
+  for (int64_t e = 0; e < s.n_expert; ++e)
+    if (!routed[size_t(e)].empty()) touched.push_back(int32_t(e));
+
+  be.fill(y, 0.0f, n_tokens * s.hidden);
+
+  std::vector<int32_t> rows;
+  std::vector<const void*> blobs;
+  const size_t batch = size_t(std::max(1, store.max_acquire()));
+  for (size_t first = 0; first < touched.size(); first += batch) {
+    const int n = int(std::min(batch, touched.size() - first));
+    blobs.assign(size_t(n), nullptr);
+    MF_TRY(store.acquire(layer, touched.data() + first, n, blobs.data()));
+    for (int i = 0; i < n; ++i) {
+      const auto& pairs = routed[size_t(touched[first + size_t(i)])];
+      const int64_t m = int64_t(pairs.size());
+      rows.resize(pairs.size());
+      for (size_t r = 0; r < pairs.size(); ++r) rows[r] = pairs[r].first;
+      const float* xin = x;
+      if (!(m == n_tokens && n_tokens == 1)) {
+        be.gather_rows(x, rows.data(), m, s.hidden, scratch.x_rows);
+        xin = scratch.x_rows;
+      }
+      const void* blob = blobs[size_t(i)];
+      swiglu_mlp(be, pack.expert_view(blob, 0), pack.expert_view(blob, 1), pack.expert_view(blob, 2), xin, m,
+                 scratch.mlp, scratch.y_rows);
+      for (int64_t r = 0; r < m; ++r) be.axpy(y + int64_t(pairs[size_t(r)].first) * s.hidden, scratch.y_rows + r * s.hidden,
+                                              pairs[size_t(r)].second, s.hidden);
+    }
+    store.release(layer, touched.data() + first, n);
+  }
+  return Status::ok();
+}
+
+}  // namespace moeflux

@@ -1,0 +1,71 @@
+// Shared pieces of forward passes, written once over the Backend interface: grouped-query attention
+// with optional per-head q/k RMSNorm and rotary, the SwiGLU MLP, and the routed-expert MoE FFN.
+// Families compose these; blocks know no family and no backend internals.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backends/backend.hpp"
+#include "core/status.hpp"
+
+namespace moeflux {
+
+class ExpertStore;
+class Pack;
+
+struct AttentionWeights {
+  WeightView q_proj, k_proj, v_proj, o_proj;  // [nH·hd, H], [nKV·hd, H], [nKV·hd, H], [H, nH·hd]
+  const float* q_norm = nullptr;              // [hd] or null (no per-head q/k norm)
+  const float* k_norm = nullptr;              // [hd] or null
+};
+
+struct AttentionShape {
+  int64_t n_head = 0, n_head_kv = 0, head_dim = 0, rot_dim = 0;
+  float norm_eps = 1e-6f;
+  float scale = 1.0f;            // usually head_dim^-0.5
+  const float* inv_freq = nullptr;  // [rot_dim/2], host
+};
+
+struct AttentionScratch {
+  float* q = nullptr;    // [T, nH·hd]
+  float* out = nullptr;  // [T, nH·hd]
+};
+
+// x: [T, H] normalized input; k_cache/v_cache: [n_ctx, nKV·hd] of this layer; positions: [T] host,
+// n_past .. n_past+T−1. Writes this batch's K/V into the caches and o_proj(attention) into y [T, H].
+void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape& s, const float* x, int64_t n_tokens,
+                   int64_t n_past, const int32_t* positions, float* k_cache, float* v_cache, AttentionScratch& scratch,
+                   float* y);
+
+struct MlpScratch {
+  float* gate = nullptr;  // [T, I]
+  float* up = nullptr;    // [T, I]
+};
+
+// y = down(silu(gate(x)) · up(x)).   x: [T, H]; y: [T, H]
+void swiglu_mlp(Backend& be, const WeightView& gate, const WeightView& up, const WeightView& down, const float* x,
+                int64_t n_tokens, MlpScratch& scratch, float* y);
+
+struct MoeScratch {
+  std::vector<int32_t> ids;        // [T, k]
+  std::vector<float> weights;      // [T, k]
+  float* router_logits = nullptr;  // [T, E]
+  float* x_rows = nullptr;         // [T, H] tokens routed to one expert, gathered
+  float* y_rows = nullptr;         // [T, H]
+  MlpScratch mlp;                  // [T, I] each
+};
+
+struct MoeShape {
+  int64_t n_expert = 0, n_expert_used = 0, hidden = 0;
+  bool normalize_topk = true;
+};
+
+// Routed experts: router softmax → top-k (→ renormalize), then for each touched expert in ascending id,
+// its SwiGLU on the tokens routed to it (each expert fetched once per call), accumulated into
+// y [T, H] (overwritten) weighted by the router probability. Expert matrices are the pack's
+// expert_matrices in order gate_proj, up_proj, down_proj.
+Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
+                  const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y);
+
+}  // namespace moeflux

@@ -1,0 +1,28 @@
+// The table of supported model families.
+#include "models/model_family.hpp"
+
+#include <array>
+
+namespace moeflux {
+
+const ModelFamily& qwen3_moe_family();
+
+std::string ExpertDecls::expert_prefix(int layer) const {
+  std::string s = expert_prefix_template;
+  const std::string key = "{layer}";
+  const auto pos = s.find(key);
+  if (pos != std::string::npos) s.replace(pos, key.size(), std::to_string(layer));
+  return s;
+}
+
+Result<const ModelFamily*> find_model_family(const std::string& model_type) {
+  const std::array<const ModelFamily*, 1> families = {&qwen3_moe_family()};
+  std::string known;
+  for (const ModelFamily* f : families) {
+    if (model_type == f->model_type()) return f;
+    known += known.empty() ? f->model_type() : std::string(", ") + f->model_type();
+  }
+  return make_error(ErrorCode::unsupported, "model_type \"{}\" is not supported (supported: {})", model_type, known);
+}
+
+}  // namespace moeflux
