@@ -6,6 +6,8 @@
 
 namespace moeflux {
 
+Model::Model() = default;
+
 Model::~Model() {
   // The graph refers to the store, the backend and the pack: release in reverse order of building.
   graph_.reset();

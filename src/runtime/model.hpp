@@ -41,7 +41,7 @@ class Model {
   uint64_t fingerprint() const { return fingerprint_; }
 
  private:
-  Model() = default;
+  Model();
   std::unique_ptr<Pack> pack_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ExpertStore> experts_;

@@ -71,6 +71,7 @@ Result<std::unique_ptr<Session>> Session::create(Model& model, const SessionOpti
   return session;
 }
 
+Session::Session(Model& model) : model_(model) {}
 Session::~Session() = default;
 
 int64_t Session::n_ctx() const { return state_->n_ctx(); }

@@ -49,7 +49,7 @@ class Session {
   Model& model() { return model_; }
 
  private:
-  Session(Model& model) : model_(model) {}
+  explicit Session(Model& model);
   Model& model_;
   SessionOptions options_;
   std::unique_ptr<ForwardState> state_;
