@@ -182,6 +182,11 @@ class CpuBackend final : public Backend {
     chunked(n, [&](int64_t begin, int64_t end) { kernels_.axpy(acc + begin, x + begin, a, end - begin); });
   }
 
+  // x[i] = value: plain stores, exact.
+  void fill(float* x, float value, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) x[i] = value;
+  }
+
   // Reference: ReferenceBackend::gather_rows; copies: bit-identical.
   void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) override {
     run(n_rows, n_rows * dim, [&](int64_t i) { std::memcpy(dst + i * dim, src + rows[i] * dim, size_t(dim) * 4); });

@@ -148,6 +148,11 @@ class ReferenceBackend final : public Backend {
     for (int64_t i = 0; i < n; ++i) acc[i] += a * x[i];
   }
 
+  // x[i] = value: plain stores, exact.
+  void fill(float* x, float value, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) x[i] = value;
+  }
+
   void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) override {
     for (int64_t i = 0; i < n_rows; ++i) std::copy(src + rows[i] * dim, src + (rows[i] + 1) * dim, dst + i * dim);
   }
