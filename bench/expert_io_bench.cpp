@@ -1,7 +1,7 @@
-// Expert I/O throughput of the host expert store: random whole-expert reads (one decode layer's K = 8
-// experts per iteration, so Time is the wait for one layer's experts, no cache) at realistic blob sizes, O_DIRECT vs the page cache (warm and
-// cold), 1/4/8 reader threads. Writes one scratch file (MOEFLUX_BENCH_FILE_GB, default 4 GiB) in
-// MOEFLUX_BENCH_DIR (default /var/tmp) and removes it at exit.
+// Expert I/O throughput of the host expert store: random whole-expert reads at realistic blob sizes,
+// K = 8 experts per iteration with no cache (so Time is the wait for one decode layer's experts),
+// O_DIRECT vs the page cache (warm and cold), 1/4/8 reader threads. Writes one scratch file
+// (MOEFLUX_BENCH_FILE_GB, default 4 GiB) in MOEFLUX_BENCH_DIR (default /var/tmp), removed at exit.
 #include <fcntl.h>
 #include <unistd.h>
 
