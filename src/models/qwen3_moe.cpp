@@ -86,7 +86,9 @@ class Qwen3MoeFamily final : public ModelFamily {
     MF_ASSIGN_OR_RETURN(int64_t n_head_kv, config_value<int64_t>(c, "num_key_value_heads", n_head));
     MF_ASSIGN_OR_RETURN(int64_t head_dim, config_value<int64_t>(c, "head_dim", n_head > 0 ? hidden / n_head : 0));
     MF_ASSIGN_OR_RETURN(int64_t vocab, config_required<int64_t>(c, "vocab_size"));
-    MF_ASSIGN_OR_RETURN(int64_t n_expert, config_value<int64_t>(c, "num_experts", 128));
+    // transformers 5 writes num_local_experts; 4.x wrote num_experts.
+    MF_ASSIGN_OR_RETURN(int64_t n_local_expert, config_value<int64_t>(c, "num_local_experts", 128));
+    MF_ASSIGN_OR_RETURN(int64_t n_expert, config_value<int64_t>(c, "num_experts", n_local_expert));
     MF_ASSIGN_OR_RETURN(int64_t n_expert_used, config_value<int64_t>(c, "num_experts_per_tok", 8));
     MF_ASSIGN_OR_RETURN(int64_t moe_intermediate, config_value<int64_t>(c, "moe_intermediate_size", 768));
     MF_ASSIGN_OR_RETURN(int64_t intermediate, config_value<int64_t>(c, "intermediate_size", 6144));

@@ -1,0 +1,86 @@
+/* moeflux C API: open a pack, create sessions, evaluate tokens, read logits, save and restore state.
+ *
+ * Conventions: every function that can fail returns a moeflux_status; MOEFLUX_OK is 0. On failure
+ * moeflux_last_error() returns a message for the calling thread naming what went wrong (valid until
+ * that thread's next moeflux call). Nothing is thrown across this API. Handles are opaque; a model
+ * may be shared by several sessions, and must outlive them. A session is used by one thread at a time.
+ */
+#ifndef MOEFLUX_H
+#define MOEFLUX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum moeflux_status {
+  MOEFLUX_OK = 0,
+  MOEFLUX_ERR_INVALID_ARGUMENT = 1, /* a bad parameter, token id or call order */
+  MOEFLUX_ERR_IO = 2,               /* open/read/write failed, short read */
+  MOEFLUX_ERR_FORMAT = 3,           /* malformed or corrupt file */
+  MOEFLUX_ERR_UNSUPPORTED = 4,      /* valid input this build does not handle */
+  MOEFLUX_ERR_MISMATCH = 5,         /* input that contradicts another (state of another model) */
+  MOEFLUX_ERR_OUT_OF_MEMORY = 6,
+  MOEFLUX_ERR_INTERNAL = 7
+} moeflux_status;
+
+typedef struct moeflux_model moeflux_model;
+typedef struct moeflux_session moeflux_session;
+
+typedef struct moeflux_model_params {
+  const char* pack_dir;          /* the pack directory written by `moeflux convert` */
+  int32_t n_threads;             /* compute threads; 0 = all cores */
+  uint64_t expert_cache_bytes;   /* host expert cache budget; 0 = keep none */
+  int32_t n_io_threads;          /* expert reader threads; 0 = default (8) */
+  int32_t io_direct;             /* 1: O_DIRECT reads (default), 0: page cache */
+  int32_t verify_resident_hash;  /* 1: hash resident.bin at open (default) */
+} moeflux_model_params;
+
+typedef struct moeflux_session_params {
+  int64_t n_ctx;    /* context positions; 0 = 4096 (clamped to the model's maximum) */
+  int64_t n_batch;  /* prompt tokens per forward pass; 0 = 512 */
+} moeflux_session_params;
+
+typedef struct moeflux_expert_stats {
+  uint64_t hits, misses, bytes_read, reads, evictions, cached_experts, cached_bytes;
+  double wait_seconds;
+} moeflux_expert_stats;
+
+const char* moeflux_last_error(void);
+const char* moeflux_status_name(moeflux_status status);
+
+moeflux_model_params moeflux_model_default_params(void);
+moeflux_status moeflux_model_open(const moeflux_model_params* params, moeflux_model** out_model);
+void moeflux_model_close(moeflux_model* model);
+int64_t moeflux_model_n_vocab(const moeflux_model* model);
+/* model_type of the pack ("qwen3_moe"); owned by the model. */
+const char* moeflux_model_type(const moeflux_model* model);
+moeflux_status moeflux_model_expert_stats(const moeflux_model* model, moeflux_expert_stats* out_stats);
+
+moeflux_session_params moeflux_session_default_params(void);
+moeflux_status moeflux_session_create(moeflux_model* model, const moeflux_session_params* params,
+                                      moeflux_session** out_session);
+void moeflux_session_free(moeflux_session* session);
+
+/* Evaluates n tokens at the current position (batched prefill); logits of the last one follow. */
+moeflux_status moeflux_session_eval_prompt(moeflux_session* session, const int32_t* tokens, size_t n);
+moeflux_status moeflux_session_eval_token(moeflux_session* session, int32_t token);
+/* The last position's logits [n_vocab], or NULL before any evaluation. Valid until the next eval. */
+const float* moeflux_session_logits(const moeflux_session* session);
+int64_t moeflux_session_n_past(const moeflux_session* session);
+void moeflux_session_reset(moeflux_session* session);
+moeflux_status moeflux_session_truncate(moeflux_session* session, int64_t n_past);
+
+/* Snapshots: state_size gives the bytes state_save will write now. */
+size_t moeflux_session_state_size(const moeflux_session* session);
+moeflux_status moeflux_session_state_save(const moeflux_session* session, uint8_t* buffer, size_t capacity,
+                                          size_t* out_written);
+moeflux_status moeflux_session_state_load(moeflux_session* session, const uint8_t* data, size_t size);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOEFLUX_H */

@@ -1,0 +1,213 @@
+#include "runtime/session.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "format/pack.hpp"
+#include "models/model_family.hpp"
+#include "runtime/forward_state.hpp"
+#include "runtime/model.hpp"
+
+namespace moeflux {
+
+namespace {
+
+// State snapshot layout (little-endian), version 1:
+//   char[8] "MFSTATE\0" | u32 version | u32 flags (bit 0: logits present) | u64 model fingerprint |
+//   i64 n_past | i64 n_vocab | u32 n_buffers | per buffer: u32 name length, name bytes, u64 float
+//   count, floats | logits [n_vocab] floats if flagged | u64 XXH3-64 of every byte before it.
+constexpr char state_magic[8] = {'M', 'F', 'S', 'T', 'A', 'T', 'E', 0};
+constexpr uint32_t state_version = 1;
+
+class Writer {
+ public:
+  explicit Writer(std::vector<uint8_t>& out) : out_(out) {}
+  void bytes(const void* p, size_t n) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    out_.insert(out_.end(), b, b + n);
+  }
+  template <typename T> void put(T v) { bytes(&v, sizeof v); }
+
+ private:
+  std::vector<uint8_t>& out_;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::span<const uint8_t> in) : in_(in) {}
+  bool bytes(void* p, size_t n) {
+    if (n > in_.size() - pos_) return false;
+    std::memcpy(p, in_.data() + pos_, n);
+    pos_ += n;
+    return true;
+  }
+  template <typename T> bool get(T* v) { return bytes(v, sizeof *v); }
+  // Returns a pointer to the next n bytes and moves past them, or null when fewer remain.
+  const uint8_t* take(size_t n) {
+    if (n > in_.size() - pos_) return nullptr;
+    const uint8_t* p = in_.data() + pos_;
+    pos_ += n;
+    return p;
+  }
+  size_t remaining() const { return in_.size() - pos_; }
+
+ private:
+  std::span<const uint8_t> in_;
+  size_t pos_ = 0;
+};
+
+Status state_error(const std::string& what) { return Status(ErrorCode::format, "session state is corrupt or truncated: " + what); }
+
+}  // namespace
+
+Result<std::unique_ptr<Session>> Session::create(Model& model, const SessionOptions& options) {
+  if (options.n_ctx <= 0 || options.n_batch <= 0)
+    return make_error(ErrorCode::invalid_argument, "session: n_ctx {} and n_batch {} must be positive", options.n_ctx, options.n_batch);
+  auto session = std::unique_ptr<Session>(new Session(model));
+  session->options_ = options;
+  if (model.max_context() > 0) session->options_.n_ctx = std::min(options.n_ctx, model.max_context());
+  MF_ASSIGN_OR_RETURN(session->state_, model.graph().make_state(session->options_.n_ctx));
+  session->logits_.assign(size_t(model.n_vocab()), 0.0f);
+  return session;
+}
+
+Session::Session(Model& model) : model_(model) {}
+Session::~Session() = default;
+
+int64_t Session::n_ctx() const { return state_->n_ctx(); }
+int64_t Session::n_vocab() const { return model_.n_vocab(); }
+
+Status Session::eval_prompt(std::span<const int32_t> tokens, float* all_logits) {
+  if (tokens.empty()) return make_error(ErrorCode::invalid_argument, "eval_prompt: no tokens");
+  const int64_t n = int64_t(tokens.size());
+  if (n_past_ + n > n_ctx())
+    return make_error(ErrorCode::invalid_argument, "prompt of {} tokens at position {} exceeds the context of {}", n, n_past_, n_ctx());
+  for (int32_t t : tokens)
+    if (t < 0 || t >= n_vocab())
+      return make_error(ErrorCode::invalid_argument, "token id {} is outside the vocabulary [0, {})", t, n_vocab());
+  const int64_t batch = std::min<int64_t>(options_.n_batch, 512);
+  for (int64_t first = 0; first < n; first += batch) {
+    const int64_t count = std::min(batch, n - first);
+    const bool last = first + count == n;
+    float* out = all_logits ? all_logits + first * n_vocab() : (last ? logits_.data() : nullptr);
+    const Status s = model_.graph().forward(*state_, tokens.data() + first, count, n_past_, out, all_logits != nullptr);
+    if (!s.is_ok()) {
+      // The KV rows of a failed batch are garbage: the session stays at the last good position.
+      has_logits_ = false;
+      return s;
+    }
+    n_past_ += count;
+  }
+  if (all_logits) std::memcpy(logits_.data(), all_logits + (n - 1) * n_vocab(), size_t(n_vocab()) * sizeof(float));
+  has_logits_ = true;
+  return Status::ok();
+}
+
+Status Session::eval_token(int32_t token) { return eval_prompt(std::span<const int32_t>(&token, 1)); }
+
+void Session::reset() {
+  n_past_ = 0;
+  has_logits_ = false;
+}
+
+Status Session::truncate(int64_t n) {
+  if (n < 0 || n > n_past_) return make_error(ErrorCode::invalid_argument, "truncate to {}: the session holds {} positions", n, n_past_);
+  // Only per-position state can be truncated exactly; a family with recurrent state needs snapshots.
+  for (const auto& b : state_->buffers())
+    if (b.fixed_floats > 0 && n != n_past_ && n != 0)
+      return make_error(ErrorCode::unsupported, "truncate: recurrent state ({}) cannot be rewound to position {}", b.name, n);
+  n_past_ = n;
+  has_logits_ = false;
+  return Status::ok();
+}
+
+size_t Session::state_size() const {
+  size_t size = 8 + 4 + 4 + 8 + 8 + 8 + 4;
+  for (const auto& b : state_->buffers()) {
+    const size_t floats = b.fixed_floats + b.floats_per_position * size_t(n_past_);
+    size += 4 + b.name.size() + 8 + floats * sizeof(float);
+  }
+  if (has_logits_) size += logits_.size() * sizeof(float);
+  return size + 8;
+}
+
+Status Session::state_save(std::vector<uint8_t>& out) const {
+  out.clear();
+  out.reserve(state_size());
+  Writer w(out);
+  w.bytes(state_magic, 8);
+  w.put(state_version);
+  w.put(uint32_t(has_logits_ ? 1 : 0));
+  w.put(model_.fingerprint());
+  w.put(int64_t(n_past_));
+  w.put(int64_t(n_vocab()));
+  w.put(uint32_t(state_->buffers().size()));
+  for (const auto& b : state_->buffers()) {
+    const uint64_t floats = b.fixed_floats + b.floats_per_position * uint64_t(n_past_);
+    w.put(uint32_t(b.name.size()));
+    w.bytes(b.name.data(), b.name.size());
+    w.put(floats);
+    w.bytes(b.data, floats * sizeof(float));
+  }
+  if (has_logits_) w.bytes(logits_.data(), logits_.size() * sizeof(float));
+  w.put(hash_bytes(out.data(), out.size()));
+  return Status::ok();
+}
+
+Status Session::state_load(std::span<const uint8_t> data) {
+  if (data.size() < 8 + 8 || std::memcmp(data.data(), state_magic, 8) != 0)
+    return Status(ErrorCode::format, "not a moeflux session state (bad magic)");
+  uint64_t stored_hash;
+  std::memcpy(&stored_hash, data.data() + data.size() - 8, 8);
+  Reader r(data.first(data.size() - 8));
+  char magic[8];
+  uint32_t version = 0, flags = 0, n_buffers = 0;
+  uint64_t fingerprint = 0;
+  int64_t n_past = 0, vocab = 0;
+  if (!r.bytes(magic, 8) || !r.get(&version)) return state_error("header");
+  if (version != state_version)
+    return make_error(ErrorCode::unsupported, "session state version {} (this build reads version {})", version, state_version);
+  if (hash_bytes(data.data(), data.size() - 8) != stored_hash) return state_error("checksum mismatch");
+  if (!r.get(&flags) || !r.get(&fingerprint) || !r.get(&n_past) || !r.get(&vocab) || !r.get(&n_buffers)) return state_error("header");
+  if (fingerprint != model_.fingerprint())
+    return make_error(ErrorCode::mismatch, "session state was saved from a different model (fingerprint {:016x}, this model {:016x})",
+                      fingerprint, model_.fingerprint());
+  if (vocab != n_vocab() || n_past < 0 || n_past > n_ctx())
+    return make_error(ErrorCode::mismatch, "session state holds {} positions (vocab {}); this session holds at most {} (vocab {})", n_past,
+                      vocab, n_ctx(), n_vocab());
+  const auto& buffers = state_->buffers();
+  if (n_buffers != buffers.size()) return make_error(ErrorCode::mismatch, "session state has {} buffers, expected {}", n_buffers, buffers.size());
+  // Validate everything before touching the live state, so a bad file changes nothing.
+  struct Piece {
+    const uint8_t* src;
+    size_t bytes;
+  };
+  std::vector<Piece> pieces;
+  for (const auto& b : buffers) {
+    uint32_t name_len = 0;
+    uint64_t floats = 0;
+    std::string name;
+    if (!r.get(&name_len) || name_len > 4096) return state_error("buffer name");
+    name.resize(name_len);
+    if (!r.bytes(name.data(), name_len) || !r.get(&floats)) return state_error("buffer header");
+    const uint64_t expected = b.fixed_floats + b.floats_per_position * uint64_t(n_past);
+    if (name != b.name || floats != expected)
+      return make_error(ErrorCode::mismatch, "session state buffer {} ({} floats), expected {} ({} floats)", name, floats, b.name, expected);
+    const size_t bytes = size_t(floats) * sizeof(float);
+    const uint8_t* src = r.take(bytes);
+    if (!src) return state_error("buffer " + name);
+    pieces.push_back({src, bytes});
+  }
+  const bool with_logits = flags & 1u;
+  const uint8_t* logits_src = with_logits ? r.take(logits_.size() * sizeof(float)) : nullptr;
+  if (with_logits && !logits_src) return state_error("logits");
+  if (r.remaining() != 0) return state_error("trailing bytes");
+
+  for (size_t i = 0; i < buffers.size(); ++i) std::memcpy(buffers[i].data, pieces[i].src, pieces[i].bytes);
+  if (with_logits) std::memcpy(logits_.data(), logits_src, logits_.size() * sizeof(float));
+  n_past_ = n_past;
+  has_logits_ = with_logits;
+  return Status::ok();
+}
+
+}  // namespace moeflux
