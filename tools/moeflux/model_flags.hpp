@@ -1,0 +1,39 @@
+// Flags shared by every command that opens a model (logits, run, chat, bench), and small helpers for
+// the CLI: byte sizes ("8G"), token lists ("1,2,3"), the expert-store report.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "core/status.hpp"
+#include "runtime/model.hpp"
+
+namespace moeflux::cli {
+
+struct ModelFlags {
+  std::string pack_dir;
+  int n_threads = 0;
+  std::string expert_cache = "0";  // bytes, with an optional K/M/G/T suffix (powers of 1024)
+  std::string io = "direct";       // direct | page-cache
+  int io_threads = 8;
+  bool reference = false;
+  bool skip_verify = false;
+
+  void add_to(CLI::App* app);
+  Result<ModelOptions> options() const;
+};
+
+Result<uint64_t> parse_bytes(const std::string& text);
+Result<std::vector<int32_t>> parse_token_list(const std::string& text);
+std::string format_bytes(double bytes);
+
+// One line per counter of the expert store, for stderr.
+std::string expert_report(const ExpertStoreStats& stats, double seconds);
+
+// Prints "moeflux <command>: <status>" to stderr and returns the exit code for it.
+int report_error(const char* command, const Status& status);
+
+}  // namespace moeflux::cli
