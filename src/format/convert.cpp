@@ -3,6 +3,7 @@
 // before anything is written; then shards are converted one at a time.
 #include "format/convert.hpp"
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -367,6 +368,15 @@ Status validate(const CheckpointIndex& index, const std::string& hf_dir, Plan& p
   return Status::ok();
 }
 
+// Drops the mapping's pages of a tensor already converted. They are clean file pages, so this loses
+// nothing; it keeps the process's resident set at about one tensor instead of the whole shard.
+void release_pages(std::span<const uint8_t> bytes) {
+  const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = align_up(uintptr_t(bytes.data()), page);
+  const uintptr_t end = uintptr_t(bytes.data() + bytes.size()) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 // Expert blobs being assembled; an expert's matrices may straddle shards.
 struct PendingExperts {
   struct Blob {
@@ -513,6 +523,7 @@ Status convert_checkpoint(const ConvertOptions& o, ConvertSummary* summary_out) 
         }
         ++summary.checkpoint_tensors;
       }
+      release_pages(file.raw(t));
       ++progress.tensors_done;
       progress.bytes_done += t.bytes;
       progress.seconds = timer.seconds();
