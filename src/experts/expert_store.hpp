@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/status.hpp"
 
@@ -30,15 +31,32 @@ struct ExpertStoreOptions {
 };
 
 struct ExpertStoreStats {
-  uint64_t hits = 0;           // acquires served from the cache
-  uint64_t misses = 0;         // acquires that needed a read
+  uint64_t hits = 0;           // experts acquired that were cached or already being read (prefetch)
+  uint64_t misses = 0;         // experts acquired whose read this acquire had to issue
   uint64_t bytes_read = 0;     // from storage
   uint64_t reads = 0;          // storage reads issued
   double wait_seconds = 0;     // time acquire() spent waiting for reads
   uint64_t prefetches = 0;     // reads started by prefetch()
   uint64_t evictions = 0;
   uint64_t cached_experts = 0; // now in the cache
-  uint64_t cached_bytes = 0;   // now in the cache (blob stride each)
+  uint64_t cached_bytes = 0;   // now in the cache (blob stride each), experts in use included
+  uint64_t buffer_bytes = 0;   // host memory held in blob buffers: cached, in use, being read, and spare
+};
+
+// Where the experts live, without a Pack: what the store needs from the manifest, with absolute paths.
+// Pack-based opening builds one of these; tests and tools can build one directly.
+struct ExpertLayerSource {
+  int layer = 0;
+  std::string path;              // layer file; expert e's blob at e × expert_stride
+  std::vector<uint64_t> hashes;  // XXH3-64 of each blob's expert_bytes, by expert id (may be empty
+                                 // when verify_hashes is off)
+};
+
+struct ExpertSource {
+  int64_t n_expert = 0;
+  uint64_t expert_bytes = 0;   // meaningful bytes of one blob
+  uint64_t expert_stride = 0;  // distance between blobs; multiple of 4096, at least expert_bytes
+  std::vector<ExpertLayerSource> layers;
 };
 
 // Replacement policy over keys (layer << 32 | expert). The store calls these under its lock; a policy
@@ -62,7 +80,12 @@ inline uint64_t expert_key(int layer, int64_t expert) { return (uint64_t(uint32_
 
 class ExpertStore {
  public:
+  // Reads the expert layout from the pack's manifest (defined in expert_store_pack.cpp).
   static Result<std::unique_ptr<ExpertStore>> open(const Pack& pack, const ExpertStoreOptions& options);
+  // Opens every layer file and starts the reader threads. Errors: a layout that cannot be read
+  // (stride not a multiple of 4096 or below expert_bytes, duplicate layer, hashes of the wrong count
+  // with verify_hashes), a missing or too-short layer file, a bad option (n_readers < 1, unknown policy).
+  static Result<std::unique_ptr<ExpertStore>> open(const ExpertSource& source, const ExpertStoreOptions& options);
   virtual ~ExpertStore() = default;
 
   // Makes experts[0..n) of `layer` available in host memory and sets blobs[i] to expert i's blob
@@ -77,6 +100,8 @@ class ExpertStore {
   // (errors surface at acquire). Does nothing when the cache budget cannot hold them.
   virtual void prefetch(int layer, const int32_t* experts, int n) = 0;
 
+  // Most experts one acquire() may ask for: 256, enough for prefill to hold every expert of a layer
+  // touched by a batch of tokens (models have up to 256 routed experts per layer, e.g. DeepSeek-V3).
   virtual int max_acquire() const = 0;
   virtual ExpertStoreStats stats() const = 0;
   virtual void reset_stats() = 0;

@@ -1,0 +1,165 @@
+// The reference CPU backend: every op of backend.hpp as plain single-threaded loops, written to be
+// obviously correct rather than fast. It is the oracle of the op tests; nothing here is optimized.
+// Accumulation choice: dot products and sums accumulate in fp32, left to right. fp32 is what every
+// optimized backend computes in, so a difference between them measures reordering only; the op tests
+// size their tolerances from that (≈ eps_fp32 · Σ|terms|).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <numeric>
+#include <vector>
+
+#include "backends/backend.hpp"
+#include "core/status.hpp"
+#include "quant/quantize.hpp"
+
+namespace moeflux {
+namespace {
+
+class ReferenceBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu-reference"; }
+
+  float* alloc_activations(size_t n_floats) override {
+    void* p = nullptr;
+    MF_CHECK(posix_memalign(&p, 64, std::max<size_t>(n_floats, 1) * sizeof(float)) == 0);
+    return static_cast<float*>(p);
+  }
+  void free_activations(float* p) override { std::free(p); }
+
+  void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) override {
+    MF_CHECK(n_tokens >= 0);
+    std::vector<float> row(size_t(w.cols));  // [cols] one dequantized weight row
+    for (int64_t r = 0; r < w.rows; ++r) {
+      dequantize_row(w, r, row.data());
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        const float* xt = x + t * w.cols;
+        float sum = 0.0f;
+        for (int64_t c = 0; c < w.cols; ++c) sum += row[c] * xt[c];
+        y[t * w.rows + r] = sum;
+      }
+    }
+  }
+
+  void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) override {
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      MF_CHECK_MSG(ids[t] >= 0 && ids[t] < w.rows, "token id {} outside [0, {})", ids[t], w.rows);
+      dequantize_row(w, ids[t], out + t * w.cols);
+    }
+  }
+
+  void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) override {
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const float* xr = x + r * dim;
+      float sum_sq = 0.0f;
+      for (int64_t i = 0; i < dim; ++i) sum_sq += xr[i] * xr[i];
+      const float inv_rms = 1.0f / std::sqrt(sum_sq / float(dim) + eps);
+      for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = xr[i] * inv_rms * weight[i];
+    }
+  }
+
+  void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim,
+                 const int32_t* positions, const float* inv_freq) override {
+    MF_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim);
+    const int64_t half = rot_dim / 2;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      for (int64_t h = 0; h < n_heads; ++h) {
+        float* v = x + (t * n_heads + h) * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          // The angle is formed in fp32, as transformers does (position · inv_freq in the model dtype).
+          const float angle = float(positions[t]) * inv_freq[i];
+          const float c = std::cos(angle), s = std::sin(angle);
+          const float x0 = v[i], x1 = v[i + half];
+          v[i] = x0 * c - x1 * s;
+          v[i + half] = x1 * c + x0 * s;
+        }
+      }
+    }
+  }
+
+  void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale, float* out) override {
+    MF_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
+    const int64_t group = n_head / n_head_kv;
+    std::vector<float> p;  // [n_past + T] attention probabilities of one query head
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      const int64_t n_keys = n_past + t + 1;
+      p.assign(size_t(n_keys), 0.0f);
+      for (int64_t h = 0; h < n_head; ++h) {
+        const int64_t kv = h / group;
+        const float* qh = q + (t * n_head + h) * head_dim;
+        float max_score = -INFINITY;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          const float* kj = k_cache + (j * n_head_kv + kv) * head_dim;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kj[d];
+          p[j] = dot * scale;
+          max_score = std::max(max_score, p[j]);
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          p[j] = std::exp(p[j] - max_score);
+          sum += p[j];
+        }
+        for (int64_t j = 0; j < n_keys; ++j) p[j] /= sum;
+        float* oh = out + (t * n_head + h) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          float acc = 0.0f;
+          for (int64_t j = 0; j < n_keys; ++j) acc += p[j] * v_cache[(j * n_head_kv + kv) * head_dim + d];
+          oh[d] = acc;
+        }
+      }
+    }
+  }
+
+  void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize,
+                           int32_t* ids, float* weights) override {
+    MF_CHECK(k > 0 && k <= n_expert);
+    std::vector<float> p(static_cast<size_t>(n_expert));      // [n_expert] probabilities of one token
+    std::vector<int32_t> order(static_cast<size_t>(n_expert));  // expert ids, best first
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      const float* lt = logits + t * n_expert;
+      const float max_logit = *std::max_element(lt, lt + n_expert);
+      float sum = 0.0f;
+      for (int64_t e = 0; e < n_expert; ++e) {
+        p[e] = std::exp(lt[e] - max_logit);
+        sum += p[e];
+      }
+      for (int64_t e = 0; e < n_expert; ++e) p[e] /= sum;
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[a] > p[b]; });
+      float selected_sum = 0.0f;
+      for (int64_t i = 0; i < k; ++i) selected_sum += p[order[i]];
+      for (int64_t i = 0; i < k; ++i) {
+        ids[t * k + i] = order[i];
+        weights[t * k + i] = normalize ? p[order[i]] / selected_sum : p[order[i]];
+      }
+    }
+  }
+
+  void swiglu(const float* gate, const float* up, float* out, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = gate[i];
+      out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  }
+
+  void axpy(float* acc, const float* x, float a, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) acc[i] += a * x[i];
+  }
+
+  // x[i] = value: plain stores, exact.
+  void fill(float* x, float value, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) x[i] = value;
+  }
+
+  void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) override {
+    for (int64_t i = 0; i < n_rows; ++i) std::copy(src + rows[i] * dim, src + (rows[i] + 1) * dim, dst + i * dim);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_reference_backend() { return std::make_unique<ReferenceBackend>(); }
+
+}  // namespace moeflux

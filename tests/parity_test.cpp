@@ -1,0 +1,330 @@
+// Model parity against transformers: tiny random qwen3_moe checkpoints made by
+// scripts/make_parity_fixtures.py with their fp32 reference logits and greedy continuations
+// (tests/fixtures/parity). Also: streaming exactness, prefill vs decode, state round trips, and the
+// quality of q8/q4 packs against the same reference.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+#include "format/convert.hpp"
+#include "npy.hpp"
+#include "runtime/model.hpp"
+#include "runtime/session.hpp"
+
+namespace moeflux {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::string fixture_root = MOEFLUX_FIXTURE_DIR "/parity";
+
+struct Fixture {
+  std::string name;
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> greedy;
+  test::NpyArray logits;  // [T, V]
+};
+
+Fixture load_fixture(const std::string& name) {
+  Fixture f;
+  f.name = name;
+  std::ifstream tokens(fixture_root + "/" + name + "/tokens.json"), greedy(fixture_root + "/" + name + "/greedy.json");
+  f.tokens = nlohmann::json::parse(tokens).get<std::vector<int32_t>>();
+  f.greedy = nlohmann::json::parse(greedy).get<std::vector<int32_t>>();
+  f.logits = test::read_npy_f32(fixture_root + "/" + name + "/logits.npy");
+  return f;
+}
+
+// Converts a fixture once per format for the whole test binary.
+std::string pack_for(const std::string& checkpoint, WeightFormat experts, WeightFormat dense) {
+  static std::map<std::string, std::string> packs;
+  const std::string key = checkpoint + "/" + weight_format_name(experts) + "/" + weight_format_name(dense);
+  if (auto it = packs.find(key); it != packs.end()) return it->second;
+  const std::string dir = testing::TempDir() + "moeflux_parity_" + std::to_string(::getpid()) + "_" + checkpoint + "_" +
+                          weight_format_name(experts) + weight_format_name(dense);
+  ConvertOptions o;
+  o.hf_dir = fixture_root + "/" + checkpoint;
+  o.pack_dir = dir;
+  o.expert_format = experts;
+  o.dense_format = dense;
+  o.overwrite = true;
+  o.progress = false;
+  const Status s = convert_checkpoint(o);
+  EXPECT_TRUE(s.is_ok()) << s.to_string();
+  packs[key] = dir;
+  return dir;
+}
+
+std::unique_ptr<Model> open_model(const std::string& pack, uint64_t cache_bytes = 0, bool reference = false) {
+  ModelOptions o;
+  o.pack_dir = pack;
+  o.n_threads = 2;
+  o.reference_backend = reference;
+  o.experts.cache_bytes = cache_bytes;
+  o.experts.n_readers = 2;
+  auto m = Model::open(o);
+  EXPECT_TRUE(m.is_ok()) << m.status().to_string();
+  return m ? std::move(m).value() : nullptr;
+}
+
+std::unique_ptr<Session> new_session(Model& model) {
+  auto s = Session::create(model, SessionOptions{256, 512});
+  EXPECT_TRUE(s.is_ok()) << s.status().to_string();
+  return s ? std::move(s).value() : nullptr;
+}
+
+std::vector<float> prompt_logits(Model& model, const std::vector<int32_t>& tokens) {
+  auto session = new_session(model);
+  std::vector<float> out(tokens.size() * size_t(model.n_vocab()));
+  const Status s = session->eval_prompt(tokens, out.data());
+  EXPECT_TRUE(s.is_ok()) << s.to_string();
+  return out;
+}
+
+float max_abs(const float* x, int64_t n) {
+  float m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(x[i]));
+  return m;
+}
+
+int32_t argmax(const float* x, int64_t n) { return int32_t(std::max_element(x, x + n) - x); }
+
+// KL(p_ref ‖ p) of the softmaxes of two logit rows, in double.
+double kl_divergence(const float* ref, const float* ours, int64_t n) {
+  auto log_softmax = [n](const float* z) {
+    double m = z[0];
+    for (int64_t i = 1; i < n; ++i) m = std::max(m, double(z[i]));
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += std::exp(double(z[i]) - m);
+    std::vector<double> out(size_t(n));
+    for (int64_t i = 0; i < n; ++i) out[size_t(i)] = double(z[i]) - m - std::log(sum);
+    return out;
+  };
+  const auto lp = log_softmax(ref), lq = log_softmax(ours);
+  double kl = 0;
+  for (int64_t i = 0; i < n; ++i) kl += std::exp(lp[size_t(i)]) * (lp[size_t(i)] - lq[size_t(i)]);
+  return kl;
+}
+
+class Parity : public testing::TestWithParam<std::string> {};
+
+// The fixtures: name of the checkpoint directory and the fixture whose reference outputs apply.
+const std::vector<std::pair<std::string, std::string>> checkpoints = {
+    {"tied_dense_gqa", "tied_dense_gqa"},
+    {"tied_dense_gqa_other_layout", "tied_dense_gqa"},  // the same weights with fused expert tensors
+    {"untied_sparse_step", "untied_sparse_step"},
+    {"wide_mha", "wide_mha"},
+};
+
+std::string reference_of(const std::string& checkpoint) {
+  for (const auto& [c, r] : checkpoints)
+    if (c == checkpoint) return r;
+  return checkpoint;
+}
+
+TEST_P(Parity, Bf16LogitsMatchTransformersAtEveryPosition) {
+  const Fixture f = load_fixture(reference_of(GetParam()));
+  ASSERT_EQ(f.logits.shape.size(), 2u);
+  auto model = open_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  const int64_t T = f.logits.shape[0], V = f.logits.shape[1];
+  ASSERT_EQ(V, model->n_vocab());
+  ASSERT_EQ(T, int64_t(f.tokens.size()));
+  const auto ours = prompt_logits(*model, f.tokens);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* ref = f.logits.data.data() + t * V;
+    const float* got = ours.data() + t * V;
+    float worst = 0;
+    for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::fabs(got[i] - ref[i]));
+    // The acceptance bound: fp32 arithmetic over the same bf16 weights differs only by summation order.
+    EXPECT_LE(worst, 2e-3f * max_abs(ref, V)) << "position " << t;
+    EXPECT_EQ(argmax(got, V), argmax(ref, V)) << "position " << t;
+  }
+}
+
+TEST_P(Parity, GreedyContinuationMatchesTransformers) {
+  const Fixture f = load_fixture(reference_of(GetParam()));
+  auto model = open_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  auto session = new_session(*model);
+  ASSERT_TRUE(session->eval_prompt(f.tokens).is_ok());
+  std::vector<int32_t> generated;
+  for (size_t i = 0; i < f.greedy.size(); ++i) {
+    const int32_t next = argmax(session->logits(), model->n_vocab());
+    generated.push_back(next);
+    ASSERT_TRUE(session->eval_token(next).is_ok());
+  }
+  EXPECT_EQ(generated, f.greedy);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Parity, testing::Values("tied_dense_gqa", "tied_dense_gqa_other_layout", "untied_sparse_step", "wide_mha"));
+
+TEST(Streaming, NoCacheAndFullCacheGiveBitIdenticalLogits) {
+  const Fixture f = load_fixture("wide_mha");
+  const std::string pack = pack_for("wide_mha", WeightFormat::q4, WeightFormat::q8);
+  auto uncached = open_model(pack, 0);
+  auto cached = open_model(pack, uint64_t(1) << 30);  // far more than every expert of the fixture
+  ASSERT_TRUE(uncached && cached);
+  const auto a = prompt_logits(*uncached, f.tokens);
+  // Twice on the cached model: the second run is served entirely from the cache.
+  const auto b1 = prompt_logits(*cached, f.tokens);
+  const auto b2 = prompt_logits(*cached, f.tokens);
+  EXPECT_EQ(a, b1);
+  EXPECT_EQ(a, b2);
+  const auto stats = cached->experts().stats();
+  EXPECT_GT(stats.hits, 0u);
+  EXPECT_EQ(uncached->experts().stats().hits, 0u);
+}
+
+TEST(Streaming, PromptAndTokenByTokenAgree) {
+  const Fixture f = load_fixture("untied_sparse_step");
+  auto model = open_model(pack_for("untied_sparse_step", WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  const int64_t V = model->n_vocab();
+  const auto batched = prompt_logits(*model, f.tokens);
+  auto session = new_session(*model);
+  for (size_t t = 0; t < f.tokens.size(); ++t) {
+    ASSERT_TRUE(session->eval_token(f.tokens[t]).is_ok());
+    const float* row = batched.data() + int64_t(t) * V;
+    float worst = 0;
+    for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::fabs(session->logits()[i] - row[i]));
+    // Batched and single-token matmuls may sum in different orders: agreement to 1e-4 relative.
+    EXPECT_LE(worst, 1e-4f * max_abs(row, V)) << "position " << t;
+  }
+}
+
+TEST(Streaming, OptimizedBackendMatchesReferenceBackend) {
+  const Fixture f = load_fixture("tied_dense_gqa");
+  const std::string pack = pack_for("tied_dense_gqa", WeightFormat::q4, WeightFormat::q8);
+  auto fast = open_model(pack);
+  auto reference = open_model(pack, 0, /*reference=*/true);
+  ASSERT_TRUE(fast && reference);
+  const auto a = prompt_logits(*fast, f.tokens), b = prompt_logits(*reference, f.tokens);
+  const int64_t V = fast->n_vocab();
+  for (size_t t = 0; t < f.tokens.size(); ++t) {
+    float worst = 0;
+    for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::fabs(a[t * V + i] - b[t * V + i]));
+    // Same weights, fp32 both: only summation order differs.
+    EXPECT_LE(worst, 1e-4f * max_abs(b.data() + t * V, V)) << "position " << t;
+  }
+}
+
+TEST(State, SaveLoadContinueIsBitIdentical) {
+  const Fixture f = load_fixture("tied_dense_gqa");
+  auto model = open_model(pack_for("tied_dense_gqa", WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  const std::vector<int32_t> first(f.tokens.begin(), f.tokens.begin() + 20), rest(f.tokens.begin() + 20, f.tokens.end());
+
+  auto straight = new_session(*model);
+  ASSERT_TRUE(straight->eval_prompt(first).is_ok());
+  std::vector<uint8_t> saved;
+  ASSERT_TRUE(straight->state_save(saved).is_ok());
+  EXPECT_EQ(saved.size(), straight->state_size());
+  ASSERT_TRUE(straight->eval_prompt(rest).is_ok());
+  ASSERT_TRUE(straight->eval_token(7).is_ok());
+
+  auto resumed = new_session(*model);
+  ASSERT_TRUE(resumed->eval_token(3).is_ok());  // state_load replaces whatever was there
+  ASSERT_TRUE(resumed->state_load(saved).is_ok());
+  EXPECT_EQ(resumed->n_past(), 20);
+  ASSERT_TRUE(resumed->eval_prompt(rest).is_ok());
+  ASSERT_TRUE(resumed->eval_token(7).is_ok());
+  const int64_t V = model->n_vocab();
+  EXPECT_EQ(std::vector<float>(straight->logits(), straight->logits() + V), std::vector<float>(resumed->logits(), resumed->logits() + V));
+}
+
+TEST(State, RefusesAnotherModelsStateAndCorruptState) {
+  auto a = open_model(pack_for("tied_dense_gqa", WeightFormat::bf16, WeightFormat::bf16));
+  auto b = open_model(pack_for("tied_dense_gqa", WeightFormat::q8, WeightFormat::q8));  // same shapes, other weights
+  ASSERT_TRUE(a && b);
+  auto sa = new_session(*a), sb = new_session(*b);
+  ASSERT_TRUE(sa->eval_prompt(std::vector<int32_t>{1, 2, 3}).is_ok());
+  std::vector<uint8_t> saved;
+  ASSERT_TRUE(sa->state_save(saved).is_ok());
+  const Status other = sb->state_load(saved);
+  EXPECT_EQ(other.code(), ErrorCode::mismatch);
+  EXPECT_NE(other.message().find("different model"), std::string::npos) << other.message();
+
+  auto corrupt = saved;
+  corrupt[corrupt.size() / 2] ^= 0x40;
+  EXPECT_EQ(sa->state_load(corrupt).code(), ErrorCode::format);
+  auto truncated = std::vector<uint8_t>(saved.begin(), saved.begin() + int64_t(saved.size() / 3));
+  EXPECT_EQ(sa->state_load(truncated).code(), ErrorCode::format);
+  // A refused load changes nothing: the session still continues from its own 3 positions.
+  EXPECT_EQ(sa->n_past(), 3);
+}
+
+TEST(Session, TruncateRewindsExactly) {
+  const Fixture f = load_fixture("wide_mha");
+  auto model = open_model(pack_for("wide_mha", WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  auto s = new_session(*model);
+  ASSERT_TRUE(s->eval_prompt(std::vector<int32_t>(f.tokens.begin(), f.tokens.begin() + 10)).is_ok());
+  const std::vector<float> after10(s->logits(), s->logits() + model->n_vocab());
+  ASSERT_TRUE(s->eval_prompt(std::vector<int32_t>(f.tokens.begin() + 10, f.tokens.begin() + 16)).is_ok());
+  ASSERT_TRUE(s->truncate(9).is_ok());
+  ASSERT_TRUE(s->eval_token(f.tokens[9]).is_ok());
+  EXPECT_EQ(std::vector<float>(s->logits(), s->logits() + model->n_vocab()), after10);
+  EXPECT_EQ(s->truncate(11).code(), ErrorCode::invalid_argument);
+}
+
+TEST(Session, RefusesTokensOutsideTheVocabulary) {
+  auto model = open_model(pack_for("untied_sparse_step", WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  auto s = new_session(*model);
+  const Status bad = s->eval_prompt(std::vector<int32_t>{1, int32_t(model->n_vocab()), 2});
+  EXPECT_EQ(bad.code(), ErrorCode::invalid_argument);
+  EXPECT_NE(bad.message().find("outside the vocabulary"), std::string::npos);
+  EXPECT_EQ(s->eval_token(-1).code(), ErrorCode::invalid_argument);
+  EXPECT_EQ(s->n_past(), 0);
+}
+
+// Quantized packs against the fp32 reference: mean KL divergence and top-1 agreement over every
+// position of every fixture. The bounds are the targets; measured values are printed.
+struct QuantCase {
+  WeightFormat experts, dense;
+  double max_mean_kld;
+  double min_top1;
+};
+
+class Quantized : public testing::TestWithParam<QuantCase> {};
+
+TEST_P(Quantized, KlDivergenceAndTop1AgainstReference) {
+  const QuantCase q = GetParam();
+  double kld_sum = 0;
+  int64_t agree = 0, positions = 0;
+  for (const std::string name : {"tied_dense_gqa", "untied_sparse_step", "wide_mha"}) {
+    const Fixture f = load_fixture(name);
+    auto model = open_model(pack_for(name, q.experts, q.dense));
+    ASSERT_TRUE(model);
+    const auto ours = prompt_logits(*model, f.tokens);
+    const int64_t V = model->n_vocab();
+    for (size_t t = 0; t < f.tokens.size(); ++t) {
+      const float* ref = f.logits.data.data() + t * V;
+      kld_sum += kl_divergence(ref, ours.data() + t * V, V);
+      agree += argmax(ref, V) == argmax(ours.data() + t * V, V);
+      ++positions;
+    }
+  }
+  const double mean_kld = kld_sum / double(positions), top1 = double(agree) / double(positions);
+  std::printf("[ quality  ] experts %s dense %s: mean KLD %.3e, top-1 agreement %.4f over %lld positions\n",
+              weight_format_name(q.experts), weight_format_name(q.dense), mean_kld, top1, (long long)positions);
+  EXPECT_LE(mean_kld, q.max_mean_kld);
+  EXPECT_GE(top1, q.min_top1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, Quantized,
+                         testing::Values(QuantCase{WeightFormat::q8, WeightFormat::q8, 1e-3, 0.95},
+                                         QuantCase{WeightFormat::q4, WeightFormat::q8, 3e-2, 0.80},
+                                         QuantCase{WeightFormat::q4, WeightFormat::q4, 3e-2, 0.80}),
+                         [](const auto& info) {
+                           return std::string(weight_format_name(info.param.experts)) + "_dense_" + weight_format_name(info.param.dense);
+                         });
+
+}  // namespace
+}  // namespace moeflux
