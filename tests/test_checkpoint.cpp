@@ -1,0 +1,182 @@
+// Writes safetensors files and tiny qwen3_moe checkpoints for tests (see test_checkpoint.hpp).
+#include "test_checkpoint.hpp"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "core/half.hpp"
+
+namespace moeflux::test {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+const TestTensor* TinyCheckpoint::find(const std::string& name) const {
+  for (const auto& t : tensors)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+Status write_safetensors(const std::string& path, const std::vector<TestTensor>& tensors) {
+  json header = json::object();
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  header["__metadata__"] = {{"format", "pt"}};
+  std::string text = header.dump();
+  // Real writers pad the header with spaces to 8 bytes; an odd length here keeps the data unaligned,
+  // which the reader must handle.
+  const uint64_t n = text.size();
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  for (int i = 0; i < 8; ++i) out.put(char((n >> (8 * i)) & 0xff));
+  out.write(text.data(), std::streamsize(text.size()));
+  for (const auto& t : tensors) out.write(reinterpret_cast<const char*>(t.bytes.data()), std::streamsize(t.bytes.size()));
+  out.close();
+  if (!out) return make_error(ErrorCode::io, "cannot write {}", path);
+  return Status::ok();
+}
+
+namespace {
+
+struct Generator {
+  std::mt19937_64 rng;
+  std::uniform_real_distribution<float> uniform{-0.1f, 0.1f};
+
+  TestTensor bf16(const std::string& name, std::vector<int64_t> shape, float center = 0.0f) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    TestTensor t{name, "BF16", std::move(shape), std::vector<uint8_t>(size_t(n) * 2)};
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t h = f32_to_bf16(center + uniform(rng));
+      t.bytes[size_t(2 * i)] = uint8_t(h & 0xff);
+      t.bytes[size_t(2 * i + 1)] = uint8_t(h >> 8);
+    }
+    return t;
+  }
+};
+
+// Concatenates the per-expert matrices of one part of one layer into a [E, rows, cols] tensor; with
+// `second`, each expert's slice is first's rows then second's (gate_up_proj: gate rows, then up rows).
+TestTensor fuse(const std::string& name, const std::vector<const TestTensor*>& first, const std::vector<const TestTensor*>& second) {
+  const int64_t rows = first[0]->shape[0] * (second.empty() ? 1 : 2);
+  TestTensor t{name, "BF16", {int64_t(first.size()), rows, first[0]->shape[1]}, {}};
+  for (size_t e = 0; e < first.size(); ++e) {
+    t.bytes.insert(t.bytes.end(), first[e]->bytes.begin(), first[e]->bytes.end());
+    if (!second.empty()) t.bytes.insert(t.bytes.end(), second[e]->bytes.begin(), second[e]->bytes.end());
+  }
+  return t;
+}
+
+}  // namespace
+
+Result<TinyCheckpoint> make_tiny_qwen3_moe_checkpoint(const std::string& dir, const TinyCheckpointOptions& o) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return make_error(ErrorCode::io, "cannot create {}: {}", dir, ec.message());
+  TinyCheckpoint ck;
+  ck.config = {
+      {"architectures", {"Qwen3MoeForCausalLM"}},
+      {"model_type", "qwen3_moe"},
+      {"hidden_size", o.hidden},
+      {"num_hidden_layers", o.layers},
+      {"num_attention_heads", o.heads},
+      {"num_key_value_heads", o.kv_heads},
+      {"head_dim", o.head_dim},
+      {"num_experts", o.n_expert},
+      {"num_experts_per_tok", o.top_k},
+      {"moe_intermediate_size", o.moe_intermediate},
+      {"intermediate_size", o.intermediate},
+      {"vocab_size", o.vocab},
+      {"mlp_only_layers", o.mlp_only_layers},
+      {"decoder_sparse_step", 1},
+      {"tie_word_embeddings", o.tied},
+      {"norm_topk_prob", o.norm_topk_prob},
+      {"rms_norm_eps", 1e-6},
+      {"rope_theta", 1000000.0},
+      {"max_position_embeddings", 4096},
+      {"hidden_act", "silu"},
+      {"attention_bias", false},
+      {"use_sliding_window", false},
+      {"torch_dtype", "bfloat16"},
+  };
+  {
+    std::ofstream out(dir + "/config.json");
+    out << ck.config.dump(2) << "\n";
+    if (!out) return make_error(ErrorCode::io, "cannot write {}/config.json", dir);
+  }
+
+  Generator g{std::mt19937_64(o.seed)};
+  std::vector<TestTensor> files_tensors;  // what goes into the shards, in order
+  auto add = [&](TestTensor t) {
+    ck.tensors.push_back(t);
+    files_tensors.push_back(std::move(t));
+  };
+  const int64_t q_dim = o.heads * o.head_dim, kv_dim = o.kv_heads * o.head_dim;
+  add(g.bf16("model.embed_tokens.weight", {o.vocab, o.hidden}));
+  for (int64_t l = 0; l < o.layers; ++l) {
+    const std::string p = fmt::format("model.layers.{}.", l);
+    add(g.bf16(p + "input_layernorm.weight", {o.hidden}, 1.0f));
+    add(g.bf16(p + "post_attention_layernorm.weight", {o.hidden}, 1.0f));
+    add(g.bf16(p + "self_attn.q_proj.weight", {q_dim, o.hidden}));
+    add(g.bf16(p + "self_attn.k_proj.weight", {kv_dim, o.hidden}));
+    add(g.bf16(p + "self_attn.v_proj.weight", {kv_dim, o.hidden}));
+    add(g.bf16(p + "self_attn.o_proj.weight", {o.hidden, q_dim}));
+    add(g.bf16(p + "self_attn.q_norm.weight", {o.head_dim}, 1.0f));
+    add(g.bf16(p + "self_attn.k_norm.weight", {o.head_dim}, 1.0f));
+    const bool moe = o.n_expert > 0 && std::find(o.mlp_only_layers.begin(), o.mlp_only_layers.end(), l) == o.mlp_only_layers.end();
+    if (!moe) {
+      add(g.bf16(p + "mlp.gate_proj.weight", {o.intermediate, o.hidden}));
+      add(g.bf16(p + "mlp.up_proj.weight", {o.intermediate, o.hidden}));
+      add(g.bf16(p + "mlp.down_proj.weight", {o.hidden, o.intermediate}));
+      continue;
+    }
+    add(g.bf16(p + "mlp.gate.weight", {o.n_expert, o.hidden}));
+    std::vector<const TestTensor*> gate, up, down;
+    const size_t first = ck.tensors.size();
+    for (int64_t e = 0; e < o.n_expert; ++e) {
+      const std::string ep = fmt::format("{}mlp.experts.{}.", p, e);
+      ck.tensors.push_back(g.bf16(ep + "gate_proj.weight", {o.moe_intermediate, o.hidden}));
+      ck.tensors.push_back(g.bf16(ep + "up_proj.weight", {o.moe_intermediate, o.hidden}));
+      ck.tensors.push_back(g.bf16(ep + "down_proj.weight", {o.hidden, o.moe_intermediate}));
+    }
+    for (int64_t e = 0; e < o.n_expert; ++e) {
+      gate.push_back(&ck.tensors[first + size_t(3 * e)]);
+      up.push_back(&ck.tensors[first + size_t(3 * e + 1)]);
+      down.push_back(&ck.tensors[first + size_t(3 * e + 2)]);
+    }
+    if (o.fused_experts) {
+      files_tensors.push_back(fuse(p + "mlp.experts.gate_up_proj", gate, up));
+      files_tensors.push_back(fuse(p + "mlp.experts.down_proj", down, {}));
+    } else {
+      for (size_t i = first; i < ck.tensors.size(); ++i) files_tensors.push_back(ck.tensors[i]);
+    }
+  }
+  add(g.bf16("model.norm.weight", {o.hidden}, 1.0f));
+  if (!o.tied) add(g.bf16("lm_head.weight", {o.vocab, o.hidden}));
+
+  if (o.n_shards <= 1) {
+    MF_TRY(write_safetensors(dir + "/model.safetensors", files_tensors));
+    return ck;
+  }
+  // Contiguous runs of roughly equal count, as HF's sharding by size gives contiguous runs too.
+  json weight_map = json::object();
+  const size_t per_shard = (files_tensors.size() + size_t(o.n_shards) - 1) / size_t(o.n_shards);
+  for (int s = 0; s < o.n_shards; ++s) {
+    const std::string name = fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, o.n_shards);
+    const size_t begin = std::min(files_tensors.size(), size_t(s) * per_shard);
+    const size_t end = std::min(files_tensors.size(), begin + per_shard);
+    std::vector<TestTensor> part(files_tensors.begin() + long(begin), files_tensors.begin() + long(end));
+    for (const auto& t : part) weight_map[t.name] = name;
+    MF_TRY(write_safetensors(dir + "/" + name, part));
+  }
+  std::ofstream out(dir + "/model.safetensors.index.json");
+  out << json{{"metadata", {{"total_size", 0}}}, {"weight_map", weight_map}}.dump(2) << "\n";
+  if (!out) return make_error(ErrorCode::io, "cannot write {}/model.safetensors.index.json", dir);
+  return ck;
+}
+
+}  // namespace moeflux::test
