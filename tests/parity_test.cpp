@@ -295,6 +295,10 @@ struct QuantCase {
   double min_top1;
 };
 
+void PrintTo(const QuantCase& q, std::ostream* os) {
+  *os << "experts " << weight_format_name(q.experts) << ", dense " << weight_format_name(q.dense);
+}
+
 class Quantized : public testing::TestWithParam<QuantCase> {};
 
 TEST_P(Quantized, KlDivergenceAndTop1AgainstReference) {
