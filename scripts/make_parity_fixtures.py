@@ -78,8 +78,12 @@ def main(out_dir):
         model = model.to(torch.bfloat16)
         d = os.path.join(out_dir, name)
         model.save_pretrained(d, safe_serialization=True)
-        # The reference: fp32 arithmetic over exactly the bf16 weights that were saved.
-        model = model.to(torch.float32)
+        # The reference: fp32 arithmetic over exactly the bf16 weights that were saved. A fresh fp32
+        # model takes the weights: casting the bf16 model back with .to() would keep its rotary inv_freq
+        # buffer rounded to bf16, which transformers never does when it loads a bf16 checkpoint.
+        weights = {k: v.float() for k, v in model.state_dict().items()}
+        model = Qwen3MoeForCausalLM(config).eval()
+        model.load_state_dict(weights, strict=True)
         tokens = torch.randint(0, spec["vocab_size"], (1, PROMPT_LEN), generator=gen)
         with torch.no_grad():
             logits = model(tokens).logits[0].float().numpy()

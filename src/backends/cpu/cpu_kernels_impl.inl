@@ -23,6 +23,7 @@ inline float bf16_value(uint16_t h) {
 // are the scalar tail.
 
 struct DecF32 {
+  static constexpr int decode_rows = 4;
   static constexpr int block = V::L, subs = 1;
   const float* data;  // [rows, cols]
   int64_t cols, n_blocks;
@@ -38,6 +39,7 @@ struct DecF32 {
 };
 
 struct DecBf16 {
+  static constexpr int decode_rows = 4;
   static constexpr int block = V::L, subs = 1;
   const uint16_t* data;  // bf16 [rows, cols]
   int64_t cols, n_blocks;
@@ -55,6 +57,7 @@ struct DecBf16 {
 // q8: one block is one group of 32; q · scale is exact in fp32, so the decoded weight equals the
 // reference's. Every q8 shape has cols % 32 == 0: there is no tail.
 struct DecQ8 {
+  static constexpr int decode_rows = 4;
   static constexpr int block = 32, subs = 32 / V::L;
   const int8_t* data;      // [rows, cols]
   const uint16_t* scales;  // fp16 [rows, cols/32]
@@ -74,6 +77,9 @@ struct DecQ8 {
 // similar magnitude), so FMA decodes the reference's value. An odd last group (V::L = 16) is the tail,
 // with its activations left in natural order.
 struct DecQ4 {
+  // Two rows at a time in decode: four rows' (words, scale, bias) + accumulators fill all 16 ymm and
+  // measured no faster.
+  static constexpr int decode_rows = 2;
   static constexpr int block = 8 * V::L, subs = 8;
   static constexpr int64_t groups_per_block = V::L / 8;
   const uint32_t* data;    // [rows, cols/8]
@@ -161,7 +167,7 @@ template <class Dec>
 void matmul_rows_dec(const WeightView& w, const float* x, float* y, int64_t n_tokens, int64_t r_begin, int64_t r_end) {
   const Dec d(w);
   if (n_tokens == 1) {
-    matmul_tile_rows<Dec, 4, 1>(d, x, y, w.rows, r_begin, r_end, 0);
+    matmul_tile_rows<Dec, Dec::decode_rows, 1>(d, x, y, w.rows, r_begin, r_end, 0);
     return;
   }
   const int64_t row_bytes = int64_t(w.bytes() / size_t(w.rows));
