@@ -497,22 +497,8 @@ TEST_F(DamagedPackTest, TruncatedExpertFile) {
 // ---------------------------------------------------------------------------------------------------
 // The CLI
 
-struct CliResult {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-CliResult run_cli(const std::string& args, const fs::path& scratch) {
-  const std::string out = (scratch / "cli_stdout.txt").string(), err = (scratch / "cli_stderr.txt").string();
-  const std::string command = fmt::format("'{}' {} > '{}' 2> '{}'", MOEFLUX_CLI_PATH, args, out, err);
-  const int status = std::system(command.c_str());
-  CliResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  const auto o = read_bytes(out), e = read_bytes(err);
-  r.out.assign(o.begin(), o.end());
-  r.err.assign(e.begin(), e.end());
-  return r;
-}
+using test::CliResult;
+using test::run_cli;
 
 TEST_F(ConvertTest, CliConvertsInspectsAndVerifies) {
   make("hf");

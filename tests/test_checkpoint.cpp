@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <sys/wait.h>
 
 #include "core/half.hpp"
 
@@ -177,6 +178,21 @@ Result<TinyCheckpoint> make_tiny_qwen3_moe_checkpoint(const std::string& dir, co
   out << json{{"metadata", {{"total_size", 0}}}, {"weight_map", weight_map}}.dump(2) << "\n";
   if (!out) return make_error(ErrorCode::io, "cannot write {}/model.safetensors.index.json", dir);
   return ck;
+}
+
+CliResult run_cli(const std::string& args, const std::string& scratch_dir) {
+  const std::string out = scratch_dir + "/cli_stdout.txt", err = scratch_dir + "/cli_stderr.txt";
+  const std::string command = "'" + std::string(MOEFLUX_CLI_PATH) + "' " + args + " > '" + out + "' 2> '" + err + "'";
+  const int status = std::system(command.c_str());
+  CliResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  auto slurp = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
 }
 
 }  // namespace moeflux::test

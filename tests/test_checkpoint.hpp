@@ -54,4 +54,12 @@ struct TinyCheckpoint {
 // seed are identical in the per-expert and fused forms.
 Result<TinyCheckpoint> make_tiny_qwen3_moe_checkpoint(const std::string& dir, const TinyCheckpointOptions& options = {});
 
+// Runs the built `moeflux` binary with args (shell-quoted by the caller); stdout and stderr go through
+// files in scratch_dir.
+struct CliResult {
+  int exit_code = -1;
+  std::string out, err;
+};
+CliResult run_cli(const std::string& args, const std::string& scratch_dir);
+
 }  // namespace moeflux::test

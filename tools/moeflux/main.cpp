@@ -6,6 +6,8 @@
 int main(int argc, char** argv) {
   CLI::App app{"moeflux: run Mixture-of-Experts models larger than memory, experts streamed from storage"};
   app.require_subcommand(1);
+  // Bad arguments print the (sub)command's usage, not just the error.
+  app.failure_message(CLI::FailureMessage::help);
   app.set_version_flag("--version", "moeflux 0.1.0");
   moeflux::cli::Action action;
   moeflux::cli::register_convert(app, action);
