@@ -55,6 +55,8 @@ struct ExpertDecls {
 class ModelGraph {
  public:
   virtual ~ModelGraph() = default;
+  // Most tokens one forward call takes (scratch is sized for it); sessions split longer prompts.
+  virtual int64_t max_batch_tokens() const = 0;
   // Allocates the per-session state (KV cache of up to n_ctx positions, recurrent state).
   virtual Result<std::unique_ptr<ForwardState>> make_state(int64_t n_ctx) const = 0;
   // logits: [T, vocab] host memory, or null to skip the output head (all positions computed when

@@ -85,7 +85,7 @@ Status Session::eval_prompt(std::span<const int32_t> tokens, float* all_logits) 
   for (int32_t t : tokens)
     if (t < 0 || t >= n_vocab())
       return make_error(ErrorCode::invalid_argument, "token id {} is outside the vocabulary [0, {})", t, n_vocab());
-  const int64_t batch = std::min<int64_t>(options_.n_batch, 512);
+  const int64_t batch = std::min(options_.n_batch, model_.graph().max_batch_tokens());
   for (int64_t first = 0; first < n; first += batch) {
     const int64_t count = std::min(batch, n - first);
     const bool last = first + count == n;
