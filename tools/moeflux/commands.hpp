@@ -14,5 +14,7 @@ using Action = std::function<int()>;
 void register_convert(CLI::App& app, Action& action);
 void register_inspect(CLI::App& app, Action& action);
 void register_logits(CLI::App& app, Action& action);
+void register_synth(CLI::App& app, Action& action);
+void register_bench(CLI::App& app, Action& action);
 
 }  // namespace moeflux::cli

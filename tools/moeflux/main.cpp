@@ -13,6 +13,8 @@ int main(int argc, char** argv) {
   moeflux::cli::register_convert(app, action);
   moeflux::cli::register_inspect(app, action);
   moeflux::cli::register_logits(app, action);
+  moeflux::cli::register_synth(app, action);
+  moeflux::cli::register_bench(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
