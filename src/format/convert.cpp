@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/units.hpp"
 #include "core/aligned_buffer.hpp"
 #include "core/half.hpp"
 #include "core/thread_pool.hpp"
@@ -41,16 +42,6 @@ const std::vector<std::string>& tokenizer_file_names() {
 namespace {
 
 std::string shape_string(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
-std::string human_bytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (bytes >= 1024 && u < 4) {
-    bytes /= 1024;
-    ++u;
-  }
-  return u == 0 ? fmt::format("{:.0f} {}", bytes, units[u]) : fmt::format("{:.1f} {}", bytes, units[u]);
-}
 
 // "a, b, c and 12 more"
 std::string name_list(const std::vector<std::string>& names, size_t shown = 3) {
@@ -174,7 +165,7 @@ class ProgressPrinter {
     const double eta = rate > 0 ? double(p.bytes_total - p.bytes_done) / rate : 0;
     const std::string line =
         fmt::format("shard {}/{}  tensors {}/{}  {} / {}  {}/s  ETA {}:{:02d}", p.shard, p.n_shards, p.tensors_done, p.tensors_total,
-                    human_bytes(double(p.bytes_done)), human_bytes(double(p.bytes_total)), human_bytes(rate), int(eta) / 60, int(eta) % 60);
+                    format_bytes(double(p.bytes_done)), format_bytes(double(p.bytes_total)), format_bytes(rate), int(eta) / 60, int(eta) % 60);
     if (tty_) {
       std::fprintf(stderr, "\r\033[K%s%s", line.c_str(), p.finished ? "\n" : "");
       line_open_ = !p.finished;

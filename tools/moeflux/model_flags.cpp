@@ -71,16 +71,6 @@ Result<std::vector<int32_t>> parse_token_list(const std::string& text) {
   return tokens;
 }
 
-std::string format_bytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (bytes >= 1024 && u < 4) {
-    bytes /= 1024;
-    ++u;
-  }
-  return u == 0 ? fmt::format("{:.0f} {}", bytes, units[u]) : fmt::format("{:.2f} {}", bytes, units[u]);
-}
-
 std::string expert_report(const ExpertStoreStats& s, double seconds) {
   const uint64_t total = s.hits + s.misses;
   return fmt::format("experts: {} uses, {} hits ({:.1f}%), {} misses; read {} in {} reads ({}/s); waited {:.3f} s; cache holds {} experts ({})",

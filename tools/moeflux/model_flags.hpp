@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/status.hpp"
+#include "core/units.hpp"
 #include "runtime/model.hpp"
 
 namespace moeflux::cli {
@@ -28,7 +29,6 @@ struct ModelFlags {
 
 Result<uint64_t> parse_bytes(const std::string& text);
 Result<std::vector<int32_t>> parse_token_list(const std::string& text);
-std::string format_bytes(double bytes);
 
 // One line per counter of the expert store, for stderr.
 std::string expert_report(const ExpertStoreStats& stats, double seconds);
