@@ -119,11 +119,26 @@ void memory_read_bandwidth(benchmark::State& state, int n_threads) {
   state.counters["GB/s"] = benchmark::Counter(double(bytes) * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
 
+// The cost of one pool dispatch: a parallel_for of pool.size() trivial tasks, as in the many small ops of
+// a decode step. Reported as ns per dispatch (the benchmark's time).
+void pool_dispatch(benchmark::State& state, int n_threads) {
+  ThreadPool pool(n_threads);
+  std::vector<int64_t> hits(size_t(pool.size()) * 16, 0);
+  for (auto _ : state) {
+    pool.parallel_for(pool.size(), [&](int64_t task) { ++hits[size_t(task) * 16]; });
+  }
+  benchmark::DoNotOptimize(hits.data());
+}
+
 void register_all() {
   benchmark::AddCustomContext("cpu_kernels", cpu_kernels_best().isa);
   for (int threads : {all_threads(), 1}) {
     benchmark::RegisterBenchmark(("MemoryReadBandwidth/threads:" + std::to_string(threads)).c_str(), memory_read_bandwidth, threads)
         ->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
+  for (int threads : {all_threads(), 1}) {
+    benchmark::RegisterBenchmark(("PoolDispatch/threads:" + std::to_string(threads)).c_str(), pool_dispatch, threads)
+        ->UseRealTime()->Unit(benchmark::kNanosecond);
   }
   struct Shape { int64_t rows, cols; };
   const Shape shapes[] = {{1024, 4096}, {4096, 1024}, {1536, 4096}, {4096, 1536}, {151936, 4096}};

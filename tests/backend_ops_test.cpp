@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -15,6 +16,7 @@
 
 #include "backends/backend.hpp"
 #include "backends/cpu/cpu_kernels.hpp"
+#include "core/thread_pool.hpp"
 #include "quant/quantize.hpp"
 
 namespace moeflux {
@@ -395,6 +397,29 @@ TEST(CpuBackendDeterminism, MatmulBitIdenticalAcrossThreadCountsAndAddresses) {
         EXPECT_EQ(std::memcmp(y1.data(), y4.data(), y1.size() * 4), 0) << isa << " " << weight_format_name(format) << " T=" << n_tokens << ": 1 vs 4 threads";
         EXPECT_EQ(std::memcmp(y4.data(), y_moved.data(), y1.size() * 4), 0) << isa << " " << weight_format_name(format) << " T=" << n_tokens << ": weight moved";
       }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moeflux
+
+// --- The thread pool the CPU backend runs on ---------------------------------------------------------
+
+namespace moeflux {
+namespace {
+
+// Every task runs exactly once, for loops of every size, back to back (the caller often finishes a loop
+// before a worker wakes: stale workers must not claim tasks of the next loop) and with more threads
+// than cores (workers get descheduled mid-loop).
+TEST(ThreadPoolTest, EveryTaskRunsOnceAcrossManyLoops) {
+  for (int n_threads : {2, 3, 8}) {
+    ThreadPool pool(n_threads);
+    std::vector<std::atomic<int>> hits(64);
+    for (int loop = 0; loop < 20000; ++loop) {
+      const int64_t n_tasks = 1 + loop % 64;
+      pool.parallel_for(n_tasks, [&](int64_t t) { hits[size_t(t)].fetch_add(1, std::memory_order_relaxed); });
+      for (int64_t t = 0; t < n_tasks; ++t) ASSERT_EQ(hits[size_t(t)].exchange(0), 1) << n_threads << " threads, loop " << loop << ", task " << t;
     }
   }
 }

@@ -1,6 +1,9 @@
 // A fixed pool of compute threads for data-parallel loops (one pool per backend, never global).
-// The caller takes part in every loop; workers spin briefly before sleeping so that the many
-// small loops of a decode step do not each pay a wake-up.
+// The caller takes part in every loop and may run every task itself: a task is claimed by whoever gets
+// to it first, so a worker that the OS has descheduled delays a loop only by the task it is running.
+// Waiting (workers for the next loop, the caller for the last running task) spins for ~50 µs, so the
+// many small loops of a decode step do not each pay a wake-up, then sleeps on a condition variable, so
+// a busy machine's cores go to whoever can use them.
 #pragma once
 
 #include <atomic>
@@ -32,17 +35,24 @@ class ThreadPool {
 
  private:
   void worker_loop();
-  void run_tasks();
+  // Claims and runs tasks of loop `gen` until none is left or another loop has started.
+  void run_tasks(uint32_t gen);
 
   std::vector<std::thread> workers_;
+  // state_ = (loop generation << 32) | next unclaimed task; the low half is `closed` while the caller
+  // writes the next loop's fn_ and n_tasks_, so a claim (a CAS on state_) never pairs one loop's task
+  // index with another loop's function.
+  static constexpr uint64_t closed = 0xffffffffu;
+  std::atomic<uint64_t> state_{closed};
+  std::atomic<int64_t> n_tasks_{0};
+  std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
+  std::atomic<int64_t> done_{0};  // tasks of the current loop finished
+  std::atomic<bool> stop_{false};
+  // Sleeping: workers wait on wake_ for a new generation, the caller on finished_ for done_ == n_tasks_.
   std::mutex mutex_;
-  std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_task_{0};
-  std::atomic<int> active_{0};
-  int64_t n_tasks_ = 0;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  bool stop_ = false;
+  std::condition_variable wake_, finished_;
+  std::atomic<int> sleeping_workers_{0};
+  std::atomic<bool> caller_sleeping_{false};
 };
 
 }  // namespace moeflux

@@ -38,16 +38,16 @@ class CpuBackend final : public Backend {
   }
   void free_activations(float* p) override { std::free(p); }
 
-  // Reference: ReferenceBackend::matmul. Same exactly decoded weights, another summation order:
-  // |Δ| ≤ ~1e-6 · Σ_c |W[r,c] · x[t,c]| (tested with 2e-5 · that sum). Bit-identical for every thread
-  // count, chunking and weight address (cpu_kernels.hpp).
+  // Reference: ReferenceBackend::matmul. Same exactly decoded weights, another summation order (q4
+  // decode: scale and bias factored out of each group): |Δ| ≤ ~1e-6 · Σ_c |W[r,c] · x[t,c]| (tested with
+  // 2e-5 · that sum). Bit-identical for every thread count, chunking and weight address (cpu_kernels.hpp).
   void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) override {
     MF_CHECK(n_tokens >= 0 && w.rows >= 0);
     MF_CHECK_MSG(weight_format_fits(w.format, w.cols), "matmul: {} weight with {} cols", weight_format_name(w.format), w.cols);
     if (n_tokens == 0 || w.rows == 0) return;
     const float* xin = x;
     if (w.format == WeightFormat::q4) {
-      q4_scratch_.resize(size_t(n_tokens * w.cols));
+      q4_scratch_.resize(size_t(q4_prepared_floats(n_tokens, w.cols)));
       kernels_.prepare_q4_activations(x, n_tokens, w.cols, q4_scratch_.data());
       xin = q4_scratch_.data();
     }
@@ -215,7 +215,7 @@ class CpuBackend final : public Backend {
   const CpuKernels& kernels_;
   ThreadPool pool_;
   std::string name_;
-  std::vector<float> q4_scratch_;  // [T, cols] activations in the q4 kernel's order
+  std::vector<float> q4_scratch_;  // prepare_q4_activations' output (cpu_kernels.hpp)
 };
 
 }  // namespace

@@ -22,13 +22,19 @@ struct CpuKernels {
   const char* isa;  // "scalar", "avx2", "avx512"
 
   // Rearranges activations for the q4 matmul so that the k-th nibble of a vector of packed words meets
-  // the activations it multiplies in one contiguous load. x: [n_tokens, cols]; x_q4: [n_tokens, cols].
+  // the activations it multiplies in one contiguous load, and appends each token's sums over groups of
+  // 64 (for the factored decode). x: [n_tokens, cols]; x_q4: [n_tokens, cols] rearranged, then
+  // [n_tokens, cols/64] group sums: q4_prepared_floats(n_tokens, cols) floats.
   void (*prepare_q4_activations)(const float* x, int64_t n_tokens, int64_t cols, float* x_q4);
 
   // y[t, r] = Σ_c W[r, c] · x[t, c] for rows [row_begin, row_end) and every token. For q4, x is the
   // output of prepare_q4_activations. x: [n_tokens, w.cols]; y: [n_tokens, w.rows].
-  // Matches ReferenceBackend::matmul: the weights are decoded exactly (q·scale and q·scale + bias are
-  // exact in fp32), so only the summation order differs: |Δ| ≲ 1e-6 · Σ_c |W[r,c] · x[t,c]| typically.
+  // Matches ReferenceBackend::matmul. bf16, q8, and q4 with n_tokens > 1 decode each weight exactly
+  // (q·scale and q·scale + bias are exact in fp32), so only the summation order differs:
+  // |Δ| ≲ 1e-6 · Σ_c |W[r,c] · x[t,c]| typically. q4 with n_tokens = 1 sums s·Σq·x + b·Σx per group of
+  // 64 (one FMA per weight instead of two); its products q·x are exact but the partial sums carry the
+  // group's offset b, which the reference cancels per weight: |Δ| ≲ 1e-6 · Σ_c (|q·s·x| + |b·x|)
+  // typically, within the same test bound 2e-5 · Σ_c |W·x| (see backend_ops_test.cpp).
   void (*matmul_rows)(const WeightView& w, const float* x, float* y, int64_t n_tokens, int64_t row_begin,
                       int64_t row_end);
 
@@ -40,6 +46,8 @@ struct CpuKernels {
   // acc[i] = fma(a, x[i], acc[i]). Matches acc[i] += a·x[i] within one rounding per element.
   void (*axpy)(float* acc, const float* x, float a, int64_t n);
 };
+
+inline int64_t q4_prepared_floats(int64_t n_tokens, int64_t cols) { return n_tokens * (cols + cols / 64); }
 
 // Each returns null when the running CPU (or the compiler) lacks the instruction set.
 const CpuKernels* cpu_kernels_avx512();

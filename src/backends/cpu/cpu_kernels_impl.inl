@@ -4,7 +4,7 @@
 // Owns the tiling of matmul (rows × tokens) and the per-format decoders. See cpu_kernels.hpp for the
 // determinism contract these loops keep.
 //
-// Needs from V: L, reg, ireg, RP/TP (prefill tile: rows × tokens), zero, load, set1, mul, fmadd, hsum,
+// Needs from V: L, reg, ireg, RP/TP (prefill tile: rows × tokens), zero, load, set1, add, mul, fmadd, hsum,
 // load_bf16, load_i8 (to fp32), f16 (scalar fp16 → fp32), load_words, low_nibble (ireg → fp32 reg),
 // shift_nibble (ireg >> 4), q4_scales (one value per group of 8 lanes, from bf16).
 
@@ -124,7 +124,82 @@ void prepare_q4_activations(const float* x, int64_t n_tokens, int64_t cols, floa
       for (int64_t s = 0; s < 8; ++s)
         for (int64_t l = 0; l < V::L; ++l) dst[base + s * V::L + l] = src[base + 8 * l + s];
     for (int64_t c = n_blocked; c < cols; ++c) dst[c] = src[c];
+    // Group sums for the factored decode: in double, left to right, rounded once.
+    float* sums = x_q4 + n_tokens * cols + t * (cols / 64);
+    for (int64_t g = 0; g < cols / 64; ++g) {
+      double sum = 0.0;
+      for (int64_t i = 0; i < 64; ++i) sum += double(src[g * 64 + i]);
+      sums[g] = float(sum);
+    }
   }
+}
+
+// q4 decode (one token), factored: Σ_c w·x = Σ_g s_g·Σ_{i∈g} q_i·x_i + Σ_g b_g·X_g with X_g = Σ_{i∈g} x_i
+// from prepare_q4_activations, so each weight costs one convert and one FMA. Order (shape-only): per
+// block of L/8 groups, lane l sums nibbles s = 0,2,4,6 and s = 1,3,5,7 in two chains, adds them, and
+// accumulates the block scaled by its group's scale into one vector per row (hsum'd by the fixed tree);
+// a tail group (L = 16, odd group count) adds its s·Σq·x left to right; the bias part is a lane-ordered
+// dot of the row's biases with X (groups ≡ l mod L in lane l), then its scalar tail.
+template <int R>
+inline void q4_matvec_tile(const WeightView& w, const float* xq, float* y, int64_t r0) {
+  constexpr int64_t groups_per_block = V::L / 8;
+  const int64_t cols = w.cols, n_groups = cols / 64, n_blocks = n_groups / groups_per_block;
+  const auto* data = static_cast<const uint32_t*>(w.data);
+  const auto* scales = static_cast<const uint16_t*>(w.scales);
+  const auto* biases = static_cast<const uint16_t*>(w.biases);
+  const float* xsum = xq + cols;
+  reg acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = V::zero();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const float* xb = xq + b * 8 * V::L;
+    ireg words[R];
+    reg even[R], odd[R];
+    for (int i = 0; i < R; ++i) words[i] = V::load_words(data + (r0 + i) * (cols / 8) + b * V::L);
+    {
+      const reg x0 = V::load(xb), x1 = V::load(xb + V::L);
+      for (int i = 0; i < R; ++i) {
+        even[i] = V::mul(V::low_nibble(words[i]), x0);
+        words[i] = V::shift_nibble(words[i]);
+        odd[i] = V::mul(V::low_nibble(words[i]), x1);
+        words[i] = V::shift_nibble(words[i]);
+      }
+    }
+    for (int s = 2; s < 8; s += 2) {
+      const reg x0 = V::load(xb + s * V::L), x1 = V::load(xb + (s + 1) * V::L);
+      for (int i = 0; i < R; ++i) {
+        even[i] = V::fmadd(V::low_nibble(words[i]), x0, even[i]);
+        words[i] = V::shift_nibble(words[i]);
+        odd[i] = V::fmadd(V::low_nibble(words[i]), x1, odd[i]);
+        words[i] = V::shift_nibble(words[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      acc[i] = V::fmadd(V::add(even[i], odd[i]), V::q4_scales(scales + (r0 + i) * n_groups + b * groups_per_block), acc[i]);
+  }
+  for (int i = 0; i < R; ++i) {
+    const int64_t r = r0 + i;
+    float sum = V::hsum(acc[i]);
+    for (int64_t g = n_blocks * groups_per_block; g < n_groups; ++g) {
+      float qx = 0.0f;
+      for (int64_t k = 0; k < 64; ++k) {
+        const uint32_t word = data[r * (cols / 8) + g * 8 + k / 8];
+        qx += float((word >> (4 * (k % 8))) & 0xfu) * xq[g * 64 + k];
+      }
+      sum += bf16_value(scales[r * n_groups + g]) * qx;
+    }
+    reg bacc = V::zero();
+    int64_t g = 0;
+    for (; g + V::L <= n_groups; g += V::L) bacc = V::fmadd(V::load_bf16(biases + r * n_groups + g), V::load(xsum + g), bacc);
+    float bsum = V::hsum(bacc);
+    for (; g < n_groups; ++g) bsum += bf16_value(biases[r * n_groups + g]) * xsum[g];
+    y[r] = sum + bsum;
+  }
+}
+
+void q4_matvec_rows(const WeightView& w, const float* xq, float* y, int64_t r_begin, int64_t r_end) {
+  int64_t r = r_begin;
+  for (; r + 2 <= r_end; r += 2) q4_matvec_tile<2>(w, xq, y, r);
+  for (; r < r_end; ++r) q4_matvec_tile<1>(w, xq, y, r);
 }
 
 // --- The tile: R rows × T tokens with one accumulator each; every weight vector decoded once serves T
@@ -185,7 +260,13 @@ void matmul_rows(const WeightView& w, const float* x, float* y, int64_t n_tokens
     case WeightFormat::f32: matmul_rows_dec<DecF32>(w, x, y, n_tokens, r_begin, r_end); break;
     case WeightFormat::bf16: matmul_rows_dec<DecBf16>(w, x, y, n_tokens, r_begin, r_end); break;
     case WeightFormat::q8: matmul_rows_dec<DecQ8>(w, x, y, n_tokens, r_begin, r_end); break;
-    case WeightFormat::q4: matmul_rows_dec<DecQ4>(w, x, y, n_tokens, r_begin, r_end); break;
+    case WeightFormat::q4:
+      if (n_tokens == 1) {
+        q4_matvec_rows(w, x, y, r_begin, r_end);
+      } else {
+        matmul_rows_dec<DecQ4>(w, x, y, n_tokens, r_begin, r_end);
+      }
+      break;
   }
 }
 

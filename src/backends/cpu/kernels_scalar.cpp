@@ -19,6 +19,7 @@ struct V {
   static reg load(const float* p) { reg r; std::memcpy(r.v, p, sizeof r.v); return r; }
   static void store(float* p, reg v) { std::memcpy(p, v.v, sizeof v.v); }
   static reg set1(float a) { reg r; for (float& x : r.v) x = a; return r; }
+  static reg add(reg a, reg b) { for (int i = 0; i < L; ++i) a.v[i] += b.v[i]; return a; }
   static reg mul(reg a, reg b) { for (int i = 0; i < L; ++i) a.v[i] *= b.v[i]; return a; }
   // fma rounds once, like the SIMD tables; the decoded weight products it forms are exact either way.
   static reg fmadd(reg a, reg b, reg c) { for (int i = 0; i < L; ++i) c.v[i] = __builtin_fmaf(a.v[i], b.v[i], c.v[i]); return c; }
