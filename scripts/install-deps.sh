@@ -2,7 +2,7 @@
 # Installs the Debian 12 packages moeflux builds with. Idempotent; needs root (or sudo).
 set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config
-          nlohmann-json3-dev libcli11-dev libfmt-dev libxxhash-dev
+          nlohmann-json3-dev libcli11-dev libfmt-dev libxxhash-dev libpcre2-dev libutf8proc-dev
           libgtest-dev libgmock-dev libbenchmark-dev)
 missing=()
 for p in "${packages[@]}"; do
