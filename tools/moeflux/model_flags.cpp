@@ -12,6 +12,7 @@ void ModelFlags::add_to(CLI::App* app) {
   app->add_option("--io-threads", io_threads, "expert reader threads")->check(CLI::PositiveNumber);
   app->add_flag("--reference", reference, "use the plain single-threaded reference ops (slow; for checking)");
   app->add_flag("--no-verify", skip_verify, "skip hashing resident.bin at open");
+  app->add_flag("--verify-experts", verify_experts, "check every expert read from storage against its hash in the manifest");
 }
 
 Result<ModelOptions> ModelFlags::options() const {
@@ -23,6 +24,7 @@ Result<ModelOptions> ModelFlags::options() const {
   MF_ASSIGN_OR_RETURN(o.experts.cache_bytes, parse_bytes(expert_cache));
   o.experts.io_mode = io == "direct" ? IoMode::direct : IoMode::page_cache;
   o.experts.n_readers = io_threads;
+  o.experts.verify_hashes = verify_experts;
   return o;
 }
 

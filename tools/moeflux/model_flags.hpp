@@ -22,6 +22,7 @@ struct ModelFlags {
   int io_threads = 8;
   bool reference = false;
   bool skip_verify = false;
+  bool verify_experts = false;
 
   void add_to(CLI::App* app);
   Result<ModelOptions> options() const;
