@@ -1,0 +1,254 @@
+// Sampler and StopStrings (see sampler.hpp for the semantics and the order of the steps).
+#include "sampling/sampler.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace moeflux {
+
+namespace {
+
+// Higher logit first, ties to the lower id: the one order every selection and draw uses.
+struct LogitDescending {
+  const float* logits;
+  bool operator()(int32_t a, int32_t b) const {
+    return logits[a] != logits[b] ? logits[a] > logits[b] : a < b;
+  }
+};
+
+// top-p sorts a prefix of this many candidates first and grows it by kTopPGrowth while the prefix
+// holds less than top_p of the mass: with a peaked next-token distribution the first round suffices.
+constexpr int64_t kTopPFirstPrefix = 256;
+constexpr int64_t kTopPGrowth = 4;
+
+Status invalid(const char* field, const std::string& range, const std::string& value) {
+  return make_error(ErrorCode::invalid_argument, "sampler parameter {} = {}: must be {}", field, value, range);
+}
+
+}  // namespace
+
+Result<Sampler> Sampler::create(const SamplerParams& p, int64_t n_vocab) {
+  if (n_vocab <= 0 || n_vocab > std::numeric_limits<int32_t>::max())
+    return make_error(ErrorCode::invalid_argument, "sampler n_vocab = {}: must be in [1, 2^31 - 1]", n_vocab);
+  if (!std::isfinite(p.temperature) || p.temperature < 0)
+    return invalid("temperature", "finite and >= 0 (0 = greedy)", fmt::format("{}", p.temperature));
+  if (p.top_k < 0) return invalid("top_k", ">= 0 (0 = off)", fmt::format("{}", p.top_k));
+  if (!(p.top_p > 0 && p.top_p <= 1))
+    return invalid("top_p", "in (0, 1] (1 = off)", fmt::format("{}", p.top_p));
+  if (!(p.min_p >= 0 && p.min_p <= 1))
+    return invalid("min_p", "in [0, 1] (0 = off)", fmt::format("{}", p.min_p));
+  if (!std::isfinite(p.repetition_penalty) || p.repetition_penalty <= 0)
+    return invalid("repetition_penalty", "finite and > 0 (1 = off)", fmt::format("{}", p.repetition_penalty));
+  if (!std::isfinite(p.presence_penalty))
+    return invalid("presence_penalty", "finite (0 = off)", fmt::format("{}", p.presence_penalty));
+  if (!std::isfinite(p.frequency_penalty))
+    return invalid("frequency_penalty", "finite (0 = off)", fmt::format("{}", p.frequency_penalty));
+  if (p.penalty_last_n < -1)
+    return invalid("penalty_last_n", ">= -1 (-1 = whole history, 0 = off)", fmt::format("{}", p.penalty_last_n));
+  uint64_t seed = p.seed;
+  if (seed == 0) {
+    std::random_device device;
+    while (seed == 0) seed = (uint64_t{device()} << 32) ^ device();
+  }
+  return Sampler(p, n_vocab, seed);
+}
+
+Sampler::Sampler(const SamplerParams& params, int64_t n_vocab, uint64_t seed)
+    : params_(params), n_vocab_(n_vocab), seed_(seed), rng_(seed) {}
+
+void Sampler::accept(int32_t token) {
+  MF_CHECK_MSG(token >= 0 && token < n_vocab_, "token {} outside the vocabulary [0, {})", token, n_vocab_);
+  if (params_.penalty_last_n == 0) return;
+  history_.push_back(token);
+  if (params_.penalty_last_n > 0 && static_cast<int64_t>(history_.size()) > params_.penalty_last_n)
+    history_.pop_front();
+}
+
+void Sampler::reset() {
+  history_.clear();
+  rng_.seed(seed_);
+}
+
+double Sampler::next_uniform() {
+  // The top 53 bits of one 64-bit output, scaled by 2^-53: every double in [0, 1) on that grid.
+  return static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+}
+
+void Sampler::apply_penalties(float* logits) {
+  const bool repetition = params_.repetition_penalty != 1.0f;
+  const bool additive = params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f;
+  if (history_.empty() || (!repetition && !additive)) return;
+  if (penalty_counts_.empty()) penalty_counts_.assign(n_vocab_, 0);
+  for (int32_t t : history_) ++penalty_counts_[t];
+  for (int32_t t : history_) {
+    const int32_t count = penalty_counts_[t];
+    if (count == 0) continue;  // this token was already penalized: once per distinct token
+    float& logit = logits[t];
+    if (repetition) logit = logit > 0 ? logit / params_.repetition_penalty : logit * params_.repetition_penalty;
+    logit -= params_.presence_penalty + params_.frequency_penalty * static_cast<float>(count);
+    penalty_counts_[t] = 0;
+  }
+}
+
+int32_t Sampler::draw(int64_t n_kept) {
+  // Weights relative to the largest kept logit so exp never overflows; summed in double so that
+  // 152k small weights do not lose the tail.
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n_kept; ++i) max_logit = std::max(max_logit, logits_[ids_[i]]);
+  double total = 0;
+  for (int64_t i = 0; i < n_kept; ++i) total += std::exp(static_cast<double>(logits_[ids_[i]] - max_logit));
+  const double target = next_uniform() * total;
+  double cumulative = 0;
+  for (int64_t i = 0; i < n_kept; ++i) {
+    cumulative += std::exp(static_cast<double>(logits_[ids_[i]] - max_logit));
+    if (cumulative > target) return ids_[i];
+  }
+  // Rounding left target ≥ the running sum: the last token with non-zero weight.
+  for (int64_t i = n_kept - 1; i > 0; --i)
+    if (logits_[ids_[i]] != -std::numeric_limits<float>::infinity()) return ids_[i];
+  return ids_[0];
+}
+
+int32_t Sampler::sample(const float* logits) {
+  const int64_t n = n_vocab_;
+  if (logits_.empty()) {
+    logits_.resize(n);
+    ids_.resize(n);
+  }
+  std::copy(logits, logits + n, logits_.begin());
+  apply_penalties(logits_.data());
+
+  if (params_.temperature == 0.0f) {
+    // std::max_element returns the first of equal maxima: ties go to the lowest id.
+    return static_cast<int32_t>(std::max_element(logits_.begin(), logits_.end()) - logits_.begin());
+  }
+
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    logits_[i] /= params_.temperature;
+    max_logit = std::max(max_logit, logits_[i]);
+    ids_[i] = static_cast<int32_t>(i);
+  }
+  MF_CHECK_MSG(std::isfinite(max_logit), "sampler: no finite logit among {} (largest {})", n, max_logit);
+
+  const LogitDescending descending{logits_.data()};
+  int64_t n_kept = n;
+  bool sorted = false;  // ids_[0, n_kept) in descending order (else in id order)
+  if (params_.top_k > 0 && params_.top_k < n) {
+    n_kept = params_.top_k;
+    std::nth_element(ids_.begin(), ids_.begin() + n_kept, ids_.begin() + n, descending);
+    std::sort(ids_.begin(), ids_.begin() + n_kept, descending);
+    sorted = true;
+  }
+
+  if (params_.top_p < 1.0f) {
+    double total = 0;
+    for (int64_t i = 0; i < n_kept; ++i) total += std::exp(static_cast<double>(logits_[ids_[i]] - max_logit));
+    const double wanted = static_cast<double>(params_.top_p) * total;
+    double cumulative = 0;
+    int64_t n_sorted = sorted ? n_kept : 0;
+    int64_t prefix = sorted ? n_kept : std::min(n_kept, kTopPFirstPrefix);
+    int64_t i = 0;
+    for (;;) {
+      if (n_sorted < prefix) {
+        // Bring the next-largest candidates into [n_sorted, prefix) and sort only them.
+        if (prefix < n_kept)
+          std::nth_element(ids_.begin() + n_sorted, ids_.begin() + prefix, ids_.begin() + n_kept, descending);
+        std::sort(ids_.begin() + n_sorted, ids_.begin() + prefix, descending);
+        n_sorted = prefix;
+      }
+      for (; i < n_sorted; ++i) {
+        cumulative += std::exp(static_cast<double>(logits_[ids_[i]] - max_logit));
+        if (cumulative >= wanted) break;
+      }
+      if (i < n_sorted || n_sorted == n_kept) break;
+      prefix = std::min(n_kept, prefix * kTopPGrowth);
+    }
+    n_kept = std::min(n_kept, i + 1);
+    sorted = true;
+  }
+
+  if (params_.min_p > 0.0f) {
+    // p_i ≥ min_p · p_max  ⇔  z_i ≥ z_max + log(min_p); the most likely token always survives the
+    // earlier steps, so z_max is max_logit.
+    const float threshold = max_logit + std::log(params_.min_p);
+    if (sorted) {
+      while (n_kept > 1 && logits_[ids_[n_kept - 1]] < threshold) --n_kept;
+    } else {
+      // remove_if keeps the survivors in id order.
+      n_kept = std::remove_if(ids_.begin(), ids_.begin() + n_kept,
+                              [&](int32_t id) { return logits_[id] < threshold; }) -
+               ids_.begin();
+    }
+  }
+  return draw(n_kept);
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+Result<StopStrings> StopStrings::create(std::vector<std::string> stop_strings) {
+  for (size_t i = 0; i < stop_strings.size(); ++i)
+    if (stop_strings[i].empty())
+      return make_error(ErrorCode::invalid_argument, "stop string {} is empty: must be at least one byte", i);
+  return StopStrings(std::move(stop_strings));
+}
+
+StopStrings::Emit StopStrings::feed(std::string_view piece) {
+  Emit out;
+  if (stopped_) {
+    out.stopped = true;
+    return out;
+  }
+  held_.append(piece);
+
+  // held_ = (a tail that matched no stop string) + piece: a stop string can only be in it.
+  // The match that ends first wins (earliest start on a tie), so the outcome does not depend on how
+  // the text was cut into pieces.
+  size_t stop_at = std::string::npos;
+  size_t stop_end = std::string::npos;
+  for (size_t s = 0; s < stop_strings_.size(); ++s) {
+    const size_t at = held_.find(stop_strings_[s]);
+    if (at == std::string::npos) continue;
+    const size_t end = at + stop_strings_[s].size();
+    if (end < stop_end || (end == stop_end && at < stop_at)) {
+      stop_at = at;
+      stop_end = end;
+      matched_index_ = static_cast<int>(s);
+    }
+  }
+  if (stop_at != std::string::npos) {
+    out.text = held_.substr(0, stop_at);
+    out.stopped = stopped_ = true;
+    held_.clear();
+    return out;
+  }
+
+  // Hold back the longest tail of held_ that is a proper prefix of some stop string.
+  size_t keep = 0;
+  for (const std::string& stop : stop_strings_) {
+    for (size_t len = std::min(held_.size(), stop.size() - 1); len > keep; --len) {
+      if (std::string_view(held_).substr(held_.size() - len) == std::string_view(stop).substr(0, len)) {
+        keep = len;
+        break;
+      }
+    }
+  }
+  out.text = held_.substr(0, held_.size() - keep);
+  held_.erase(0, held_.size() - keep);
+  return out;
+}
+
+std::string StopStrings::flush() {
+  std::string out;
+  out.swap(held_);
+  return out;
+}
+
+void StopStrings::reset() {
+  held_.clear();
+  stopped_ = false;
+  matched_index_ = -1;
+}
+
+}  // namespace moeflux

@@ -1,0 +1,132 @@
+// Token samplers: penalties, temperature, top-k, top-p, min-p and a seeded draw over one row of logits,
+// plus StopStrings, which cuts generated text at a stop string. Owns no model state and no tokenizer:
+// the caller hands in logits [n_vocab] f32 and decoded text pieces.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/status.hpp"
+
+namespace moeflux {
+
+// What each field does, in the order Sampler::sample applies them (the order of Hugging Face
+// transformers' generate: logits processors, then the warpers temperature → top-k → top-p → min-p):
+//
+//  1. repetition_penalty (CTRL, Keskar et al. 2019; transformers RepetitionPenaltyLogitsProcessor,
+//     llama.cpp penalties): for each distinct token in the window, once however often it occurs,
+//     logit > 0 → logit / penalty, else logit · penalty. 1 = off; > 1 discourages repeats.
+//  2. presence_penalty, frequency_penalty (OpenAI): logit −= presence · [count > 0] + frequency · count,
+//     count = occurrences in the window. 0 = off. Applied after the repetition penalty, as llama.cpp does.
+//     The window is the last penalty_last_n accepted tokens (-1 = all of them, 0 = none: penalties off).
+//  3. temperature: z = logit / temperature. 0 = greedy: argmax of the penalized logits, ties to the lowest
+//     token id; steps 4-7 are skipped.
+//  4. top_k: keep the k largest z (ties to the lowest id). 0 = off.
+//  5. top_p (nucleus, Holtzman et al. 2019; TopPLogitsWarper): with the kept tokens renormalized and sorted
+//     by probability, keep the smallest prefix whose mass is ≥ top_p (at least one token). 1 = off.
+//  6. min_p (Nguyen et al. 2024; MinPLogitsWarper): keep tokens whose probability is ≥ min_p · the largest
+//     probability, probabilities taken after temperature (the ratio is the same before or after the
+//     renormalizations of steps 4-5). 0 = off.
+//  7. draw one token from softmax(z) over the kept tokens.
+struct SamplerParams {
+  float temperature = 1.0f;         // ≥ 0, finite; 0 = greedy
+  int top_k = 0;                    // ≥ 0; 0 = off
+  float top_p = 1.0f;               // (0, 1]; 1 = off
+  float min_p = 0.0f;               // [0, 1]; 0 = off
+  float repetition_penalty = 1.0f;  // > 0, finite; 1 = off
+  float presence_penalty = 0.0f;    // finite; 0 = off (OpenAI allows [-2, 2]; we do not narrow it)
+  float frequency_penalty = 0.0f;   // finite; 0 = off
+  int penalty_last_n = 64;          // ≥ -1; -1 = whole history, 0 = penalties off
+  uint64_t seed = 0;                // 0 = drawn from std::random_device; Sampler::seed() reports it
+};
+
+// One sampler per generation stream. Not thread-safe; two samplers share nothing.
+//
+// Reproducibility: the random stream is std::mt19937_64 (its output sequence is fixed by the C++
+// standard), and the uniform in [0, 1) is built from its top 53 bits here rather than by
+// std::uniform_real_distribution, whose output differs between standard libraries. Candidates are
+// drawn in a canonical order (token id order, or descending probability with ties to the lower id
+// once top-k/top-p sort them), so the same seed and logits give the same tokens on every platform up to
+// the last-ulp differences between libm's expf.
+//
+// Cost per call: one copy of the logits [n_vocab] f32 and O(n_vocab) passes; top-k selects with
+// nth_element; top-p sorts only a growing prefix of the candidates (256, then ×4) until it holds the
+// requested mass, so a 152k vocabulary is not fully sorted. No allocation after the first call.
+class Sampler {
+ public:
+  // invalid_argument naming the field and its allowed range for a bad parameter or n_vocab ≤ 0.
+  static Result<Sampler> create(const SamplerParams& params, int64_t n_vocab);
+
+  // logits: [n_vocab] f32, not modified. Returns a token id in [0, n_vocab). Does not call accept().
+  int32_t sample(const float* logits);
+  // Steps 1-2 alone, in place on logits [n_vocab] f32: what sample() does before temperature. For callers
+  // that report penalized log-probabilities, and for tests.
+  void apply_penalties(float* logits);
+  // Appends a token to the penalty history (prompt tokens too, if the caller wants them penalized).
+  // token must be in [0, n_vocab): a bad id is a broken invariant and aborts.
+  void accept(int32_t token);
+  // Clears the history and restarts the random stream from seed(): a reset sampler repeats itself.
+  void reset();
+  // The seed in use: params.seed, or the one drawn from std::random_device when that was 0.
+  uint64_t seed() const { return seed_; }
+
+  const SamplerParams& params() const { return params_; }
+  int64_t n_vocab() const { return n_vocab_; }
+
+ private:
+  Sampler(const SamplerParams& params, int64_t n_vocab, uint64_t seed);
+
+  double next_uniform();           // [0, 1), 53 bits
+  int32_t draw(int64_t n_kept);    // from ids_[0, n_kept) with weights exp(logits_[id] - max)
+
+  SamplerParams params_;
+  int64_t n_vocab_ = 0;
+  uint64_t seed_ = 0;
+  std::mt19937_64 rng_;
+  std::deque<int32_t> history_;  // accepted tokens, at most penalty_last_n of them unless it is -1
+
+  // Scratch, sized n_vocab on the first sample() and reused.
+  std::vector<float> logits_;              // [n_vocab] f32: penalized, then divided by temperature
+  std::vector<int32_t> ids_;               // [n_vocab] candidate token ids
+  std::vector<int32_t> penalty_counts_;    // [n_vocab] occurrences in the window; all zero between calls
+};
+
+// Watches decoded text for stop strings. feed() returns the text that is safe to show: it holds back
+// the longest tail that could still grow into a stop string, so a caller printing what feed() returns
+// never prints part of a stop string. When a stop string appears (possibly spread over several pieces),
+// the text before it is released, the stop string and everything after it are dropped, and stopped()
+// becomes true. With several stop strings, the one whose match ends first wins (the earlier start if two
+// end at the same byte), which is what feeding the text one byte at a time would give. Works on bytes: a multi-byte UTF-8 character split over pieces is held and
+// released whole only if the caller's pieces keep it whole.
+class StopStrings {
+ public:
+  // invalid_argument for an empty stop string (it would stop before the first byte).
+  static Result<StopStrings> create(std::vector<std::string> stop_strings);
+
+  struct Emit {
+    std::string text;      // safe to show now
+    bool stopped = false;  // a stop string has appeared; later feeds return nothing
+  };
+  Emit feed(std::string_view piece);
+  // End of generation without a stop: releases the held-back text.
+  std::string flush();
+  bool stopped() const { return stopped_; }
+  // Index in the create() list of the stop string that matched; -1 while not stopped.
+  int matched_index() const { return matched_index_; }
+  // Clears the held text and the stopped state.
+  void reset();
+
+ private:
+  explicit StopStrings(std::vector<std::string> stop_strings) : stop_strings_(std::move(stop_strings)) {}
+
+  std::vector<std::string> stop_strings_;
+  std::string held_;  // shorter than the longest stop string: a tail that is a prefix of one of them
+  bool stopped_ = false;
+  int matched_index_ = -1;
+};
+
+}  // namespace moeflux

@@ -1,0 +1,393 @@
+// Samplers (src/sampling/sampler.hpp): each step against a hand-computed or brute-force reference,
+// seeded determinism, the draw's statistics, parameter validation, and StopStrings.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "sampling/sampler.hpp"
+
+namespace moeflux {
+namespace {
+
+Sampler make_sampler(const SamplerParams& params, int64_t n_vocab) {
+  auto sampler = Sampler::create(params, n_vocab);
+  EXPECT_TRUE(sampler.is_ok()) << sampler.status().to_string();
+  return std::move(sampler).value();
+}
+
+std::vector<float> log_of(const std::vector<double>& probs) {
+  std::vector<float> logits;
+  for (double p : probs) logits.push_back(static_cast<float>(std::log(p)));
+  return logits;
+}
+
+// Tokens drawn in n draws.
+std::set<int32_t> drawn(Sampler& sampler, const std::vector<float>& logits, int n) {
+  std::set<int32_t> seen;
+  for (int i = 0; i < n; ++i) seen.insert(sampler.sample(logits.data()));
+  return seen;
+}
+
+// Random logits [n] with a spread like a real next-token row.
+std::vector<float> random_logits(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<float> logits(n);
+  for (auto& l : logits) l = static_cast<float>(static_cast<double>(rng() >> 11) * 0x1.0p-53 * 12.0 - 6.0);
+  return logits;
+}
+
+TEST(Sampler, GreedyPicksArgmaxWithTiesToTheLowestId) {
+  SamplerParams params;
+  params.temperature = 0;
+  Sampler sampler = make_sampler(params, 5);
+  const std::vector<float> logits = {1.0f, 3.0f, -2.0f, 3.0f, 2.9f};
+  EXPECT_EQ(sampler.sample(logits.data()), 1);
+  const std::vector<float> all_equal(5, 0.5f);
+  EXPECT_EQ(sampler.sample(all_equal.data()), 0);
+}
+
+TEST(Sampler, GreedyAppliesPenaltiesBeforeTheArgmax) {
+  SamplerParams params;
+  params.temperature = 0;
+  params.repetition_penalty = 2.0f;
+  Sampler sampler = make_sampler(params, 4);
+  const std::vector<float> logits = {1.0f, 3.0f, 2.0f, 0.0f};
+  EXPECT_EQ(sampler.sample(logits.data()), 1);
+  sampler.accept(1);  // 3 / 2 = 1.5 < 2
+  EXPECT_EQ(sampler.sample(logits.data()), 2);
+}
+
+TEST(Sampler, SmallTemperatureTendsToGreedy) {
+  // At T = 1e-3 a logit gap of 0.1 is a probability ratio of e^-100: the argmax every time.
+  SamplerParams params;
+  params.temperature = 1e-3f;
+  params.seed = 7;
+  Sampler sampler = make_sampler(params, 4);
+  const std::vector<float> logits = {0.3f, 1.0f, 0.9f, -5.0f};
+  EXPECT_EQ(drawn(sampler, logits, 2000), std::set<int32_t>{1});
+}
+
+TEST(Sampler, TopKOneEqualsGreedy) {
+  SamplerParams greedy_params;
+  greedy_params.temperature = 0;
+  Sampler greedy = make_sampler(greedy_params, 1000);
+  SamplerParams params;
+  params.top_k = 1;
+  params.temperature = 5.0f;  // flat enough that anything but top-k = 1 would wander
+  for (uint64_t seed = 1; seed <= 20; ++seed) {
+    params.seed = seed;
+    Sampler sampler = make_sampler(params, 1000);
+    std::vector<float> logits = random_logits(1000, seed);
+    if (seed % 2 == 0) logits[900] = logits[17] = 7.0f;  // a tie: the lower id wins in both
+    EXPECT_EQ(sampler.sample(logits.data()), greedy.sample(logits.data())) << "seed " << seed;
+  }
+}
+
+TEST(Sampler, TopKKeepsTheKLargest) {
+  SamplerParams params;
+  params.top_k = 2;
+  params.seed = 3;
+  Sampler sampler = make_sampler(params, 4);
+  const std::vector<float> logits = log_of({0.1, 0.4, 0.2, 0.3});
+  EXPECT_EQ(drawn(sampler, logits, 2000), (std::set<int32_t>{1, 3}));
+}
+
+TEST(Sampler, TopPKeepsTheSmallestSetHoldingTheMass) {
+  // Probabilities by token: 0.25, 0.10, 0.50, 0.15. By rank: 0.50 (2), 0.75 (+0), 0.90 (+3), 1.0 (+1).
+  // Thresholds sit away from the cumulative sums so float rounding cannot move a boundary.
+  const std::vector<float> logits = log_of({0.25, 0.10, 0.50, 0.15});
+  const std::vector<std::pair<float, std::set<int32_t>>> cases = {
+      {0.4f, {2}}, {0.7f, {2, 0}}, {0.8f, {2, 0, 3}}, {0.95f, {2, 0, 3, 1}}};
+  for (const auto& [top_p, expected] : cases) {
+    SamplerParams params;
+    params.top_p = top_p;
+    params.seed = 11;
+    Sampler sampler = make_sampler(params, 4);
+    // 3000 draws: a kept token of probability ≥ 0.1/0.95 is missed with probability < 1e-100.
+    EXPECT_EQ(drawn(sampler, logits, 3000), expected) << "top_p " << top_p;
+  }
+}
+
+// The nucleus and min-p sets by brute force: a full sort in double.
+std::set<int32_t> reference_kept(const std::vector<float>& logits, float temperature, float top_p, float min_p) {
+  const int64_t n = static_cast<int64_t>(logits.size());
+  std::vector<int32_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return logits[a] != logits[b] ? logits[a] > logits[b] : a < b;
+  });
+  const double max_z = logits[order[0]] / temperature;
+  std::vector<double> weight(n);
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += weight[i] = std::exp(logits[order[i]] / temperature - max_z);
+  std::set<int32_t> kept;
+  double cumulative = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (weight[i] < min_p * weight[0]) break;
+    kept.insert(order[i]);
+    cumulative += weight[i];
+    if (cumulative >= top_p * total) break;
+  }
+  return kept;
+}
+
+TEST(Sampler, TopPAndMinPOverA152kVocabularyMatchAFullSort) {
+  // 152k near-uniform logits put the 0.9 nucleus at ~10^5 tokens: the prefix sort has to grow many
+  // times. Tokens within float rounding of the nucleus edge could differ; a draw landing exactly there
+  // has probability ~1e-5 per draw, so every one of 50 draws must be in the reference set.
+  const int64_t n = 152064;
+  const std::vector<float> logits = random_logits(n, 5);
+  for (const auto& [top_p, min_p] : {std::pair{0.9f, 0.0f}, std::pair{0.3f, 0.0f}, std::pair{1.0f, 0.5f},
+                                     std::pair{0.9f, 0.2f}}) {
+    SamplerParams params;
+    params.temperature = 1.5f;
+    params.top_p = top_p;
+    params.min_p = min_p;
+    params.seed = 13;
+    Sampler sampler = make_sampler(params, n);
+    const std::set<int32_t> kept = reference_kept(logits, params.temperature, top_p, min_p);
+    ASSERT_GT(kept.size(), 100u);
+    for (int i = 0; i < 50; ++i) {
+      const int32_t token = sampler.sample(logits.data());
+      ASSERT_TRUE(kept.count(token)) << "top_p " << top_p << " min_p " << min_p << ": token " << token;
+    }
+  }
+}
+
+TEST(Sampler, MinPCutsRelativeToTheLargestProbabilityAfterTemperature) {
+  // Probabilities 0.5, 0.25, 0.15, 0.10: ratios to the largest 1, 0.5, 0.3, 0.2.
+  const std::vector<float> logits = log_of({0.5, 0.25, 0.15, 0.10});
+  SamplerParams params;
+  params.seed = 17;
+  params.min_p = 0.25f;  // keeps ratios ≥ 0.25
+  Sampler sampler = make_sampler(params, 4);
+  EXPECT_EQ(drawn(sampler, logits, 3000), (std::set<int32_t>{0, 1, 2}));
+  params.min_p = 0.6f;
+  sampler = make_sampler(params, 4);
+  EXPECT_EQ(drawn(sampler, logits, 3000), std::set<int32_t>{0});
+  // T = 2 takes square roots of the ratios: 1, 0.71, 0.55, 0.45. min_p 0.5 now keeps three tokens.
+  params.min_p = 0.5f;
+  params.temperature = 2.0f;
+  sampler = make_sampler(params, 4);
+  EXPECT_EQ(drawn(sampler, logits, 3000), (std::set<int32_t>{0, 1, 2}));
+}
+
+TEST(Sampler, RepetitionPenaltyDividesPositiveMultipliesNegativeOncePerToken) {
+  SamplerParams params;
+  params.repetition_penalty = 2.0f;
+  Sampler sampler = make_sampler(params, 5);
+  for (int32_t t : {0, 0, 0, 1, 3}) sampler.accept(t);
+  std::vector<float> logits = {3.0f, -1.5f, 4.0f, 0.0f, 1.0f};
+  sampler.apply_penalties(logits.data());
+  // 3 / 2 (three occurrences, penalized once); -1.5 · 2; 4 untouched; 0 stays 0; 1 untouched.
+  EXPECT_EQ(logits, (std::vector<float>{1.5f, -3.0f, 4.0f, 0.0f, 1.0f}));
+}
+
+TEST(Sampler, PresenceAndFrequencyPenaltiesSubtractAsOpenAIDefines) {
+  SamplerParams params;
+  params.presence_penalty = 0.5f;
+  params.frequency_penalty = 0.25f;
+  Sampler sampler = make_sampler(params, 4);
+  for (int32_t t : {0, 0, 0, 2}) sampler.accept(t);
+  std::vector<float> logits = {1.0f, 1.0f, 1.0f, 1.0f};
+  sampler.apply_penalties(logits.data());
+  // token 0: 1 - 0.5 - 3·0.25; token 2: 1 - 0.5 - 0.25.
+  EXPECT_EQ(logits, (std::vector<float>{-0.25f, 1.0f, 0.25f, 1.0f}));
+}
+
+TEST(Sampler, PenaltiesCombineInOrderOverTheLastNTokens) {
+  SamplerParams params;
+  params.repetition_penalty = 2.0f;
+  params.frequency_penalty = 1.0f;
+  params.penalty_last_n = 3;
+  Sampler sampler = make_sampler(params, 4);
+  for (int32_t t : {1, 1, 0, 0, 2}) sampler.accept(t);  // window: 0, 0, 2
+  std::vector<float> logits = {3.0f, 3.0f, -1.0f, 3.0f};
+  sampler.apply_penalties(logits.data());
+  // token 0: 3 / 2 - 2; token 1 left the window; token 2: -1 · 2 - 1.
+  EXPECT_EQ(logits, (std::vector<float>{-0.5f, 3.0f, -3.0f, 3.0f}));
+
+  params.penalty_last_n = 0;  // off
+  sampler = make_sampler(params, 4);
+  sampler.accept(0);
+  logits = {3.0f, 3.0f, -1.0f, 3.0f};
+  sampler.apply_penalties(logits.data());
+  EXPECT_EQ(logits, (std::vector<float>{3.0f, 3.0f, -1.0f, 3.0f}));
+
+  params.penalty_last_n = -1;  // the whole history
+  sampler = make_sampler(params, 4);
+  for (int i = 0; i < 100; ++i) sampler.accept(3);
+  sampler.accept(1);
+  logits = {3.0f, 3.0f, -1.0f, 300.0f};
+  sampler.apply_penalties(logits.data());
+  EXPECT_EQ(logits, (std::vector<float>{3.0f, 0.5f, -1.0f, 50.0f}));
+}
+
+TEST(Sampler, SameSeedRepeatsDifferentSeedDiffers) {
+  const std::vector<float> logits = random_logits(1000, 1);
+  auto sequence = [&](Sampler& sampler) {
+    std::vector<int32_t> tokens;
+    for (int i = 0; i < 200; ++i) tokens.push_back(sampler.sample(logits.data()));
+    return tokens;
+  };
+  SamplerParams params;
+  params.temperature = 3.0f;
+  params.seed = 42;
+  Sampler a = make_sampler(params, 1000);
+  Sampler b = make_sampler(params, 1000);
+  const std::vector<int32_t> first = sequence(a);
+  EXPECT_EQ(first, sequence(b));
+  a.reset();
+  EXPECT_EQ(first, sequence(a));
+  EXPECT_EQ(a.seed(), 42u);
+  params.seed = 43;
+  Sampler c = make_sampler(params, 1000);
+  // 200 draws over ~1000 plausible tokens: two streams agreeing everywhere is not a coincidence.
+  EXPECT_NE(first, sequence(c));
+
+  params.seed = 0;
+  Sampler d = make_sampler(params, 1000);
+  Sampler e = make_sampler(params, 1000);
+  EXPECT_NE(d.seed(), 0u);
+  EXPECT_NE(d.seed(), e.seed());  // two 64-bit draws from std::random_device
+  params.seed = d.seed();  // the reported seed replays the run
+  Sampler replay = make_sampler(params, 1000);
+  EXPECT_EQ(sequence(d), sequence(replay));
+}
+
+TEST(Sampler, DrawsMatchAKnownDistribution) {
+  // 20k draws; each count is Binomial(N, p) with standard deviation sqrt(N p (1 - p)) (≤ 69 here).
+  // 4 standard deviations: a correct sampler fails one cell with probability ~6e-5, while a sampler off
+  // by 0.02 in any probability (400 draws) fails.
+  constexpr int kDraws = 20000;
+  auto check = [&](const SamplerParams& params, const std::vector<float>& logits, const std::vector<double>& p) {
+    Sampler sampler = make_sampler(params, static_cast<int64_t>(logits.size()));
+    std::vector<int> counts(logits.size(), 0);
+    for (int i = 0; i < kDraws; ++i) ++counts[sampler.sample(logits.data())];
+    for (size_t t = 0; t < p.size(); ++t) {
+      const double sd = std::sqrt(kDraws * p[t] * (1 - p[t]));
+      EXPECT_NEAR(counts[t], kDraws * p[t], 4 * sd + 1e-9) << "token " << t;
+    }
+  };
+  const std::vector<float> logits = log_of({0.1, 0.2, 0.3, 0.4});
+  SamplerParams params;
+  params.seed = 2024;
+  check(params, logits, {0.1, 0.2, 0.3, 0.4});
+  // T = 2: p ∝ sqrt(p).
+  params.temperature = 2.0f;
+  const double s = std::sqrt(0.1) + std::sqrt(0.2) + std::sqrt(0.3) + std::sqrt(0.4);
+  check(params, logits, {std::sqrt(0.1) / s, std::sqrt(0.2) / s, std::sqrt(0.3) / s, std::sqrt(0.4) / s});
+  // top-k 2 renormalizes the two survivors: 0.3 / 0.7, 0.4 / 0.7.
+  params.temperature = 1.0f;
+  params.top_k = 2;
+  check(params, logits, {0.0, 0.0, 3.0 / 7, 4.0 / 7});
+}
+
+TEST(Sampler, RejectsInvalidParametersNamingTheField) {
+  auto rejects = [](SamplerParams params, const std::string& field, int64_t n_vocab = 10) {
+    auto sampler = Sampler::create(params, n_vocab);
+    ASSERT_FALSE(sampler.is_ok()) << field;
+    EXPECT_EQ(sampler.status().code(), ErrorCode::invalid_argument);
+    EXPECT_NE(sampler.status().message().find(field), std::string::npos) << sampler.status().message();
+  };
+  SamplerParams p;
+  rejects(p, "n_vocab", 0);
+  p = {}, p.temperature = -0.1f, rejects(p, "temperature");
+  p = {}, p.temperature = INFINITY, rejects(p, "temperature");
+  p = {}, p.top_k = -1, rejects(p, "top_k");
+  p = {}, p.top_p = 0.0f, rejects(p, "top_p");
+  p = {}, p.top_p = 1.01f, rejects(p, "top_p");
+  p = {}, p.top_p = NAN, rejects(p, "top_p");
+  p = {}, p.min_p = -0.01f, rejects(p, "min_p");
+  p = {}, p.min_p = 1.5f, rejects(p, "min_p");
+  p = {}, p.repetition_penalty = 0.0f, rejects(p, "repetition_penalty");
+  p = {}, p.presence_penalty = NAN, rejects(p, "presence_penalty");
+  p = {}, p.frequency_penalty = -INFINITY, rejects(p, "frequency_penalty");
+  p = {}, p.penalty_last_n = -2, rejects(p, "penalty_last_n");
+  auto message = Sampler::create([] { SamplerParams q; q.top_p = 2.0f; return q; }(), 10).status().message();
+  EXPECT_EQ(message, "sampler parameter top_p = 2: must be in (0, 1] (1 = off)");
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+StopStrings make_stops(std::vector<std::string> stops) {
+  auto result = StopStrings::create(std::move(stops));
+  EXPECT_TRUE(result.is_ok()) << result.status().to_string();
+  return std::move(result).value();
+}
+
+TEST(SamplerStopStrings, StopAcrossPieceBoundariesReleasesOnlyTheTextBefore) {
+  StopStrings stops = make_stops({"</end>"});
+  std::string shown;
+  auto feed = [&](std::string_view piece) {
+    StopStrings::Emit emit = stops.feed(piece);
+    shown += emit.text;
+    return emit;
+  };
+  EXPECT_EQ(feed("Hello <").text, "Hello ");  // "<" could start the stop string
+  EXPECT_EQ(feed("b").text, "<b");           // "<b" cannot
+  EXPECT_EQ(feed("> world</").text, "> world");
+  EXPECT_EQ(feed("en").text, "");
+  const StopStrings::Emit last = feed("d>tail");
+  EXPECT_TRUE(last.stopped);
+  EXPECT_TRUE(stops.stopped());
+  EXPECT_EQ(stops.matched_index(), 0);
+  EXPECT_EQ(shown, "Hello <b> world");
+  EXPECT_TRUE(feed("more").stopped);
+  EXPECT_EQ(shown, "Hello <b> world");
+}
+
+TEST(SamplerStopStrings, OverlappingPrefixHoldsBackOnlyWhatCanStillMatch) {
+  StopStrings stops = make_stops({"aab"});
+  EXPECT_EQ(stops.feed("a").text, "");
+  EXPECT_EQ(stops.feed("a").text, "");
+  EXPECT_EQ(stops.feed("a").text, "a");  // "aaa": only the last "aa" can still become "aab"
+  const StopStrings::Emit emit = stops.feed("b");
+  EXPECT_TRUE(emit.stopped);
+  EXPECT_EQ(emit.text, "");
+
+  stops = make_stops({"abab"});
+  std::string shown;
+  for (char c : std::string("xababac")) shown += stops.feed(std::string(1, c)).text;
+  EXPECT_TRUE(stops.stopped());
+  EXPECT_EQ(shown, "x");
+}
+
+TEST(SamplerStopStrings, SeveralStopStringsAndFlush) {
+  StopStrings stops = make_stops({"\n\nUser:", "<|im_end|>", "###"});
+  std::string shown;
+  shown += stops.feed("answer is 4.\n").text;
+  shown += stops.feed("\nUs").text;
+  EXPECT_EQ(shown, "answer is 4.");
+  shown += stops.feed("ually ##").text;  // breaks "\n\nUser:"; "##" may start "###"
+  EXPECT_EQ(shown, "answer is 4.\n\nUsually ");
+  shown += stops.feed("# x").text;
+  EXPECT_TRUE(stops.stopped());
+  EXPECT_EQ(stops.matched_index(), 2);
+  EXPECT_EQ(shown, "answer is 4.\n\nUsually ");
+
+  // Two stop strings complete in one piece: the one starting first wins.
+  stops = make_stops({"cd", "abcde"});
+  EXPECT_EQ(stops.feed("xxabcdef").text, "xxab");
+  EXPECT_EQ(stops.matched_index(), 0);
+
+  // No stop: the held tail comes back from flush().
+  stops = make_stops({"<|im_end|>"});
+  EXPECT_EQ(stops.feed("done <|im").text, "done ");
+  EXPECT_FALSE(stops.stopped());
+  EXPECT_EQ(stops.flush(), "<|im");
+  EXPECT_EQ(stops.matched_index(), -1);
+
+  EXPECT_EQ(StopStrings::create({"ok", ""}).status().code(), ErrorCode::invalid_argument);
+  // No stop strings at all: everything passes straight through.
+  stops = make_stops({});
+  EXPECT_EQ(stops.feed("abc").text, "abc");
+}
+
+}  // namespace
+}  // namespace moeflux
