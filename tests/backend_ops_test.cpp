@@ -111,6 +111,27 @@ struct DeviceWeight {
   WeightView view;
 };
 
+// y [T, rows] against the reference's y_ref for y = x · mᵀ, x: [T, cols].
+void expect_matmul_close(const QuantizedMatrix& m, const std::vector<float>& x, int64_t n_tokens,
+                         const std::vector<float>& y, const std::vector<float>& y_ref) {
+  std::vector<float> row(size_t(m.cols));
+  Mismatches bad;
+  for (int64_t r = 0; r < m.rows; ++r) {
+    dequantize_row(m.view(), r, row.data());
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      double abs_sum = 0;
+      for (int64_t c = 0; c < m.cols; ++c) abs_sum += std::fabs(double(row[c]) * x[t * m.cols + c]);
+      // Both sides sum the same exactly-decoded products in fp32 in different orders; the error of
+      // each is ~√n·2^-24·Σ|w·x| in practice (≤ n·2^-24·Σ|w·x| in the worst case). 2e-5·Σ|w·x| is ~5×
+      // the typical difference at n = 4096 and far below any real decode or indexing bug (O(Σ|w·x|/n)).
+      const double tol = 2e-5 * abs_sum + 1e-30;
+      const size_t i = size_t(t * m.rows + r);
+      bad.check(std::fabs(double(y[i]) - y_ref[i]) <= tol, i, y[i], y_ref[i], tol);
+    }
+  }
+  EXPECT_EQ(bad.count, 0) << bad.first;
+}
+
 TEST_P(BackendOps, MatmulMatchesReference) {
   const std::vector<MatmulShape> shapes = {
       {1, 64, 1},   {7, 128, 3},   {33, 256, 17},  {1000, 4096, 1}, {257, 1024, 17}, {64, 4160, 5},
@@ -133,23 +154,50 @@ TEST_P(BackendOps, MatmulMatchesReference) {
       be_->matmul(dw.view, dx.f(), dy.f(), s.n_tokens);
       const auto y = dy.read();
 
-      std::vector<float> row(size_t(s.cols));
-      Mismatches bad;
-      for (int64_t r = 0; r < s.rows; ++r) {
-        dequantize_row(m.view(), r, row.data());
-        for (int64_t t = 0; t < s.n_tokens; ++t) {
-          double abs_sum = 0;
-          for (int64_t c = 0; c < s.cols; ++c) abs_sum += std::fabs(double(row[c]) * x[t * s.cols + c]);
-          // Both sides sum the same exactly-decoded products in fp32 in different orders; the error of
-          // each is ~√n·2^-24·Σ|w·x| in practice (≤ n·2^-24·Σ|w·x| in the worst case). 2e-5·Σ|w·x| is ~5×
-          // the typical difference at n = 4096 and far below any real decode or indexing bug (O(Σ|w·x|/n)).
-          const double tol = 2e-5 * abs_sum + 1e-30;
-          const size_t i = size_t(t * s.rows + r);
-          bad.check(std::fabs(double(y[i]) - y_ref[i]) <= tol, i, y[i], y_ref[i], tol);
-        }
-      }
-      EXPECT_EQ(bad.count, 0) << bad.first;
+      expect_matmul_close(m, x, s.n_tokens, y, y_ref);
     }
+  }
+}
+
+// Jobs of mixed formats, shapes and token counts, some sharing their input (gate and up of an expert)
+// and one empty: each job's y is bit-identical to matmul alone on the same backend, and within the
+// matmul tolerance of the reference.
+TEST_P(BackendOps, MatmulManyMatchesMatmulAndReference) {
+  struct Case { WeightFormat format; int64_t rows, cols, n_tokens; int x_from; };  // x_from: job whose x to share, or -1
+  const std::vector<Case> cases = {
+      {WeightFormat::q4, 96, 2048, 1, -1}, {WeightFormat::q4, 96, 2048, 1, 0},   {WeightFormat::q4, 2048, 768, 1, -1},
+      {WeightFormat::q8, 33, 256, 17, -1}, {WeightFormat::bf16, 1000, 512, 3, -1}, {WeightFormat::f32, 7, 128, 3, -1},
+      {WeightFormat::q4, 257, 1024, 17, -1}, {WeightFormat::q4, 64, 1024, 17, 6}, {WeightFormat::q8, 5, 1536, 0, -1},
+      {WeightFormat::bf16, 1, 64, 1, -1},   {WeightFormat::q4, 3000, 4096, 1, -1}, {WeightFormat::f32, 9, 100, 2, -1},
+  };
+  std::vector<QuantizedMatrix> mats;
+  std::vector<std::vector<float>> xs;
+  std::vector<std::unique_ptr<DeviceWeight>> dws;
+  std::vector<std::unique_ptr<DeviceBuffer>> dxs, dys_one, dys_many;
+  std::vector<MatmulJob> jobs;
+  for (const Case& c : cases) {
+    const auto w = gaussian(size_t(c.rows * c.cols), rng_, 0.05f);
+    mats.push_back(quantize_matrix(w.data(), c.rows, c.cols, c.format));
+    xs.push_back(c.x_from >= 0 ? xs[size_t(c.x_from)] : gaussian(size_t(c.n_tokens * c.cols), rng_));
+    dws.push_back(std::make_unique<DeviceWeight>(but(), *be_, mats.back()));
+    dxs.push_back(std::make_unique<DeviceBuffer>(but(), *be_, xs.back()));
+    const size_t y_bytes = size_t(c.n_tokens * c.rows) * 4;
+    dys_one.push_back(std::make_unique<DeviceBuffer>(but(), *be_, y_bytes));
+    dys_many.push_back(std::make_unique<DeviceBuffer>(but(), *be_, y_bytes));
+    const float* x = c.x_from >= 0 ? jobs[size_t(c.x_from)].x : dxs.back()->f();
+    jobs.push_back({dws.back()->view, x, dys_many.back()->f(), c.n_tokens});
+  }
+  be_->matmul_many(jobs.data(), int64_t(jobs.size()));
+  for (size_t j = 0; j < cases.size(); ++j) {
+    const Case& c = cases[j];
+    SCOPED_TRACE("job " + std::to_string(j) + " " + weight_format_name(c.format) + " rows=" + std::to_string(c.rows) +
+                 " cols=" + std::to_string(c.cols) + " T=" + std::to_string(c.n_tokens));
+    be_->matmul(jobs[j].w, jobs[j].x, dys_one[j]->f(), c.n_tokens);
+    const auto y_one = dys_one[j]->read(), y_many = dys_many[j]->read();
+    EXPECT_EQ(std::memcmp(y_one.data(), y_many.data(), y_one.size() * 4), 0) << "matmul_many differs from matmul";
+    std::vector<float> y_ref(y_one.size());
+    ref_->matmul(mats[j].view(), xs[j].data(), y_ref.data(), c.n_tokens);
+    expect_matmul_close(mats[j], xs[j], c.n_tokens, y_many, y_ref);
   }
 }
 

@@ -15,6 +15,14 @@
 
 namespace moeflux {
 
+// One matmul of a batch (Backend::matmul_many): y = x · wᵀ, x: [n_tokens, w.cols], y: [n_tokens, w.rows].
+struct MatmulJob {
+  WeightView w;
+  const float* x = nullptr;
+  float* y = nullptr;
+  int64_t n_tokens = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -26,6 +34,10 @@ class Backend {
 
   // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
   virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;
+
+  // matmul for each of n_jobs independent jobs, in one launch (the experts of a MoE layer, q/k/v). Each
+  // job's y is bit-identical to matmul called alone on it. No job's y may overlap another job's x or y.
+  virtual void matmul_many(const MatmulJob* jobs, int64_t n_jobs) = 0;
 
   // out[t, :] = W[ids[t], :] as fp32 (embedding row lookup).   out: [T, w.cols]
   virtual void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) = 0;

@@ -14,9 +14,8 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
   // K and V of this batch go straight into their cache rows: no copy.
   float* k_rows = k_cache + n_past * kv_dim;
   float* v_rows = v_cache + n_past * kv_dim;
-  be.matmul(w.q_proj, x, scratch.q, n_tokens);
-  be.matmul(w.k_proj, x, k_rows, n_tokens);
-  be.matmul(w.v_proj, x, v_rows, n_tokens);
+  const MatmulJob qkv[] = {{w.q_proj, x, scratch.q, n_tokens}, {w.k_proj, x, k_rows, n_tokens}, {w.v_proj, x, v_rows, n_tokens}};
+  be.matmul_many(qkv, 3);
   // Per-head RMSNorm comes before rotary (qwen3: q_norm/k_norm shared by all heads).
   if (w.q_norm) be.rms_norm(scratch.q, w.q_norm, s.norm_eps, n_tokens * s.n_head, s.head_dim, scratch.q);
   if (w.k_norm) be.rms_norm(k_rows, w.k_norm, s.norm_eps, n_tokens * s.n_head_kv, s.head_dim, k_rows);
@@ -30,8 +29,8 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
 
 void swiglu_mlp(Backend& be, const WeightView& gate, const WeightView& up, const WeightView& down, const float* x,
                 int64_t n_tokens, MlpScratch& scratch, float* y) {
-  be.matmul(gate, x, scratch.gate, n_tokens);
-  be.matmul(up, x, scratch.up, n_tokens);
+  const MatmulJob gate_up[] = {{gate, x, scratch.gate, n_tokens}, {up, x, scratch.up, n_tokens}};
+  be.matmul_many(gate_up, 2);
   be.swiglu(scratch.gate, scratch.up, scratch.gate, n_tokens * gate.rows);
   be.matmul(down, scratch.gate, y, n_tokens);
 }
@@ -60,28 +59,64 @@ Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, 
 
   be.fill(y, 0.0f, n_tokens * s.hidden);
 
+  // Experts run in groups whose routed rows fit the scratch: gate and up of the whole group in one
+  // matmul_many, one swiglu over all its rows, down in one matmul_many; then the weighted sums in
+  // ascending expert id, as one expert at a time would add them.
   std::vector<int32_t> rows;
   std::vector<const void*> blobs;
+  std::vector<int64_t> first_row;  // [n + 1] the group's experts' rows in the scratch
+  std::vector<MatmulJob> jobs;
   const size_t batch = size_t(std::max(1, store.max_acquire()));
   for (size_t first = 0; first < touched.size(); first += batch) {
     const int n = int(std::min(batch, touched.size() - first));
     blobs.assign(size_t(n), nullptr);
     MF_TRY(store.acquire(layer, touched.data() + first, n, blobs.data()));
-    for (int i = 0; i < n; ++i) {
-      const auto& pairs = routed[size_t(touched[first + size_t(i)])];
-      const int64_t m = int64_t(pairs.size());
-      rows.resize(pairs.size());
-      for (size_t r = 0; r < pairs.size(); ++r) rows[r] = pairs[r].first;
-      const float* xin = x;
-      if (!(m == n_tokens && n_tokens == 1)) {
-        be.gather_rows(x, rows.data(), m, s.hidden, scratch.x_rows);
-        xin = scratch.x_rows;
+    auto pairs_of = [&](int i) -> const std::vector<std::pair<int32_t, float>>& { return routed[size_t(touched[first + size_t(i)])]; };
+    for (int g0 = 0; g0 < n;) {
+      first_row.assign(1, 0);
+      int g1 = g0;
+      while (g1 < n && first_row.back() + int64_t(pairs_of(g1).size()) <= scratch.max_rows) {
+        first_row.push_back(first_row.back() + int64_t(pairs_of(g1).size()));
+        ++g1;
       }
-      const void* blob = blobs[size_t(i)];
-      swiglu_mlp(be, pack.expert_view(blob, 0), pack.expert_view(blob, 1), pack.expert_view(blob, 2), xin, m,
-                 scratch.mlp, scratch.y_rows);
-      for (int64_t r = 0; r < m; ++r) be.axpy(y + int64_t(pairs[size_t(r)].first) * s.hidden, scratch.y_rows + r * s.hidden,
-                                              pairs[size_t(r)].second, s.hidden);
+      if (g1 == g0) {
+        store.release(layer, touched.data() + first, n);
+        return make_error(ErrorCode::internal, "{} tokens routed to one expert, scratch holds {} rows", pairs_of(g0).size(), scratch.max_rows);
+      }
+      const int64_t inter = pack.expert_view(blobs[size_t(g0)], 0).rows;
+      jobs.clear();
+      for (int i = g0; i < g1; ++i) {
+        const auto& pairs = pairs_of(i);
+        const int64_t m = int64_t(pairs.size()), row0 = first_row[size_t(i - g0)];
+        const float* xin = x;
+        if (!(m == n_tokens && n_tokens == 1)) {
+          rows.resize(pairs.size());
+          for (size_t r = 0; r < pairs.size(); ++r) rows[r] = pairs[r].first;
+          float* x_rows = scratch.x_rows + row0 * s.hidden;
+          be.gather_rows(x, rows.data(), m, s.hidden, x_rows);
+          xin = x_rows;
+        }
+        const void* blob = blobs[size_t(i)];
+        jobs.push_back({pack.expert_view(blob, 0), xin, scratch.mlp.gate + row0 * inter, m});
+        jobs.push_back({pack.expert_view(blob, 1), xin, scratch.mlp.up + row0 * inter, m});
+      }
+      be.matmul_many(jobs.data(), int64_t(jobs.size()));
+      const int64_t n_rows = first_row.back();
+      be.swiglu(scratch.mlp.gate, scratch.mlp.up, scratch.mlp.gate, n_rows * inter);
+      jobs.clear();
+      for (int i = g0; i < g1; ++i) {
+        const int64_t row0 = first_row[size_t(i - g0)];
+        jobs.push_back({pack.expert_view(blobs[size_t(i)], 2), scratch.mlp.gate + row0 * inter,
+                        scratch.y_rows + row0 * s.hidden, int64_t(pairs_of(i).size())});
+      }
+      be.matmul_many(jobs.data(), int64_t(jobs.size()));
+      for (int i = g0; i < g1; ++i) {
+        const auto& pairs = pairs_of(i);
+        const float* y_rows = scratch.y_rows + first_row[size_t(i - g0)] * s.hidden;
+        for (size_t r = 0; r < pairs.size(); ++r)
+          be.axpy(y + int64_t(pairs[r].first) * s.hidden, y_rows + int64_t(r) * s.hidden, pairs[r].second, s.hidden);
+      }
+      g0 = g1;
     }
     store.release(layer, touched.data() + first, n);
   }

@@ -51,9 +51,12 @@ struct MoeScratch {
   std::vector<int32_t> ids;        // [T, k]
   std::vector<float> weights;      // [T, k]
   float* router_logits = nullptr;  // [T, E]
-  float* x_rows = nullptr;         // [T, H] tokens routed to one expert, gathered
-  float* y_rows = nullptr;         // [T, H]
-  MlpScratch mlp;                  // [T, I] each
+  // Routed (token, expert) rows of the experts run together, expert after expert: max_rows ≥ T; T·k
+  // holds every row of a batch of T tokens at once (fewer rows run the experts in several groups).
+  int64_t max_rows = 0;
+  float* x_rows = nullptr;         // [max_rows, H] the tokens routed to each expert, gathered
+  float* y_rows = nullptr;         // [max_rows, H] each expert's down output
+  MlpScratch mlp;                  // [max_rows, I] each: gate (then swiglu), up
 };
 
 struct MoeShape {
@@ -62,7 +65,8 @@ struct MoeShape {
 };
 
 // Routed experts: router softmax → top-k (→ renormalize), then for each touched expert in ascending id,
-// its SwiGLU on the tokens routed to it (each expert fetched once per call), accumulated into
+// its SwiGLU on the tokens routed to it (each expert fetched once per call; the experts of a group run
+// in one matmul_many per projection), accumulated into
 // y [T, H] (overwritten) weighted by the router probability. Expert matrices are the pack's
 // expert_matrices in order gate_proj, up_proj, down_proj.
 Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,

@@ -26,13 +26,15 @@ bool spin_until(Ready&& ready) {
   }
 }
 
-uint32_t generation_of(uint64_t state) { return uint32_t(state >> 32); }
+constexpr uint64_t max_tasks = 0xffffffffu;
 
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = std::max(1u, std::thread::hardware_concurrency());
-  for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  slots_ = std::vector<Line>(size_t(n_threads));
+  done_ = std::vector<Line>(size_t(n_threads));
+  for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -44,32 +46,33 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::run_tasks(uint32_t gen) {
-  for (;;) {
-    uint64_t st = state_.load(std::memory_order_acquire);
-    if (generation_of(st) != gen) return;
-    const uint64_t task = st & closed;
-    if (task == closed) {  // the caller is still writing this loop's fn_ and n_tasks_
-      MF_PAUSE();
-      continue;
-    }
-    // Read before the claim: if they belong to a later loop, state_ has moved on and the CAS fails.
-    const int64_t n_tasks = n_tasks_.load(std::memory_order_acquire);
-    const auto* fn = fn_.load(std::memory_order_acquire);
-    if (int64_t(task) >= n_tasks) return;
-    if (!state_.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) continue;
-    (*fn)(int64_t(task));
-    if (done_.fetch_add(1) + 1 == n_tasks && caller_sleeping_.load()) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      finished_.notify_one();
+void ThreadPool::run_tasks(int self) {
+  const int n = size();
+  uint64_t finished = done_[size_t(self)].value.load(std::memory_order_relaxed);
+  for (int k = 0; k < n; ++k) {
+    std::atomic<uint64_t>& slot = slots_[size_t((self + k) % n)].value;
+    uint64_t range = slot.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t next = range & max_tasks;
+      if (next >= range >> 32) break;
+      if (!slot.compare_exchange_weak(range, range + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      // The loop of this task is not finished until we report it, so fn_ is still its function.
+      (*fn_.load(std::memory_order_acquire))(int64_t(next));
+      // seq_cst store, then load: paired with the caller's store of caller_sleeping_ and load of done_.
+      done_[size_t(self)].value.store(++finished);
+      if (caller_sleeping_.load()) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        finished_.notify_one();
+      }
+      range = slot.load(std::memory_order_acquire);
     }
   }
 }
 
-void ThreadPool::worker_loop() {
-  uint32_t seen = 0;
-  // seq_cst loads: paired with the caller's store of state_ and load of sleeping_workers_.
-  auto next = [&] { return stop_.load() || generation_of(state_.load()) != seen; };
+void ThreadPool::worker_loop(int self) {
+  uint64_t seen = 0;
+  // seq_cst loads: paired with the caller's store of generation_ and load of sleeping_workers_.
+  auto next = [&] { return stop_.load() || generation_.load() != seen; };
   for (;;) {
     if (!spin_until(next)) {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -78,30 +81,39 @@ void ThreadPool::worker_loop() {
       sleeping_workers_.fetch_sub(1);
     }
     if (stop_.load()) return;
-    seen = generation_of(state_.load(std::memory_order_acquire));
-    run_tasks(seen);
+    seen = generation_.load(std::memory_order_acquire);
+    run_tasks(self);
   }
 }
 
 void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
   if (n_tasks <= 0) return;
-  if (workers_.empty() || n_tasks == 1 || n_tasks >= int64_t(closed)) {
+  if (workers_.empty() || n_tasks == 1 || uint64_t(n_tasks) >= max_tasks) {
     for (int64_t i = 0; i < n_tasks; ++i) fn(i);
     return;
   }
-  // Every task of the previous loop is done, so no claim can succeed until state_ opens below.
-  const uint32_t gen = generation_of(state_.load(std::memory_order_relaxed)) + 1;
-  state_.store(uint64_t(gen) << 32 | closed);
-  fn_.store(&fn, std::memory_order_release);
-  n_tasks_.store(n_tasks, std::memory_order_release);
-  done_.store(0);
-  state_.store(uint64_t(gen) << 32);
+  // Every slot is empty (the previous loop's tasks were all claimed), so no claim can succeed until a
+  // slot is dealt below, and its release store publishes fn_.
+  fn_.store(&fn, std::memory_order_relaxed);
+  const uint64_t n = uint64_t(n_tasks), p = uint64_t(size());
+  const uint64_t base = n / p, extra = n % p;  // the first `extra` participants get one task more
+  for (uint64_t i = 0; i < p; ++i) {
+    const uint64_t begin = i * base + std::min(i, extra);
+    const uint64_t end = begin + base + (i < extra ? 1 : 0);
+    slots_[size_t(i)].value.store(end << 32 | begin, std::memory_order_release);
+  }
+  target_ += n;
+  generation_.fetch_add(1);
   if (sleeping_workers_.load() > 0) {
     std::lock_guard<std::mutex> lock(mutex_);
     wake_.notify_all();
   }
-  run_tasks(gen);
-  auto all_done = [&] { return done_.load() == n_tasks; };
+  run_tasks(0);
+  auto all_done = [&] {
+    uint64_t sum = 0;
+    for (const Line& d : done_) sum += d.value.load();
+    return sum == target_;
+  };
   if (!spin_until(all_done)) {
     std::unique_lock<std::mutex> lock(mutex_);
     caller_sleeping_.store(true);

@@ -1,9 +1,12 @@
 // A fixed pool of compute threads for data-parallel loops (one pool per backend, never global).
-// The caller takes part in every loop and may run every task itself: a task is claimed by whoever gets
-// to it first, so a worker that the OS has descheduled delays a loop only by the task it is running.
+// The caller takes part in every loop and may run every task itself: each participant (the caller and
+// every worker) is dealt a contiguous share of the tasks and claims them one by one from its own slot,
+// then takes what is left in the others' slots, so a worker that the OS has descheduled delays a loop
+// only by the task it is running. Each participant's slot and finished-task count sit on cache lines of
+// their own, so a loop costs a handful of line transfers per thread, not a contended counter per task.
 // Waiting (workers for the next loop, the caller for the last running task) spins for ~50 µs, so the
 // many small loops of a decode step do not each pay a wake-up, then sleeps on a condition variable, so
-// a busy machine's cores go to whoever can use them.
+// a busy machine's cores go to whoever can use them; a loop notifies only when someone sleeps.
 #pragma once
 
 #include <atomic>
@@ -34,22 +37,29 @@ class ThreadPool {
   void parallel_range(int64_t n, int64_t min_chunk, const std::function<void(int64_t begin, int64_t end)>& fn);
 
  private:
-  void worker_loop();
-  // Claims and runs tasks of loop `gen` until none is left or another loop has started.
-  void run_tasks(uint32_t gen);
+  // 128 bytes: a cache line and the neighbour the adjacent-line prefetcher pulls with it.
+  struct alignas(128) Line {
+    std::atomic<uint64_t> value{0};
+  };
+
+  void worker_loop(int self);
+  // Claims and runs tasks, from slot `self` first, then from the others, until every slot is empty.
+  void run_tasks(int self);
 
   std::vector<std::thread> workers_;
-  // state_ = (loop generation << 32) | next unclaimed task; the low half is `closed` while the caller
-  // writes the next loop's fn_ and n_tasks_, so a claim (a CAS on state_) never pairs one loop's task
-  // index with another loop's function.
-  static constexpr uint64_t closed = 0xffffffffu;
-  std::atomic<uint64_t> state_{closed};
-  std::atomic<int64_t> n_tasks_{0};
-  std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
-  std::atomic<int64_t> done_{0};  // tasks of the current loop finished
+  // slots_[p] = (end << 32) | next: participant p's unclaimed tasks [next, end) of the current loop
+  // (p = 0 the caller, p = i + 1 worker i). A claim is a CAS of next + 1, so a claim always takes a task
+  // of the loop whose range the slot holds; a stale claimer's CAS fails. Between loops every slot is
+  // empty (each task was claimed), so nothing can be claimed while the caller writes the next loop.
+  std::vector<Line> slots_;
+  // done_[p]: tasks participant p has finished, over all loops (written by p only).
+  std::vector<Line> done_;
+  uint64_t target_ = 0;  // Σ done_ once the current loop is finished (the caller's)
+  alignas(128) std::atomic<uint64_t> generation_{0};  // loops started; workers wait for it to move
   std::atomic<bool> stop_{false};
-  // Sleeping: workers wait on wake_ for a new generation, the caller on finished_ for done_ == n_tasks_.
-  std::mutex mutex_;
+  alignas(128) std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
+  // Sleeping: workers wait on wake_ for a new generation, the caller on finished_ for Σ done_ == target_.
+  alignas(128) std::mutex mutex_;
   std::condition_variable wake_, finished_;
   std::atomic<int> sleeping_workers_{0};
   std::atomic<bool> caller_sleeping_{false};

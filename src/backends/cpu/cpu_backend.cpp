@@ -60,6 +60,69 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // Reference: matmul of each job. One pool loop over the row chunks of every job, each chunk about the
+  // same work (weight bytes × tokens, at least 64 KiB), so K small expert matrices cost one dispatch and
+  // spread over every thread. The row chunking changes no bit (cpu_kernels.hpp): each job's y is
+  // bit-identical to matmul alone.
+  void matmul_many(const MatmulJob* jobs, int64_t n_jobs) override {
+    MF_CHECK(n_jobs >= 0);
+    // q4 jobs read prepared activations; consecutive jobs on the same x (gate and up of an expert, every
+    // expert at decode) share one preparation.
+    prepared_.assign(size_t(n_jobs), nullptr);
+    size_t q4_floats = 0;
+    int64_t total_cost = 0;
+    for (int64_t j = 0; j < n_jobs; ++j) {
+      const MatmulJob& job = jobs[j];
+      MF_CHECK(job.n_tokens >= 0 && job.w.rows >= 0);
+      MF_CHECK_MSG(weight_format_fits(job.w.format, job.w.cols), "matmul: {} weight with {} cols",
+                   weight_format_name(job.w.format), job.w.cols);
+      if (job.n_tokens == 0 || job.w.rows == 0) continue;
+      if (job.w.format == WeightFormat::q4) q4_floats += size_t(q4_prepared_floats(job.n_tokens, job.w.cols));
+      total_cost += int64_t(job.w.bytes()) * job.n_tokens;
+    }
+    q4_scratch_.resize(std::max<size_t>(q4_floats, 1));
+    size_t q4_used = 0;
+    const MatmulJob* last_q4 = nullptr;
+    for (int64_t j = 0; j < n_jobs; ++j) {
+      const MatmulJob& job = jobs[j];
+      if (job.n_tokens == 0 || job.w.rows == 0 || job.w.format != WeightFormat::q4) continue;
+      if (last_q4 != nullptr && last_q4->x == job.x && last_q4->n_tokens == job.n_tokens && last_q4->w.cols == job.w.cols) {
+        prepared_[size_t(j)] = prepared_[size_t(last_q4 - jobs)];
+        continue;
+      }
+      float* dst = q4_scratch_.data() + q4_used;
+      kernels_.prepare_q4_activations(job.x, job.n_tokens, job.w.cols, dst);
+      q4_used += size_t(q4_prepared_floats(job.n_tokens, job.w.cols));
+      prepared_[size_t(j)] = dst;
+      last_q4 = &job;
+    }
+    // A few chunks per thread balance uneven progress; decode chunks stream ≥ 64 KiB of weights each.
+    const int64_t chunk_cost = std::max<int64_t>(64 << 10, total_cost / (int64_t(pool_.size()) * 4));
+    chunks_.clear();
+    for (int64_t j = 0; j < n_jobs; ++j) {
+      const MatmulJob& job = jobs[j];
+      if (job.n_tokens == 0 || job.w.rows == 0) continue;
+      const int64_t row_cost = std::max<int64_t>(1, int64_t(job.w.bytes() / size_t(job.w.rows)) * job.n_tokens);
+      const int64_t min_rows = job.n_tokens == 1 ? 4 : 16;
+      const int64_t rows_per_chunk = std::max(min_rows, (chunk_cost + row_cost - 1) / row_cost);
+      const int64_t n_chunks = (job.w.rows + rows_per_chunk - 1) / rows_per_chunk;
+      for (int64_t c = 0; c < n_chunks; ++c)
+        chunks_.push_back({j, c * job.w.rows / n_chunks, (c + 1) * job.w.rows / n_chunks});
+    }
+    auto run_chunk = [&](int64_t i) {
+      const RowChunk& c = chunks_[size_t(i)];
+      const MatmulJob& job = jobs[c.job];
+      const float* xin = prepared_[size_t(c.job)] ? prepared_[size_t(c.job)] : job.x;
+      kernels_.matmul_rows(job.w, xin, job.y, job.n_tokens, c.begin, c.end);
+    };
+    const int64_t n_chunks = int64_t(chunks_.size());
+    if (n_chunks <= 1 || pool_.size() == 1) {
+      for (int64_t i = 0; i < n_chunks; ++i) run_chunk(i);
+    } else {
+      pool_.parallel_for(n_chunks, run_chunk);
+    }
+  }
+
   // Reference: ReferenceBackend::embed_rows; decoding is exact, so the output is bit-identical.
   void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) override {
     for (int64_t t = 0; t < n_tokens; ++t)
@@ -216,6 +279,9 @@ class CpuBackend final : public Backend {
   ThreadPool pool_;
   std::string name_;
   std::vector<float> q4_scratch_;  // prepare_q4_activations' output (cpu_kernels.hpp)
+  struct RowChunk { int64_t job, begin, end; };
+  std::vector<RowChunk> chunks_;          // matmul_many: rows [begin, end) of jobs[job]
+  std::vector<const float*> prepared_;    // matmul_many: [n_jobs] q4 activations in q4_scratch_, or null
 };
 
 }  // namespace

@@ -41,6 +41,10 @@ class ReferenceBackend final : public Backend {
     }
   }
 
+  void matmul_many(const MatmulJob* jobs, int64_t n_jobs) override {
+    for (int64_t j = 0; j < n_jobs; ++j) matmul(jobs[j].w, jobs[j].x, jobs[j].y, jobs[j].n_tokens);
+  }
+
   void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) override {
     for (int64_t t = 0; t < n_tokens; ++t) {
       MF_CHECK_MSG(ids[t] >= 0 && ids[t] < w.rows, "token id {} outside [0, {})", ids[t], w.rows);
