@@ -11,7 +11,6 @@
 #include <fstream>
 #include <functional>
 #include <queue>
-#include <sstream>
 #include <unordered_map>
 
 #include <nlohmann/json.hpp>
@@ -61,12 +60,108 @@ bool is_word_byte(char c) {
 }
 
 Result<std::string> read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) return make_error(ErrorCode::io, "{}: cannot open", path.string());
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  if (in.bad()) return make_error(ErrorCode::io, "{}: read failed", path.string());
-  return std::move(buffer).str();
+  std::string text(static_cast<size_t>(in.tellg()), '\0');
+  in.seekg(0);
+  if (!in.read(text.data(), static_cast<std::streamsize>(text.size()))) {
+    return make_error(ErrorCode::io, "{}: read failed", path.string());
+  }
+  return text;
+}
+
+// model.vocab and model.merges, captured while parsing instead of kept in the JSON tree: the tree
+// would allocate a node per entry (half a second for Qwen3's 151k + 151k, measured).
+struct RawModel {
+  struct Span {
+    uint32_t begin, length;
+  };
+  std::string arena;                                     // every vocab and merge string, back to back
+  std::vector<std::pair<Span, int64_t>> vocab;           // token text, id (-1: not an integer)
+  std::vector<std::pair<Span, Span>> merges;             // left, right (length ~0u: malformed)
+  std::vector<std::string> malformed_merges;             // as written, for the error
+  std::string_view text(Span s) const { return std::string_view(arena).substr(s.begin, s.length); }
+  Span add(std::string_view text) {
+    const Span span{static_cast<uint32_t>(arena.size()), static_cast<uint32_t>(text.size())};
+    arena.append(text);
+    return span;
+  }
+};
+
+Result<json> parse_tokenizer_json(const fs::path& path, RawModel& raw) {
+  MF_ASSIGN_OR_RETURN(std::string text, read_file(path));
+  raw.arena.reserve(text.size() / 2);
+  // The parser callback sees each event with the number of open containers (depth); returning
+  // false drops the value from the tree. Keys at depth 1 and 2 say where we are.
+  std::string key1, key2, key3;
+  bool in_vocab = false, in_merges = false;
+  std::vector<std::string> pair;  // the strings of a ["a", "b"] merge
+  using Event = json::parse_event_t;
+  const auto callback = [&](int depth, Event event, json& value) -> bool {
+    if (event == Event::key) {
+      if (depth == 1) key1 = value.get<std::string>();
+      if (depth == 2) key2 = value.get<std::string>();
+      if (depth == 3) key3 = value.get<std::string>();
+      // A vocab key must not enter the tree either: the tree inserts keys before their values.
+      return !(in_vocab && depth == 3);
+    }
+    if (depth == 2 && key1 == "model") {
+      if (event == Event::object_start && key2 == "vocab") in_vocab = true;
+      if (event == Event::array_start && key2 == "merges") in_merges = true;
+      if (event == Event::object_end || event == Event::array_end || event == Event::value) {
+        in_vocab = in_merges = false;
+      }
+      return true;
+    }
+    if (in_vocab && depth == 3 && event == Event::value) {
+      raw.vocab.emplace_back(raw.add(key3), value.is_number_integer() ? value.get<int64_t>() : -1);
+      return false;
+    }
+    if (in_merges && depth == 3) {
+      if (event == Event::value && value.is_string()) {  // "a b"
+        const std::string& merge = value.get_ref<const std::string&>();
+        const size_t space = merge.find(' ');
+        if (space == std::string::npos || merge.find(' ', space + 1) != std::string::npos) {
+          raw.malformed_merges.push_back(merge);
+          raw.merges.push_back({{0, ~0u}, {0, ~0u}});
+        } else {
+          const auto left = raw.add(std::string_view(merge).substr(0, space));
+          raw.merges.emplace_back(left, raw.add(std::string_view(merge).substr(space + 1)));
+        }
+        return false;
+      }
+      if (event == Event::array_start) {
+        pair.clear();
+        return true;
+      }
+      if (event == Event::array_end) {
+        if (pair.size() == 2) {
+          const auto left = raw.add(pair[0]);
+          raw.merges.emplace_back(left, raw.add(pair[1]));
+        } else {
+          raw.malformed_merges.push_back(value.dump());
+          raw.merges.push_back({{0, ~0u}, {0, ~0u}});
+        }
+        return false;
+      }
+      if (event == Event::value) {  // neither a string nor an array
+        raw.malformed_merges.push_back(value.dump());
+        raw.merges.push_back({{0, ~0u}, {0, ~0u}});
+        return false;
+      }
+    }
+    if (in_merges && depth == 4 && event == Event::value) {
+      pair.push_back(value.is_string() ? value.get<std::string>() : value.dump());
+      if (!value.is_string()) pair.push_back({});  // makes the pair malformed
+      return false;
+    }
+    return true;
+  };
+  try {
+    return json::parse(text, callback);
+  } catch (const json::exception& e) {
+    return make_error(ErrorCode::format, "{}: bad JSON: {}", path.string(), e.what());
+  }
 }
 
 Result<json> parse_json(const fs::path& path) {
@@ -84,7 +179,13 @@ struct Tokenizer::Impl {
   // Vocab text per id (model vocab, then added tokens), in one arena.
   std::string text_arena;
   std::vector<uint32_t> text_begin, text_length;  // [n_id]
-  std::unordered_map<std::string_view, int32_t> vocab;   // model vocab: text -> id, views into text_arena
+  // Model vocab, text -> id: open addressing over ids, the text read back from text_arena. A
+  // node-based map spent a third of the load in cache misses (perf, Qwen3).
+  struct VocabSlot {
+    uint32_t hash_high;  // upper bits of the hash: most mismatches never touch the text
+    int32_t id;          // -1: empty
+  };
+  std::vector<VocabSlot> vocab_slots;  // [power of two >= 2 * vocab entries]
   std::unordered_map<std::string_view, int32_t> added;   // added tokens: content -> id
   std::vector<uint8_t> special;  // [n_id] 1 for special added tokens
   std::vector<uint8_t> present;  // [n_id] 0 for holes in the id range
@@ -118,10 +219,32 @@ struct Tokenizer::Impl {
   std::vector<int32_t> special_prefix, special_suffix;  // what add_special puts around the ids
   std::optional<int32_t> bos, eos, pad;
 
+  std::string_view text_of(int32_t id) const {
+    return std::string_view(text_arena).substr(text_begin[id], text_length[id]);
+  }
+  void vocab_index(size_t n_entries) {
+    size_t capacity = 16;
+    while (capacity < 2 * n_entries) capacity *= 2;
+    vocab_slots.assign(capacity, {0, -1});
+    for (size_t id = 0; id < present.size(); ++id) {
+      if (!present[id]) continue;
+      const size_t h = std::hash<std::string_view>()(text_of(static_cast<int32_t>(id)));
+      size_t i = h & (vocab_slots.size() - 1);
+      while (vocab_slots[i].id >= 0) i = (i + 1) & (vocab_slots.size() - 1);
+      vocab_slots[i] = {static_cast<uint32_t>(h >> 32), static_cast<int32_t>(id)};
+    }
+  }
+  std::optional<int32_t> vocab_find(std::string_view text) const {
+    const size_t h = std::hash<std::string_view>()(text);
+    for (size_t i = h & (vocab_slots.size() - 1);; i = (i + 1) & (vocab_slots.size() - 1)) {
+      const VocabSlot& slot = vocab_slots[i];
+      if (slot.id < 0) return std::nullopt;
+      if (slot.hash_high == static_cast<uint32_t>(h >> 32) && text_of(slot.id) == text) return slot.id;
+    }
+  }
   std::optional<int32_t> lookup(std::string_view text) const {
     if (auto it = added.find(text); it != added.end()) return it->second;
-    if (auto it = vocab.find(text); it != vocab.end()) return it->second;
-    return std::nullopt;
+    return vocab_find(text);
   }
   void encode_word(std::string_view word, std::vector<int32_t>& ids) const;
   void encode_segment(std::string_view segment, std::vector<int32_t>& ids) const;
@@ -131,7 +254,7 @@ namespace {
 
 using Impl = Tokenizer::Impl;
 
-Status parse_model(const json& model, Impl& t) {
+Status parse_model(const json& model, const RawModel& raw, Impl& t) {
   if (!model.is_object()) return make_error(ErrorCode::format, "tokenizer.json: \"model\" missing");
   const std::string type = model.value("type", std::string("BPE"));
   if (type != "BPE") return make_error(ErrorCode::unsupported, "model type {}: not supported (BPE)", type);
@@ -147,76 +270,64 @@ Status parse_model(const json& model, Impl& t) {
   t.ignore_merges = model.value("ignore_merges", false);
   t.fuse_unk = model.value("fuse_unk", false);
 
-  auto vocab_it = model.find("vocab");
-  if (vocab_it == model.end() || !vocab_it->is_object()) {
+  if (!model.contains("vocab") || !model["vocab"].is_object()) {
     return make_error(ErrorCode::format, "BPE model: \"vocab\" missing or not an object");
   }
-  size_t n_bytes = 0;
   int64_t max_id = -1;
-  for (auto it = vocab_it->begin(); it != vocab_it->end(); ++it) {
-    if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 || it.value().get<int64_t>() >= INT32_MAX) {
-      return make_error(ErrorCode::format, "vocab token \"{}\": id {} is not a non-negative 32-bit integer", it.key(),
-                        it.value().dump());
+  for (const auto& [span, id] : raw.vocab) {
+    if (id < 0 || id >= INT32_MAX) {
+      return make_error(ErrorCode::format, "vocab token \"{}\": id is not a non-negative 32-bit integer", raw.text(span));
     }
-    n_bytes += it.key().size();
-    max_id = std::max(max_id, it.value().get<int64_t>());
+    max_id = std::max(max_id, id);
   }
-  t.text_arena.reserve(n_bytes + (1 << 16));  // room for added tokens without moving the views
+  size_t n_bytes = 0;
+  for (const auto& entry : raw.vocab) n_bytes += entry.first.length;
+  t.text_arena.reserve(n_bytes + (1 << 16));  // and room for the added tokens
   t.text_begin.assign(max_id + 1, 0);
   t.text_length.assign(max_id + 1, 0);
   t.present.assign(max_id + 1, 0);
-  t.vocab.reserve(vocab_it->size());
-  for (auto it = vocab_it->begin(); it != vocab_it->end(); ++it) {
-    const auto id = static_cast<int32_t>(it.value().get<int64_t>());
+  for (const auto& [span, id] : raw.vocab) {
     t.text_begin[id] = static_cast<uint32_t>(t.text_arena.size());
-    t.text_length[id] = static_cast<uint32_t>(it.key().size());
-    t.text_arena.append(it.key());
+    t.text_length[id] = span.length;
+    t.text_arena.append(raw.text(span));
     t.present[id] = 1;
   }
-  for (size_t id = 0; id < t.present.size(); ++id) {
-    if (t.present[id]) t.vocab.emplace(std::string_view(t.text_arena).substr(t.text_begin[id], t.text_length[id]), id);
-  }
+  t.vocab_index(raw.vocab.size());
 
   if (model.contains("unk_token") && model["unk_token"].is_string()) {
     const std::string unk = model["unk_token"].get<std::string>();
-    auto it = t.vocab.find(unk);
-    if (it == t.vocab.end()) return make_error(ErrorCode::format, "BPE unk_token \"{}\" is not in the vocab", unk);
-    t.unk_id = it->second;
+    const auto id = t.vocab_find(unk);
+    if (!id) return make_error(ErrorCode::format, "BPE unk_token \"{}\" is not in the vocab", unk);
+    t.unk_id = *id;
   }
 
-  auto merges_it = model.find("merges");
-  if (merges_it == model.end() || !merges_it->is_array()) {
+  if (!model.contains("merges") || !model["merges"].is_array()) {
     return make_error(ErrorCode::format, "BPE model: \"merges\" missing or not an array");
   }
-  t.merges.reserve(merges_it->size());
+  t.merges.reserve(raw.merges.size());
   std::string joined;  // reused: the merged token's text
-  int32_t rank = 0;
-  for (const json& merge : *merges_it) {
-    std::string_view left, right;
-    if (merge.is_string()) {  // "a b", the older spelling
-      const std::string& s = merge.get_ref<const std::string&>();
-      const size_t space = s.find(' ');
-      if (space == std::string::npos || s.find(' ', space + 1) != std::string::npos) {
-        return make_error(ErrorCode::format, "merge {} \"{}\": expected two tokens separated by one space", rank, s);
-      }
-      left = std::string_view(s).substr(0, space);
-      right = std::string_view(s).substr(space + 1);
-    } else if (merge.is_array() && merge.size() == 2 && merge[0].is_string() && merge[1].is_string()) {
-      left = merge[0].get_ref<const std::string&>();
-      right = merge[1].get_ref<const std::string&>();
-    } else {
-      return make_error(ErrorCode::format, "merge {} {}: expected \"a b\" or [\"a\", \"b\"]", rank, merge.dump());
+  size_t n_malformed = 0;
+  for (size_t rank = 0; rank < raw.merges.size(); ++rank) {
+    const auto& [left_span, right_span] = raw.merges[rank];
+    if (left_span.length == ~0u) {
+      return make_error(ErrorCode::format, "merge {} {}: expected \"a b\" or [\"a\", \"b\"]", rank,
+                        raw.malformed_merges[n_malformed]);
     }
+    const std::string_view left = raw.text(left_span), right = raw.text(right_span);
     joined.assign(left).append(right);
-    for (std::string_view part : {left, right, std::string_view(joined)}) {
-      if (!t.vocab.contains(part)) {
+    int32_t ids[3];
+    const std::string_view parts[3] = {left, right, joined};
+    for (int k = 0; k < 3; ++k) {
+      const auto id = t.vocab_find(parts[k]);
+      if (!id) {
         return make_error(ErrorCode::format, "merge {} (\"{}\", \"{}\"): token \"{}\" is not in the vocab", rank, left,
-                          right, part);
+                          right, parts[k]);
       }
+      ids[k] = *id;
     }
-    const uint64_t key = (uint64_t(uint32_t(t.vocab.at(left))) << 32) | uint32_t(t.vocab.at(right));
-    t.merges[key] = {rank, t.vocab.at(joined)};  // a repeated pair keeps its last rank, as tokenizers does
-    ++rank;
+    const uint64_t key = (uint64_t(uint32_t(ids[0])) << 32) | uint32_t(ids[1]);
+    // A repeated pair keeps its last rank, as tokenizers' HashMap collect does.
+    t.merges[key] = {static_cast<int32_t>(rank), ids[2]};
   }
   return Status::ok();
 }
@@ -241,18 +352,6 @@ Status parse_added_tokens(const json& root, Impl& t) {
     token.special = spec.value("special", false);
     if (token.content.empty()) return make_error(ErrorCode::format, "added token {}: empty content", token.id);
     t.added_tokens.push_back(std::move(token));
-  }
-  size_t n_bytes = 0;
-  for (const AddedToken& token : t.added_tokens) n_bytes += token.content.size();
-  if (t.text_arena.size() + n_bytes > t.text_arena.capacity()) {
-    // Growing the arena would move the vocab views: rebuild them after.
-    t.text_arena.reserve(t.text_arena.size() + n_bytes);
-    t.vocab.clear();
-    for (size_t id = 0; id < t.present.size(); ++id) {
-      if (t.present[id]) {
-        t.vocab.emplace(std::string_view(t.text_arena).substr(t.text_begin[id], t.text_length[id]), id);
-      }
-    }
   }
   for (uint32_t i = 0; i < t.added_tokens.size(); ++i) {
     const AddedToken& token = t.added_tokens[i];
@@ -303,9 +402,10 @@ Status build_decoded_bytes(const json& root, Impl& t) {
   };
   if (root.contains("decoder")) MF_TRY(add(root["decoder"]));
 
-  std::unordered_map<char32_t, uint8_t> code_point_to_byte;
+  std::array<int16_t, 324> code_point_to_byte{};  // the byte-level alphabet is U+0021..U+0143
+  code_point_to_byte.fill(-1);
   const auto table = byte_to_code_point();
-  for (int b = 0; b < 256; ++b) code_point_to_byte[table[b]] = static_cast<uint8_t>(b);
+  for (int b = 0; b < 256; ++b) code_point_to_byte[table[b]] = static_cast<int16_t>(b);
 
   const size_t n = t.present.size();
   t.bytes_begin.assign(n, 0);
@@ -333,11 +433,10 @@ Status build_decoded_bytes(const json& root, Impl& t) {
                    : c.length == 3 ? ((s[0] & 0x0F) << 12) | ((s[1] & 0x3F) << 6) | (s[2] & 0x3F)
                                    : ((s[0] & 0x07) << 18) | ((s[1] & 0x3F) << 12) | ((s[2] & 0x3F) << 6) | (s[3] & 0x3F);
             }
-            auto it = c.scan == utf8::Scan::valid ? code_point_to_byte.find(cp) : code_point_to_byte.end();
-            if (it == code_point_to_byte.end()) {
+            if (c.scan != utf8::Scan::valid || cp >= code_point_to_byte.size() || code_point_to_byte[cp] < 0) {
               all_mapped = false;
             } else {
-              decoded.push_back(static_cast<char>(it->second));
+              decoded.push_back(static_cast<char>(code_point_to_byte[cp]));
             }
             pos += c.length;
           }
@@ -440,8 +539,8 @@ void Tokenizer::Impl::encode_word(std::string_view word, std::vector<int32_t>& i
     } else {
       text.assign(word);
     }
-    if (auto it = vocab.find(text); it != vocab.end()) {
-      ids.push_back(it->second);
+    if (const auto id = vocab_find(text)) {
+      ids.push_back(*id);
       return;
     }
   }
@@ -487,8 +586,8 @@ void Tokenizer::Impl::encode_word(std::string_view word, std::vector<int32_t>& i
     for (size_t pos = 0; pos < word.size();) {
       const size_t length = utf8::next(word, pos).length;
       const std::string_view c = word.substr(pos, length);
-      if (auto it = vocab.find(c); it != vocab.end()) {
-        push(it->second, static_cast<uint32_t>(length));
+      if (const auto id = vocab_find(c)) {
+        push(*id, static_cast<uint32_t>(length));
       } else {
         push_unknown(c);
       }
@@ -548,12 +647,15 @@ Result<std::unique_ptr<Tokenizer>> Tokenizer::load(const std::string& dir_or_fil
   const fs::path given(dir_or_file);
   const fs::path file = fs::is_directory(given, ec) ? given / "tokenizer.json" : given;
   if (!fs::exists(file, ec)) return make_error(ErrorCode::io, "{}: no such file", file.string());
-  MF_ASSIGN_OR_RETURN(json root, parse_json(file));
+  RawModel raw;
+  MF_ASSIGN_OR_RETURN(json root, parse_tokenizer_json(file, raw));
   if (!root.is_object()) return make_error(ErrorCode::format, "{}: not a JSON object", file.string());
 
   auto t = std::make_unique<Impl>();
   const auto in_file = [&](Status s) { return s.with_context(file.string()); };
-  if (auto s = parse_model(root.contains("model") ? root["model"] : json(), *t); !s) return in_file(s);
+  static const json null_json;  // stands for an absent section, without copying a present one
+  const auto section = [&](const char* key) -> const json& { return root.contains(key) ? root[key] : null_json; };
+  if (auto s = parse_model(section("model"), raw, *t); !s) return in_file(s);
   if (auto s = parse_added_tokens(root, *t); !s) return in_file(s);
   if (root.contains("normalizer") && !root["normalizer"].is_null()) {
     auto n = Normalizer::parse(root["normalizer"]);
@@ -569,13 +671,11 @@ Result<std::unique_ptr<Tokenizer>> Tokenizer::load(const std::string& dir_or_fil
   const auto table = byte_to_code_point();
   for (int b = 0; b < 256; ++b) {
     utf8::append_code_point(t->byte_text[b], table[b]);
-    auto it = t->vocab.find(t->byte_text[b]);
-    t->byte_id[b] = it == t->vocab.end() ? -1 : it->second;
-    auto fb = t->vocab.find(fmt::format("<0x{:02X}>", b));
-    t->fallback_id[b] = fb == t->vocab.end() ? -1 : fb->second;
+    t->byte_id[b] = t->vocab_find(t->byte_text[b]).value_or(-1);
+    t->fallback_id[b] = t->vocab_find(fmt::format("<0x{:02X}>", b)).value_or(-1);
   }
   if (auto s = build_decoded_bytes(root, *t); !s) return in_file(s);
-  if (auto s = parse_post_processor(root.contains("post_processor") ? root["post_processor"] : json(), *t); !s) {
+  if (auto s = parse_post_processor(section("post_processor"), *t); !s) {
     return in_file(s);
   }
   for (int32_t id : t->special_prefix) {
