@@ -14,6 +14,11 @@ using Action = std::function<int()>;
 void register_convert(CLI::App& app, Action& action);
 void register_inspect(CLI::App& app, Action& action);
 void register_logits(CLI::App& app, Action& action);
+void register_run(CLI::App& app, Action& action);
+void register_chat(CLI::App& app, Action& action);
+void register_tokenize(CLI::App& app, Action& action);
+void register_template(CLI::App& app, Action& action);
+void register_perplexity(CLI::App& app, Action& action);
 void register_synth(CLI::App& app, Action& action);
 void register_bench(CLI::App& app, Action& action);
 

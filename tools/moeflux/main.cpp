@@ -13,6 +13,11 @@ int main(int argc, char** argv) {
   moeflux::cli::register_convert(app, action);
   moeflux::cli::register_inspect(app, action);
   moeflux::cli::register_logits(app, action);
+  moeflux::cli::register_run(app, action);
+  moeflux::cli::register_chat(app, action);
+  moeflux::cli::register_tokenize(app, action);
+  moeflux::cli::register_template(app, action);
+  moeflux::cli::register_perplexity(app, action);
   moeflux::cli::register_synth(app, action);
   moeflux::cli::register_bench(app, action);
   try {
