@@ -1,0 +1,110 @@
+// Text in, text out through the CLI on the bundled demo model: tokenize/decode, template, run (greedy
+// is deterministic and stops at EOS or -n), perplexity, and bad arguments.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "test_checkpoint.hpp"
+
+namespace moeflux {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::string demo = std::string(MOEFLUX_FIXTURE_DIR) + "/../../models/demo";
+
+class CliText : public testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = testing::TempDir() + "moeflux_cli_text_" + std::to_string(::getpid());
+    fs::create_directories(dir_);
+    const auto r = test::run_cli("convert '" + demo + "' '" + dir_ + "/pack' --quant q8 --force --quiet", dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  static void TearDownTestSuite() { fs::remove_all(dir_); }
+  static std::string pack() { return dir_ + "/pack"; }
+  static std::string dir_;
+};
+std::string CliText::dir_;
+
+TEST_F(CliText, TokenizeAndDecodeRoundTrip) {
+  auto r = test::run_cli("tokenize --tokenizer '" + pack() + "/tokenizer' --text 'A fortune: <|im_end|> ok'", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto ids = nlohmann::json::parse(r.out).get<std::vector<int>>();
+  ASSERT_FALSE(ids.empty());
+  // The special token written in the text is recognized as its single id (2 in the demo vocab).
+  EXPECT_NE(std::find(ids.begin(), ids.end(), 2), ids.end()) << r.out;
+  std::string list;
+  for (int id : ids) list += (list.empty() ? "" : ",") + std::to_string(id);
+  r = test::run_cli("tokenize --tokenizer '" + pack() + "/tokenizer' --decode " + list, dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "A fortune: <|im_end|> ok\n");
+  r = test::run_cli("tokenize --tokenizer '" + pack() + "/tokenizer' --decode 1,99999", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("outside the vocabulary"), std::string::npos) << r.err;
+}
+
+TEST_F(CliText, TemplateRendersTheModelsChatMl) {
+  const std::string conv = dir_ + "/conv.json";
+  std::ofstream(conv) << R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                             "add_generation_prompt": true})";
+  const auto r = test::run_cli("template --tokenizer '" + pack() + "/tokenizer' --conversation '" + conv + "'", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+  std::ofstream(conv) << R"({"no_messages": []})";
+  EXPECT_NE(test::run_cli("template --tokenizer '" + pack() + "/tokenizer' --conversation '" + conv + "'", dir_).exit_code, 0);
+}
+
+TEST_F(CliText, GreedyRunIsDeterministicAndReportsSpeed) {
+  const std::string cmd = "run --model '" + pack() + "' --chat --prompt 'Tell me a fortune about food.' -n 24 --temp 0 --threads 2";
+  const auto a = test::run_cli(cmd, dir_), b = test::run_cli(cmd, dir_);
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  EXPECT_GT(a.out.size(), 1u);
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_NE(a.err.find("decode"), std::string::npos) << a.err;
+  EXPECT_NE(a.err.find("tok/s"), std::string::npos) << a.err;
+  EXPECT_NE(a.err.find("hit rate"), std::string::npos) << a.err;
+  // A stop string that the greedy reply contains ends it before that text is printed.
+  const std::string first_word = a.out.substr(0, a.out.find_first_of(" \n", 1));
+  if (first_word.size() > 1) {
+    const auto c = test::run_cli(cmd + " --stop '" + first_word.substr(1) + "'", dir_);
+    ASSERT_EQ(c.exit_code, 0) << c.err;
+    EXPECT_EQ(c.out.find(first_word.substr(1)), std::string::npos) << c.out;
+    EXPECT_NE(c.err.find("stop: stop string"), std::string::npos) << c.err;
+  }
+}
+
+TEST_F(CliText, PerplexityOfHeldOutText) {
+  const std::string text = dir_ + "/text.txt";
+  std::ifstream in(demo + "/held_out.txt");
+  std::string held((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::ofstream(text) << held.substr(0, 4000);
+  const auto r = test::run_cli("perplexity --model '" + pack() + "' --file '" + text + "' --window 128 --stride 64 --threads 2", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const double ppl = std::stod(r.out.substr(r.out.find("perplexity ") + 11));
+  // The demo model's held-out perplexity is ~52 (models/demo/README.md); a short slice with short
+  // windows lands in the same range, far below the vocabulary size a broken model would approach.
+  EXPECT_GT(ppl, 10.0);
+  EXPECT_LT(ppl, 200.0);
+}
+
+TEST_F(CliText, BadArgumentsFailWithUsage) {
+  auto r = test::run_cli("run --model '" + pack() + "'", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE((r.out + r.err).find("--prompt"), std::string::npos);
+  r = test::run_cli("run --model '" + pack() + "' --prompt hi --top-p 2", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("top_p"), std::string::npos) << r.err;
+  r = test::run_cli("tokenize --tokenizer '" + pack() + "/tokenizer'", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  r = test::run_cli("perplexity --model '" + pack() + "' --file /nonexistent.txt", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("/nonexistent.txt"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace moeflux
