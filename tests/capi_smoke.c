@@ -1,5 +1,6 @@
 /* The C API from plain C: open a pack, evaluate, save and restore state, and see errors reported.
- * Usage: capi_smoke_c PACK_DIR OTHER_PACK_DIR (another model, whose state must be refused). */
+ * Usage: capi_smoke_c PACK_DIR OTHER_PACK_DIR DEMO_PACK_DIR: OTHER is another model, whose state must
+ * be refused; DEMO is the bundled demo model, which carries a tokenizer and a chat template. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,8 +19,8 @@ static int failures = 0;
   } while (0)
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    fprintf(stderr, "usage: %s PACK_DIR OTHER_PACK_DIR\n", argv[0]);
+  if (argc != 4) {
+    fprintf(stderr, "usage: %s PACK_DIR OTHER_PACK_DIR DEMO_PACK_DIR\n", argv[0]);
     return 2;
   }
   moeflux_model_params params = moeflux_model_default_params();
@@ -95,6 +96,80 @@ int main(int argc, char** argv) {
   free(state);
   moeflux_session_free(session);
   moeflux_model_close(model);
+
+  /* Text: template → tokenize → greedy generation with a sampler → streamed detokenization. */
+  char tokenizer_dir[4096];
+  snprintf(tokenizer_dir, sizeof tokenizer_dir, "%s/tokenizer", argv[3]);
+  moeflux_tokenizer* tok = NULL;
+  EXPECT(moeflux_tokenizer_load("/nonexistent/tokenizer", &tok) == MOEFLUX_ERR_IO);
+  EXPECT(moeflux_tokenizer_load(tokenizer_dir, &tok) == MOEFLUX_OK);
+  if (!tok) return 1;
+  char prompt_text[512];
+  size_t len = 0;
+  const char* conversation = "{\"messages\": [{\"role\": \"user\", \"content\": \"Tell me a fortune about food.\"}], "
+                             "\"add_generation_prompt\": true}";
+  EXPECT(moeflux_chat_template_render(tokenizer_dir, conversation, prompt_text, 8, &len) == MOEFLUX_ERR_INVALID_ARGUMENT);
+  EXPECT(len > 8);
+  EXPECT(moeflux_chat_template_render(tokenizer_dir, conversation, prompt_text, sizeof prompt_text, &len) == MOEFLUX_OK);
+  EXPECT(strcmp(prompt_text, "<|im_start|>user\nTell me a fortune about food.<|im_end|>\n<|im_start|>assistant\n") == 0);
+  EXPECT(moeflux_chat_template_render(tokenizer_dir, "not json", prompt_text, sizeof prompt_text, &len) == MOEFLUX_ERR_FORMAT);
+
+  int32_t ids[256];
+  size_t n_ids = 0;
+  EXPECT(moeflux_tokenize(tok, prompt_text, len, 0, ids, 2, &n_ids) == MOEFLUX_ERR_INVALID_ARGUMENT);
+  EXPECT(moeflux_tokenize(tok, prompt_text, len, 0, ids, 256, &n_ids) == MOEFLUX_OK);
+  EXPECT(n_ids > 4 && ids[0] == 1); /* <|im_start|> is one special token (id 1 in the demo vocabulary) */
+  char round_trip[512];
+  EXPECT(moeflux_detokenize(tok, ids, n_ids, 0, round_trip, sizeof round_trip, &len) == MOEFLUX_OK);
+  EXPECT(strcmp(round_trip, prompt_text) == 0);
+
+  params.pack_dir = argv[3];
+  moeflux_model* demo = NULL;
+  EXPECT(moeflux_model_open(&params, &demo) == MOEFLUX_OK);
+  if (!demo) return 1;
+  moeflux_session* chat = NULL;
+  EXPECT(moeflux_session_create(demo, &sp, &chat) == MOEFLUX_OK);
+  moeflux_sampler_params spp = moeflux_sampler_default_params();
+  moeflux_sampler* sampler = NULL;
+  spp.top_p = 2.0f;
+  EXPECT(moeflux_sampler_create(&spp, moeflux_model_n_vocab(demo), &sampler) == MOEFLUX_ERR_INVALID_ARGUMENT);
+  spp = moeflux_sampler_default_params();
+  spp.temperature = 0.0f;
+  EXPECT(moeflux_sampler_create(&spp, moeflux_model_n_vocab(demo), &sampler) == MOEFLUX_OK);
+  moeflux_stream_decoder* stream = NULL;
+  EXPECT(moeflux_stream_decoder_create(tok, 1, &stream) == MOEFLUX_OK);
+  EXPECT(moeflux_session_eval_prompt(chat, ids, n_ids) == MOEFLUX_OK);
+  char reply[4096] = "";
+  size_t reply_len = 0;
+  int32_t generated[32];
+  int n_generated = 0;
+  for (; n_generated < 32; ++n_generated) {
+    const int32_t next = moeflux_sampler_sample(sampler, moeflux_session_logits(chat));
+    EXPECT(next >= 0 && next < moeflux_model_n_vocab(demo));
+    generated[n_generated] = next;
+    moeflux_sampler_accept(sampler, next);
+    if (next == moeflux_tokenizer_eos(tok)) break;
+    char piece[256];
+    size_t piece_len = 0;
+    EXPECT(moeflux_stream_decoder_next(stream, next, piece, sizeof piece, &piece_len) == MOEFLUX_OK);
+    memcpy(reply + reply_len, piece, piece_len);
+    reply_len += piece_len;
+    EXPECT(moeflux_session_eval_token(chat, next) == MOEFLUX_OK);
+  }
+  reply[reply_len] = 0;
+  /* The streamed pieces join to exactly the whole decode of the generated tokens. */
+  char whole[4096];
+  size_t whole_len = 0;
+  const int n_text = n_generated < 32 ? n_generated : 32; /* without a final EOS */
+  EXPECT(moeflux_detokenize(tok, generated, (size_t)n_text, 1, whole, sizeof whole, &whole_len) == MOEFLUX_OK);
+  EXPECT(strcmp(whole, reply) == 0);
+  EXPECT(reply_len > 0);
+  printf("capi_smoke: demo reply: %s\n", reply);
+  moeflux_stream_decoder_free(stream);
+  moeflux_sampler_free(sampler);
+  moeflux_session_free(chat);
+  moeflux_model_close(demo);
+  moeflux_tokenizer_free(tok);
   if (failures) {
     fprintf(stderr, "capi_smoke: %d failures\n", failures);
     return 1;

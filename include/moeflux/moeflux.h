@@ -79,6 +79,64 @@ moeflux_status moeflux_session_state_save(const moeflux_session* session, uint8_
                                           size_t* out_written);
 moeflux_status moeflux_session_state_load(moeflux_session* session, const uint8_t* data, size_t size);
 
+/* ---- Text: tokenizer, streaming detokenizer, chat templates, sampling ------------------------------
+ * Output buffers follow one rule: the call writes at most `capacity` items and sets *out_count to the
+ * number the full result needs; a result larger than capacity returns MOEFLUX_ERR_INVALID_ARGUMENT
+ * (call again with a buffer of *out_count). Text outputs are UTF-8 and NUL-terminated when room
+ * remains (*out_len excludes the NUL). */
+
+typedef struct moeflux_tokenizer moeflux_tokenizer;
+typedef struct moeflux_stream_decoder moeflux_stream_decoder;
+typedef struct moeflux_sampler moeflux_sampler;
+
+/* path: a directory with tokenizer.json (+ tokenizer_config.json) — e.g. "<pack>/tokenizer" — or a
+ * tokenizer.json file. */
+moeflux_status moeflux_tokenizer_load(const char* path, moeflux_tokenizer** out_tokenizer);
+void moeflux_tokenizer_free(moeflux_tokenizer* tokenizer);
+int32_t moeflux_tokenizer_vocab_size(const moeflux_tokenizer* tokenizer);
+/* The end-of-sequence id from tokenizer_config.json, or -1. */
+int32_t moeflux_tokenizer_eos(const moeflux_tokenizer* tokenizer);
+/* add_special = 0: no BOS/EOS, special tokens written in the text are recognized (Hugging Face's
+ * encode(text, add_special_tokens=False)); 1: the tokenizer's post-processor adds them. */
+moeflux_status moeflux_tokenize(const moeflux_tokenizer* tokenizer, const char* text, size_t text_len, int32_t add_special,
+                                int32_t* tokens, size_t capacity, size_t* out_count);
+moeflux_status moeflux_detokenize(const moeflux_tokenizer* tokenizer, const int32_t* tokens, size_t n, int32_t skip_special,
+                                  char* text, size_t capacity, size_t* out_len);
+
+/* Streaming detokenization: text comes out only as whole UTF-8 characters. */
+moeflux_status moeflux_stream_decoder_create(const moeflux_tokenizer* tokenizer, int32_t skip_special,
+                                             moeflux_stream_decoder** out_decoder);
+void moeflux_stream_decoder_free(moeflux_stream_decoder* decoder);
+/* Feeds one token (token ≥ 0) or, with token = -1, flushes what is held; writes the text now complete. */
+moeflux_status moeflux_stream_decoder_next(moeflux_stream_decoder* decoder, int32_t token, char* text, size_t capacity,
+                                           size_t* out_len);
+
+/* Renders a conversation — JSON {"messages": [...], "tools": [...], "add_generation_prompt": true, ...}
+ * — with the chat template of a tokenizer directory (tokenizer_config.json or chat_template.jinja). */
+moeflux_status moeflux_chat_template_render(const char* tokenizer_dir, const char* conversation_json, char* text,
+                                            size_t capacity, size_t* out_len);
+
+typedef struct moeflux_sampler_params {
+  float temperature;         /* 0 = greedy */
+  int32_t top_k;             /* 0 = off */
+  float top_p;               /* 1 = off */
+  float min_p;               /* 0 = off */
+  float repetition_penalty;  /* 1 = off */
+  float presence_penalty;    /* 0 = off */
+  float frequency_penalty;   /* 0 = off */
+  int32_t penalty_last_n;    /* tokens the penalties see; -1 = all */
+  uint64_t seed;             /* 0 = random */
+} moeflux_sampler_params;
+
+moeflux_sampler_params moeflux_sampler_default_params(void);
+moeflux_status moeflux_sampler_create(const moeflux_sampler_params* params, int64_t n_vocab, moeflux_sampler** out_sampler);
+void moeflux_sampler_free(moeflux_sampler* sampler);
+/* Picks a token from logits [n_vocab]; returns it, or -1 on a null argument. Does not record it. */
+int32_t moeflux_sampler_sample(moeflux_sampler* sampler, const float* logits);
+/* Records a token (prompt or generated) for the penalties. */
+void moeflux_sampler_accept(moeflux_sampler* sampler, int32_t token);
+uint64_t moeflux_sampler_seed(const moeflux_sampler* sampler);
+
 #ifdef __cplusplus
 }
 #endif

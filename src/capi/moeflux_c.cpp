@@ -2,6 +2,8 @@
 // no exception crosses into C.
 #include "moeflux/moeflux.h"
 
+#include "capi/capi_errors.hpp"
+
 #include <exception>
 #include <memory>
 #include <new>
@@ -19,41 +21,19 @@ struct moeflux_session {
   std::unique_ptr<moeflux::Session> session;
 };
 
-namespace {
+using moeflux::capi::fail;
+using moeflux::capi::guarded;
 
-// Per calling thread, as the header documents: a C caller has no other place to receive the message.
-thread_local std::string last_error;
-
-moeflux_status fail(const moeflux::Status& s) {
-  last_error = s.to_string();
-  return moeflux_status(int(s.code()));
+namespace moeflux::capi {
+std::string& last_error() {
+  thread_local std::string message;
+  return message;
 }
-
-moeflux_status fail(moeflux_status code, const char* message) {
-  last_error = message;
-  return code;
-}
-
-template <typename F>
-moeflux_status guarded(F&& f) {
-  try {
-    last_error.clear();
-    return f();
-  } catch (const std::bad_alloc&) {
-    return fail(MOEFLUX_ERR_OUT_OF_MEMORY, "out of memory");
-  } catch (const std::exception& e) {
-    last_error = std::string("internal error: ") + e.what();
-    return MOEFLUX_ERR_INTERNAL;
-  } catch (...) {
-    return fail(MOEFLUX_ERR_INTERNAL, "internal error: unknown exception");
-  }
-}
-
-}  // namespace
+}  // namespace moeflux::capi
 
 extern "C" {
 
-const char* moeflux_last_error(void) { return last_error.c_str(); }
+const char* moeflux_last_error(void) { return moeflux::capi::last_error().c_str(); }
 
 const char* moeflux_status_name(moeflux_status status) {
   return moeflux::error_code_name(moeflux::ErrorCode(int(status)));
@@ -161,8 +141,8 @@ moeflux_status moeflux_session_state_save(const moeflux_session* session, uint8_
     const moeflux::Status s = session->session->state_save(bytes);
     if (!s.is_ok()) return fail(s);
     if (bytes.size() > capacity) {
-      last_error = "state_save: buffer of " + std::to_string(capacity) + " bytes, the state needs " + std::to_string(bytes.size());
-      return MOEFLUX_ERR_INVALID_ARGUMENT;
+      return fail(MOEFLUX_ERR_INVALID_ARGUMENT,
+                  ("state_save: buffer of " + std::to_string(capacity) + " bytes, the state needs " + std::to_string(bytes.size())).c_str());
     }
     std::copy(bytes.begin(), bytes.end(), buffer);
     if (out_written) *out_written = bytes.size();
