@@ -92,6 +92,25 @@ TEST_F(CliText, PerplexityOfHeldOutText) {
   EXPECT_LT(ppl, 200.0);
 }
 
+TEST_F(CliText, ChatKeepsTheConversationInTheSession) {
+  const std::string input = dir_ + "/chat_input.txt";
+  std::ofstream(input) << "Tell me a fortune about food.\nAnother one, please.\n/exit\n";
+  const auto r = test::run_cli("chat --model '" + pack() + "' --temp 0 -n 16 --threads 2 < '" + input + "'", dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // One report line per turn: "(prefill N new of M conversation tokens · …)".
+  std::vector<std::pair<long, long>> turns;
+  for (size_t pos = r.err.find("(prefill "); pos != std::string::npos; pos = r.err.find("(prefill ", pos + 1)) {
+    long fresh = 0, total = 0;
+    ASSERT_EQ(std::sscanf(r.err.c_str() + pos, "(prefill %ld new of %ld", &fresh, &total), 2);
+    turns.push_back({fresh, total});
+  }
+  ASSERT_EQ(turns.size(), 2u) << r.err;
+  EXPECT_EQ(turns[0].first, turns[0].second);  // the first turn evaluates everything
+  // The second turn evaluates only what the template added after the first reply, not the history.
+  EXPECT_LT(turns[1].first, turns[1].second - turns[0].second) << r.err;
+  EXPECT_GT(turns[1].first, 0);
+}
+
 TEST_F(CliText, BadArgumentsFailWithUsage) {
   auto r = test::run_cli("run --model '" + pack() + "'", dir_);
   EXPECT_NE(r.exit_code, 0);

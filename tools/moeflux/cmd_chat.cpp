@@ -105,7 +105,8 @@ int run_chat(ChatArgs& a) {
     if (stats->stop_reason == "cancelled") std::fputs(" [stopped]", stdout);
     std::fputs("\n", stdout);
     messages.push_back({{"role", "assistant"}, {"content", reply}});
-    std::fprintf(stderr, "(%lld tokens, %.2f tok/s)\n", (long long)stats->generated_tokens,
+    std::fprintf(stderr, "(prefill %lld new of %zu conversation tokens · %lld tokens at %.2f tok/s)\n", (long long)stats->prompt_tokens,
+                 tokens->size(), (long long)stats->generated_tokens,
                  stats->decode_seconds > 0 ? double(stats->generated_tokens) / stats->decode_seconds : 0.0);
   }
   return 0;
