@@ -13,6 +13,8 @@
 
 #include "format/convert.hpp"
 #include "npy.hpp"
+#include "models/model_family.hpp"
+#include "runtime/forward_state.hpp"
 #include "runtime/model.hpp"
 #include "runtime/session.hpp"
 
@@ -275,6 +277,16 @@ TEST(Session, TruncateRewindsExactly) {
   ASSERT_TRUE(s->eval_token(f.tokens[9]).is_ok());
   EXPECT_EQ(std::vector<float>(s->logits(), s->logits() + model->n_vocab()), after10);
   EXPECT_EQ(s->truncate(11).code(), ErrorCode::invalid_argument);
+}
+
+TEST(Session, AContextTooLargeForMemoryIsAnErrorNotACrash) {
+  auto model = open_model(pack_for("wide_mha", WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  // Sessions clamp n_ctx to the model's maximum, so ask the graph directly for a KV cache of 2^50
+  // positions, which no machine can hold.
+  auto state = model->graph().make_state(int64_t(1) << 50);
+  ASSERT_FALSE(state.is_ok());
+  EXPECT_EQ(state.status().code(), ErrorCode::out_of_memory);
 }
 
 TEST(Session, RefusesTokensOutsideTheVocabulary) {

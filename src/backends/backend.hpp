@@ -28,7 +28,8 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
 
-  // Activation memory owned by the caller, freed with free_activations.
+  // Activation memory owned by the caller, freed with free_activations; null when it cannot be had
+  // (callers turn that into an out_of_memory status: a too-large context is a user error, not a crash).
   virtual float* alloc_activations(size_t n_floats) = 0;
   virtual void free_activations(float* p) = 0;
 

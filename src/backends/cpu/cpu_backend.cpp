@@ -3,6 +3,7 @@
 // names the reference it must match (reference_backend.cpp) and the tolerance the op tests hold it to.
 // A backend object is not re-entrant: one caller at a time (it owns scratch buffers).
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -33,7 +34,7 @@ class CpuBackend final : public Backend {
 
   float* alloc_activations(size_t n_floats) override {
     void* p = nullptr;
-    MF_CHECK(posix_memalign(&p, 64, std::max<size_t>(n_floats, 1) * sizeof(float)) == 0);
+    if (n_floats > SIZE_MAX / sizeof(float) || posix_memalign(&p, 64, std::max<size_t>(n_floats, 1) * sizeof(float)) != 0) return nullptr;
     return static_cast<float*>(p);
   }
   void free_activations(float* p) override { std::free(p); }

@@ -4,6 +4,7 @@
 // optimized backend computes in, so a difference between them measures reordering only; the op tests
 // size their tolerances from that (≈ eps_fp32 · Σ|terms|).
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
@@ -22,7 +23,7 @@ class ReferenceBackend final : public Backend {
 
   float* alloc_activations(size_t n_floats) override {
     void* p = nullptr;
-    MF_CHECK(posix_memalign(&p, 64, std::max<size_t>(n_floats, 1) * sizeof(float)) == 0);
+    if (n_floats > SIZE_MAX / sizeof(float) || posix_memalign(&p, 64, std::max<size_t>(n_floats, 1) * sizeof(float)) != 0) return nullptr;
     return static_cast<float*>(p);
   }
   void free_activations(float* p) override { std::free(p); }
