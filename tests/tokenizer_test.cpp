@@ -38,7 +38,9 @@ json read_json(const fs::path& path) {
 
 std::vector<std::pair<std::string, std::string>> test_strings() {
   std::vector<std::pair<std::string, std::string>> out;
-  for (const json& s : read_json(fs::path(MOEFLUX_FIXTURE_DIR) / "tokenizer" / "strings.json")["strings"]) {
+  // The parsed document must outlive the loop: a range-for over a member of a temporary dangles.
+  const json doc = read_json(fs::path(MOEFLUX_FIXTURE_DIR) / "tokenizer" / "strings.json");
+  for (const json& s : doc["strings"]) {
     out.emplace_back(s["name"].get<std::string>(), s["text"].get<std::string>());
   }
   return out;
