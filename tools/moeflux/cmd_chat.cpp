@@ -97,11 +97,7 @@ int run_chat(ChatArgs& a) {
     });
     if (!stats) return report_error("chat", stats.status());
     in_session.insert(in_session.end(), fresh.begin(), fresh.end());
-    // generate() evaluates each token it keeps going after; the one that ended it (EOS, a stop string,
-    // a full context) was sampled but not evaluated.
-    const bool last_unevaluated = stats->stop_reason == "eos" || stats->stop_reason == "stop string" || stats->stop_reason == "context full";
-    const size_t evaluated = stats->tokens.size() - (last_unevaluated && !stats->tokens.empty() ? 1 : 0);
-    in_session.insert(in_session.end(), stats->tokens.begin(), stats->tokens.begin() + int64_t(evaluated));
+    in_session.insert(in_session.end(), stats->tokens.begin(), stats->tokens.begin() + int64_t(stats->evaluated));
     if (stats->stop_reason == "cancelled") std::fputs(" [stopped]", stdout);
     std::fputs("\n", stdout);
     messages.push_back({{"role", "assistant"}, {"content", reply}});

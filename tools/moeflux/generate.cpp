@@ -110,6 +110,7 @@ Result<GenerateStats> generate(Session& session, Sampler& sampler, const Tokeniz
     }
     // The last token is evaluated too, so a session continues from a complete state.
     MF_TRY(session.eval_token(token));
+    ++stats.evaluated;
   }
   if (stats.stop_reason != "stop string") {
     const std::string rest = stops.feed(decoder.flush()).text + stops.flush();

@@ -48,6 +48,7 @@ struct GenerateStats {
   ExpertStoreStats prefill_experts, decode_experts;
   std::string stop_reason;  // "eos", "stop string", "length", "cancelled", "context full"
   std::vector<int32_t> tokens;  // generated, including an ending EOS token
+  size_t evaluated = 0;         // leading tokens of `tokens` that were evaluated into the session
 };
 
 // Evaluates prompt (may be empty when the session already holds logits), then generates, passing
