@@ -77,6 +77,39 @@ class Backend {
 
   // dst[i, :] = src[rows[i], :].   src: [*, dim]; rows: [n_rows] (host); dst: [n_rows, dim]
   virtual void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) = 0;
+
+  // Sigmoid gating, in place: x[r, i] *= sigmoid(g), g = gate[r] when per_row (one gate per row, e.g. the
+  // shared expert's), else gate[r, i] (elementwise, e.g. gated attention's output gate).
+  // x: [n_rows, dim]; gate: [n_rows] or [n_rows, dim].
+  virtual void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row) = 0;
+
+  // Causal depthwise convolution + SiLU over a token sequence, continuing from a rolling state.
+  // x: [T, channels] pre-convolution inputs; weight: [channels, kernel] (f32, host or backend memory of
+  // the weights); conv_state: [kernel − 1, channels], the inputs of the kernel − 1 positions before
+  // this call, oldest first (zeros at the start of a sequence), replaced by the last kernel − 1 inputs
+  // (state then x). out[t, c] = silu(Σ_j weight[c, j] · m[t − kernel + 1 + j, c]), m = state ++ x.
+  // out: [T, channels], must not overlap x.
+  virtual void causal_conv1d_silu(const float* x, float* conv_state, const float* weight, int64_t n_tokens,
+                                  int64_t channels, int64_t kernel, float* out) = 0;
+
+  // Gated DeltaNet gates per token and value head: g = −exp(a_log[h]) · softplus(a[t, h] + dt_bias[h])
+  // (the log-decay, ≤ 0; softplus(x) = x above 20, as torch) and beta = sigmoid(b[t, h]).
+  // a, b, g, beta: [T, n_heads]; a_log, dt_bias: [n_heads].
+  virtual void gated_delta_gates(const float* a, const float* b, const float* a_log, const float* dt_bias,
+                                 int64_t n_tokens, int64_t n_heads, float* g, float* beta) = 0;
+
+  // The gated delta rule over T tokens (Gated DeltaNet linear attention), as transformers computes it
+  // with use_qk_l2norm_in_kernel: per token t and value head h, with key head j = h / (n_v_heads /
+  // n_k_heads), q̂ = l2norm(q[t, j]) · q_scale, k̂ = l2norm(k[t, j]) (l2norm(x) = x · rsqrt(Σx² + 1e-6)):
+  //   S ← exp(g[t, h]) · S;  u = Sᵀ k̂;  S ← S + k̂ ⊗ beta[t, h] · (v[t, h] − u);  out[t, h] = Sᵀ q̂
+  // with S = state[h]: [k_dim, v_dim], fp32, carried across calls. The result is that of this
+  // token-by-token recurrence; a backend may compute it in the chunked (WY) form for long T.
+  // q, k: token t's heads start at q + t·stride, k + t·stride ([n_k_heads, k_dim] each); v likewise
+  // ([n_v_heads, v_dim]); g, beta: [T, n_v_heads]; state: [n_v_heads, k_dim, v_dim];
+  // out: [T, n_v_heads, v_dim], contiguous, must not overlap the inputs.
+  virtual void gated_delta_rule(const float* q, const float* k, const float* v, int64_t stride, const float* g,
+                                const float* beta, float* state, int64_t n_tokens, int64_t n_k_heads,
+                                int64_t n_v_heads, int64_t k_dim, int64_t v_dim, float q_scale, float* out) = 0;
 };
 
 // The plain reference of every op: simple loops, single thread. The oracle for op tests.

@@ -256,6 +256,92 @@ class CpuBackend final : public Backend {
     run(n_rows, n_rows * dim, [&](int64_t i) { std::memcpy(dst + i * dim, src + rows[i] * dim, size_t(dim) * 4); });
   }
 
+  // Reference: ReferenceBackend::sigmoid_mul; the same expression per element: bit-identical.
+  void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row) override {
+    run(n_rows, n_rows * dim, [&](int64_t r) {
+      float* xr = x + r * dim;
+      for (int64_t i = 0; i < dim; ++i) {
+        const float g = per_row ? gate[r] : gate[r * dim + i];
+        xr[i] *= 1.0f / (1.0f + std::exp(-g));
+      }
+    });
+  }
+
+  // Reference: ReferenceBackend::causal_conv1d_silu; the same sums in the same order: bit-identical.
+  void causal_conv1d_silu(const float* x, float* conv_state, const float* weight, int64_t n_tokens, int64_t channels,
+                          int64_t kernel, float* out) override {
+    const int64_t hist = kernel - 1;
+    constexpr int64_t block = 256;  // channels per task
+    const int64_t n_blocks = (channels + block - 1) / block;
+    run(n_blocks, n_tokens * channels * kernel, [&](int64_t bi) {
+      const int64_t c0 = bi * block, c1 = std::min(channels, c0 + block);
+      // m[i] = input at position i − hist relative to this call's first token.
+      auto m = [&](int64_t i, int64_t c) { return i < hist ? conv_state[i * channels + c] : x[(i - hist) * channels + c]; };
+      for (int64_t t = 0; t < n_tokens; ++t)
+        for (int64_t c = c0; c < c1; ++c) {
+          float sum = 0.0f;
+          for (int64_t j = 0; j < kernel; ++j) sum += weight[c * kernel + j] * m(t + j, c);
+          out[t * channels + c] = sum / (1.0f + std::exp(-sum));
+        }
+      // The new state: the last hist positions of state ++ x.
+      for (int64_t i = 0; i < hist; ++i) {
+        const int64_t src = n_tokens + i;  // index into m
+        for (int64_t c = c0; c < c1; ++c) conv_state[i * channels + c] = m(src, c);
+      }
+    });
+  }
+
+  // Reference: ReferenceBackend::gated_delta_gates; the same expressions: bit-identical.
+  void gated_delta_gates(const float* a, const float* b, const float* a_log, const float* dt_bias, int64_t n_tokens,
+                         int64_t n_heads, float* g, float* beta) override {
+    for (int64_t t = 0; t < n_tokens; ++t)
+      for (int64_t h = 0; h < n_heads; ++h) {
+        const float x = a[t * n_heads + h] + dt_bias[h];
+        const float softplus = x > 20.0f ? x : std::log1p(std::exp(x));
+        g[t * n_heads + h] = -std::exp(a_log[h]) * softplus;
+        beta[t * n_heads + h] = 1.0f / (1.0f + std::exp(-b[t * n_heads + h]));
+      }
+  }
+
+  // Reference: ReferenceBackend::gated_delta_rule. Value heads are independent and run in parallel;
+  // each head's recurrence is the reference's loop fused into two passes over its state.
+  void gated_delta_rule(const float* q, const float* k, const float* v, int64_t stride, const float* g, const float* beta,
+                        float* state, int64_t n_tokens, int64_t n_k_heads, int64_t n_v_heads, int64_t k_dim, int64_t v_dim,
+                        float q_scale, float* out) override {
+    const int64_t ratio = n_v_heads / n_k_heads;
+    run(n_v_heads, n_tokens * k_dim * v_dim * 4, [&](int64_t h) {
+      std::vector<float> qn(static_cast<size_t>(k_dim)), kn(static_cast<size_t>(k_dim)), u(static_cast<size_t>(v_dim));
+      const int64_t j = h / ratio;
+      float* S = state + h * k_dim * v_dim;
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        l2_normalize(q + t * stride + j * k_dim, k_dim, q_scale, qn.data());
+        l2_normalize(k + t * stride + j * k_dim, k_dim, 1.0f, kn.data());
+        const float* vt = v + t * stride + h * v_dim;
+        const float decay = std::exp(g[t * n_v_heads + h]), b = beta[t * n_v_heads + h];
+        std::fill(u.begin(), u.end(), 0.0f);
+        for (int64_t i = 0; i < k_dim; ++i) {
+          float* row = S + i * v_dim;
+          const float ki = kn[size_t(i)];
+          for (int64_t c = 0; c < v_dim; ++c) {
+            row[c] *= decay;
+            u[size_t(c)] += row[c] * ki;
+          }
+        }
+        for (int64_t c = 0; c < v_dim; ++c) u[size_t(c)] = b * (vt[c] - u[size_t(c)]);
+        float* o = out + (t * n_v_heads + h) * v_dim;
+        std::fill(o, o + v_dim, 0.0f);
+        for (int64_t i = 0; i < k_dim; ++i) {
+          float* row = S + i * v_dim;
+          const float ki = kn[size_t(i)], qi = qn[size_t(i)];
+          for (int64_t c = 0; c < v_dim; ++c) {
+            row[c] += ki * u[size_t(c)];
+            o[c] += row[c] * qi;
+          }
+        }
+      }
+    });
+  }
+
  private:
   // fn(i) for i < n, on the pool when the op touches at least min_parallel_work floats.
   template <typename Fn>
@@ -274,6 +360,14 @@ class CpuBackend final : public Backend {
     } else {
       pool_.parallel_range(n, min_parallel_work / 4, [&](int64_t b, int64_t e) { fn(b, e); });
     }
+  }
+
+  // y = x · rsqrt(Σx² + 1e-6) · scale (transformers' l2norm, then the query scale).
+  static void l2_normalize(const float* x, int64_t n, float scale, float* y) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(sum + 1e-6f) * scale;
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv;
   }
 
   const CpuKernels& kernels_;

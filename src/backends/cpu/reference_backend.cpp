@@ -161,6 +161,77 @@ class ReferenceBackend final : public Backend {
   void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) override {
     for (int64_t i = 0; i < n_rows; ++i) std::copy(src + rows[i] * dim, src + (rows[i] + 1) * dim, dst + i * dim);
   }
+
+  void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row) override {
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t i = 0; i < dim; ++i) {
+        const float g = per_row ? gate[r] : gate[r * dim + i];
+        x[r * dim + i] *= 1.0f / (1.0f + std::exp(-g));
+      }
+  }
+
+  void causal_conv1d_silu(const float* x, float* conv_state, const float* weight, int64_t n_tokens, int64_t channels,
+                          int64_t kernel, float* out) override {
+    const int64_t hist = kernel - 1;
+    // m = state ++ x, [hist + T, channels]
+    std::vector<float> m(size_t((hist + n_tokens) * channels));
+    std::copy(conv_state, conv_state + hist * channels, m.begin());
+    std::copy(x, x + n_tokens * channels, m.begin() + hist * channels);
+    for (int64_t t = 0; t < n_tokens; ++t)
+      for (int64_t c = 0; c < channels; ++c) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < kernel; ++j) sum += weight[c * kernel + j] * m[size_t((t + j) * channels + c)];
+        out[t * channels + c] = sum / (1.0f + std::exp(-sum));
+      }
+    std::copy(m.end() - hist * channels, m.end(), conv_state);
+  }
+
+  void gated_delta_gates(const float* a, const float* b, const float* a_log, const float* dt_bias, int64_t n_tokens,
+                         int64_t n_heads, float* g, float* beta) override {
+    for (int64_t t = 0; t < n_tokens; ++t)
+      for (int64_t h = 0; h < n_heads; ++h) {
+        const float x = a[t * n_heads + h] + dt_bias[h];
+        const float softplus = x > 20.0f ? x : std::log1p(std::exp(x));
+        g[t * n_heads + h] = -std::exp(a_log[h]) * softplus;
+        beta[t * n_heads + h] = 1.0f / (1.0f + std::exp(-b[t * n_heads + h]));
+      }
+  }
+
+  // The recurrence exactly as written in backend.hpp, token by token.
+  void gated_delta_rule(const float* q, const float* k, const float* v, int64_t stride, const float* g, const float* beta,
+                        float* state, int64_t n_tokens, int64_t n_k_heads, int64_t n_v_heads, int64_t k_dim, int64_t v_dim,
+                        float q_scale, float* out) override {
+    const int64_t ratio = n_v_heads / n_k_heads;
+    std::vector<float> qn(static_cast<size_t>(k_dim)), kn(static_cast<size_t>(k_dim)), u(static_cast<size_t>(v_dim));
+    auto l2 = [&](const float* x, float scale, float* y) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < k_dim; ++i) sum += x[i] * x[i];
+      const float inv = 1.0f / std::sqrt(sum + 1e-6f);
+      for (int64_t i = 0; i < k_dim; ++i) y[i] = x[i] * inv * scale;
+    };
+    for (int64_t t = 0; t < n_tokens; ++t)
+      for (int64_t h = 0; h < n_v_heads; ++h) {
+        const int64_t j = h / ratio;
+        l2(q + t * stride + j * k_dim, q_scale, qn.data());
+        l2(k + t * stride + j * k_dim, 1.0f, kn.data());
+        const float* vt = v + t * stride + h * v_dim;
+        float* S = state + h * k_dim * v_dim;
+        const float decay = std::exp(g[t * n_v_heads + h]), b = beta[t * n_v_heads + h];
+        for (int64_t i = 0; i < k_dim * v_dim; ++i) S[i] *= decay;
+        std::fill(u.begin(), u.end(), 0.0f);
+        for (int64_t i = 0; i < k_dim; ++i)
+          for (int64_t c = 0; c < v_dim; ++c) u[size_t(c)] += S[i * v_dim + c] * kn[size_t(i)];
+        for (int64_t c = 0; c < v_dim; ++c) u[size_t(c)] = b * (vt[c] - u[size_t(c)]);
+        for (int64_t i = 0; i < k_dim; ++i)
+          for (int64_t c = 0; c < v_dim; ++c) S[i * v_dim + c] += kn[size_t(i)] * u[size_t(c)];
+        float* o = out + (t * n_v_heads + h) * v_dim;
+        for (int64_t c = 0; c < v_dim; ++c) {
+          float sum = 0.0f;
+          for (int64_t i = 0; i < k_dim; ++i) sum += S[i * v_dim + c] * qn[size_t(i)];
+          o[c] = sum;
+        }
+      }
+  }
 };
 
 }  // namespace
