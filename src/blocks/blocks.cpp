@@ -14,8 +14,18 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
   // K and V of this batch go straight into their cache rows: no copy.
   float* k_rows = k_cache + n_past * kv_dim;
   float* v_rows = v_cache + n_past * kv_dim;
-  const MatmulJob qkv[] = {{w.q_proj, x, scratch.q, n_tokens}, {w.k_proj, x, k_rows, n_tokens}, {w.v_proj, x, v_rows, n_tokens}};
+  float* q_out = w.output_gate ? scratch.q_gate : scratch.q;
+  const MatmulJob qkv[] = {{w.q_proj, x, q_out, n_tokens}, {w.k_proj, x, k_rows, n_tokens}, {w.v_proj, x, v_rows, n_tokens}};
   be.matmul_many(qkv, 3);
+  if (w.output_gate) {
+    // Rows of head_dim floats alternate query, gate, query, gate, … (one pair per head and token).
+    const int64_t n_rows = n_tokens * s.n_head;
+    scratch.rows.resize(size_t(n_rows));
+    for (int64_t i = 0; i < n_rows; ++i) scratch.rows[size_t(i)] = int32_t(2 * i);
+    be.gather_rows(scratch.q_gate, scratch.rows.data(), n_rows, s.head_dim, scratch.q);
+    for (int64_t i = 0; i < n_rows; ++i) scratch.rows[size_t(i)] = int32_t(2 * i + 1);
+    be.gather_rows(scratch.q_gate, scratch.rows.data(), n_rows, s.head_dim, scratch.gate);
+  }
   // Per-head RMSNorm comes before rotary (qwen3: q_norm/k_norm shared by all heads).
   if (w.q_norm) be.rms_norm(scratch.q, w.q_norm, s.norm_eps, n_tokens * s.n_head, s.head_dim, scratch.q);
   if (w.k_norm) be.rms_norm(k_rows, w.k_norm, s.norm_eps, n_tokens * s.n_head_kv, s.head_dim, k_rows);
@@ -24,6 +34,7 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
     be.rope_neox(k_rows, n_tokens, s.n_head_kv, s.head_dim, s.rot_dim, positions, s.inv_freq);
   }
   be.attention(scratch.q, k_cache, v_cache, n_tokens, n_past, s.n_head, s.n_head_kv, s.head_dim, s.scale, scratch.out);
+  if (w.output_gate) be.sigmoid_mul(scratch.out, scratch.gate, n_tokens, s.n_head * s.head_dim, false);
   be.matmul(w.o_proj, scratch.out, y, n_tokens);
 }
 

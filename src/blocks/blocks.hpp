@@ -18,6 +18,9 @@ struct AttentionWeights {
   WeightView q_proj, k_proj, v_proj, o_proj;  // [nH·hd, H], [nKV·hd, H], [nKV·hd, H], [H, nH·hd]
   const float* q_norm = nullptr;              // [hd] or null (no per-head q/k norm)
   const float* k_norm = nullptr;              // [hd] or null
+  // Gated attention (Qwen3-Next, Qwen3.5): q_proj is [nH·2·hd, H], each head's rows the query then an
+  // output gate; the attention output is multiplied by sigmoid(gate) before o_proj.
+  bool output_gate = false;
 };
 
 struct AttentionShape {
@@ -28,8 +31,11 @@ struct AttentionShape {
 };
 
 struct AttentionScratch {
-  float* q = nullptr;    // [T, nH·hd]
-  float* out = nullptr;  // [T, nH·hd]
+  float* q = nullptr;       // [T, nH·hd]
+  float* out = nullptr;     // [T, nH·hd]
+  float* q_gate = nullptr;  // [T, nH·2·hd] (output_gate only) q_proj's output before the split
+  float* gate = nullptr;    // [T, nH·hd] (output_gate only)
+  std::vector<int32_t> rows;  // split indices (output_gate only)
 };
 
 // x: [T, H] normalized input; k_cache/v_cache: [n_ctx, nKV·hd] of this layer; positions: [T] host,

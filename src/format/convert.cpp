@@ -58,8 +58,16 @@ struct Target {
   int layer = 0;        // expert kinds
   size_t layer_index = 0;  // position of layer in ExpertDecls::layers
   int64_t expert = 0;   // Kind::expert
-  size_t index = 0;     // resident: TensorDecl index; expert: matrix index in ExpertDecls::matrices
+  size_t index = 0;     // resident: index in Plan::sources; expert: matrix index in ExpertDecls::matrices
 };
+
+// Checkpoint names as the families declare them: the multimodal layout's text tower
+// ("model.language_model.layers.N…", Qwen3.5) reads as the text-only one ("model.layers.N…").
+std::string canonical_name(const std::string& name) {
+  static const std::string multimodal = "model.language_model.";
+  if (name.compare(0, multimodal.size(), multimodal) == 0) return "model." + name.substr(multimodal.size());
+  return name;
+}
 
 // Encodes matrices from checkpoint tensors into a weight format, spread over a thread pool.
 class MatrixEncoder {
@@ -81,6 +89,34 @@ class MatrixEncoder {
       std::memcpy(data, src, size_t(rows * cols) * element);
       return Status::ok();
     }
+    auto decode = [&](int64_t row, int64_t count, float* out) {
+      decode_to_f32(t.dtype, src + size_t(row * cols) * element, size_t(count * cols), out);
+    };
+    const int64_t bad = encode_rows_of(rows, cols, format, decode, data, scales, biases);
+    if (bad >= 0)
+      return make_error(ErrorCode::format, "{}: tensor {}: row {} of the matrix at element {} holds a value {} cannot represent (inf, "
+                        "NaN, or beyond the fp16 scale range)", file.path(), t.name, bad, first, weight_format_name(format));
+    return Status::ok();
+  }
+
+  // The same from an fp32 matrix already in memory (rows gathered from a checkpoint tensor); `what` names
+  // it in errors.
+  Status encode_f32(const float* w, int64_t rows, int64_t cols, WeightFormat format, const std::string& what, uint8_t* data,
+                    uint8_t* scales, uint8_t* biases) {
+    auto decode = [&](int64_t row, int64_t count, float* out) { std::memcpy(out, w + row * cols, size_t(count * cols) * 4); };
+    const int64_t bad = encode_rows_of(rows, cols, format, decode, data, scales, biases);
+    if (bad >= 0)
+      return make_error(ErrorCode::format, "{}: row {} holds a value {} cannot represent (inf, NaN, or beyond the fp16 scale range)",
+                        what, bad, weight_format_name(format));
+    return Status::ok();
+  }
+
+ private:
+  // Encodes rows [0, rows) fetched by decode(row, count, out) as fp32, on the pool. Returns −1, or the
+  // first row holding a value the format cannot represent (then nothing is guaranteed written).
+  template <typename Decode>
+  int64_t encode_rows_of(int64_t rows, int64_t cols, WeightFormat format, Decode&& decode, uint8_t* data, uint8_t* scales,
+                         uint8_t* biases) {
     // Row blocks keep the f32 staging near 32 MB whatever the tensor (an embedding is gigabytes).
     const int64_t block_rows = std::max<int64_t>(1, (int64_t(8) << 20) / cols);
     std::atomic<int64_t> bad_row{INT64_MAX};
@@ -89,7 +125,7 @@ class MatrixEncoder {
       pool_.parallel_range(n, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
         const int64_t row = r0 + begin, count = end - begin;
         std::vector<float> staging(size_t(count * cols));
-        decode_to_f32(t.dtype, src + size_t(row * cols) * element, staging.size(), staging.data());
+        decode(row, count, staging.data());
         const int64_t bad = first_unrepresentable_row(staging.data(), count, cols, format);
         if (bad >= 0) {
           int64_t expected = bad_row.load();
@@ -100,15 +136,9 @@ class MatrixEncoder {
       });
       if (bad_row.load() != INT64_MAX) break;
     }
-    if (bad_row.load() != INT64_MAX) {
-      const int64_t row = bad_row.load();
-      return make_error(ErrorCode::format, "{}: tensor {}: row {} of the matrix at element {} holds a value {} cannot represent (inf, "
-                        "NaN, or beyond the fp16 scale range)", file.path(), t.name, row, first, weight_format_name(format));
-    }
-    return Status::ok();
+    return bad_row.load() == INT64_MAX ? -1 : bad_row.load();
   }
 
- private:
   // The quantizers abort on values they cannot encode (a broken invariant for them); for convert such a
   // value is bad input, so it is found first. Returns the first such row, or −1.
   static int64_t first_unrepresentable_row(const float* w, int64_t count, int64_t cols, WeightFormat format) {
@@ -234,7 +264,10 @@ Result<json> read_config(const std::string& hf_dir) {
 struct Plan {
   std::vector<TensorDecl> resident;
   ExpertDecls experts;
-  std::unordered_map<std::string, Target> targets;
+  std::unordered_map<std::string, Target> targets;  // by canonical checkpoint name
+  // Resident declarations grouped by the checkpoint tensor they come from (one, or several row
+  // selections of one source); Target::index of a resident target indexes this.
+  std::vector<std::vector<size_t>> sources;
   std::vector<std::string> extra;     // checkpoint tensors nobody declared
   std::vector<std::string> fallback;  // resident matrices stored bf16 instead of the dense format
   std::vector<WeightFormat> resident_format;  // per TensorDecl
@@ -251,13 +284,31 @@ WeightFormat format_for(const TensorDecl& d, WeightFormat dense) {
   return dense;
 }
 
+// The checkpoint tensor a resident declaration reads and the shape it must have there.
+const std::string& source_name(const TensorDecl& d) { return d.source.empty() ? d.name : d.source; }
+const std::vector<int64_t>& source_shape(const TensorDecl& d) { return d.source.empty() ? d.shape : d.source_shape; }
+
 Status build_targets(Plan& plan) {
+  std::unordered_map<std::string, bool> pack_names;
   for (size_t i = 0; i < plan.resident.size(); ++i) {
     const auto& d = plan.resident[i];
+    if (!pack_names.emplace(d.name, true).second) return make_error(ErrorCode::internal, "tensor {} declared twice", d.name);
+    if (!d.source.empty() && (int64_t(d.source_rows.size()) != d.shape.front() || d.source_shape.size() < 2 ||
+                              d.source_shape.back() != d.shape.back()))
+      return make_error(ErrorCode::internal, "tensor {}: row selection from {} does not fit its shape", d.name, d.source);
+    auto it = plan.targets.find(source_name(d));
+    if (it != plan.targets.end()) {
+      const size_t first = plan.sources[it->second.index].front();
+      if (d.source.empty() || plan.resident[first].source.empty() || source_shape(plan.resident[first]) != source_shape(d))
+        return make_error(ErrorCode::internal, "checkpoint tensor {} declared twice with different uses", source_name(d));
+      plan.sources[it->second.index].push_back(i);
+      continue;
+    }
     Target t;
     t.kind = Target::Kind::resident;
-    t.index = i;
-    if (!plan.targets.emplace(d.name, t).second) return make_error(ErrorCode::internal, "tensor {} declared twice", d.name);
+    t.index = plan.sources.size();
+    plan.sources.push_back({i});
+    plan.targets.emplace(source_name(d), t);
   }
   const auto& m = plan.experts.matrices;
   for (size_t i = 0; i < m.size(); ++i) {
@@ -282,7 +333,7 @@ Status build_targets(Plan& plan) {
 // Checks every checkpoint tensor against the plan (shape, dtype, no duplicates) and that every
 // declared tensor is present, before anything is written.
 Status validate(const CheckpointIndex& index, const std::string& hf_dir, Plan& plan) {
-  std::vector<bool> resident_seen(plan.resident.size(), false);
+  std::vector<bool> resident_seen(plan.sources.size(), false);
   const size_t n_layers = plan.experts.layers.size();
   const size_t n_matrices = plan.experts.matrices.size();
   const int64_t n_expert = plan.experts.n_expert;
@@ -300,7 +351,7 @@ Status validate(const CheckpointIndex& index, const std::string& hf_dir, Plan& p
 
   for (const auto& shard : index.shards) {
     for (const auto& st : shard.tensors) {
-      auto it = plan.targets.find(st.name);
+      auto it = plan.targets.find(canonical_name(st.name));
       if (it == plan.targets.end()) {
         plan.extra.push_back(st.name);
         continue;
@@ -312,7 +363,7 @@ Status validate(const CheckpointIndex& index, const std::string& hf_dir, Plan& p
       std::vector<int64_t> expected;
       const auto& mats = plan.experts.matrices;
       switch (t.kind) {
-        case Target::Kind::resident: expected = plan.resident[t.index].shape; break;
+        case Target::Kind::resident: expected = source_shape(plan.resident[plan.sources[t.index].front()]); break;
         case Target::Kind::expert: expected = {mats[t.index].rows, mats[t.index].cols}; break;
         case Target::Kind::fused_gate_up: expected = {n_expert, mats[plan.gate].rows + mats[plan.up].rows, mats[plan.gate].cols}; break;
         case Target::Kind::fused_down: expected = {n_expert, mats[plan.down].rows, mats[plan.down].cols}; break;
@@ -339,8 +390,8 @@ Status validate(const CheckpointIndex& index, const std::string& hf_dir, Plan& p
   }
 
   std::vector<std::string> missing;
-  for (size_t i = 0; i < plan.resident.size(); ++i)
-    if (!resident_seen[i]) missing.push_back(plan.resident[i].name);
+  for (size_t i = 0; i < plan.sources.size(); ++i)
+    if (!resident_seen[i]) missing.push_back(source_name(plan.resident[plan.sources[i].front()]));
   for (size_t li = 0; li < n_layers; ++li) {
     const std::string prefix = plan.experts.expert_prefix(plan.experts.layers[li]);
     for (int64_t e = 0; e < n_expert; ++e)
@@ -479,20 +530,40 @@ Status convert_checkpoint(const ConvertOptions& o, ConvertSummary* summary_out) 
   auto convert_shard = [&](const CheckpointShard& shard) -> Status {
     MF_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(shard.path));
     for (const SafetensorsTensor& t : file.tensors()) {
-      auto it = plan.targets.find(t.name);
+      auto it = plan.targets.find(canonical_name(t.name));
       if (it != plan.targets.end()) {
         const Target& target = it->second;
         switch (target.kind) {
           case Target::Kind::resident: {
-            const TensorDecl& d = plan.resident[target.index];
-            const WeightFormat f = plan.resident_format[target.index];
-            const int64_t cols = d.shape.back(), rows = t.elements() / std::max<int64_t>(1, cols);
-            const WeightPartBytes b = weight_part_bytes(f, rows, cols);
-            std::vector<uint8_t> data(b.data), scales(b.scales), biases(b.biases);
-            MF_TRY(encoder.encode(file, t, 0, rows, cols, f, data.data(), scales.data(), biases.data()));
-            MF_TRY(writer->add_resident(d.name, f, d.shape, data.data(), data.size(), scales.data(), scales.size(), biases.data(),
-                                        biases.size()));
-            ++summary.resident_tensors;
+            std::vector<float> whole;  // the source as fp32, decoded once for its row selections
+            for (size_t i : plan.sources[target.index]) {
+              const TensorDecl& d = plan.resident[i];
+              const WeightFormat f = plan.resident_format[i];
+              const int64_t cols = d.shape.back(), rows = d.source.empty() ? t.elements() / std::max<int64_t>(1, cols) : d.shape.front();
+              const WeightPartBytes b = weight_part_bytes(f, rows, cols);
+              std::vector<uint8_t> data(b.data), scales(b.scales), biases(b.biases);
+              if (d.source.empty()) {
+                MF_TRY(encoder.encode(file, t, 0, rows, cols, f, data.data(), scales.data(), biases.data()));
+              } else {
+                if (whole.empty()) {
+                  whole.resize(size_t(t.elements()));
+                  decode_to_f32(t.dtype, file.raw(t).data(), whole.size(), whole.data());
+                }
+                const int64_t source_rows = t.elements() / cols;
+                std::vector<float> selected(size_t(rows * cols));
+                for (int64_t r = 0; r < rows; ++r) {
+                  const int64_t from = d.source_rows[size_t(r)];
+                  if (from < 0 || from >= source_rows)
+                    return make_error(ErrorCode::internal, "tensor {}: row {} of {} selected, which has {}", d.name, from, t.name, source_rows);
+                  std::memcpy(selected.data() + r * cols, whole.data() + from * cols, size_t(cols) * 4);
+                }
+                MF_TRY(encoder.encode_f32(selected.data(), rows, cols, f, fmt::format("{}: tensor {} (from {})", file.path(), d.name, t.name),
+                                          data.data(), scales.data(), biases.data()));
+              }
+              MF_TRY(writer->add_resident(d.name, f, d.shape, data.data(), data.size(), scales.data(), scales.size(), biases.data(),
+                                          biases.size()));
+              ++summary.resident_tensors;
+            }
             break;
           }
           case Target::Kind::expert: MF_TRY(put_expert(file, t, 0, target.layer, target.expert, target.index)); break;

@@ -95,8 +95,10 @@ Status parts_from_json(const json& j, WeightFormat format, int64_t rows, int64_t
 }
 
 // rows/cols of a tensor as a matrix: 1-D tensors are one row.
+// A tensor as a matrix: the last dim is the columns, the leading dims (none: 1) multiply into rows.
 void matrix_dims(const std::vector<int64_t>& shape, int64_t* rows, int64_t* cols) {
-  *rows = shape.size() >= 2 ? shape[0] : 1;
+  *rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) *rows *= shape[i];
   *cols = shape.empty() ? 0 : shape.back();
 }
 
@@ -208,7 +210,7 @@ Result<Manifest> Manifest::from_json(const json& j) {
     MF_ASSIGN_OR_RETURN(t.name, field<std::string>(tj, "name", fmt::format("tensors[{}]", i)));
     MF_ASSIGN_OR_RETURN(t.format, format_from_json(tj, "format", t.name));
     MF_ASSIGN_OR_RETURN(t.shape, field<std::vector<int64_t>>(tj, "shape", t.name));
-    if (t.shape.empty() || t.shape.size() > 2 || std::any_of(t.shape.begin(), t.shape.end(), [](int64_t d) { return d <= 0; }))
+    if (t.shape.empty() || t.shape.size() > 4 || std::any_of(t.shape.begin(), t.shape.end(), [](int64_t d) { return d <= 0; }))
       return make_error(ErrorCode::format, "manifest: tensor {} has an invalid shape", t.name);
     int64_t rows, cols;
     matrix_dims(t.shape, &rows, &cols);
@@ -552,7 +554,11 @@ Result<WeightView> Pack::resident(const std::string& name, const std::vector<int
 }
 
 Result<const float*> Pack::resident_f32(const std::string& name, int64_t expected_size) const {
-  MF_ASSIGN_OR_RETURN(WeightView v, resident(name, {expected_size}));
+  return resident_f32(name, std::vector<int64_t>{expected_size});
+}
+
+Result<const float*> Pack::resident_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+  MF_ASSIGN_OR_RETURN(WeightView v, resident(name, expected_shape));
   if (v.format != WeightFormat::f32)
     return make_error(ErrorCode::format, "pack {}: tensor {} is {}, expected f32", dir_, name, weight_format_name(v.format));
   return static_cast<const float*>(v.data);

@@ -140,6 +140,7 @@ class Pack {
   Result<WeightView> resident(const std::string& name, const std::vector<int64_t>& expected_shape = {}) const;
   // A 1-D f32 tensor (norm weights).
   Result<const float*> resident_f32(const std::string& name, int64_t expected_size) const;
+  Result<const float*> resident_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const;
 
   std::string expert_file_path(int layer) const;  // absolute path of experts/layer_NNN.bin
   // View of matrix `index` of an expert blob that lives at `blob` (anywhere in memory).

@@ -6,6 +6,9 @@
 namespace moeflux {
 
 const ModelFamily& qwen3_moe_family();
+const ModelFamily& qwen3_next_family();
+const ModelFamily& qwen3_5_moe_family();
+const ModelFamily& qwen3_5_moe_text_family();
 
 std::string ExpertDecls::expert_prefix(int layer) const {
   std::string s = expert_prefix_template;
@@ -16,7 +19,8 @@ std::string ExpertDecls::expert_prefix(int layer) const {
 }
 
 Result<const ModelFamily*> find_model_family(const std::string& model_type) {
-  const std::array<const ModelFamily*, 1> families = {&qwen3_moe_family()};
+  const std::array<const ModelFamily*, 4> families = {&qwen3_moe_family(), &qwen3_next_family(), &qwen3_5_moe_family(),
+                                                      &qwen3_5_moe_text_family()};
   std::string known;
   for (const ModelFamily* f : families) {
     if (model_type == f->model_type()) return f;

@@ -25,13 +25,28 @@ enum class TensorRole : uint8_t {
   matrix,     // 2-D weight [out, in]; stored in the pack's dense format (bf16/q8/q4)
   embedding,  // [vocab, hidden]; dense format, read by row lookup (and as the output head when tied)
   router,     // 2-D routing weight; always bf16 (routing decisions are sensitive to rounding)
-  norm,       // 1-D norm weight; always f32 (exact copy of the bf16/f32 checkpoint value)
+  norm,       // norm weight or another small parameter (conv kernel, decay constants); always f32
+              // (exact copy of the bf16/f32 checkpoint value), any shape
 };
 
 struct TensorDecl {
-  std::string name;            // checkpoint name, also the pack name
-  std::vector<int64_t> shape;  // checkpoint shape
+  TensorDecl() = default;
+  TensorDecl(std::string name_, std::vector<int64_t> shape_, TensorRole role_)
+      : name(std::move(name_)), shape(std::move(shape_)), role(role_) {}
+  TensorDecl(std::string name_, std::vector<int64_t> shape_, TensorRole role_, std::string source_,
+             std::vector<int64_t> source_shape_, std::vector<int64_t> source_rows_)
+      : name(std::move(name_)), shape(std::move(shape_)), role(role_), source(std::move(source_)),
+        source_shape(std::move(source_shape_)), source_rows(std::move(source_rows_)) {}
+
+  std::string name;            // the pack name; also the checkpoint name unless source is set
+  std::vector<int64_t> shape;  // shape in the pack (and in the checkpoint unless source is set)
   TensorRole role = TensorRole::matrix;
+  // A pack tensor made from rows of another checkpoint tensor (a layout the runtime does not want, e.g.
+  // qwen3_next's head-grouped in_proj_qkvz): pack row i = row source_rows[i] of source, viewed as
+  // [rows, shape.back()]. Several declarations may share one source.
+  std::string source;                  // checkpoint name; empty: the tensor is copied as `name`
+  std::vector<int64_t> source_shape;   // the checkpoint tensor's shape (with source)
+  std::vector<int64_t> source_rows;    // [shape[0]] (with source)
 };
 
 // One matrix of a routed expert, e.g. gate_proj [I, H].

@@ -7,6 +7,7 @@
 #include "blocks/blocks.hpp"
 #include "experts/expert_store.hpp"
 #include "format/pack.hpp"
+#include "models/hf_config.hpp"
 #include "models/model_family.hpp"
 #include "runtime/forward_state.hpp"
 
@@ -52,23 +53,6 @@ struct Hparams {
   }
 };
 
-// Reads an optional config key with an explicit default; a present key of the wrong type is an error.
-template <typename T>
-Result<T> config_value(const json& c, const char* key, T fallback) {
-  if (!c.contains(key) || c[key].is_null()) return fallback;
-  try {
-    return c[key].get<T>();
-  } catch (const json::exception&) {
-    return make_error(ErrorCode::format, "config.json: \"{}\" has the wrong type ({})", key, c[key].dump());
-  }
-}
-
-template <typename T>
-Result<T> config_required(const json& c, const char* key) {
-  if (!c.contains(key) || c[key].is_null()) return make_error(ErrorCode::format, "config.json: \"{}\" is missing", key);
-  return config_value<T>(c, key, T{});
-}
-
 std::string layer_name(int64_t l, const char* rest) { return fmt::format("model.layers.{}.{}", l, rest); }
 
 class Qwen3MoeGraph;
@@ -103,17 +87,9 @@ class Qwen3MoeFamily final : public ModelFamily {
     MF_ASSIGN_OR_RETURN(bool sliding, config_value<bool>(c, "use_sliding_window", false));
 
     // transformers 5 moves rope_theta / rope_scaling into rope_parameters.
-    double rope_theta = 10000.0;
-    std::string rope_type = "default";
-    const json* rope = c.contains("rope_parameters") && c["rope_parameters"].is_object() ? &c["rope_parameters"] : nullptr;
-    if (rope) {
-      rope_theta = rope->value("rope_theta", c.value("rope_theta", rope_theta));
-      rope_type = rope->value("rope_type", rope->value("type", rope_type));
-    } else {
-      MF_ASSIGN_OR_RETURN(rope_theta, config_value<double>(c, "rope_theta", rope_theta));
-      if (c.contains("rope_scaling") && c["rope_scaling"].is_object())
-        rope_type = c["rope_scaling"].value("rope_type", c["rope_scaling"].value("type", rope_type));
-    }
+    MF_ASSIGN_OR_RETURN(RopeConfig rope, read_rope_config(c, 10000.0));
+    const double rope_theta = rope.theta;
+    const std::string& rope_type = rope.type;
 
     if (act != "silu") return make_error(ErrorCode::unsupported, "qwen3_moe: hidden_act \"{}\" (only silu)", act);
     if (attention_bias) return make_error(ErrorCode::unsupported, "qwen3_moe: attention_bias = true");
