@@ -17,6 +17,7 @@ saves its own checkpoints per-expert, so the fused layout is built here.)
 The fixtures cover linear and full attention layers mixed, GQA, more value heads than key heads (2× and
 3×), key head dim != value head dim, head_dim != hidden / heads, partial rotary, a dense mlp_only layer
 (qwen3_next), shared experts, and decays that keep memory across chunks (A_log, dt_bias redrawn).
+Expert matrices have 64 columns or a multiple, so every pack format (q4 groups of 64) applies.
 """
 import json
 import math
@@ -37,7 +38,7 @@ FIXTURES = {
     "qwen3_next": dict(
         model_type="qwen3_next",
         config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                    vocab_size=600, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                    vocab_size=600, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                     shared_expert_intermediate_size=48, intermediate_size=96, mlp_only_layers=[1],
                     decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False,
                     linear_conv_kernel_dim=4, linear_key_head_dim=12, linear_value_head_dim=16,
@@ -50,7 +51,7 @@ FIXTURES = {
     "qwen3_5": dict(
         model_type="qwen3_5_moe_text",
         config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                    vocab_size=500, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                    vocab_size=500, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64,
                     shared_expert_intermediate_size=40, tie_word_embeddings=False,
                     linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=8,
                     linear_num_key_heads=2, linear_num_value_heads=4,

@@ -385,6 +385,80 @@ TEST_F(ConvertTest, RefusesCheckpointsThatContradictTheConfig) {
   expect_convert_error("does_not_exist", ErrorCode::io, {"does_not_exist"});
 }
 
+// qwen3_next's head-grouped in_proj_qkvz / in_proj_ba become the flat projections Qwen3.5 ships, by row.
+TEST_F(ConvertTest, Qwen3NextGroupedProjectionsAreRegroupedByRow) {
+  const std::string fixture = std::string(MOEFLUX_FIXTURE_DIR) + "/parity/qwen3_next";
+  if (!fs::exists(fixture)) GTEST_SKIP() << "no parity fixtures";
+  ConvertOptions o;
+  o.hf_dir = fixture;
+  o.pack_dir = path("next");
+  o.progress = false;
+  ASSERT_TRUE(convert_checkpoint(o).is_ok());
+  auto pack = open_pack(path("next"));
+  ASSERT_NE(pack, nullptr);
+  auto source = SafetensorsFile::open(fixture + "/model.safetensors");
+  ASSERT_TRUE(source.is_ok());
+  // The fixture: 2 key heads of dk 12, 6 value heads of dv 16 (r = 3), hidden 64; per key head the
+  // qkvz rows are q (12) | k (12) | v (48) | z (48), 120 rows, and the ba rows b (3) | a (3).
+  const int64_t H = 64, group = 120;
+  auto source_row = [&](const char* name, int64_t row) {
+    auto raw = source->raw(std::string("model.layers.0.linear_attn.") + name);
+    EXPECT_TRUE(raw.is_ok());
+    return std::vector<uint8_t>(raw->begin() + row * H * 2, raw->begin() + (row + 1) * H * 2);
+  };
+  auto pack_row = [&](const char* name, int64_t row) {
+    auto v = pack->resident(std::string("model.layers.0.linear_attn.") + name);
+    EXPECT_TRUE(v.is_ok());
+    EXPECT_EQ(v->format, WeightFormat::bf16);
+    const auto* p = static_cast<const uint8_t*>(v->data) + row * H * 2;
+    return std::vector<uint8_t>(p, p + H * 2);
+  };
+  // in_proj_qkv: [q of both heads (24) | k (24) | v (96)]
+  EXPECT_EQ(pack_row("in_proj_qkv.weight", 0), source_row("in_proj_qkvz.weight", 0));
+  EXPECT_EQ(pack_row("in_proj_qkv.weight", 12), source_row("in_proj_qkvz.weight", group));          // q of key head 1
+  EXPECT_EQ(pack_row("in_proj_qkv.weight", 24), source_row("in_proj_qkvz.weight", 12));             // k of key head 0
+  EXPECT_EQ(pack_row("in_proj_qkv.weight", 48 + 47), source_row("in_proj_qkvz.weight", 24 + 47));   // last v row of head 0
+  EXPECT_EQ(pack_row("in_proj_qkv.weight", 48 + 48), source_row("in_proj_qkvz.weight", group + 24));  // first v row of head 1
+  EXPECT_EQ(pack_row("in_proj_z.weight", 0), source_row("in_proj_qkvz.weight", 72));
+  EXPECT_EQ(pack_row("in_proj_z.weight", 50), source_row("in_proj_qkvz.weight", group + 72 + 2));
+  EXPECT_EQ(pack_row("in_proj_b.weight", 4), source_row("in_proj_ba.weight", 6 + 1));  // value head 4 = key head 1, i = 1
+  EXPECT_EQ(pack_row("in_proj_a.weight", 4), source_row("in_proj_ba.weight", 6 + 3 + 1));
+  EXPECT_EQ(pack->manifest().find_tensor("model.layers.0.linear_attn.in_proj_qkvz.weight"), nullptr);
+}
+
+TEST_F(ConvertTest, RefusesHybridCheckpointsThatContradictTheConfig) {
+  const std::string fixture = std::string(MOEFLUX_FIXTURE_DIR) + "/parity/qwen3_next";
+  if (!fs::exists(fixture)) GTEST_SKIP() << "no parity fixtures";
+  auto copy = [&](const std::string& name) {
+    fs::create_directories(path(name));
+    for (const char* f : {"config.json", "model.safetensors"}) fs::copy_file(fixture + "/" + f, path(name + "/" + f));
+  };
+  auto edit_config = [&](const std::string& name, const std::function<void(json&)>& fn) {
+    json config = json::parse(read_bytes(path(name + "/config.json")));
+    fn(config);
+    std::ofstream(path(name + "/config.json")) << config.dump();
+  };
+  copy("no_ba");
+  edit_header(path("no_ba/model.safetensors"), [](json& h) { h.erase("model.layers.1.linear_attn.in_proj_ba.weight"); });
+  expect_convert_error("no_ba", ErrorCode::format, {"model.layers.1.linear_attn.in_proj_ba.weight", "missing"});
+
+  copy("qkvz_shape");
+  edit_header(path("qkvz_shape/model.safetensors"), [](json& h) { h["model.layers.0.linear_attn.in_proj_qkvz.weight"]["shape"] = {64, 240}; });
+  expect_convert_error("qkvz_shape", ErrorCode::mismatch, {"in_proj_qkvz", "[64, 240]", "expected [240, 64]"});
+
+  copy("heads");
+  edit_config("heads", [](json& c) { c["linear_num_value_heads"] = 5; });
+  expect_convert_error("heads", ErrorCode::format, {"linear_num_value_heads 5", "multiple"});
+
+  copy("layer_type");
+  edit_config("layer_type", [](json& c) { c["layer_types"][1] = "sliding_attention"; });
+  expect_convert_error("layer_type", ErrorCode::unsupported, {"sliding_attention"});
+
+  copy("layer_count");
+  edit_config("layer_count", [](json& c) { c["layer_types"].erase(0); });
+  expect_convert_error("layer_count", ErrorCode::format, {"layer_types", "4 layers"});
+}
+
 TEST_F(ConvertTest, UnrepresentableValuesAreAnErrorNotACrash) {
   make("hf");
   uint64_t offset = 0;

@@ -39,8 +39,9 @@ typedef struct moeflux_model_params {
 } moeflux_model_params;
 
 typedef struct moeflux_session_params {
-  int64_t n_ctx;    /* context positions; 0 = 4096 (clamped to the model's maximum) */
-  int64_t n_batch;  /* prompt tokens per forward pass; 0 = 512 */
+  int64_t n_ctx;          /* context positions; 0 = 4096 (clamped to the model's maximum) */
+  int64_t n_batch;        /* prompt tokens per forward pass; 0 = 512 */
+  int64_t max_snapshots;  /* snapshots kept for going back (see below); 0 = 4, -1 = none */
 } moeflux_session_params;
 
 typedef struct moeflux_expert_stats {
@@ -64,14 +65,37 @@ moeflux_status moeflux_session_create(moeflux_model* model, const moeflux_sessio
                                       moeflux_session** out_session);
 void moeflux_session_free(moeflux_session* session);
 
-/* Evaluates n tokens at the current position (batched prefill); logits of the last one follow. */
+/* Evaluates n tokens at the current position (batched prefill); logits of the last one follow. Takes a
+ * snapshot at its end (see "Going back"). */
 moeflux_status moeflux_session_eval_prompt(moeflux_session* session, const int32_t* tokens, size_t n);
+/* One decode step; takes no snapshot. */
 moeflux_status moeflux_session_eval_token(moeflux_session* session, int32_t token);
 /* The last position's logits [n_vocab], or NULL before any evaluation. Valid until the next eval. */
 const float* moeflux_session_logits(const moeflux_session* session);
 int64_t moeflux_session_n_past(const moeflux_session* session);
 void moeflux_session_reset(moeflux_session* session);
+
+/* Going back.
+ * Attention KV caches are addressed by position, so a model without recurrent state (qwen3_moe) can be
+ * truncated to any position. Hybrid models (qwen3_next, qwen3_5_moe) also carry a recurrent state per
+ * linear-attention layer (the Gated DeltaNet's conv and delta-rule states) that cannot be cut back by
+ * position. The session therefore keeps snapshots of it: one at the end of every eval_prompt, and one
+ * wherever moeflux_session_checkpoint is called (the oldest dropped beyond max_snapshots; each costs
+ * the model's recurrent state — about 195 MB at Qwen3.5-397B — plus one row of logits).
+ *   truncate(n):  exact. n may be any position for attention-only models; for hybrid models 0, the
+ *                 current position or a snapshot position, else MOEFLUX_ERR_UNSUPPORTED (the message
+ *                 lists the positions available). Going to a snapshot restores its logits too (sample
+ *                 again without evaluating anything); otherwise logits are cleared.
+ *   rewind(n):    goes to the latest position <= n the session can return to exactly (n itself for
+ *                 attention-only models), writes it to *out_n_past; re-evaluate the tokens after it.
+ * A failed eval of a hybrid model leaves the session at the last snapshot (or 0) and says so.
+ * state_save writes the state at the current position only; state_load drops the snapshots and takes
+ * one at the loaded position. */
 moeflux_status moeflux_session_truncate(moeflux_session* session, int64_t n_past);
+moeflux_status moeflux_session_rewind(moeflux_session* session, int64_t n_past, int64_t* out_n_past);
+moeflux_status moeflux_session_checkpoint(moeflux_session* session);
+/* Writes up to capacity snapshot positions (ascending) and returns how many there are. */
+size_t moeflux_session_snapshot_positions(const moeflux_session* session, int64_t* positions, size_t capacity);
 
 /* Snapshots: state_size gives the bytes state_save will write now. */
 size_t moeflux_session_state_size(const moeflux_session* session);

@@ -79,7 +79,7 @@ moeflux_status moeflux_model_expert_stats(const moeflux_model* model, moeflux_ex
   });
 }
 
-moeflux_session_params moeflux_session_default_params(void) { return moeflux_session_params{4096, 512}; }
+moeflux_session_params moeflux_session_default_params(void) { return moeflux_session_params{4096, 512, 4}; }
 
 moeflux_status moeflux_session_create(moeflux_model* model, const moeflux_session_params* params, moeflux_session** out) {
   return guarded([&] {
@@ -88,6 +88,7 @@ moeflux_status moeflux_session_create(moeflux_model* model, const moeflux_sessio
     moeflux::SessionOptions o;
     if (params && params->n_ctx > 0) o.n_ctx = params->n_ctx;
     if (params && params->n_batch > 0) o.n_batch = params->n_batch;
+    if (params && params->max_snapshots != 0) o.max_snapshots = params->max_snapshots < 0 ? 0 : int(params->max_snapshots);
     auto session = moeflux::Session::create(*model->model, o);
     if (!session) return fail(session.status());
     *out = new moeflux_session{std::move(session).value()};
@@ -130,6 +131,31 @@ moeflux_status moeflux_session_truncate(moeflux_session* session, int64_t n_past
     const moeflux::Status s = session->session->truncate(n_past);
     return s.is_ok() ? MOEFLUX_OK : fail(s);
   });
+}
+
+moeflux_status moeflux_session_rewind(moeflux_session* session, int64_t n_past, int64_t* out_n_past) {
+  return guarded([&] {
+    if (!session) return fail(MOEFLUX_ERR_INVALID_ARGUMENT, "rewind: null session");
+    auto reached = session->session->rewind(n_past);
+    if (!reached) return fail(reached.status());
+    if (out_n_past) *out_n_past = *reached;
+    return MOEFLUX_OK;
+  });
+}
+
+moeflux_status moeflux_session_checkpoint(moeflux_session* session) {
+  return guarded([&] {
+    if (!session) return fail(MOEFLUX_ERR_INVALID_ARGUMENT, "checkpoint: null session");
+    const moeflux::Status s = session->session->checkpoint();
+    return s.is_ok() ? MOEFLUX_OK : fail(s);
+  });
+}
+
+size_t moeflux_session_snapshot_positions(const moeflux_session* session, int64_t* positions, size_t capacity) {
+  if (!session) return 0;
+  const std::vector<int64_t> p = session->session->snapshot_positions();
+  for (size_t i = 0; i < p.size() && i < capacity; ++i) positions[i] = p[i];
+  return p.size();
 }
 
 size_t moeflux_session_state_size(const moeflux_session* session) { return session ? session->session->state_size() : 0; }

@@ -2,6 +2,7 @@
 #include "models/model_family.hpp"
 
 #include <array>
+#include <chrono>
 
 namespace moeflux {
 
@@ -16,6 +17,19 @@ std::string ExpertDecls::expert_prefix(int layer) const {
   const auto pos = s.find(key);
   if (pos != std::string::npos) s.replace(pos, key.size(), std::to_string(layer));
   return s;
+}
+
+namespace {
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+ProfileScope::ProfileScope(ForwardProfile& profile, ForwardProfile::Part part)
+    : profile_(profile.enabled ? &profile : nullptr), part_(part), start_ns_(profile_ ? now_ns() : 0) {}
+
+ProfileScope::~ProfileScope() {
+  if (profile_) profile_->seconds[part_] += double(now_ns() - start_ns_) * 1e-9;
 }
 
 Result<const ModelFamily*> find_model_family(const std::string& model_type) {

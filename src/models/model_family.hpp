@@ -66,10 +66,41 @@ struct ExpertDecls {
   std::string expert_prefix(int layer) const;
 };
 
+// Wall time per part of the forward pass, summed while enabled (for `moeflux bench`). The CPU backend's
+// ops are synchronous, so a scope's wall time is its ops' time. The rest of a forward (embedding,
+// norms, residual adds, the output head) is its total time minus these parts.
+struct ForwardProfile {
+  enum Part : int { attention, delta_net, routed_experts, shared_expert, dense_mlp, n_parts };
+  static const char* name(int part) {
+    static const char* names[n_parts] = {"attention", "delta_net", "routed_experts", "shared_expert", "dense_mlp"};
+    return names[part];
+  }
+  bool enabled = false;
+  double seconds[n_parts] = {};
+  void reset() {
+    for (double& s : seconds) s = 0;
+  }
+};
+
+// Adds the lifetime of the scope to one part of a profile, when the profile is enabled.
+class ProfileScope {
+ public:
+  ProfileScope(ForwardProfile& profile, ForwardProfile::Part part);
+  ~ProfileScope();
+  ProfileScope(const ProfileScope&) = delete;
+  ProfileScope& operator=(const ProfileScope&) = delete;
+
+ private:
+  ForwardProfile* profile_;  // null when disabled
+  ForwardProfile::Part part_;
+  int64_t start_ns_ = 0;
+};
+
 // A forward pass over a pack: evaluates tokens at positions n_past .. n_past + T − 1 and writes logits.
 class ModelGraph {
  public:
   virtual ~ModelGraph() = default;
+  ForwardProfile profile;
   // Most tokens one forward call takes (scratch is sized for it); sessions split longer prompts.
   virtual int64_t max_batch_tokens() const = 0;
   // Allocates the per-session state (KV cache of up to n_ctx positions, recurrent state).

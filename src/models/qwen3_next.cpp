@@ -529,15 +529,21 @@ class Qwen3NextGraph final : public ModelGraph {
       float* state1 = buffers[size_t(w.state_index + 1)].data;
       be_.rms_norm(s.x, w.input_norm, eps, n_tokens, H, s.h);
       if (w.linear) {
+        ProfileScope scope(profile, ForwardProfile::delta_net);
         delta_net(w.lin, s, n_tokens, state0, state1);
       } else {
+        ProfileScope scope(profile, ForwardProfile::attention);
         gqa_attention(be_, w.attn, shape, s.h, n_tokens, n_past, s.positions.data(), state0, state1, s.attn, s.y);
       }
       be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
       be_.rms_norm(s.x, w.post_norm, eps, n_tokens, H, s.h);
       if (w.moe) {
-        MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y));
+        {
+          ProfileScope scope(profile, ForwardProfile::routed_experts);
+          MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y));
+        }
         if (p_.shared_intermediate > 0) {
+          ProfileScope scope(profile, ForwardProfile::shared_expert);
           // y += sigmoid(h · w_gate) · SharedMLP(h), one gate per token.
           swiglu_mlp(be_, w.shared_gate, w.shared_up, w.shared_down, s.h, n_tokens, s.shared, s.shared_y);
           be_.matmul(w.shared_expert_gate, s.h, s.shared_logit, n_tokens);
@@ -545,6 +551,7 @@ class Qwen3NextGraph final : public ModelGraph {
           be_.axpy(s.y, s.shared_y, 1.0f, n_tokens * H);
         }
       } else {
+        ProfileScope scope(profile, ForwardProfile::dense_mlp);
         swiglu_mlp(be_, w.gate, w.up, w.down, s.h, n_tokens, s.dense, s.y);
       }
       be_.axpy(s.x, s.y, 1.0f, n_tokens * H);

@@ -77,7 +77,11 @@ Session::~Session() = default;
 int64_t Session::n_ctx() const { return state_->n_ctx(); }
 int64_t Session::n_vocab() const { return model_.n_vocab(); }
 
-Status Session::eval_prompt(std::span<const int32_t> tokens, float* all_logits) {
+Status Session::eval_prompt(std::span<const int32_t> tokens, float* all_logits) { return eval(tokens, all_logits, true); }
+
+Status Session::eval_token(int32_t token) { return eval(std::span<const int32_t>(&token, 1), nullptr, false); }
+
+Status Session::eval(std::span<const int32_t> tokens, float* all_logits, bool snapshot_at_end) {
   if (tokens.empty()) return make_error(ErrorCode::invalid_argument, "eval_prompt: no tokens");
   const int64_t n = int64_t(tokens.size());
   if (n_past_ + n > n_ctx())
@@ -92,33 +96,105 @@ Status Session::eval_prompt(std::span<const int32_t> tokens, float* all_logits) 
     float* out = all_logits ? all_logits + first * n_vocab() : (last ? logits_.data() : nullptr);
     const Status s = model_.graph().forward(*state_, tokens.data() + first, count, n_past_, out, all_logits != nullptr);
     if (!s.is_ok()) {
-      // The KV rows of a failed batch are garbage: the session stays at the last good position.
+      // The KV rows of a failed batch are garbage: the session stays at the last good position. A
+      // recurrent state has already moved on, though: only a snapshot (or 0) can restore it.
       has_logits_ = false;
+      if (has_recurrent_state()) {
+        int64_t back = 0;
+        for (const auto& snap : snapshots_)
+          if (snap.position <= n_past_) back = std::max(back, snap.position);
+        // The recurrent state already took part of the failed batch: back to the last exact point.
+        if (truncate(back).is_ok())
+          return Status(s.code(), fmt::format("{} (the session went back to position {})", s.message(), back));
+      }
       return s;
     }
     n_past_ += count;
   }
   if (all_logits) std::memcpy(logits_.data(), all_logits + (n - 1) * n_vocab(), size_t(n_vocab()) * sizeof(float));
   has_logits_ = true;
+  if (snapshot_at_end) MF_TRY(checkpoint());
   return Status::ok();
 }
 
-Status Session::eval_token(int32_t token) { return eval_prompt(std::span<const int32_t>(&token, 1)); }
+bool Session::has_recurrent_state() const {
+  for (const auto& b : state_->buffers())
+    if (b.fixed_floats > 0) return true;
+  return false;
+}
 
 void Session::reset() {
   n_past_ = 0;
   has_logits_ = false;
+  snapshots_.clear();
+}
+
+Status Session::checkpoint() {
+  if (options_.max_snapshots <= 0) return Status::ok();
+  std::erase_if(snapshots_, [&](const Snapshot& s) { return s.position == n_past_; });
+  while (int64_t(snapshots_.size()) >= options_.max_snapshots) snapshots_.erase(snapshots_.begin());
+  Snapshot snap;
+  snap.position = n_past_;
+  try {
+    for (const auto& b : state_->buffers())
+      if (b.fixed_floats > 0) snap.fixed.emplace_back(b.data, b.data + b.fixed_floats);
+    if (has_logits_) snap.logits = logits_;
+  } catch (const std::bad_alloc&) {
+    return make_error(ErrorCode::out_of_memory, "snapshot of the session state at position {} could not be allocated", n_past_);
+  }
+  snapshots_.push_back(std::move(snap));
+  return Status::ok();
+}
+
+std::vector<int64_t> Session::snapshot_positions() const {
+  std::vector<int64_t> positions;
+  for (const auto& s : snapshots_) positions.push_back(s.position);
+  std::sort(positions.begin(), positions.end());
+  return positions;
 }
 
 Status Session::truncate(int64_t n) {
   if (n < 0 || n > n_past_) return make_error(ErrorCode::invalid_argument, "truncate to {}: the session holds {} positions", n, n_past_);
-  // Only per-position state can be truncated exactly; a family with recurrent state needs snapshots.
-  for (const auto& b : state_->buffers())
-    if (b.fixed_floats > 0 && n != n_past_ && n != 0)
-      return make_error(ErrorCode::unsupported, "truncate: recurrent state ({}) cannot be rewound to position {}", b.name, n);
+  const Snapshot* snap = nullptr;
+  for (const auto& s : snapshots_)
+    if (s.position == n) snap = &s;
+  if (has_recurrent_state() && n != 0 && n != n_past_ && !snap) {
+    std::string available = "0";
+    for (int64_t p : snapshot_positions())
+      if (p < n_past_ && p > 0) available += fmt::format(", {}", p);
+    return make_error(ErrorCode::unsupported,
+                      "truncate to {}: this model's recurrent state can only go back to a snapshot (positions {}) or to {}; use "
+                      "rewind, or take snapshots with checkpoint",
+                      n, available, n_past_);
+  }
+  if (n == n_past_ && !snap) return Status::ok();  // nothing to forget; the logits stay
+  if (snap) {
+    size_t i = 0;
+    for (const auto& b : state_->buffers())
+      if (b.fixed_floats > 0) {
+        std::memcpy(b.data, snap->fixed[i].data(), b.fixed_floats * sizeof(float));
+        ++i;
+      }
+    has_logits_ = !snap->logits.empty();
+    if (has_logits_) logits_ = snap->logits;
+  } else {
+    has_logits_ = false;
+  }
   n_past_ = n;
-  has_logits_ = false;
+  std::erase_if(snapshots_, [&](const Snapshot& s) { return s.position > n; });
   return Status::ok();
+}
+
+Result<int64_t> Session::rewind(int64_t n) {
+  if (n < 0 || n > n_past_) return make_error(ErrorCode::invalid_argument, "rewind to {}: the session holds {} positions", n, n_past_);
+  int64_t target = n;
+  if (has_recurrent_state() && n != n_past_) {
+    target = 0;
+    for (const auto& s : snapshots_)
+      if (s.position <= n) target = std::max(target, s.position);
+  }
+  MF_TRY(truncate(target));
+  return target;
 }
 
 size_t Session::state_size() const {
@@ -207,7 +283,8 @@ Status Session::state_load(std::span<const uint8_t> data) {
   if (with_logits) std::memcpy(logits_.data(), logits_src, logits_.size() * sizeof(float));
   n_past_ = n_past;
   has_logits_ = with_logits;
-  return Status::ok();
+  snapshots_.clear();
+  return checkpoint();
 }
 
 }  // namespace moeflux

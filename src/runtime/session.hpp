@@ -1,7 +1,15 @@
-// A session: one conversation's state over a shared Model — the KV cache (and later recurrent
-// state), the position, and the last logits. eval_prompt prefills in batches, eval_token decodes one
-// step; both leave logits for the sampler. State snapshots are versioned, checksummed and tied to the
-// model's fingerprint.
+// A session: one conversation's state over a shared Model — the KV cache and any recurrent state (the
+// Gated DeltaNet's conv and delta-rule states), the position, and the last logits. eval_prompt
+// prefills in batches, eval_token decodes one step; both leave logits for the sampler. Saved states
+// are versioned, checksummed and tied to the model's fingerprint.
+//
+// Going back: attention caches are addressed by position, so truncate(n) is exact for any n. A
+// recurrent state cannot be cut back by position, so the session keeps snapshots of it — at the end of
+// every eval_prompt and wherever the caller calls checkpoint() — and truncate(n) of such a model goes
+// back exactly to a snapshot (or to 0). rewind(n) goes to the latest snapshot at or before n and
+// returns where it landed; the caller re-evaluates the tokens from there. A snapshot also keeps the
+// logits of its position, so going back to one leaves them available (regenerate a reply without
+// evaluating anything).
 #pragma once
 
 #include <cstdint>
@@ -19,6 +27,9 @@ class Model;
 struct SessionOptions {
   int64_t n_ctx = 4096;    // positions the KV cache holds (clamped to the model's maximum)
   int64_t n_batch = 512;   // prompt tokens per forward pass
+  // Snapshots kept (the oldest is dropped first). Each holds the model's recurrent state — 195 MB at
+  // Qwen3.5-397B, 74 MB at Qwen3-Next-80B, none for attention-only models — plus one row of logits.
+  int max_snapshots = 4;
 };
 
 class Session {
@@ -27,8 +38,10 @@ class Session {
   ~Session();
 
   // Evaluates tokens at positions n_past() … and leaves the last position's logits in logits().
-  // When all_logits is given it receives [tokens.size(), n_vocab] logits, one row per token.
+  // When all_logits is given it receives [tokens.size(), n_vocab] logits, one row per token. Takes a
+  // snapshot at its end (see checkpoint()).
   Status eval_prompt(std::span<const int32_t> tokens, float* all_logits = nullptr);
+  // One decode step; takes no snapshot.
   Status eval_token(int32_t token);
 
   const float* logits() const { return logits_.data(); }  // [n_vocab], after an eval
@@ -37,11 +50,21 @@ class Session {
   int64_t n_ctx() const;
   int64_t n_vocab() const;
 
+  // Back to position 0; drops every snapshot.
   void reset();
-  // Forgets positions ≥ n (attention caches are position-addressed, so this is exact). The logits
-  // are no longer those of the last position and are cleared.
+  // Forgets positions ≥ n. Exact for any n when the model has no recurrent state; otherwise n must be
+  // 0, n_past() or a snapshot position (an unsupported error names the positions available). Logits
+  // are those of the snapshot at n when there is one, else cleared. Snapshots after n are dropped.
   Status truncate(int64_t n);
+  // Goes back to the latest position ≤ n the session can return to exactly (n itself when the model has
+  // no recurrent state) and returns it.
+  Result<int64_t> rewind(int64_t n);
+  // Records a snapshot at the current position (replacing one already there).
+  Status checkpoint();
+  std::vector<int64_t> snapshot_positions() const;
 
+  // The state at the current position (not the snapshots). Loading one drops the snapshots and takes a
+  // snapshot at the loaded position.
   size_t state_size() const;
   Status state_save(std::vector<uint8_t>& out) const;
   Status state_load(std::span<const uint8_t> data);
@@ -50,7 +73,16 @@ class Session {
 
  private:
   explicit Session(Model& model);
+  Status eval(std::span<const int32_t> tokens, float* all_logits, bool snapshot_at_end);
+  bool has_recurrent_state() const;
+
+  struct Snapshot {
+    int64_t position = 0;
+    std::vector<std::vector<float>> fixed;  // the recurrent buffers, in ForwardState order
+    std::vector<float> logits;              // [n_vocab], empty when there were none
+  };
   Model& model_;
+  std::vector<Snapshot> snapshots_;  // ascending creation order
   SessionOptions options_;
   std::unique_ptr<ForwardState> state_;
   std::vector<float> logits_;  // [n_vocab]

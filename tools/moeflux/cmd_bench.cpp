@@ -9,6 +9,7 @@
 #include "core/timer.hpp"
 #include "format/pack.hpp"
 #include "model_flags.hpp"
+#include "models/model_family.hpp"
 #include "runtime/session.hpp"
 
 namespace moeflux::cli {
@@ -29,7 +30,31 @@ struct PhaseResult {
   int64_t n_tokens = 0;
   double seconds = 0;
   ExpertStoreStats experts;
+  ForwardProfile profile;  // wall time per part of the forward pass
 };
+
+// Seconds per part: the graph's parts, the rest ("other": embedding, norms, residuals, output head), and
+// of the routed experts the time spent waiting for expert reads.
+std::vector<std::pair<std::string, double>> time_split(const PhaseResult& p) {
+  std::vector<std::pair<std::string, double>> parts;
+  double accounted = 0;
+  for (int i = 0; i < ForwardProfile::n_parts; ++i) {
+    if (p.profile.seconds[i] <= 0) continue;
+    parts.emplace_back(ForwardProfile::name(i), p.profile.seconds[i]);
+    accounted += p.profile.seconds[i];
+  }
+  parts.emplace_back("other", std::max(0.0, p.seconds - accounted));
+  parts.emplace_back("expert_io_wait", p.experts.wait_seconds);
+  return parts;
+}
+
+std::string split_report(const PhaseResult& p) {
+  std::string out;
+  for (const auto& [name, seconds] : time_split(p))
+    out += fmt::format("{}{} {:.2f} ms/token ({:.0f}%)", out.empty() ? "" : ", ", name, 1e3 * seconds / double(p.n_tokens),
+                       100.0 * seconds / p.seconds);
+  return out;
+}
 
 json phase_json(const PhaseResult& p) {
   const uint64_t uses = p.experts.hits + p.experts.misses;
@@ -46,7 +71,12 @@ json phase_json(const PhaseResult& p) {
           {"expert_wait_seconds", p.experts.wait_seconds},
           {"storage_gb_per_s", p.seconds > 0 ? double(p.experts.bytes_read) / p.seconds / 1e9 : 0.0},
           {"cached_experts", p.experts.cached_experts},
-          {"cached_bytes", p.experts.cached_bytes}};
+          {"cached_bytes", p.experts.cached_bytes},
+          {"time_split_seconds", [&] {
+             json split = json::object();
+             for (const auto& [name, seconds] : time_split(p)) split[name] = seconds;
+             return split;
+           }()}};
 }
 
 int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v + n) - v); }
@@ -91,20 +121,25 @@ int run_bench(const BenchArgs& a) {
   for (auto& t : prompt) t = token_dist(rng);
 
   ExpertStore& store = model.experts();
+  ForwardProfile& profile = model.graph().profile;
+  profile.enabled = true;
   json runs = json::array();
   std::vector<std::pair<PhaseResult, PhaseResult>> results;
   for (int r = 0; r < a.n_runs; ++r) {
     session.reset();
     PhaseResult prefill, decode;
     store.reset_stats();
+    profile.reset();
     Timer timer;
     Status s = session.eval_prompt(prompt);
     if (!s.is_ok()) return report_error("bench", s.with_context("prefill"));
     prefill.seconds = timer.seconds();
     prefill.n_tokens = a.n_prompt;
     prefill.experts = store.stats();
+    prefill.profile = profile;
 
     store.reset_stats();
+    profile.reset();
     timer.reset();
     for (int i = 0; i < a.n_gen; ++i) {
       s = session.eval_token(argmax(session.logits(), model.n_vocab()));
@@ -113,6 +148,7 @@ int run_bench(const BenchArgs& a) {
     decode.seconds = timer.seconds();
     decode.n_tokens = a.n_gen;
     decode.experts = store.stats();
+    decode.profile = profile;
 
     json dj = phase_json(decode);
     const double tok_s = dj["tok_per_s"].get<double>();
@@ -160,10 +196,12 @@ int run_bench(const BenchArgs& a) {
     std::printf("run %zu\n", r + 1);
     std::printf("  prefill  %d tokens in %.2f s: %.2f tok/s\n", a.n_prompt, prefill.seconds, prefill_tok_s);
     std::printf("    %s\n", expert_report(prefill.experts, prefill.seconds).c_str());
+    std::printf("    time: %s\n", split_report(prefill).c_str());
     std::printf("  decode   %d tokens in %.2f s: %.2f tok/s, %.1f ms/token; effective %.2f GB/s of the bound's bytes\n", a.n_gen,
                 decode.seconds, decode_tok_s, 1e3 / decode_tok_s, double(bound_bytes) * decode_tok_s / 1e9);
     std::printf("    %s\n", expert_report(decode.experts, decode.seconds).c_str());
     std::printf("    expert bytes read per token %s\n", format_bytes(double(decode.experts.bytes_read) / double(decode.n_tokens)).c_str());
+    std::printf("    time: %s\n", split_report(decode).c_str());
   }
   return 0;
 }

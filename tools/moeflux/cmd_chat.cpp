@@ -85,8 +85,11 @@ int run_chat(ChatArgs& a) {
     size_t common = 0;
     while (common < in_session.size() && common < tokens->size() && in_session[common] == (*tokens)[common]) ++common;
     if (common == tokens->size() && common > 0) --common;  // something must be evaluated to get logits
-    const Status rewound = (*session)->truncate(int64_t(common));
-    if (!rewound.is_ok()) return report_error("chat", rewound);
+    // A recurrent state goes back only to a snapshot (the end of an earlier prompt): from there on the
+    // tokens are evaluated again.
+    auto rewound = (*session)->rewind(int64_t(common));
+    if (!rewound) return report_error("chat", rewound.status());
+    common = size_t(*rewound);
     in_session.resize(common);
     const std::vector<int32_t> fresh(tokens->begin() + int64_t(common), tokens->end());
     std::string reply;

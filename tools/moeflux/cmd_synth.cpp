@@ -19,8 +19,63 @@ namespace {
 
 using nlohmann::json;
 
+const char* const preset_names = "qwen3-30b-a3b, qwen3-235b-a22b, qwen3-next-80b-a3b, qwen3.5-35b-a3b or qwen3.5-397b-a17b";
+
+// The hybrid Gated DeltaNet presets (ref/model-families.md §9.1): Qwen/Qwen3-Next-80B-A3B-Instruct,
+// Qwen/Qwen3.5-35B-A3B, Qwen/Qwen3.5-397B-A17B (their text configs).
+json hybrid_preset_config(const std::string& name) {
+  json c = {{"num_attention_heads", 16},
+            {"num_key_value_heads", 2},
+            {"head_dim", 256},
+            {"hidden_size", 2048},
+            {"moe_intermediate_size", 512},
+            {"shared_expert_intermediate_size", 512},
+            {"linear_conv_kernel_dim", 4},
+            {"linear_key_head_dim", 128},
+            {"linear_value_head_dim", 128},
+            {"linear_num_key_heads", 16},
+            {"linear_num_value_heads", 32},
+            {"full_attention_interval", 4},
+            {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 10000000.0}, {"partial_rotary_factor", 0.25}}},
+            {"rms_norm_eps", 1e-6},
+            {"max_position_embeddings", 262144},
+            {"tie_word_embeddings", false},
+            {"hidden_act", "silu"}};
+  if (name == "qwen3-next-80b-a3b") {
+    c["model_type"] = "qwen3_next";
+    c["num_hidden_layers"] = 48;
+    c["num_experts"] = 512;
+    c["num_experts_per_tok"] = 10;
+    c["vocab_size"] = 151936;
+    c["intermediate_size"] = 5120;
+    c["norm_topk_prob"] = true;
+    return c;
+  }
+  c["model_type"] = "qwen3_5_moe_text";
+  c["vocab_size"] = 248320;
+  if (name == "qwen3.5-35b-a3b") {
+    c["num_hidden_layers"] = 40;
+    c["num_experts"] = 256;
+    c["num_experts_per_tok"] = 8;
+    return c;
+  }
+  if (name == "qwen3.5-397b-a17b") {
+    c["hidden_size"] = 4096;
+    c["num_hidden_layers"] = 60;
+    c["num_attention_heads"] = 32;
+    c["num_experts"] = 512;
+    c["num_experts_per_tok"] = 10;
+    c["moe_intermediate_size"] = 1024;
+    c["shared_expert_intermediate_size"] = 1024;
+    c["linear_num_value_heads"] = 64;
+    return c;
+  }
+  return nullptr;
+}
+
 // config.json fields of the published checkpoints (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B).
 json preset_config(const std::string& name) {
+  if (json hybrid = hybrid_preset_config(name); !hybrid.is_null()) return hybrid;
   json c = {{"model_type", "qwen3_moe"},
             {"num_attention_heads", 32},
             {"num_key_value_heads", 4},
@@ -121,7 +176,7 @@ Result<WeightFormat> parse_quant(const std::string& flag, const std::string& val
 Status synth(const SynthArgs& a) {
   json config = preset_config(a.preset);
   if (config.is_null())
-    return make_error(ErrorCode::invalid_argument, "--preset \"{}\": expected qwen3-30b-a3b or qwen3-235b-a22b", a.preset);
+    return make_error(ErrorCode::invalid_argument, "--preset \"{}\": expected {}", a.preset, preset_names);
   const int64_t full_layers = config["num_hidden_layers"];
   if (a.n_layer < 0 || a.n_layer > full_layers)
     return make_error(ErrorCode::invalid_argument, "--layers {}: expected 1..{} for {}", a.n_layer, full_layers, a.preset);
@@ -147,8 +202,12 @@ Status synth(const SynthArgs& a) {
   for (size_t i = 0; i < resident.size(); ++i) {
     const TensorDecl& t = resident[i];
     if (t.role == TensorRole::norm) {
-      // RMSNorm gains near 1, as trained checkpoints have them, so activations keep a sane scale.
-      std::vector<float> w(size_t(t.shape[0]));
+      // RMSNorm gains near 1, as trained checkpoints have them, so activations keep a sane scale. The
+      // other small f32 parameters (conv kernels, decay constants) take the same values: only sizes
+      // matter here.
+      int64_t n = 1;
+      for (int64_t d : t.shape) n *= d;
+      std::vector<float> w(static_cast<size_t>(n));
       rng.fill(w.data(), w.size(), 1.0f, 0.05f);
       MF_TRY(writer->add_resident(t.name, WeightFormat::f32, t.shape, w.data(), w.size() * sizeof(float)));
       resident_bytes += w.size() * sizeof(float);
@@ -230,7 +289,7 @@ void register_synth(CLI::App& app, Action& action) {
       "and repeat: a few expert blobs (--variants) are quantized and copied to every expert with a small tag, "
       "so outputs are meaningless; sizes, layout and I/O are those of the real model");
   sub->add_option("pack_dir", args->pack_dir, "output pack directory")->required();
-  sub->add_option("--preset", args->preset, "qwen3-30b-a3b or qwen3-235b-a22b")->required();
+  sub->add_option("--preset", args->preset, preset_names)->required();
   sub->add_option("--layers", args->n_layer, "keep only the first N layers (0 = all)");
   sub->add_option("--quant", args->expert_quant, "expert weight format: q4, q8 or bf16");
   sub->add_option("--dense-quant", args->dense_quant, "resident matrix format: q4, q8 or bf16");
