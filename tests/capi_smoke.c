@@ -1,6 +1,7 @@
-/* The C API from plain C: open a pack, evaluate, save and restore state, and see errors reported.
- * Usage: capi_smoke_c PACK_DIR OTHER_PACK_DIR DEMO_PACK_DIR: OTHER is another model, whose state must
- * be refused; DEMO is the bundled demo model, which carries a tokenizer and a chat template. */
+/* The C API from plain C: open a pack, evaluate, save and restore state, go back, and see errors
+ * reported. Usage: capi_smoke_c PACK_DIR OTHER_PACK_DIR DEMO_PACK_DIR HYBRID_PACK_DIR: OTHER is another
+ * model, whose state must be refused; DEMO is the bundled demo model, which carries a tokenizer and a
+ * chat template; HYBRID is a Gated DeltaNet model (recurrent state: going back only to snapshots). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,8 +20,8 @@ static int failures = 0;
   } while (0)
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s PACK_DIR OTHER_PACK_DIR DEMO_PACK_DIR\n", argv[0]);
+  if (argc != 5) {
+    fprintf(stderr, "usage: %s PACK_DIR OTHER_PACK_DIR DEMO_PACK_DIR HYBRID_PACK_DIR\n", argv[0]);
     return 2;
   }
   moeflux_model_params params = moeflux_model_default_params();
@@ -69,6 +70,20 @@ int main(int argc, char** argv) {
   EXPECT(moeflux_session_eval_token(session, 7) == MOEFLUX_OK);
   EXPECT(memcmp(first, moeflux_session_logits(session), (size_t)n_vocab * sizeof(float)) == 0);
 
+  /* Going back on an attention-only model: any position; a snapshot also brings back its logits. */
+  EXPECT(moeflux_session_checkpoint(session) == MOEFLUX_OK); /* at 6 */
+  EXPECT(moeflux_session_eval_token(session, 9) == MOEFLUX_OK);
+  int64_t positions[8];
+  EXPECT(moeflux_session_snapshot_positions(session, positions, 8) == 2); /* 5 (state_load), 6 */
+  EXPECT(positions[0] == 5 && positions[1] == 6);
+  int64_t reached = -1;
+  EXPECT(moeflux_session_rewind(session, 6, &reached) == MOEFLUX_OK);
+  EXPECT(reached == 6 && moeflux_session_n_past(session) == 6);
+  EXPECT(moeflux_session_logits(session) != NULL &&
+         memcmp(first, moeflux_session_logits(session), (size_t)n_vocab * sizeof(float)) == 0);
+  EXPECT(moeflux_session_truncate(session, 3) == MOEFLUX_OK);
+  EXPECT(moeflux_session_logits(session) == NULL); /* no snapshot at 3 */
+
   /* Bad input: a token outside the vocabulary, a corrupt state, another model's state. */
   EXPECT(moeflux_session_eval_token(session, (int32_t)n_vocab) == MOEFLUX_ERR_INVALID_ARGUMENT);
   EXPECT(strstr(moeflux_last_error(), "vocabulary") != NULL);
@@ -86,6 +101,32 @@ int main(int argc, char** argv) {
     EXPECT(moeflux_session_state_load(other_session, state, written) == MOEFLUX_ERR_MISMATCH);
     moeflux_session_free(other_session);
     moeflux_model_close(other);
+  }
+
+  /* A hybrid model: its recurrent state goes back exactly to snapshots, and only there. */
+  moeflux_model* hybrid = NULL;
+  params.pack_dir = argv[4];
+  EXPECT(moeflux_model_open(&params, &hybrid) == MOEFLUX_OK);
+  if (hybrid) {
+    EXPECT(strcmp(moeflux_model_type(hybrid), "qwen3_5_moe_text") == 0);
+    moeflux_session* h = NULL;
+    EXPECT(moeflux_session_create(hybrid, &sp, &h) == MOEFLUX_OK);
+    const int32_t ids[8] = {11, 12, 13, 14, 15, 16, 17, 18};
+    EXPECT(moeflux_session_eval_prompt(h, ids, 4) == MOEFLUX_OK); /* snapshot at 4 */
+    const int64_t nv = moeflux_model_n_vocab(hybrid);
+    float* at4 = malloc((size_t)nv * sizeof(float));
+    memcpy(at4, moeflux_session_logits(h), (size_t)nv * sizeof(float));
+    for (int i = 4; i < 8; ++i) EXPECT(moeflux_session_eval_token(h, ids[i]) == MOEFLUX_OK);
+    EXPECT(moeflux_session_truncate(h, 6) == MOEFLUX_ERR_UNSUPPORTED);
+    EXPECT(strstr(moeflux_last_error(), "snapshot") != NULL);
+    EXPECT(moeflux_session_n_past(h) == 8);
+    int64_t back = -1;
+    EXPECT(moeflux_session_rewind(h, 6, &back) == MOEFLUX_OK);
+    EXPECT(back == 4 && moeflux_session_n_past(h) == 4);
+    EXPECT(memcmp(at4, moeflux_session_logits(h), (size_t)nv * sizeof(float)) == 0);
+    free(at4);
+    moeflux_session_free(h);
+    moeflux_model_close(hybrid);
   }
 
   moeflux_expert_stats stats;
