@@ -288,7 +288,11 @@ TEST_P(Hybrid, RewindToSnapshotContinuesBitIdentically) {
   ASSERT_TRUE(straight->eval_prompt(tail).is_ok());
   const auto end = logits_row(*straight, V);
 
-  auto s = new_session(*model);
+  SessionOptions options{256, 512};
+  options.max_snapshots = 3;
+  auto created = Session::create(*model, options);
+  ASSERT_TRUE(created.is_ok());
+  auto& s = *created;
   ASSERT_TRUE(s->eval_prompt(head).is_ok());
   for (int i = 100; i < 105; ++i) ASSERT_TRUE(s->eval_token(tk[size_t(i)]).is_ok());
   ASSERT_TRUE(s->checkpoint().is_ok());
@@ -320,6 +324,15 @@ TEST_P(Hybrid, RewindToSnapshotContinuesBitIdentically) {
   for (int i = 100; i < 105; ++i) ASSERT_TRUE(s->eval_token(tk[size_t(i)]).is_ok());
   ASSERT_TRUE(s->eval_prompt(tail).is_ok());
   EXPECT_EQ(logits_row(*s, V), end);
+
+  // The oldest snapshot goes first when more are taken than the session keeps.
+  EXPECT_EQ(s->snapshot_positions(), (std::vector<int64_t>{100, 160}));
+  ASSERT_TRUE(s->checkpoint().is_ok());  // at 160 again: replaces the prompt end's
+  ASSERT_TRUE(s->eval_token(1).is_ok());
+  ASSERT_TRUE(s->checkpoint().is_ok());  // 161: three kept
+  ASSERT_TRUE(s->eval_token(2).is_ok());
+  ASSERT_TRUE(s->checkpoint().is_ok());  // 162: the oldest (100) is dropped
+  EXPECT_EQ(s->snapshot_positions(), (std::vector<int64_t>{160, 161, 162}));
 
   // Back to the start: the recurrent state starts from zero again.
   ASSERT_TRUE(s->truncate(0).is_ok());

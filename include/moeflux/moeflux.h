@@ -41,7 +41,7 @@ typedef struct moeflux_model_params {
 typedef struct moeflux_session_params {
   int64_t n_ctx;          /* context positions; 0 = 4096 (clamped to the model's maximum) */
   int64_t n_batch;        /* prompt tokens per forward pass; 0 = 512 */
-  int64_t max_snapshots;  /* snapshots kept for going back (see below); 0 = 4, -1 = none */
+  int64_t max_snapshots;  /* snapshots kept for going back (see below); 0 = 2, -1 = none */
 } moeflux_session_params;
 
 typedef struct moeflux_expert_stats {

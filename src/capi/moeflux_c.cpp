@@ -79,7 +79,7 @@ moeflux_status moeflux_model_expert_stats(const moeflux_model* model, moeflux_ex
   });
 }
 
-moeflux_session_params moeflux_session_default_params(void) { return moeflux_session_params{4096, 512, 4}; }
+moeflux_session_params moeflux_session_default_params(void) { return moeflux_session_params{4096, 512, 2}; }
 
 moeflux_status moeflux_session_create(moeflux_model* model, const moeflux_session_params* params, moeflux_session** out) {
   return guarded([&] {

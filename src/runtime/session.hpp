@@ -27,9 +27,9 @@ class Model;
 struct SessionOptions {
   int64_t n_ctx = 4096;    // positions the KV cache holds (clamped to the model's maximum)
   int64_t n_batch = 512;   // prompt tokens per forward pass
-  // Snapshots kept (the oldest is dropped first). Each holds the model's recurrent state — 195 MB at
+  // Snapshots kept (the oldest is dropped first): the last two prompt ends by default. Each holds the model's recurrent state — 195 MB at
   // Qwen3.5-397B, 74 MB at Qwen3-Next-80B, none for attention-only models — plus one row of logits.
-  int max_snapshots = 4;
+  int max_snapshots = 2;
 };
 
 class Session {
