@@ -1,13 +1,17 @@
 // Kernel benchmarks of the optimized CPU backend: the machine's streaming read bandwidth, the decode
-// matvec (n_tokens = 1) in GB/s of weight bytes for expert and output-head shapes in bf16/q8/q4, and
-// prefill matmul GFLOP/s. Owns no kernel; results go to docs/BENCHMARKS.md ("CPU kernels").
+// matvec (n_tokens = 1) in GB/s of weight bytes for expert and output-head shapes in bf16/q8/q4,
+// prefill matmul GFLOP/s, and Gated DeltaNet's ops (decode in GB/s of state, prefill in tokens/s).
+// Owns no kernel; results go to docs/BENCHMARKS.md ("CPU kernels").
 #include <benchmark/benchmark.h>
 
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <unistd.h>
 #include <vector>
 
@@ -92,6 +96,88 @@ void prefill(benchmark::State& state, WeightFormat format, int64_t rows, int64_t
   state.counters["GFLOP/s"] = benchmark::Counter(flops * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
 
+// Gated DeltaNet at Qwen3.5-397B's sizes: 16 key heads, 64 value heads, k_dim = v_dim = 128, one
+// [T, 2·16·128 + 64·128] q/k/v buffer as the model passes it.
+struct GatedDeltaShape {
+  static constexpr int64_t n_k_heads = 16, n_v_heads = 64, k_dim = 128, v_dim = 128;
+  static constexpr int64_t stride = 2 * n_k_heads * k_dim + n_v_heads * v_dim;
+  static constexpr int64_t state_floats = n_v_heads * k_dim * v_dim;  // 4 MiB per layer
+};
+
+struct GatedDeltaInputs {
+  std::vector<float> qkv, g, beta;  // [T, stride], [T, n_v_heads] ×2
+  explicit GatedDeltaInputs(int64_t n_tokens) {
+    using S = GatedDeltaShape;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    qkv.resize(size_t(n_tokens * S::stride));
+    for (auto& x : qkv) x = normal(rng);
+    for (int64_t i = 0; i < n_tokens * S::n_v_heads; ++i) {
+      g.push_back(-0.3f * std::exp(0.5f * normal(rng)));
+      beta.push_back(1.0f / (1.0f + std::exp(-normal(rng))));
+    }
+  }
+};
+
+// The path gated_delta_rule is made to take, whatever the default crossover (CpuBackendTuning).
+enum class GatedDeltaPath { recurrent, chunked };
+
+CpuBackendTuning gated_delta_tuning(GatedDeltaPath path) {
+  CpuBackendTuning tuning;
+  tuning.gated_delta_chunk_min_tokens = path == GatedDeltaPath::chunked ? 1 : INT64_MAX;
+  return tuning;
+}
+
+// One decode step (T = 1) of one layer. A step reads and writes the layer's whole state (64 heads ×
+// 64 KiB); rotating over layers' states four times the last-level cache makes it come from DRAM, as in
+// a model of 45 such layers. GB/s counts the state read plus the state written.
+void gated_delta_decode(benchmark::State& state, GatedDeltaPath path) {
+  using S = GatedDeltaShape;
+  const size_t state_bytes = size_t(S::state_floats) * 4;
+  const size_t n_layers = std::max<size_t>(1, (rotation_bytes() + state_bytes - 1) / state_bytes);
+  std::vector<std::vector<float>> states(n_layers, std::vector<float>(size_t(S::state_floats), 0.01f));
+  const GatedDeltaInputs in(1);
+  std::vector<float> out(size_t(S::n_v_heads * S::v_dim));
+  auto backend = make_cpu_backend_with_kernels(cpu_kernels_best(), all_threads(), gated_delta_tuning(path));
+  const float* q = in.qkv.data();
+  size_t next = 0;
+  for (auto _ : state) {
+    backend->gated_delta_rule(q, q + S::n_k_heads * S::k_dim, q + 2 * S::n_k_heads * S::k_dim, S::stride, in.g.data(), in.beta.data(),
+                              states[next].data(), 1, S::n_k_heads, S::n_v_heads, S::k_dim, S::v_dim, 0.088f, out.data());
+    benchmark::DoNotOptimize(out.data());
+    next = (next + 1) % n_layers;
+  }
+  state.counters["GB/s"] = benchmark::Counter(2.0 * double(state_bytes) * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+}
+
+// One layer over a prompt of n_tokens (the state stays in cache: compute-bound).
+void gated_delta_prefill(benchmark::State& state, int64_t n_tokens, GatedDeltaPath path) {
+  using S = GatedDeltaShape;
+  auto backend = make_cpu_backend_with_kernels(cpu_kernels_best(), all_threads(), gated_delta_tuning(path));
+  const GatedDeltaInputs in(n_tokens);
+  std::vector<float> layer_state(size_t(S::state_floats), 0.0f), out(size_t(n_tokens * S::n_v_heads * S::v_dim));
+  const float* q = in.qkv.data();
+  for (auto _ : state) {
+    backend->gated_delta_rule(q, q + S::n_k_heads * S::k_dim, q + 2 * S::n_k_heads * S::k_dim, S::stride, in.g.data(), in.beta.data(),
+                              layer_state.data(), n_tokens, S::n_k_heads, S::n_v_heads, S::k_dim, S::v_dim, 0.088f, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["tok/s"] = benchmark::Counter(double(n_tokens) * double(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+// The short convolution before Qwen3.5-397B's Gated DeltaNet: 12288 channels (q, k, v), kernel 4.
+void causal_conv1d(benchmark::State& state, int64_t n_tokens) {
+  const int64_t channels = 12288, kernel = 4;
+  std::vector<float> x(size_t(n_tokens * channels), 0.5f), weight(size_t(channels * kernel), 0.25f);
+  std::vector<float> conv_state(size_t((kernel - 1) * channels), 0.0f), out(x.size());
+  auto backend = make_cpu_backend(all_threads());
+  for (auto _ : state) {
+    backend->causal_conv1d_silu(x.data(), conv_state.data(), weight.data(), n_tokens, channels, kernel, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["tok/s"] = benchmark::Counter(double(n_tokens) * double(state.iterations()), benchmark::Counter::kIsRate);
+}
+
 // Every thread sums its share of a buffer far larger than any cache, as 64-bit integers with independent
 // chains, so the loop is limited by memory, not by an add's latency.
 void memory_read_bandwidth(benchmark::State& state, int n_threads) {
@@ -150,6 +236,22 @@ void register_all() {
         benchmark::RegisterBenchmark(name.c_str(), matvec, f, s.rows, s.cols, threads)->UseRealTime()->Unit(benchmark::kMicrosecond);
       }
     }
+  }
+  const std::string threads_suffix = "/threads:" + std::to_string(all_threads());
+  const std::pair<GatedDeltaPath, const char*> paths[] = {{GatedDeltaPath::recurrent, "recurrent"}, {GatedDeltaPath::chunked, "chunked"}};
+  for (const auto& [path, path_name] : paths) {
+    benchmark::RegisterBenchmark((std::string("GatedDeltaRule/decode/") + path_name + threads_suffix).c_str(), gated_delta_decode, path)
+        ->UseRealTime()->Unit(benchmark::kMicrosecond);
+  }
+  for (int64_t n_tokens : {8, 32, 128, 512}) {
+    for (const auto& [path, path_name] : paths) {
+      const std::string name = "GatedDeltaRule/prefill/tokens:" + std::to_string(n_tokens) + "/" + path_name + threads_suffix;
+      benchmark::RegisterBenchmark(name.c_str(), gated_delta_prefill, n_tokens, path)->UseRealTime()->Unit(benchmark::kMillisecond);
+    }
+  }
+  for (int64_t n_tokens : {1, 512}) {
+    benchmark::RegisterBenchmark(("CausalConv1dSilu/12288ch/tokens:" + std::to_string(n_tokens) + threads_suffix).c_str(), causal_conv1d,
+                                 n_tokens)->UseRealTime()->Unit(benchmark::kMicrosecond);
   }
   for (int64_t n_tokens : {32, 128}) {
     for (WeightFormat f : {WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {

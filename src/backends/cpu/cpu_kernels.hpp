@@ -18,6 +18,22 @@
 
 namespace moeflux {
 
+// One value head of Backend::gated_delta_rule for a run of tokens, its queries and keys already
+// normalized (cpu_backend.cpp owns the op, its reference and its tolerance).
+struct GatedDeltaHead {
+  const float* q;       // [n_tokens, k_dim] l2-normalized queries times q_scale
+  const float* k;       // [n_tokens, k_dim] l2-normalized keys
+  const float* v;       // token t's values at v + t·v_stride: [v_dim]
+  int64_t v_stride;
+  const float* g;       // token t's log decay at g[t·gate_stride]
+  const float* beta;    // token t's write strength at beta[t·gate_stride]
+  int64_t gate_stride;
+  float* state;         // [k_dim, v_dim], carried in and out
+  float* out;           // token t's output at out + t·out_stride: [v_dim]
+  int64_t out_stride;
+  int64_t n_tokens, k_dim, v_dim;
+};
+
 struct CpuKernels {
   const char* isa;  // "scalar", "avx2", "avx512"
 
@@ -45,7 +61,38 @@ struct CpuKernels {
 
   // acc[i] = fma(a, x[i], acc[i]). Matches acc[i] += a·x[i] within one rounding per element.
   void (*axpy)(float* acc, const float* x, float a, int64_t n);
+
+  // x[i] = x[i] · sigmoid(x[i]) with a vectorized polynomial exp (impl.inl): within a few ulp of
+  // x / (1 + std::exp(−x)) (≤ 2.2e-7 relative measured).
+  void (*silu)(float* x, int64_t n);
+
+  // One value head of the gated delta rule over head.n_tokens tokens, token by token (the recurrence of
+  // backend.hpp), in place on head.state. Columns of the state are independent, so it runs blocks of
+  // columns through every token while the block stays in L1. Decays are carried as one scalar per block
+  // between tokens of a call (impl.inl), so T calls of one token and one call of T tokens round
+  // differently. scratch: gated_delta_recurrent_scratch_floats(k_dim, n_tokens) floats.
+  void (*gated_delta_recurrent)(const GatedDeltaHead& head, float* scratch);
+
+  // The same for one chunk of at most gated_delta_chunk_tokens tokens in the chunked (WY) form, which
+  // equals the recurrence algebraically and turns it into small matrix products (impl.inl has the
+  // equations). scratch: gated_delta_chunk_scratch_floats(head.n_tokens, k_dim, v_dim) floats.
+  void (*gated_delta_chunk)(const GatedDeltaHead& head, float* scratch);
 };
+
+// Tokens per chunk of the chunked form: transformers' chunk size. The work per token grows with it
+// (3·k_dim·v_dim multiply-adds, as in the recurrence, plus ~chunk/2·(3·k_dim + 2·v_dim)).
+constexpr int64_t gated_delta_chunk_tokens = 64;
+
+// Columns of the state a recurrent block holds, at most (4 vectors of the widest table).
+constexpr int64_t gated_delta_recurrent_block_columns = 64;
+
+inline int64_t gated_delta_recurrent_scratch_floats(int64_t k_dim, int64_t n_tokens) {
+  return k_dim * gated_delta_recurrent_block_columns + 2 * n_tokens;
+}
+
+inline int64_t gated_delta_chunk_scratch_floats(int64_t n_tokens, int64_t k_dim, int64_t v_dim) {
+  return 3 * n_tokens + 2 * k_dim * n_tokens + 3 * n_tokens * n_tokens + 2 * n_tokens * (k_dim + v_dim);
+}
 
 inline int64_t q4_prepared_floats(int64_t n_tokens, int64_t cols) { return n_tokens * (cols + cols / 64); }
 
@@ -57,7 +104,18 @@ const CpuKernels& cpu_kernels_scalar();
 // The widest table this CPU runs (what make_cpu_backend uses).
 const CpuKernels& cpu_kernels_best();
 
+// Choices of the optimized CPU backend that tests and benchmarks may override; the defaults are measured.
+struct CpuBackendTuning {
+  // gated_delta_rule runs the chunked form from this many tokens on, the recurrence below. Never, by
+  // default: on a 2-core Zen 4 (AVX2), Qwen3.5-397B's 64 heads, the recurrence took 0.42/0.78/4.2/28 ms
+  // for 2/8/64/512 tokens and the chunked form 0.47/0.95/7.3/44 ms. On a CPU the recurrence does only
+  // the chunked form's irreducible 3·k_dim·v_dim multiply-adds per token, on a state block held in L1;
+  // kernels_bench's GatedDeltaRule/prefill compares both on other machines.
+  int64_t gated_delta_chunk_min_tokens = INT64_MAX;
+};
+
 // make_cpu_backend with a chosen table, so tests and benchmarks can exercise each ISA on one machine.
-std::unique_ptr<Backend> make_cpu_backend_with_kernels(const CpuKernels& kernels, int n_threads);
+std::unique_ptr<Backend> make_cpu_backend_with_kernels(const CpuKernels& kernels, int n_threads,
+                                                       const CpuBackendTuning& tuning = {});
 
 }  // namespace moeflux

@@ -4,7 +4,8 @@
 // Owns the tiling of matmul (rows × tokens) and the per-format decoders. See cpu_kernels.hpp for the
 // determinism contract these loops keep.
 //
-// Needs from V: L, reg, ireg, RP/TP (prefill tile: rows × tokens), zero, load, set1, add, mul, fmadd, hsum,
+// Needs from V: L, reg, ireg, RP/TP (prefill tile: rows × tokens), GR/GV (small-gemm tile: rows ×
+// vectors), zero, load, set1, add, mul, fmadd, hsum,
 // load_bf16, load_i8 (to fp32), f16 (scalar fp16 → fp32), load_words, low_nibble (ireg → fp32 reg),
 // shift_nibble (ireg >> 4), q4_scales (one value per group of 8 lanes, from bf16).
 
@@ -289,6 +290,317 @@ void axpy(float* acc, const float* x, float a, int64_t n) {
   for (; i < n; ++i) acc[i] = __builtin_fmaf(a, x[i], acc[i]);
 }
 
+// exp(x) as Cephes' expf computes it, in plain operations the compiler vectorizes: x = n·ln2 + r with n
+// = round(x·log2e) (by the 1.5·2^23 shift), ln2 split in two for an exact reduction, a degree-6
+// polynomial on |r| ≤ ln2/2, and 2^n from the exponent bits. Relative error ~1e-7 (Cephes' bound) for
+// x ∈ [−87.3, 88.3], the range the caller clamps x to (2^n stays a normal number).
+inline float exp_clamped(float x) {
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// x[i] = x[i] / (1 + exp(−x[i])). The clamp gets a loop of its own: fused with the rest, the compiler
+// turns it into branches and vectorizes nothing. Past the clamp the result is x or ~0 anyway.
+void silu(float* x, int64_t n) {
+  constexpr int64_t block = 64;
+  float neg[block];
+  for (int64_t b = 0; b < n; b += block) {
+    const int64_t m = n - b < block ? n - b : block;
+    for (int64_t i = 0; i < m; ++i) {
+      const float v = -x[b + i];
+      neg[i] = v < -87.3f ? -87.3f : v > 88.3f ? 88.3f : v;
+    }
+    for (int64_t i = 0; i < m; ++i) x[b + i] = x[b + i] / (1.0f + exp_clamped(neg[i]));
+  }
+}
+
+// --- Gated DeltaNet: one value head (cpu_backend.cpp's gated_delta_rule has the math).
+
+// NB vectors of state columns through every token. blk: the block, row i at blk + i·ld (the state in
+// place, or a packed copy). Per token: u = Sᵀk̂ and p = Sᵀq̂ from the old state, δ = β(v − e^g·u),
+// out = e^g·p + (k̂·q̂)·δ (= S_newᵀq̂), S ← e^g·S + k̂ ⊗ δ. Each sum over the k_dim rows is one chain per
+// column in row order.
+//
+// The block holds P = S / scale: each token's decay goes into the scalar `scale`, so the update is one
+// fma per element (P += k̂ ⊗ δ/scale) instead of two, and the update of token t shares its pass with the
+// sums of token t + 1. The last token's pass, or one where the scale leaves [2^-64, 2^64] (a strong
+// decay; it would otherwise underflow), writes S itself: S = scale·P + k̂ ⊗ δ. So a call of one token
+// reads the state once and writes it once.
+template <int NB>
+inline void gated_delta_recurrent_block(const GatedDeltaHead& h, const float* decay, const float* kq_all, int64_t c0, float* blk,
+                                        int64_t ld) {
+  const int64_t dk = h.k_dim;
+  reg u[NB], p[NB];  // Pᵀk̂, Pᵀq̂ of the current token
+  for (int j = 0; j < NB; ++j) u[j] = p[j] = V::zero();
+  for (int64_t i = 0; i < dk; ++i) {
+    const reg ki = V::set1(h.k[i]), qi = V::set1(h.q[i]);
+    for (int j = 0; j < NB; ++j) {
+      const reg sv = V::load(blk + i * ld + j * V::L);
+      u[j] = V::fmadd(sv, ki, u[j]);
+      p[j] = V::fmadd(sv, qi, p[j]);
+    }
+  }
+  float scale = 1.0f;  // S = scale · P
+  for (int64_t t = 0; t < h.n_tokens; ++t) {
+    const float* k = h.k + t * dk;
+    const float* q = h.q + t * dk;
+    const float new_scale = scale * decay[t];  // e^g · scale
+    const reg beta = V::set1(h.beta[t * h.gate_stride]), minus_decayed = V::set1(-new_scale);
+    const reg kq = V::set1(kq_all[t]), decayed = V::set1(new_scale);
+    const float* v = h.v + t * h.v_stride + c0;
+    float* o = h.out + t * h.out_stride + c0;
+    reg delta[NB];
+    for (int j = 0; j < NB; ++j) {
+      delta[j] = V::mul(beta, V::fmadd(minus_decayed, u[j], V::load(v + j * V::L)));
+      V::store(o + j * V::L, V::fmadd(decayed, p[j], V::mul(kq, delta[j])));
+    }
+    if (t + 1 == h.n_tokens) {
+      for (int64_t i = 0; i < dk; ++i) {
+        const reg ki = V::set1(k[i]);
+        for (int j = 0; j < NB; ++j) {
+          float* sp = blk + i * ld + j * V::L;
+          V::store(sp, V::fmadd(decayed, V::load(sp), V::mul(ki, delta[j])));
+        }
+      }
+      break;
+    }
+    const float* k_next = k + dk;
+    const float* q_next = q + dk;
+    for (int j = 0; j < NB; ++j) u[j] = p[j] = V::zero();
+    if (!(new_scale >= 0x1p-64f && new_scale <= 0x1p64f)) {
+      for (int64_t i = 0; i < dk; ++i) {
+        const reg ki = V::set1(k[i]), kn = V::set1(k_next[i]), qn = V::set1(q_next[i]);
+        for (int j = 0; j < NB; ++j) {
+          float* sp = blk + i * ld + j * V::L;
+          const reg sv = V::fmadd(decayed, V::load(sp), V::mul(ki, delta[j]));
+          V::store(sp, sv);
+          u[j] = V::fmadd(sv, kn, u[j]);
+          p[j] = V::fmadd(sv, qn, p[j]);
+        }
+      }
+      scale = 1.0f;
+    } else {
+      const reg inv = V::set1(1.0f / new_scale);
+      for (int j = 0; j < NB; ++j) delta[j] = V::mul(delta[j], inv);
+      for (int64_t i = 0; i < dk; ++i) {
+        const reg ki = V::set1(k[i]), kn = V::set1(k_next[i]), qn = V::set1(q_next[i]);
+        for (int j = 0; j < NB; ++j) {
+          float* sp = blk + i * ld + j * V::L;
+          const reg sv = V::fmadd(ki, delta[j], V::load(sp));
+          V::store(sp, sv);
+          u[j] = V::fmadd(sv, kn, u[j]);
+          p[j] = V::fmadd(sv, qn, p[j]);
+        }
+      }
+      scale = new_scale;
+    }
+  }
+}
+
+// Columns [c0, c0 + NB·L): in place for one token (one pass each way is all it does); for more, on a
+// packed copy, since rows of the state v_dim floats apart map a block onto few L1 sets.
+template <int NB>
+inline void gated_delta_recurrent_columns(const GatedDeltaHead& h, const float* decay, const float* kq, int64_t c0,
+                                          float* scratch) {
+  constexpr int64_t W = NB * V::L;
+  float* s = h.state + c0;
+  if (h.n_tokens == 1) return gated_delta_recurrent_block<NB>(h, decay, kq, c0, s, h.v_dim);
+  for (int64_t i = 0; i < h.k_dim; ++i)
+    for (int j = 0; j < NB; ++j) V::store(scratch + i * W + j * V::L, V::load(s + i * h.v_dim + j * V::L));
+  gated_delta_recurrent_block<NB>(h, decay, kq, c0, scratch, W);
+  for (int64_t i = 0; i < h.k_dim; ++i)
+    for (int j = 0; j < NB; ++j) V::store(s + i * h.v_dim + j * V::L, V::load(scratch + i * W + j * V::L));
+}
+
+// Columns [c0, v_dim) one at a time (v_dim not a multiple of L), the state decayed token by token.
+inline void gated_delta_recurrent_tail(const GatedDeltaHead& h, const float* decay_all, const float* kq_all, int64_t c0) {
+  const int64_t dk = h.k_dim, dv = h.v_dim;
+  for (int64_t t = 0; t < h.n_tokens; ++t) {
+    const float* q = h.q + t * dk;
+    const float* k = h.k + t * dk;
+    const float decay = decay_all[t], b = h.beta[t * h.gate_stride], kq = kq_all[t];
+    for (int64_t c = c0; c < dv; ++c) {
+      float u = 0.0f, p = 0.0f;
+      for (int64_t i = 0; i < dk; ++i) {
+        u += h.state[i * dv + c] * k[i];
+        p += h.state[i * dv + c] * q[i];
+      }
+      const float delta = b * (h.v[t * h.v_stride + c] - decay * u);
+      h.out[t * h.out_stride + c] = decay * p + kq * delta;
+      for (int64_t i = 0; i < dk; ++i) h.state[i * dv + c] = decay * h.state[i * dv + c] + k[i] * delta;
+    }
+  }
+}
+
+// Four vectors of columns at a time: 8 accumulation chains, and a k_dim × 4L block of the state (16 KiB
+// at k_dim 128 with AVX2) stays in L1 across tokens.
+void gated_delta_recurrent(const GatedDeltaHead& h, float* scratch) {
+  constexpr int NB = 4;
+  static_assert(NB * V::L <= gated_delta_recurrent_block_columns);
+  float* decay = scratch + h.k_dim * gated_delta_recurrent_block_columns;  // [T] e^g
+  float* kq = decay + h.n_tokens;                                           // [T] k̂·q̂
+  for (int64_t t = 0; t < h.n_tokens; ++t) {
+    decay[t] = std::exp(h.g[t * h.gate_stride]);
+    kq[t] = dot(h.k + t * h.k_dim, h.q + t * h.k_dim, h.k_dim);
+  }
+  int64_t c = 0;
+  for (; c + NB * V::L <= h.v_dim; c += NB * V::L) gated_delta_recurrent_columns<NB>(h, decay, kq, c, scratch);
+  for (; c + V::L <= h.v_dim; c += V::L) gated_delta_recurrent_columns<1>(h, decay, kq, c, scratch);
+  if (c < h.v_dim) gated_delta_recurrent_tail(h, decay, kq, c);
+}
+
+// A small matrix product for the chunked form, all operands in L1/L2:
+//   C[m, n] = (accumulate ? c_scale · C[m, n] : 0) + row_scale[m] · Σ_k A(m, k) · B[k, n],  A(m, k) = a[m·a_rs + k·a_cs]
+// for m < M, n < N, k < K. a_lower: A(m, k) = 0 for k > m (stored as zeros), so a tile of rows [m0, m1)
+// sums k < m1 only. c_lower: only columns n ≤ m are wanted; tiles wholly right of the diagonal are
+// skipped (others may write there). Each element is one chain over k in order; whether a column takes
+// the vector or the scalar path depends on N alone, so results depend only on the shapes.
+struct Gemm {
+  int64_t M, N, K;
+  const float* a;
+  int64_t a_rs, a_cs;
+  const float* b;  // [K, ldb]
+  int64_t ldb;
+  float* c;        // [M, ldc]
+  int64_t ldc;
+  bool accumulate = false;
+  float c_scale = 1.0f;
+  const float* row_scale = nullptr;  // [M], or null for 1
+  bool a_lower = false, c_lower = false;
+};
+
+template <int MR, int NV>
+inline void gemm_tile(const Gemm& g, int64_t m0, int64_t n0, int64_t k_end) {
+  reg acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = V::zero();
+  const float* a = g.a + m0 * g.a_rs;
+  for (int64_t k = 0; k < k_end; ++k) {
+    reg bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(g.b + k * g.ldb + n0 + v * V::L);
+    for (int m = 0; m < MR; ++m) {
+      const reg av = V::set1(a[m * g.a_rs + k * g.a_cs]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = V::fmadd(av, bv[v], acc[m][v]);
+    }
+  }
+  const reg c_scale = V::set1(g.c_scale);
+  for (int m = 0; m < MR; ++m) {
+    const reg scale = V::set1(g.row_scale ? g.row_scale[m0 + m] : 1.0f);
+    float* cm = g.c + (m0 + m) * g.ldc + n0;
+    for (int v = 0; v < NV; ++v) {
+      reg* out = &acc[m][v];
+      *out = g.accumulate ? V::fmadd(scale, *out, V::mul(c_scale, V::load(cm + v * V::L))) : V::mul(scale, *out);
+      V::store(cm + v * V::L, *out);
+    }
+  }
+}
+
+template <int MR, int NV>
+inline void gemm_tile_rows(const Gemm& g, int64_t rows, int64_t m0, int64_t n0, int64_t k_end) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return gemm_tile_rows<MR - 1, NV>(g, rows, m0, n0, k_end);
+  }
+  gemm_tile<MR, NV>(g, m0, n0, k_end);
+}
+
+void gemm(const Gemm& g) {
+  constexpr int64_t MR = V::GR, W = V::GV * V::L;
+  for (int64_t m0 = 0; m0 < g.M; m0 += MR) {
+    const int64_t m1 = m0 + MR < g.M ? m0 + MR : g.M;
+    const int64_t k_end = g.a_lower && m1 < g.K ? m1 : g.K;
+    const int64_t n_end = g.c_lower && m1 < g.N ? m1 : g.N;
+    int64_t n0 = 0;
+    for (; n0 < n_end && n0 + W <= g.N; n0 += W) gemm_tile_rows<V::GR, V::GV>(g, m1 - m0, m0, n0, k_end);
+    for (; n0 < n_end && n0 + V::L <= g.N; n0 += V::L) gemm_tile_rows<V::GR, 1>(g, m1 - m0, m0, n0, k_end);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float scale = g.row_scale ? g.row_scale[m] : 1.0f;
+      for (int64_t n = n0; n < n_end; ++n) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < k_end; ++k) sum += g.a[m * g.a_rs + k * g.a_cs] * g.b[k * g.ldb + n];
+        float& cmn = g.c[m * g.ldc + n];
+        cmn = g.accumulate ? g.c_scale * cmn + scale * sum : scale * sum;
+      }
+    }
+  }
+}
+
+// One chunk of n tokens with incoming state S [dk, dv] (transformers' torch_chunk_gated_delta_rule):
+// G = cumsum(g), D_ij = exp(G_i − G_j) for j ≤ i, A = strictly_lower(diag(β) K̂K̂ᵀ ⊙ D),
+// T = (I + A)⁻¹, U = T(β⊙V), W = T(β⊙e^G⊙K̂), V_new = U − W S,
+// O = (e^G⊙Q̂) S + tril(Q̂K̂ᵀ ⊙ D) V_new,  S ← e^{G_last} S + (e^{G_last − G}⊙K̂)ᵀ V_new.
+// Every exponent is ≤ 0, so nothing overflows however strong the decay.
+void gated_delta_chunk(const GatedDeltaHead& h, float* scratch) {
+  const int64_t n = h.n_tokens, dk = h.k_dim, dv = h.v_dim, w = dv + dk;
+  float* cum = scratch;            // [n] G
+  float* exp_cum = cum + n;        // [n] e^G
+  float* exp_rest = exp_cum + n;   // [n] e^{G_last − G}
+  float* kt = exp_rest + n;        // [dk, n] K̂ᵀ
+  float* kk = kt + dk * n;         // [n, n] K̂K̂ᵀ, then −A
+  float* qk = kk + n * n;          // [n, n] Q̂K̂ᵀ, then P = tril(Q̂K̂ᵀ ⊙ D)
+  float* tri = qk + n * n;         // [n, n] T, zeros above the diagonal
+  float* rhs = tri + n * n;        // [n, dv + dk] [β⊙V | −β⊙e^G⊙K̂]
+  float* x = rhs + n * w;          // [n, dv + dk] T·rhs = [U | −W], then [V_new | −W]
+  float* kd = x + n * w;           // [n, dk] e^{G_last − G}⊙K̂
+  float* S = h.state;
+
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) cum[i] = acc += h.g[i * h.gate_stride];
+  for (int64_t i = 0; i < n; ++i) {
+    exp_cum[i] = std::exp(cum[i]);
+    exp_rest[i] = std::exp(cum[n - 1] - cum[i]);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dk; ++d) kt[d * n + i] = h.k[i * dk + d];
+  gemm({.M = n, .N = n, .K = dk, .a = h.k, .a_rs = dk, .a_cs = 1, .b = kt, .ldb = n, .c = kk, .ldc = n, .c_lower = true});
+  gemm({.M = n, .N = n, .K = dk, .a = h.q, .a_rs = dk, .a_cs = 1, .b = kt, .ldb = n, .c = qk, .ldc = n, .c_lower = true});
+  for (int64_t i = 0; i < n; ++i) {
+    const float beta = h.beta[i * h.gate_stride];
+    for (int64_t j = 0; j <= i; ++j) {
+      const float decay = std::exp(cum[i] - cum[j]);
+      kk[i * n + j] = j < i ? -(beta * kk[i * n + j] * decay) : 0.0f;
+      qk[i * n + j] *= decay;
+    }
+    for (int64_t j = i + 1; j < n; ++j) qk[i * n + j] = 0.0f;
+  }
+  // Forward substitution, row by row: T_i = e_i − Σ_{j<i} A_ij T_j. Columns ≥ i of the sum are zero (T_j
+  // is zero right of j); the product runs to the next vector boundary, then row i is set past column i.
+  for (int64_t i = 0; i < n; ++i) {
+    float* ti = tri + i * n;
+    if (i > 0) {
+      const int64_t cols = (i + V::L - 1) / V::L * V::L < n ? (i + V::L - 1) / V::L * V::L : n;
+      gemm({.M = 1, .N = cols, .K = i, .a = kk + i * n, .a_rs = 0, .a_cs = 1, .b = tri, .ldb = n, .c = ti, .ldc = n});
+    }
+    ti[i] = 1.0f;
+    for (int64_t c = i + 1; c < n; ++c) ti[c] = 0.0f;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float beta = h.beta[i * h.gate_stride], beta_key = -beta * exp_cum[i];
+    const float* v = h.v + i * h.v_stride;
+    for (int64_t c = 0; c < dv; ++c) rhs[i * w + c] = beta * v[c];
+    for (int64_t d = 0; d < dk; ++d) rhs[i * w + dv + d] = beta_key * h.k[i * dk + d];
+  }
+  gemm({.M = n, .N = w, .K = n, .a = tri, .a_rs = n, .a_cs = 1, .b = rhs, .ldb = w, .c = x, .ldc = w, .a_lower = true});
+  // V_new = U + (−W) S, in place over U.
+  gemm({.M = n, .N = dv, .K = dk, .a = x + dv, .a_rs = w, .a_cs = 1, .b = S, .ldb = dv, .c = x, .ldc = w, .accumulate = true});
+  gemm({.M = n, .N = dv, .K = dk, .a = h.q, .a_rs = dk, .a_cs = 1, .b = S, .ldb = dv, .c = h.out, .ldc = h.out_stride,
+        .row_scale = exp_cum});
+  gemm({.M = n, .N = dv, .K = n, .a = qk, .a_rs = n, .a_cs = 1, .b = x, .ldb = w, .c = h.out, .ldc = h.out_stride,
+        .accumulate = true, .a_lower = true});
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dk; ++d) kd[i * dk + d] = exp_rest[i] * h.k[i * dk + d];
+  gemm({.M = dk, .N = dv, .K = n, .a = kd, .a_rs = 1, .a_cs = dk, .b = x, .ldb = w, .c = S, .ldc = dv, .accumulate = true,
+        .c_scale = exp_cum[n - 1]});
+}
+
 constexpr CpuKernels kernel_table(const char* isa) {
-  return {isa, &prepare_q4_activations, &matmul_rows, &dot, &sum_squares, &axpy};
+  return {isa, &prepare_q4_activations, &matmul_rows, &dot, &sum_squares, &axpy, &silu, &gated_delta_recurrent, &gated_delta_chunk};
 }

@@ -5,6 +5,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__clang__)
@@ -20,6 +21,7 @@ namespace {
 struct V {
   static constexpr int L = 8;
   static constexpr int RP = 3, TP = 4;  // prefill tile: 12 accumulators + 3 weights + 1 activation = 16 ymm
+  static constexpr int GR = 6, GV = 2;  // small-gemm tile: 12 accumulators + 2 of B + 1 broadcast
   using reg = __m256;
   using ireg = __m256i;
   static reg zero() { return _mm256_setzero_ps(); }

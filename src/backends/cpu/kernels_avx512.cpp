@@ -5,6 +5,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__clang__)
@@ -24,6 +25,7 @@ namespace {
 struct V {
   static constexpr int L = 16;
   static constexpr int RP = 4, TP = 6;  // prefill tile: 24 accumulators + 4 weights + 1 activation of 32 zmm
+  static constexpr int GR = 6, GV = 4;  // small-gemm tile: 24 accumulators + 4 of B + 1 broadcast
   using reg = __m512;
   using ireg = __m512i;
   static reg zero() { return _mm512_setzero_ps(); }

@@ -1,6 +1,7 @@
 // The portable kernel table: the same tiled loops as the SIMD tables over an 8-lane "vector" of plain
 // floats, for CPUs without AVX2 (and other architectures). Also owns cpu_kernels_best(), the run-time
 // choice among the tables.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -13,6 +14,7 @@ namespace {
 struct V {
   static constexpr int L = 8;
   static constexpr int RP = 2, TP = 2;
+  static constexpr int GR = 2, GV = 2;
   struct reg { float v[8]; };
   struct ireg { uint32_t v[8]; };
   static reg zero() { return {}; }
