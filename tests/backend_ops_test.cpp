@@ -288,10 +288,10 @@ TEST_P(BackendOps, AttentionMatchesReference) {
     const auto v = gaussian(size_t(n_ctx * c.n_head_kv * c.head_dim), rng_);
     const float scale = 1.0f / std::sqrt(float(c.head_dim));
     std::vector<float> out_ref(q.size());
-    ref_->attention(q.data(), k.data(), v.data(), c.n_tokens, c.n_past, c.n_head, c.n_head_kv, c.head_dim, scale,
-                    out_ref.data());
+    const AttentionLayout layout = AttentionLayout::gqa(c.n_head, c.n_head_kv, c.head_dim);
+    ref_->attention(q.data(), k.data(), v.data(), c.n_tokens, c.n_past, layout, scale, out_ref.data());
     DeviceBuffer dq(but(), *be_, q), dk(but(), *be_, k), dv(but(), *be_, v), dout(but(), *be_, q.size() * 4);
-    be_->attention(dq.f(), dk.f(), dv.f(), c.n_tokens, c.n_past, c.n_head, c.n_head_kv, c.head_dim, scale, dout.f());
+    be_->attention(dq.f(), dk.f(), dv.f(), c.n_tokens, c.n_past, layout, scale, dout.f());
     const auto got = dout.read();
     const float v_max = std::fabs(*std::max_element(v.begin(), v.end(), [](float a, float b) { return std::fabs(a) < std::fabs(b); }));
     Mismatches bad;
@@ -302,6 +302,105 @@ TEST_P(BackendOps, AttentionMatchesReference) {
       bad.check(std::fabs(got[i] - out_ref[i]) <= tol, i, got[i], out_ref[i], tol);
     }
     EXPECT_EQ(bad.count, 0) << "T=" << c.n_tokens << " n_past=" << c.n_past << " gqa=" << c.n_head / c.n_head_kv << bad.first;
+  }
+}
+
+// Layouts beyond plain GQA: MLA's expanded form (keys wider than values, one KV head per query head)
+// and its latent form (one KV head whose value is the first v_dim floats of its key row).
+TEST_P(BackendOps, AttentionWithOtherLayoutsMatchesReference) {
+  struct Case { int64_t n_tokens, n_past; AttentionLayout layout; bool latent; };
+  for (const Case& c : {Case{5, 3, {4, 4, 24, 16, 4 * 24, 4 * 16}, false}, Case{1, 20, {8, 1, 40, 32, 40, 40}, true},
+                        Case{6, 9, {8, 1, 40, 32, 40, 40}, true}, Case{2, 4, {4, 2, 16, 16, 48, 40}, false}}) {
+    const AttentionLayout& l = c.layout;
+    const int64_t n_ctx = c.n_past + c.n_tokens;
+    const auto q = gaussian(size_t(c.n_tokens * l.n_head * l.k_dim), rng_);
+    const auto k = gaussian(size_t(n_ctx * l.k_stride), rng_);
+    const auto v = c.latent ? k : gaussian(size_t(n_ctx * l.v_stride), rng_);
+    const float scale = 0.3f;
+    std::vector<float> out_ref(size_t(c.n_tokens * l.n_head * l.v_dim));
+    ref_->attention(q.data(), k.data(), v.data(), c.n_tokens, c.n_past, l, scale, out_ref.data());
+    DeviceBuffer dq(but(), *be_, q), dk(but(), *be_, k), dout(but(), *be_, out_ref.size() * 4);
+    DeviceBuffer dv(but(), *be_, v);
+    be_->attention(dq.f(), dk.f(), c.latent ? dk.f() : dv.f(), c.n_tokens, c.n_past, l, scale, dout.f());
+    const auto got = dout.read();
+    Mismatches bad;
+    for (size_t i = 0; i < got.size(); ++i) {
+      // As above: a convex combination of values (gaussian, |v| ≲ 5), rounding ~1e-6 relative.
+      const double tol = 5e-5;
+      bad.check(std::fabs(got[i] - out_ref[i]) <= tol, i, got[i], out_ref[i], tol);
+    }
+    EXPECT_EQ(bad.count, 0) << "k_dim " << l.k_dim << " v_dim " << l.v_dim << " latent " << c.latent << bad.first;
+  }
+}
+
+// YaRN's attention factor scales the rotated dims; a row stride lets rope run on a slice of each row
+// (MLA's rope dims after the nope dims of each head).
+TEST_P(BackendOps, RopeWithScaleAndStrideMatchesReference) {
+  const int64_t T = 4, heads = 3, head_dim = 8, stride = 40;  // each row: 3 heads of 8 inside 40 floats
+  const auto x = gaussian(size_t(T * stride), rng_);
+  std::vector<int32_t> positions = {0, 7, 300, 4095};
+  std::vector<float> inv_freq = {1.0f, 0.1f, 0.01f, 0.001f};
+  auto x_ref = x;
+  ref_->rope_neox(x_ref.data() + 5, T, heads, head_dim, head_dim, positions.data(), inv_freq.data(), 1.25f, stride);
+  DeviceBuffer dx(but(), *be_, x);
+  be_->rope_neox(dx.f() + 5, T, heads, head_dim, head_dim, positions.data(), inv_freq.data(), 1.25f, stride);
+  const auto got = dx.read();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < stride; ++i) {
+      const size_t at = size_t(t * stride + i);
+      const bool rotated = i >= 5 && i < 5 + heads * head_dim;
+      if (!rotated) {
+        EXPECT_EQ(got[at], x[at]) << "t " << t << " i " << i;  // outside the heads: untouched
+        continue;
+      }
+      // The rotation with scale 1.25 changes the norm of each pair by exactly that factor.
+      EXPECT_NEAR(got[at], x_ref[at], 1e-5 * (1 + std::fabs(x_ref[at]))) << "t " << t << " i " << i;
+    }
+  // Position 0 does not rotate: the rotated dims are just scaled.
+  for (int64_t i = 5; i < 5 + heads * head_dim; ++i) EXPECT_NEAR(x_ref[size_t(i)], 1.25f * x[size_t(i)], 1e-6f);
+}
+
+// DeepSeek-V3's noaux_tc routing on a case worked by hand: 8 experts in 4 groups of 2, keep 2 groups,
+// choose 2 experts. The bias steers the choice but never the weights; a lone high expert in a group
+// whose pair sum is low is masked out.
+TEST_P(BackendOps, RouterSigmoidGroupedTopkFollowsNoauxTc) {
+  auto logit = [](float p) { return std::log(p / (1 - p)); };  // sigmoid⁻¹
+  // sigmoid scores by expert:    g0: 0.9 0.1   g1: 0.6 0.5   g2: 0.55 0.55   g3: 0.3 0.2
+  const std::vector<float> probs = {0.9f, 0.1f, 0.6f, 0.5f, 0.55f, 0.55f, 0.3f, 0.2f};
+  std::vector<float> logits;
+  for (float p : probs) logits.push_back(logit(p));
+  // Choice scores (s + bias): g0 0.9 + 0.1 = 1.0; g1 0.6 + 0.45 = 1.05 (the bias on expert 3); g2 0.55 +
+  // 0.55 = 1.1; g3 0.3 + 0.9 = 1.2 (expert 7 lifted by 0.7). Kept: g3 and g2 — g0 is dropped although
+  // its expert 0 has the highest score of all.
+  const std::vector<float> bias = {0.0f, 0.0f, 0.0f, -0.05f, 0.0f, 0.0f, 0.0f, 0.7f};
+  std::vector<int32_t> ids(2);
+  std::vector<float> w(2);
+  DeviceBuffer dl(but(), *be_, logits);
+  be_->router_sigmoid_grouped_topk(dl.f(), bias.data(), 1, 8, 4, 2, 2, true, 2.5f, ids.data(), w.data());
+  // Among g3 and g2: 0.9 (e7), 0.55 (e4), 0.55 (e5), 0.3 (e6) → e7 then e4 (tie: lower id).
+  EXPECT_EQ(ids, (std::vector<int32_t>{7, 4}));
+  // Weights from the unbiased sigmoid scores 0.2 and 0.55, normalized, times 2.5.
+  EXPECT_NEAR(w[0], 0.2f / 0.75f * 2.5f, 1e-6f);
+  EXPECT_NEAR(w[1], 0.55f / 0.75f * 2.5f, 1e-6f);
+
+  // Masked experts score 0 (transformers' masked_fill(…, 0.0)): with every kept choice score negative,
+  // a masked expert can be chosen.
+  const std::vector<float> negative = {-2.0f, -2.0f, -2.0f, -2.0f, -2.0f, -2.0f, -2.0f, -1.5f};
+  be_->router_sigmoid_grouped_topk(dl.f(), negative.data(), 1, 8, 4, 1, 1, false, 1.0f, ids.data(), w.data());
+  EXPECT_EQ(ids[0], 0);  // every kept score is below 0; the masked experts tie at 0 and expert 0 wins by id
+  EXPECT_NEAR(w[0], 0.9f, 1e-6f);
+
+  // Against the reference on random inputs, DeepSeek-V3's shape (256 experts, 8 groups, top-4 groups, k 8).
+  for (int64_t T : {1, 5}) {
+    const auto l = gaussian(size_t(T * 256), rng_, 2.0f);
+    const auto b = gaussian(256, rng_, 0.1f);
+    std::vector<int32_t> ids_ref(size_t(T * 8)), got_ids(ids_ref.size());
+    std::vector<float> w_ref(ids_ref.size()), got_w(ids_ref.size());
+    ref_->router_sigmoid_grouped_topk(l.data(), b.data(), T, 256, 8, 4, 8, true, 2.5f, ids_ref.data(), w_ref.data());
+    DeviceBuffer d(but(), *be_, l);
+    be_->router_sigmoid_grouped_topk(d.f(), b.data(), T, 256, 8, 4, 8, true, 2.5f, got_ids.data(), got_w.data());
+    EXPECT_EQ(got_ids, ids_ref);
+    for (size_t i = 0; i < w_ref.size(); ++i) EXPECT_NEAR(got_w[i], w_ref[i], 1e-6f);
   }
 }
 

@@ -15,6 +15,21 @@
 
 namespace moeflux {
 
+// The shape of an attention call (Backend::attention). Query head h of token t: q + (t·n_head + h)·k_dim;
+// KV head j of position p: k_cache + p·k_stride + j·k_dim and v_cache + p·v_stride + j·v_dim; out head h
+// of token t: out + (t·n_head + h)·v_dim. GQA: KV head j serves query heads j·g … j·g + g − 1,
+// g = n_head / n_head_kv. MLA's latent cache is one KV head whose value is a prefix of its key
+// (v_cache = k_cache, v_dim < k_dim, equal strides).
+struct AttentionLayout {
+  int64_t n_head = 0, n_head_kv = 0;
+  int64_t k_dim = 0, v_dim = 0;        // query/key and value widths per head
+  int64_t k_stride = 0, v_stride = 0;  // floats from one cache position to the next
+  // The usual layout: caches [n_ctx, n_head_kv, head_dim].
+  static AttentionLayout gqa(int64_t n_head, int64_t n_head_kv, int64_t head_dim) {
+    return {n_head, n_head_kv, head_dim, head_dim, n_head_kv * head_dim, n_head_kv * head_dim};
+  }
+};
+
 // One matmul of a batch (Backend::matmul_many): y = x · wᵀ, x: [n_tokens, w.cols], y: [n_tokens, w.rows].
 struct MatmulJob {
   WeightView w;
@@ -48,23 +63,32 @@ class Backend {
   virtual void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) = 0;
 
   // Rotary embedding, rotate_half ("NeoX") layout, in place: for each head h of token t the pairs
-  // (i, i + rot_dim/2), i < rot_dim/2, rotate by positions[t] · inv_freq[i]; dims ≥ rot_dim pass through.
-  // x: [T, n_heads, head_dim]; inv_freq: [rot_dim/2] (host memory).
+  // (i, i + rot_dim/2), i < rot_dim/2, rotate by positions[t] · inv_freq[i], and the rotated dims are
+  // multiplied by scale (YaRN's attention factor; 1 otherwise); dims ≥ rot_dim pass through.
+  // Head h of token t starts at x + t·row_stride + h·head_dim (row_stride 0: n_heads·head_dim).
+  // inv_freq: [rot_dim/2] (host memory).
   virtual void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim,
-                         const int32_t* positions, const float* inv_freq) = 0;
+                         const int32_t* positions, const float* inv_freq, float scale = 1.0f, int64_t row_stride = 0) = 0;
 
-  // Causal GQA softmax attention over a KV cache.
-  // q: [T, n_head, head_dim]; k_cache, v_cache: [n_ctx, n_head_kv, head_dim] holding positions
-  // 0 .. n_past + T − 1; query t sits at position n_past + t and sees keys 0 .. n_past + t.
-  // KV head j serves query heads j·g … j·g + g − 1, g = n_head / n_head_kv.   out: [T, n_head, head_dim]
+  // Causal softmax attention over a KV cache holding positions 0 .. n_past + T − 1 (layout above):
+  // query t sits at position n_past + t and sees keys 0 .. n_past + t; scores are q·k · scale.
   virtual void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens,
-                         int64_t n_past, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
-                         float* out) = 0;
+                         int64_t n_past, const AttentionLayout& layout, float scale, float* out) = 0;
 
   // Router: p = softmax(logits[t, :]) over n_expert; the k largest (ties: lower id first), optionally
   // renormalized to sum 1.   logits: [T, n_expert]; ids: [T, k] int32 (host); weights: [T, k] (host).
   virtual void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k,
                                    bool normalize, int32_t* ids, float* weights) = 0;
+
+  // DeepSeek-V3's noaux_tc router, as transformers computes it: s = sigmoid(logits[t, :]); choice scores
+  // c = s + bias; with n_group > 1, each group of n_expert / n_group experts scores the sum of its two
+  // largest c, the topk_group best groups are kept (ties: lower group first) and the other groups'
+  // experts get c = 0; the k largest c are chosen (ties: lower id first) and weighted by their s,
+  // renormalized (w / (Σw + 1e-20)) when normalize, then multiplied by scaling.
+  // logits: [T, n_expert]; bias: [n_expert] (host, f32); ids, weights: [T, k] (host).
+  virtual void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert,
+                                           int64_t n_group, int64_t topk_group, int64_t k, bool normalize, float scaling,
+                                           int32_t* ids, float* weights) = 0;
 
   // out[i] = silu(gate[i]) · up[i].   n elements; out may alias gate or up.
   virtual void swiglu(const float* gate, const float* up, float* out, int64_t n) = 0;

@@ -33,7 +33,8 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
     be.rope_neox(scratch.q, n_tokens, s.n_head, s.head_dim, s.rot_dim, positions, s.inv_freq);
     be.rope_neox(k_rows, n_tokens, s.n_head_kv, s.head_dim, s.rot_dim, positions, s.inv_freq);
   }
-  be.attention(scratch.q, k_cache, v_cache, n_tokens, n_past, s.n_head, s.n_head_kv, s.head_dim, s.scale, scratch.out);
+  be.attention(scratch.q, k_cache, v_cache, n_tokens, n_past, AttentionLayout::gqa(s.n_head, s.n_head_kv, s.head_dim), s.scale,
+               scratch.out);
   if (w.output_gate) be.sigmoid_mul(scratch.out, scratch.gate, n_tokens, s.n_head * s.head_dim, false);
   be.matmul(w.o_proj, scratch.out, y, n_tokens);
 }

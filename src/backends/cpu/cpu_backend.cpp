@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "backends/backend.hpp"
+#include "backends/cpu/router_ops.hpp"
 #include "backends/cpu/cpu_kernels.hpp"
 #include "core/status.hpp"
 #include "core/thread_pool.hpp"
@@ -146,20 +147,21 @@ class CpuBackend final : public Backend {
   // Reference: ReferenceBackend::rope_neox. The same fp32 angles, cos and sin, and the same expression
   // per element, computed once per token instead of once per head: bit-identical.
   void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim,
-                 const int32_t* positions, const float* inv_freq) override {
+                 const int32_t* positions, const float* inv_freq, float scale, int64_t row_stride) override {
     MF_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim);
     const int64_t half = rot_dim / 2;
+    if (row_stride == 0) row_stride = n_heads * head_dim;
     run(n_tokens, n_tokens * n_heads * rot_dim, [&](int64_t t) {
-      std::vector<float> cos_sin(size_t(2 * half));  // [cos[half], sin[half]] of token t
+      std::vector<float> cos_sin(size_t(2 * half));  // [cos[half], sin[half]] of token t, times scale
       for (int64_t i = 0; i < half; ++i) {
         const float angle = float(positions[t]) * inv_freq[i];
-        cos_sin[i] = std::cos(angle);
-        cos_sin[half + i] = std::sin(angle);
+        cos_sin[i] = std::cos(angle) * scale;
+        cos_sin[half + i] = std::sin(angle) * scale;
       }
       const float* c = cos_sin.data();
       const float* s = c + half;
       for (int64_t h = 0; h < n_heads; ++h) {
-        float* v = x + (t * n_heads + h) * head_dim;
+        float* v = x + t * row_stride + h * head_dim;
         for (int64_t i = 0; i < half; ++i) {
           const float x0 = v[i], x1 = v[i + half];
           v[i] = x0 * c[i] - x1 * s[i];
@@ -172,20 +174,21 @@ class CpuBackend final : public Backend {
   // Reference: ReferenceBackend::attention. Scores use the lane-ordered dot, the value sum uses fma:
   // |Δ| ≲ 1e-5 relative to max|v| (tested with 1e-5·(1 + max|v|)). Threads over tokens × heads.
   void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
-                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale, float* out) override {
+                 const AttentionLayout& layout, float scale, float* out) override {
+    const int64_t n_head = layout.n_head, n_head_kv = layout.n_head_kv, k_dim = layout.k_dim, v_dim = layout.v_dim;
     MF_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
     const int64_t group = n_head / n_head_kv;
     const int64_t n_tasks = n_tokens * n_head;
-    const int64_t work = n_tasks * (n_past + n_tokens) * head_dim;
+    const int64_t work = n_tasks * (n_past + n_tokens) * (k_dim + v_dim);
     auto task_range = [&](int64_t begin, int64_t end) {
       std::vector<float> p(size_t(n_past + n_tokens));  // [n_past + T] probabilities of one query head
       for (int64_t task = begin; task < end; ++task) {
         const int64_t t = task / n_head, h = task % n_head, kv = h / group;
         const int64_t n_keys = n_past + t + 1;
-        const float* qh = q + (t * n_head + h) * head_dim;
+        const float* qh = q + (t * n_head + h) * k_dim;
         float max_score = -INFINITY;
         for (int64_t j = 0; j < n_keys; ++j) {
-          p[j] = kernels_.dot(qh, k_cache + (j * n_head_kv + kv) * head_dim, head_dim) * scale;
+          p[j] = kernels_.dot(qh, k_cache + j * layout.k_stride + kv * k_dim, k_dim) * scale;
           max_score = std::max(max_score, p[j]);
         }
         float sum = 0.0f;
@@ -193,9 +196,9 @@ class CpuBackend final : public Backend {
           p[j] = std::exp(p[j] - max_score);
           sum += p[j];
         }
-        float* oh = out + (t * n_head + h) * head_dim;
-        std::fill(oh, oh + head_dim, 0.0f);
-        for (int64_t j = 0; j < n_keys; ++j) kernels_.axpy(oh, v_cache + (j * n_head_kv + kv) * head_dim, p[j] / sum, head_dim);
+        float* oh = out + (t * n_head + h) * v_dim;
+        std::fill(oh, oh + v_dim, 0.0f);
+        for (int64_t j = 0; j < n_keys; ++j) kernels_.axpy(oh, v_cache + j * layout.v_stride + kv * v_dim, p[j] / sum, v_dim);
       }
     };
     if (work < min_parallel_work || pool_.size() == 1) {
@@ -230,6 +233,18 @@ class CpuBackend final : public Backend {
         ids[t * k + i] = order[i];
         weights[t * k + i] = normalize ? p[order[i]] / selected_sum : p[order[i]];
       }
+    });
+  }
+
+  // Reference: ReferenceBackend::router_sigmoid_grouped_topk; the same function (router_ops.hpp) per
+  // token: bit-identical.
+  void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert, int64_t n_group,
+                                   int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids,
+                                   float* weights) override {
+    MF_CHECK(k > 0 && k <= n_expert && n_group > 0 && n_expert % n_group == 0 && topk_group > 0 && topk_group <= n_group);
+    run(n_tokens, n_tokens * n_expert * 8, [&](int64_t t) {
+      cpu::sigmoid_grouped_topk_row(logits + t * n_expert, bias, n_expert, n_group, topk_group, k, normalize, scaling, ids + t * k,
+                                    weights + t * k);
     });
   }
 

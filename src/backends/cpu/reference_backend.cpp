@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backends/backend.hpp"
+#include "backends/cpu/router_ops.hpp"
 #include "core/status.hpp"
 #include "quant/quantize.hpp"
 
@@ -64,16 +65,18 @@ class ReferenceBackend final : public Backend {
   }
 
   void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim,
-                 const int32_t* positions, const float* inv_freq) override {
+                 const int32_t* positions, const float* inv_freq, float scale, int64_t row_stride) override {
     MF_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim);
     const int64_t half = rot_dim / 2;
+    if (row_stride == 0) row_stride = n_heads * head_dim;
     for (int64_t t = 0; t < n_tokens; ++t) {
       for (int64_t h = 0; h < n_heads; ++h) {
-        float* v = x + (t * n_heads + h) * head_dim;
+        float* v = x + t * row_stride + h * head_dim;
         for (int64_t i = 0; i < half; ++i) {
-          // The angle is formed in fp32, as transformers does (position · inv_freq in the model dtype).
+          // The angle is formed in fp32, as transformers does (position · inv_freq in the model dtype);
+          // cos and sin carry the scale, as transformers multiplies them by the attention factor.
           const float angle = float(positions[t]) * inv_freq[i];
-          const float c = std::cos(angle), s = std::sin(angle);
+          const float c = std::cos(angle) * scale, s = std::sin(angle) * scale;
           const float x0 = v[i], x1 = v[i + half];
           v[i] = x0 * c - x1 * s;
           v[i + half] = x1 * c + x0 * s;
@@ -83,7 +86,8 @@ class ReferenceBackend final : public Backend {
   }
 
   void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
-                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale, float* out) override {
+                 const AttentionLayout& layout, float scale, float* out) override {
+    const int64_t n_head = layout.n_head, n_head_kv = layout.n_head_kv, k_dim = layout.k_dim, v_dim = layout.v_dim;
     MF_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
     const int64_t group = n_head / n_head_kv;
     std::vector<float> p;  // [n_past + T] attention probabilities of one query head
@@ -92,12 +96,12 @@ class ReferenceBackend final : public Backend {
       p.assign(size_t(n_keys), 0.0f);
       for (int64_t h = 0; h < n_head; ++h) {
         const int64_t kv = h / group;
-        const float* qh = q + (t * n_head + h) * head_dim;
+        const float* qh = q + (t * n_head + h) * k_dim;
         float max_score = -INFINITY;
         for (int64_t j = 0; j < n_keys; ++j) {
-          const float* kj = k_cache + (j * n_head_kv + kv) * head_dim;
+          const float* kj = k_cache + j * layout.k_stride + kv * k_dim;
           float dot = 0.0f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kj[d];
+          for (int64_t d = 0; d < k_dim; ++d) dot += qh[d] * kj[d];
           p[j] = dot * scale;
           max_score = std::max(max_score, p[j]);
         }
@@ -107,10 +111,10 @@ class ReferenceBackend final : public Backend {
           sum += p[j];
         }
         for (int64_t j = 0; j < n_keys; ++j) p[j] /= sum;
-        float* oh = out + (t * n_head + h) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) {
+        float* oh = out + (t * n_head + h) * v_dim;
+        for (int64_t d = 0; d < v_dim; ++d) {
           float acc = 0.0f;
-          for (int64_t j = 0; j < n_keys; ++j) acc += p[j] * v_cache[(j * n_head_kv + kv) * head_dim + d];
+          for (int64_t j = 0; j < n_keys; ++j) acc += p[j] * v_cache[j * layout.v_stride + kv * v_dim + d];
           oh[d] = acc;
         }
       }
@@ -140,6 +144,15 @@ class ReferenceBackend final : public Backend {
         weights[t * k + i] = normalize ? p[order[i]] / selected_sum : p[order[i]];
       }
     }
+  }
+
+  void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert, int64_t n_group,
+                                   int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids,
+                                   float* weights) override {
+    MF_CHECK(k > 0 && k <= n_expert && n_group > 0 && n_expert % n_group == 0 && topk_group > 0 && topk_group <= n_group);
+    for (int64_t t = 0; t < n_tokens; ++t)
+      cpu::sigmoid_grouped_topk_row(logits + t * n_expert, bias, n_expert, n_group, topk_group, k, normalize, scaling, ids + t * k,
+                                    weights + t * k);
   }
 
   void swiglu(const float* gate, const float* up, float* out, int64_t n) override {
