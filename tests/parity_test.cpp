@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "format/convert.hpp"
+#include "format/pack.hpp"
 #include "npy.hpp"
 #include "models/model_family.hpp"
 #include "runtime/forward_state.hpp"
@@ -124,6 +125,7 @@ const std::vector<std::pair<std::string, std::string>> checkpoints = {
     {"qwen3_next", "qwen3_next"},                          // hybrid Gated DeltaNet, grouped projections
     {"qwen3_5", "qwen3_5"},                                // hybrid, flat projections
     {"qwen3_5_moe_multimodal", "qwen3_5"},                 // the same weights in the published layout
+    {"deepseek_v3", "deepseek_v3"},                        // MLA, YaRN, noaux_tc, a dense first layer
 };
 
 std::string reference_of(const std::string& checkpoint) {
@@ -172,7 +174,7 @@ TEST_P(Parity, GreedyContinuationMatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Parity, testing::Values("tied_dense_gqa", "tied_dense_gqa_other_layout", "untied_sparse_step", "wide_mha",
-                                                           "qwen3_next", "qwen3_5", "qwen3_5_moe_multimodal"));
+                                                           "qwen3_next", "qwen3_5", "qwen3_5_moe_multimodal", "deepseek_v3"));
 
 // --- Hybrid Gated DeltaNet models (qwen3_next, qwen3_5): the recurrent state ----------------------
 
@@ -184,11 +186,16 @@ float worst_relative(const float* got, const float* ref, int64_t V) {
   return worst / max_abs(ref, V);
 }
 
+// Tests every family's fixtures share: a batched prompt against token-by-token decoding (the hybrid
+// families' recurrent state, MLA's expanded form against its absorbed latent form), prompts split
+// across calls, streaming exactness, backends, saved states.
+class EveryFamily : public testing::TestWithParam<std::string> {};
 class Hybrid : public testing::TestWithParam<std::string> {};
 
-// Chunked prefill (64-token chunks, the 160-token prompt ending in a partial one) against the recurrent
-// step, one token at a time.
-TEST_P(Hybrid, ChunkedPromptAndTokenByTokenAgree) {
+// Hybrid: the whole prompt in one call (the delta rule over all 160 tokens) against one recurrent step
+// per token. MLA: the first batch runs transformers' expanded form; single tokens attend to the latent
+// cache with kv_b absorbed.
+TEST_P(EveryFamily, PromptAndTokenByTokenAgree) {
   const Fixture f = load_fixture(GetParam());
   auto model = open_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
   ASSERT_TRUE(model);
@@ -199,17 +206,16 @@ TEST_P(Hybrid, ChunkedPromptAndTokenByTokenAgree) {
   for (size_t t = 0; t < f.tokens.size(); ++t) {
     ASSERT_TRUE(session->eval_token(f.tokens[t]).is_ok());
     const float w = worst_relative(session->logits(), batched.data() + int64_t(t) * V, V);
-    // The chunked form sums in another order (and solves a triangular system): 1e-4 relative, the
-    // acceptance bound; measured values are printed.
+    // Either form sums in another order: 1e-4 relative, the acceptance bound; measured values printed.
     EXPECT_LE(w, 1e-4f) << "position " << t;
     worst = std::max(worst, w);
   }
-  std::printf("[ hybrid   ] %s: prompt vs token by token, max relative difference %.2e\n", GetParam().c_str(), double(worst));
+  std::printf("[ family   ] %s: prompt vs token by token, max relative difference %.2e\n", GetParam().c_str(), double(worst));
 }
 
 // A prompt split across eval_prompt calls and across forward batches continues the state exactly as
 // far as the math goes: the same result as one call within the same bound.
-TEST_P(Hybrid, PromptSplitAcrossCallsAndBatches) {
+TEST_P(EveryFamily, PromptSplitAcrossCallsAndBatches) {
   const Fixture f = load_fixture(GetParam());
   auto model = open_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
   ASSERT_TRUE(model);
@@ -217,13 +223,14 @@ TEST_P(Hybrid, PromptSplitAcrossCallsAndBatches) {
   const auto whole = prompt_logits(*model, f.tokens);
   auto s = Session::create(*model, SessionOptions{256, 50});  // batches of 50 inside each call
   ASSERT_TRUE(s.is_ok());
-  const std::vector<int32_t> a(f.tokens.begin(), f.tokens.begin() + 70), b(f.tokens.begin() + 70, f.tokens.end());
+  const auto mid = f.tokens.begin() + int64_t(f.tokens.size() * 7 / 16);
+  const std::vector<int32_t> a(f.tokens.begin(), mid), b(mid, f.tokens.end());
   ASSERT_TRUE((*s)->eval_prompt(a).is_ok());
   ASSERT_TRUE((*s)->eval_prompt(b).is_ok());
   EXPECT_LE(worst_relative((*s)->logits(), whole.data() + (int64_t(f.tokens.size()) - 1) * V, V), 1e-4f);
 }
 
-TEST_P(Hybrid, NoCacheAndFullCacheGiveBitIdenticalLogits) {
+TEST_P(EveryFamily, NoCacheAndFullCacheGiveBitIdenticalLogits) {
   const Fixture f = load_fixture(GetParam());
   const std::string pack = pack_for(GetParam(), WeightFormat::q4, WeightFormat::q8);
   auto uncached = open_model(pack, 0), cached = open_model(pack, uint64_t(1) << 30);
@@ -234,7 +241,7 @@ TEST_P(Hybrid, NoCacheAndFullCacheGiveBitIdenticalLogits) {
   EXPECT_GT(cached->experts().stats().hits, 0u);
 }
 
-TEST_P(Hybrid, OptimizedBackendMatchesReferenceBackend) {
+TEST_P(EveryFamily, OptimizedBackendMatchesReferenceBackend) {
   const Fixture f = load_fixture(GetParam());
   const std::string pack = pack_for(GetParam(), WeightFormat::q4, WeightFormat::q8);
   auto fast = open_model(pack), reference = open_model(pack, 0, /*reference=*/true);
@@ -247,15 +254,17 @@ TEST_P(Hybrid, OptimizedBackendMatchesReferenceBackend) {
     EXPECT_LE(worst_relative(a.data() + t * V, b.data() + t * V, V), 1e-4f) << "position " << t;
 }
 
-TEST_P(Hybrid, SaveLoadContinueIsBitIdentical) {
+TEST_P(EveryFamily, SaveLoadContinueIsBitIdentical) {
   const Fixture f = load_fixture(GetParam());
   auto model = open_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
   ASSERT_TRUE(model);
   const int64_t V = model->n_vocab();
-  const std::vector<int32_t> first(f.tokens.begin(), f.tokens.begin() + 90), rest(f.tokens.begin() + 90, f.tokens.end());
+  const size_t half = f.tokens.size() / 2;
+  const std::vector<int32_t> first(f.tokens.begin(), f.tokens.begin() + int64_t(half)),
+      rest(f.tokens.begin() + int64_t(half) + 1, f.tokens.end());
   auto straight = new_session(*model);
   ASSERT_TRUE(straight->eval_prompt(first).is_ok());
-  ASSERT_TRUE(straight->eval_token(f.tokens[90]).is_ok());
+  ASSERT_TRUE(straight->eval_token(f.tokens[half]).is_ok());
   std::vector<uint8_t> saved;
   ASSERT_TRUE(straight->state_save(saved).is_ok());
   EXPECT_EQ(saved.size(), straight->state_size());
@@ -264,7 +273,7 @@ TEST_P(Hybrid, SaveLoadContinueIsBitIdentical) {
   auto resumed = new_session(*model);
   ASSERT_TRUE(resumed->eval_prompt(std::vector<int32_t>{5, 6, 7}).is_ok());  // replaced by the load
   ASSERT_TRUE(resumed->state_load(saved).is_ok());
-  EXPECT_EQ(resumed->n_past(), 91);
+  EXPECT_EQ(resumed->n_past(), int64_t(half) + 1);
   ASSERT_TRUE(resumed->eval_prompt(rest).is_ok());
   EXPECT_EQ(logits_row(*straight, V), logits_row(*resumed, V));
 }
@@ -341,6 +350,100 @@ TEST_P(Hybrid, RewindToSnapshotContinuesBitIdentically) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Hybrid, testing::Values("qwen3_next", "qwen3_5"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, EveryFamily, testing::Values("qwen3_next", "qwen3_5", "deepseek_v3"));
+
+// --- DeepSeek-V3: the two points an earlier port got wrong, each shown to matter -------------------
+
+// The largest relative logit error over the prompt of a fixture.
+float worst_relative_over_prompt(Model& model, const Fixture& f) {
+  const auto ours = prompt_logits(model, f.tokens);
+  const int64_t V = model.n_vocab();
+  float worst = 0;
+  for (size_t t = 0; t < f.tokens.size(); ++t)
+    worst = std::max(worst, worst_relative(ours.data() + int64_t(t) * V, f.logits.data.data() + int64_t(t) * V, V));
+  return worst;
+}
+
+// A copy of a pack with one normalized hyperparameter replaced in its manifest.
+std::string pack_with_hparam(const std::string& pack, const std::string& name, const std::string& key, const nlohmann::json& value) {
+  namespace fs = std::filesystem;
+  const std::string dir = testing::TempDir() + "moeflux_parity_" + std::to_string(::getpid()) + "_" + name;
+  fs::remove_all(dir);
+  fs::copy(pack, dir, fs::copy_options::recursive);
+  std::ifstream in(dir + "/manifest.json");
+  nlohmann::json m = nlohmann::json::parse(in);
+  m["hparams"][key] = value;
+  std::ofstream(dir + "/manifest.json") << m.dump(1);
+  return dir;
+}
+
+// The softmax scale carries YaRN's mscale(factor, mscale_all_dim)² (1.874 in the fixture, as in
+// DeepSeek-V3): with the plain qk_head_dim^-½ the logits leave the acceptance bound by far.
+TEST(DeepSeekV3, LeavingOutTheYarnSoftmaxScaleFailsParity) {
+  const Fixture f = load_fixture("deepseek_v3");
+  const std::string pack = pack_for("deepseek_v3", WeightFormat::bf16, WeightFormat::bf16);
+  auto right = open_model(pack);
+  ASSERT_TRUE(right);
+  const double scale = right->pack().hparams().at("softmax_scale").get<double>();
+  EXPECT_NEAR(scale, 1.0 / std::sqrt(24.0) * std::pow(0.1 * std::log(40.0) + 1.0, 2), 1e-12);
+  EXPECT_LE(worst_relative_over_prompt(*right, f), 2e-3f);
+  auto wrong = open_model(pack_with_hparam(pack, "ds_no_mscale", "softmax_scale", 1.0 / std::sqrt(24.0)));
+  ASSERT_TRUE(wrong);
+  const float err = worst_relative_over_prompt(*wrong, f);
+  std::printf("[ deepseek ] without the YaRN softmax scale: max relative error %.3f\n", double(err));
+  EXPECT_GT(err, 20 * 2e-3f);
+}
+
+// Rotary pairs: the checkpoint's q_rope / k_rope rows are in interleaved pair order; rotating (i, i + d/2)
+// on them as stored (what converting with rope_interleave false does) fails parity.
+TEST(DeepSeekV3, RotaryPairsOfTheStoredOrderFailParity) {
+  namespace fs = std::filesystem;
+  const Fixture f = load_fixture("deepseek_v3");
+  const std::string hf = testing::TempDir() + "moeflux_parity_" + std::to_string(::getpid()) + "_ds_pairs_hf";
+  fs::remove_all(hf);
+  fs::create_directories(hf);
+  for (const char* file : {"config.json", "model.safetensors"}) fs::copy_file(fixture_root + "/deepseek_v3/" + file, hf + "/" + file);
+  {
+    std::ifstream in(hf + "/config.json");
+    nlohmann::json c = nlohmann::json::parse(in);
+    EXPECT_FALSE(c.contains("rope_interleave") && !c["rope_interleave"].get<bool>());  // the fixture uses the default
+    c["rope_interleave"] = false;
+    std::ofstream(hf + "/config.json") << c.dump(1);
+  }
+  ConvertOptions o;
+  o.hf_dir = hf;
+  o.pack_dir = hf + "_pack";
+  o.expert_format = WeightFormat::bf16;
+  o.dense_format = WeightFormat::bf16;
+  o.overwrite = true;
+  o.progress = false;
+  ASSERT_TRUE(convert_checkpoint(o).is_ok());
+  auto wrong = open_model(o.pack_dir);
+  ASSERT_TRUE(wrong);
+  const float err = worst_relative_over_prompt(*wrong, f);
+  std::printf("[ deepseek ] rotary pairs (i, i + d/2) of the stored order: max relative error %.3f\n", double(err));
+  EXPECT_GT(err, 20 * 2e-3f);
+}
+
+// The config arithmetic at DeepSeek-V3's published values (ref/model-families.md §5.3): softmax scale
+// 192^-½ · (0.1 · ln 40 + 1)² = 0.1352338, the YaRN attention factor 1 (mscale = mscale_all_dim).
+TEST(DeepSeekV3, PublishedConfigGivesTheReferenceScales) {
+  auto family = find_model_family("deepseek_v3");
+  ASSERT_TRUE(family.is_ok());
+  const nlohmann::json config = {
+      {"model_type", "deepseek_v3"}, {"num_hidden_layers", 61}, {"hidden_size", 7168}, {"num_attention_heads", 128},
+      {"vocab_size", 129280}, {"max_position_embeddings", 163840}, {"rope_theta", 10000},
+      {"rope_scaling", {{"type", "yarn"}, {"factor", 40}, {"original_max_position_embeddings", 4096}, {"beta_fast", 32},
+                        {"beta_slow", 1}, {"mscale", 1.0}, {"mscale_all_dim", 1.0}}}};
+  auto h = (*family)->normalize_config(config);
+  ASSERT_TRUE(h.is_ok()) << h.status().to_string();
+  EXPECT_NEAR((*h)["softmax_scale"].get<double>(), 0.1352338, 1e-6);
+  EXPECT_DOUBLE_EQ((*h)["rope_attention_factor"].get<double>(), 1.0);
+  EXPECT_EQ((*h)["layer_ffn"][2], "dense");
+  EXPECT_EQ((*h)["layer_ffn"][3], "moe");
+  // The latent cache: 576 floats per position and layer.
+  EXPECT_EQ((*h)["kv_lora_rank"].get<int64_t>() + (*h)["qk_rope_head_dim"].get<int64_t>(), 576);
+}
 
 TEST(Streaming, NoCacheAndFullCacheGiveBitIdenticalLogits) {
   const Fixture f = load_fixture("wide_mha");
@@ -521,6 +624,15 @@ INSTANTIATE_TEST_SUITE_P(Formats, Quantized,
                                          QuantCase{WeightFormat::q8, WeightFormat::q8, 8e-3, 0.88},
                                          QuantCase{WeightFormat::q4, WeightFormat::q8, 2e-2, 0.65},
                                          QuantCase{WeightFormat::q4, WeightFormat::q4, 8e-2, 0.45}),
+                         [](const auto& info) {
+                           return std::string(weight_format_name(info.param.experts)) + "_dense_" + weight_format_name(info.param.dense);
+                         });
+
+// The deepseek_v3 fixture (80 positions); measured q8/bf16 3.7e-4 / 0.988, q4/q8 1.3e-2 / 0.738. A q8 or
+// q4 dense pack also runs the absorbed query path on kv_b's key rows rounded to bf16.
+INSTANTIATE_TEST_SUITE_P(DeepSeekFormats, Quantized,
+                         testing::Values(QuantCase{WeightFormat::q8, WeightFormat::bf16, 6e-4, 0.95, {"deepseek_v3"}},
+                                         QuantCase{WeightFormat::q4, WeightFormat::q8, 2e-2, 0.65, {"deepseek_v3"}}),
                          [](const auto& info) {
                            return std::string(weight_format_name(info.param.experts)) + "_dense_" + weight_format_name(info.param.dense);
                          });

@@ -102,6 +102,10 @@ class Backend {
   // dst[i, :] = src[rows[i], :].   src: [*, dim]; rows: [n_rows] (host); dst: [n_rows, dim]
   virtual void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) = 0;
 
+  // Strided copy: dst[r·dst_stride + i] = src[r·src_stride + i] for r < n_rows, i < dim. src_stride 0
+  // repeats one row. Regions must not overlap.
+  virtual void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim) = 0;
+
   // Sigmoid gating, in place: x[r, i] *= sigmoid(g), g = gate[r] when per_row (one gate per row, e.g. the
   // shared expert's), else gate[r, i] (elementwise, e.g. gated attention's output gate).
   // x: [n_rows, dim]; gate: [n_rows] or [n_rows, dim].

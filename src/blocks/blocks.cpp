@@ -55,7 +55,12 @@ Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, 
   scratch.weights.resize(size_t(n_tokens * k));
   be.router_softmax_topk(scratch.router_logits, n_tokens, s.n_expert, k, s.normalize_topk, scratch.ids.data(),
                          scratch.weights.data());
+  return run_routed_experts(be, store, pack, layer, s, x, n_tokens, scratch, y);
+}
 
+Status run_routed_experts(Backend& be, ExpertStore& store, const Pack& pack, int layer, const MoeShape& s, const float* x,
+                          int64_t n_tokens, MoeScratch& scratch, float* y) {
+  const int64_t k = s.n_expert_used;
   // Group (token, weight) pairs by expert; experts are then visited in ascending id, so each token's
   // sum has a fixed order whatever the batch, and each touched expert is fetched once.
   std::vector<std::vector<std::pair<int32_t, float>>> routed(size_t(s.n_expert));

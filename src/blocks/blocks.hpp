@@ -78,4 +78,9 @@ struct MoeShape {
 Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
                   const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y);
 
+// The expert half of routed_moe, for routers of another kind: scratch.ids / scratch.weights ([T, k],
+// filled by the caller) choose the experts; y [T, H] is overwritten with their weighted sum.
+Status run_routed_experts(Backend& be, ExpertStore& store, const Pack& pack, int layer, const MoeShape& s, const float* x,
+                          int64_t n_tokens, MoeScratch& scratch, float* y);
+
 }  // namespace moeflux

@@ -10,6 +10,7 @@ const ModelFamily& qwen3_moe_family();
 const ModelFamily& qwen3_next_family();
 const ModelFamily& qwen3_5_moe_family();
 const ModelFamily& qwen3_5_moe_text_family();
+const ModelFamily& deepseek_v3_family();
 
 std::string ExpertDecls::expert_prefix(int layer) const {
   std::string s = expert_prefix_template;
@@ -33,8 +34,8 @@ ProfileScope::~ProfileScope() {
 }
 
 Result<const ModelFamily*> find_model_family(const std::string& model_type) {
-  const std::array<const ModelFamily*, 4> families = {&qwen3_moe_family(), &qwen3_next_family(), &qwen3_5_moe_family(),
-                                                      &qwen3_5_moe_text_family()};
+  const std::array<const ModelFamily*, 5> families = {&qwen3_moe_family(), &qwen3_next_family(), &qwen3_5_moe_family(),
+                                                      &qwen3_5_moe_text_family(), &deepseek_v3_family()};
   std::string known;
   for (const ModelFamily* f : families) {
     if (model_type == f->model_type()) return f;

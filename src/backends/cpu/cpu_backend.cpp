@@ -273,6 +273,11 @@ class CpuBackend final : public Backend {
     run(n_rows, n_rows * dim, [&](int64_t i) { std::memcpy(dst + i * dim, src + rows[i] * dim, size_t(dim) * 4); });
   }
 
+  // Reference: ReferenceBackend::copy_rows; copies: bit-identical.
+  void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim) override {
+    run(n_rows, n_rows * dim, [&](int64_t r) { std::memcpy(dst + r * dst_stride, src + r * src_stride, size_t(dim) * 4); });
+  }
+
   // Reference: ReferenceBackend::sigmoid_mul; the same expression per element: bit-identical.
   void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row) override {
     run(n_rows, n_rows * dim, [&](int64_t r) {

@@ -175,6 +175,11 @@ class ReferenceBackend final : public Backend {
     for (int64_t i = 0; i < n_rows; ++i) std::copy(src + rows[i] * dim, src + (rows[i] + 1) * dim, dst + i * dim);
   }
 
+  void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim) override {
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t i = 0; i < dim; ++i) dst[r * dst_stride + i] = src[r * src_stride + i];
+  }
+
   void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row) override {
     for (int64_t r = 0; r < n_rows; ++r)
       for (int64_t i = 0; i < dim; ++i) {
