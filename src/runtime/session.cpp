@@ -75,6 +75,7 @@ Session::Session(Model& model) : model_(model) {}
 Session::~Session() = default;
 
 int64_t Session::n_ctx() const { return state_->n_ctx(); }
+const std::vector<ForwardState::Buffer>& Session::state_buffers() const { return state_->buffers(); }
 int64_t Session::n_vocab() const { return model_.n_vocab(); }
 
 Status Session::eval_prompt(std::span<const int32_t> tokens, float* all_logits) { return eval(tokens, all_logits, true); }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/status.hpp"
+#include "runtime/forward_state.hpp"
 
 namespace moeflux {
 
@@ -70,6 +71,8 @@ class Session {
   Status state_load(std::span<const uint8_t> data);
 
   Model& model() { return model_; }
+  // The family's state buffers (KV or latent cache rows per position, recurrent state).
+  const std::vector<ForwardState::Buffer>& state_buffers() const;
 
  private:
   explicit Session(Model& model);

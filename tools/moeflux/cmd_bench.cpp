@@ -113,6 +113,12 @@ int run_bench(const BenchArgs& a) {
   auto session_result = Session::create(model, so);
   if (!session_result) return report_error("bench", session_result.status());
   Session& session = **session_result;
+  // The session's cache: bytes per position (KV or MLA latent rows) and fixed bytes (recurrent state).
+  uint64_t cache_bytes_per_token = 0, state_fixed_bytes = 0;
+  for (const auto& b : session.state_buffers()) {
+    cache_bytes_per_token += b.floats_per_position * sizeof(float);
+    state_fixed_bytes += b.fixed_floats * sizeof(float);
+  }
 
   // The same prompt every run, so a second run with a cache that holds every expert is the warm case.
   std::mt19937_64 rng(a.seed);
@@ -177,6 +183,8 @@ int run_bench(const BenchArgs& a) {
                 {"expert_stride", m.expert_stride},
                 {"expert_bytes_per_token", expert_bytes_per_token},
                 {"bound_bytes_per_token", bound_bytes},
+                {"cache_bytes_per_token", cache_bytes_per_token},
+                {"state_fixed_bytes", state_fixed_bytes},
                 {"runs", runs}};
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
@@ -189,6 +197,8 @@ int run_bench(const BenchArgs& a) {
               format_bytes(double(bound_bytes)).c_str(), format_bytes(double(resident_read)).c_str(),
               format_bytes(double(resident_bytes)).c_str(), (long long)n_expert_used, format_bytes(double(m.expert_bytes)).c_str(),
               (unsigned long long)n_moe_layers);
+  std::printf("session cache: %s per token (fp32) + %s of recurrent state\n", format_bytes(double(cache_bytes_per_token)).c_str(),
+              format_bytes(double(state_fixed_bytes)).c_str());
   for (size_t r = 0; r < results.size(); ++r) {
     const auto& [prefill, decode] = results[r];
     const double prefill_tok_s = double(prefill.n_tokens) / prefill.seconds;

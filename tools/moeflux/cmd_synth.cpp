@@ -19,7 +19,44 @@ namespace {
 
 using nlohmann::json;
 
-const char* const preset_names = "qwen3-30b-a3b, qwen3-235b-a22b, qwen3-next-80b-a3b, qwen3.5-35b-a3b or qwen3.5-397b-a17b";
+const char* const preset_names =
+    "qwen3-30b-a3b, qwen3-235b-a22b, qwen3-next-80b-a3b, qwen3.5-35b-a3b, qwen3.5-397b-a17b or deepseek-v3 (also Cogito-V2 671B)";
+
+// deepseek-ai/DeepSeek-V3's config.json (R1 and Cogito-V2-preview 671B share the dimensions).
+json deepseek_preset_config(const std::string& name) {
+  if (name != "deepseek-v3") return nullptr;
+  return {{"model_type", "deepseek_v3"},
+          {"hidden_size", 7168},
+          {"intermediate_size", 18432},
+          {"moe_intermediate_size", 2048},
+          {"num_hidden_layers", 61},
+          {"num_attention_heads", 128},
+          {"num_key_value_heads", 128},
+          {"n_routed_experts", 256},
+          {"n_shared_experts", 1},
+          {"num_experts_per_tok", 8},
+          {"n_group", 8},
+          {"topk_group", 4},
+          {"routed_scaling_factor", 2.5},
+          {"first_k_dense_replace", 3},
+          {"norm_topk_prob", true},
+          {"scoring_func", "sigmoid"},
+          {"topk_method", "noaux_tc"},
+          {"q_lora_rank", 1536},
+          {"kv_lora_rank", 512},
+          {"qk_nope_head_dim", 128},
+          {"qk_rope_head_dim", 64},
+          {"v_head_dim", 128},
+          {"rope_theta", 10000},
+          {"rope_scaling",
+           {{"type", "yarn"}, {"factor", 40}, {"original_max_position_embeddings", 4096}, {"beta_fast", 32}, {"beta_slow", 1},
+            {"mscale", 1.0}, {"mscale_all_dim", 1.0}}},
+          {"max_position_embeddings", 163840},
+          {"rms_norm_eps", 1e-6},
+          {"vocab_size", 129280},
+          {"tie_word_embeddings", false},
+          {"hidden_act", "silu"}};
+}
 
 // The hybrid Gated DeltaNet presets (ref/model-families.md §9.1): Qwen/Qwen3-Next-80B-A3B-Instruct,
 // Qwen/Qwen3.5-35B-A3B, Qwen/Qwen3.5-397B-A17B (their text configs).
@@ -76,6 +113,7 @@ json hybrid_preset_config(const std::string& name) {
 // config.json fields of the published checkpoints (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B).
 json preset_config(const std::string& name) {
   if (json hybrid = hybrid_preset_config(name); !hybrid.is_null()) return hybrid;
+  if (json deepseek = deepseek_preset_config(name); !deepseek.is_null()) return deepseek;
   json c = {{"model_type", "qwen3_moe"},
             {"num_attention_heads", 32},
             {"num_key_value_heads", 4},
