@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "core/half.hpp"
@@ -516,6 +517,267 @@ TEST_F(ConvertTest, ReportsProgress) {
   EXPECT_EQ(last.n_shards, 2);
   EXPECT_EQ(last.tensors_done, last.tensors_total);
   EXPECT_EQ(last.bytes_done, last.bytes_total);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// FP8 block-quantized checkpoints (DeepSeek-V3's published layout): F8_E4M3 matrices with
+// "<name>_scale_inv" block scales.
+
+// Blocks of [24, 40] divide none of the tiny model's dimensions (64, 128), so every matrix ends in
+// partial blocks on both axes.
+TinyCheckpointOptions fp8_options() {
+  TinyCheckpointOptions o;
+  o.fp8_block = {24, 40};
+  return o;
+}
+
+// Overwrites bytes of a tensor's data in a safetensors file, at byte `at` of the tensor.
+void overwrite_tensor_bytes(const std::string& file_path, const std::string& tensor, uint64_t at, const std::vector<uint8_t>& bytes) {
+  uint64_t offset = 0;
+  {
+    auto file = SafetensorsFile::open(file_path);
+    ASSERT_TRUE(file.is_ok()) << file.status().to_string();
+    ASSERT_NE(file->find(tensor), nullptr) << tensor;
+    offset = file->find(tensor)->offset;
+  }
+  std::fstream f(file_path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(std::streamoff(offset + at));
+  f.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+}
+
+// The pack's view of checkpoint tensor t (resident, or an expert matrix read into blob).
+WeightView pack_view(const Pack& pack, const test::TestTensor& t, std::vector<uint8_t>& blob) {
+  const std::string experts_marker = ".mlp.experts.";
+  const auto pos = t.name.find(experts_marker);
+  if (pos == std::string::npos) {
+    auto view = pack.resident(t.name, t.shape);
+    EXPECT_TRUE(view.is_ok()) << view.status().to_string();
+    return view.is_ok() ? *view : WeightView{};
+  }
+  // model.layers.L.mlp.experts.E.part.weight
+  const int layer = std::stoi(t.name.substr(std::string("model.layers.").size()));
+  const std::string rest = t.name.substr(pos + experts_marker.size());
+  const int64_t e = std::stoll(rest);
+  const std::string part = rest.substr(rest.find('.') + 1, rest.rfind('.') - rest.find('.') - 1);
+  const Manifest& m = pack.manifest();
+  blob = read_bytes(pack.expert_file_path(layer), uint64_t(e) * m.expert_stride, m.expert_bytes);
+  size_t index = 0;
+  while (index < m.expert_matrices.size() && m.expert_matrices[index].part != part) ++index;
+  EXPECT_LT(index, m.expert_matrices.size()) << part;
+  return pack.expert_view(blob.data(), index);
+}
+
+TEST_F(ConvertTest, Fp8CheckpointsDequantizeExactlyIntoBf16) {
+  // F32 scales over 4 shards (some scales in earlier, some in later shards than their weights), and
+  // BF16 scales in one file.
+  for (const char* scale_dtype : {"F32", "BF16"}) {
+    TinyCheckpointOptions o = fp8_options();
+    o.fp8_scale_dtype = scale_dtype;
+    o.n_shards = std::string(scale_dtype) == "F32" ? 4 : 1;
+    const std::string hf = fmt::format("hf_{}", scale_dtype), pack_dir = fmt::format("pack_{}", scale_dtype);
+    const TinyCheckpoint ck = make(hf, o);
+    auto index = scan_checkpoint_dir(path(hf));
+    ASSERT_TRUE(index.is_ok()) << index.status().to_string();
+    size_t fp8 = 0, scale_before = 0, scale_after = 0;
+    for (const auto& t : ck.tensors) {
+      if (t.dtype != "F8_E4M3") continue;
+      ++fp8;
+      const size_t weight_shard = index->tensor_shard.at(t.name), scale_shard = index->tensor_shard.at(t.name + "_scale_inv");
+      scale_before += scale_shard < weight_shard ? 1 : 0;
+      scale_after += scale_shard > weight_shard ? 1 : 0;
+    }
+    EXPECT_EQ(fp8, 3u * (4 + 8 * 3)) << scale_dtype;  // per layer q/k/v/o_proj and 8 experts × 3
+    if (o.n_shards > 1) {
+      EXPECT_GT(scale_before, 0u);
+      EXPECT_GT(scale_after, 0u);
+    }
+
+    ConvertSummary summary;
+    const Status s = convert(hf, pack_dir, WeightFormat::bf16, WeightFormat::bf16, false, &summary);
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    EXPECT_TRUE(summary.extra_tensors.empty()) << summary.extra_tensors.size() << " skipped, e.g. " << summary.extra_tensors[0];
+    EXPECT_EQ(summary.fp8_tensors, fp8);
+    EXPECT_EQ(summary.source_bytes, index->tensor_bytes);  // every tensor's bytes counted once, scales included
+    auto pack = open_pack(path(pack_dir));
+    ASSERT_NE(pack, nullptr);
+    size_t checked = 0, inexact = 0;
+    for (const auto& t : ck.tensors) {
+      if (t.name.ends_with("_scale_inv")) continue;
+      ++checked;
+      std::vector<uint8_t> blob;
+      const WeightView v = pack_view(*pack, t, blob);
+      const std::vector<float> expected = ck.values(t.name);
+      ASSERT_EQ(size_t(v.rows * v.cols), expected.size()) << t.name;
+      if (v.format == WeightFormat::f32) {  // norms: BF16 in the checkpoint, exact
+        EXPECT_EQ(std::memcmp(v.data, expected.data(), expected.size() * 4), 0) << t.name;
+        continue;
+      }
+      ASSERT_EQ(v.format, WeightFormat::bf16) << t.name;
+      size_t mismatches = 0;
+      for (size_t i = 0; i < expected.size(); ++i) {
+        uint16_t stored;
+        std::memcpy(&stored, static_cast<const uint8_t*>(v.data) + 2 * i, 2);
+        mismatches += stored != f32_to_bf16(expected[i]) ? 1 : 0;
+        inexact += bf16_to_f32(f32_to_bf16(expected[i])) != expected[i] ? 1 : 0;
+      }
+      EXPECT_EQ(mismatches, 0u) << t.name << " (" << t.dtype << ")";
+    }
+    EXPECT_EQ(summary.checkpoint_tensors, checked);
+    // The dequantized values are not bf16 already, so the bf16 rounding of each product is checked too.
+    EXPECT_GT(inexact, 1000u) << scale_dtype;
+  }
+}
+
+TEST_F(ConvertTest, Fp8CheckpointsStayWithinTheQuantizationBound) {
+  const TinyCheckpoint ck = make("hf", fp8_options());
+  // Through the CLI: no flag says FP8, the dtypes do; q4 experts and q8 dense matrices.
+  test::CliResult r = test::run_cli(fmt::format("convert '{}' '{}' --quant q4", path("hf"), path("pack")), dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("84 F8_E4M3 tensors dequantized"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("skipped"), std::string::npos) << r.out;  // the scales are consumed, not unused
+  EXPECT_EQ(r.err.find("skipping"), std::string::npos) << r.err;
+  auto pack = open_pack(path("pack"));
+  ASSERT_NE(pack, nullptr);
+  for (const char* name : {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+                           "model.layers.2.self_attn.v_proj.weight", "model.layers.0.mlp.experts.5.down_proj.weight",
+                           "model.layers.2.mlp.experts.7.gate_proj.weight", "model.embed_tokens.weight"}) {
+    const test::TestTensor* t = ck.find(name);
+    ASSERT_NE(t, nullptr) << name;
+    EXPECT_EQ(t->dtype, std::string(std::string(name) == "model.embed_tokens.weight" ? "BF16" : "F8_E4M3")) << name;
+    std::vector<uint8_t> blob;
+    const WeightView v = pack_view(*pack, *t, blob);
+    EXPECT_EQ(v.format, std::string(name).find(".experts.") != std::string::npos ? WeightFormat::q4 : WeightFormat::q8) << name;
+    expect_within_quant_bound(v, ck.values(name), name);
+  }
+}
+
+// qwen3_next builds in_proj_qkv/z/b/a from rows of in_proj_qkvz/ba: an FP8 source is dequantized whole,
+// then its rows are selected.
+TEST_F(ConvertTest, Fp8SourcesOfRowSelectionsAreDequantizedFirst) {
+  const std::string fixture = std::string(MOEFLUX_FIXTURE_DIR) + "/parity/qwen3_next";
+  if (!fs::exists(fixture)) GTEST_SKIP() << "no parity fixtures";
+  const std::vector<int64_t> block = {24, 40};
+  std::map<std::string, std::pair<test::TestTensor, test::TestTensor>> quantized;  // by name: weight, scales
+  {
+    auto source = SafetensorsFile::open(fixture + "/model.safetensors");
+    ASSERT_TRUE(source.is_ok());
+    std::vector<test::TestTensor> tensors;
+    for (const auto& st : source->tensors()) {
+      const std::span<const uint8_t> raw = source->raw(st);
+      test::TestTensor t{st.name, safetensors_dtype_name(st.dtype), st.shape, std::vector<uint8_t>(raw.begin(), raw.end())};
+      if (!st.name.ends_with("in_proj_qkvz.weight") && !st.name.ends_with("in_proj_ba.weight")) {
+        tensors.push_back(std::move(t));
+        continue;
+      }
+      auto q = test::quantize_fp8(t, block);
+      tensors.push_back(q.first);
+      tensors.push_back(q.second);
+      quantized.emplace(st.name, std::move(q));
+    }
+    fs::create_directories(path("hf"));
+    ASSERT_TRUE(test::write_safetensors(path("hf/model.safetensors"), tensors).is_ok());
+    json config = json::parse(read_bytes(fixture + "/config.json"));
+    config["quantization_config"] = {{"quant_method", "fp8"}, {"weight_block_size", block}};
+    std::ofstream(path("hf/config.json")) << config.dump();
+  }
+  ASSERT_EQ(quantized.size(), 6u);  // three linear-attention layers
+  ConvertSummary summary;
+  const Status s = convert("hf", "pack", WeightFormat::bf16, WeightFormat::bf16, false, &summary);
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  EXPECT_EQ(summary.fp8_tensors, 6u);
+  EXPECT_TRUE(summary.extra_tensors.empty());
+  auto pack = open_pack(path("pack"));
+  ASSERT_NE(pack, nullptr);
+  const int64_t H = 64, group = 120;  // the row layout of Qwen3NextGroupedProjectionsAreRegroupedByRow
+  auto source_row = [&](const std::string& name, int64_t row) {
+    const auto& [w, scales] = quantized.at("model.layers.0.linear_attn." + name);
+    const std::vector<float> values = test::tensor_values(w, &scales, block);
+    std::vector<uint16_t> bits;
+    for (int64_t c = 0; c < H; ++c) bits.push_back(f32_to_bf16(values[size_t(row * H + c)]));
+    return bits;
+  };
+  auto pack_row = [&](const std::string& name, int64_t row) {
+    auto v = pack->resident("model.layers.0.linear_attn." + name);
+    EXPECT_TRUE(v.is_ok());
+    std::vector<uint16_t> bits(static_cast<size_t>(H));
+    std::memcpy(bits.data(), static_cast<const uint8_t*>(v->data) + row * H * 2, size_t(H) * 2);
+    return bits;
+  };
+  EXPECT_EQ(pack_row("in_proj_qkv.weight", 0), source_row("in_proj_qkvz.weight", 0));
+  EXPECT_EQ(pack_row("in_proj_qkv.weight", 12), source_row("in_proj_qkvz.weight", group));       // in the source's 6th row block
+  EXPECT_EQ(pack_row("in_proj_qkv.weight", 48 + 47), source_row("in_proj_qkvz.weight", 24 + 47));
+  EXPECT_EQ(pack_row("in_proj_z.weight", 50), source_row("in_proj_qkvz.weight", group + 72 + 2));  // the last, partial block
+  EXPECT_EQ(pack_row("in_proj_b.weight", 4), source_row("in_proj_ba.weight", 6 + 1));
+  EXPECT_EQ(pack_row("in_proj_a.weight", 4), source_row("in_proj_ba.weight", 6 + 3 + 1));
+
+  // A NaN anywhere in the source is found, by its row in the source.
+  overwrite_tensor_bytes(path("hf/model.safetensors"), "model.layers.1.linear_attn.in_proj_qkvz.weight", 130 * H + 9, {0xff});
+  expect_convert_error("hf", ErrorCode::format, {"model.layers.1.linear_attn.in_proj_qkvz.weight", "row 130", "NaN"});
+}
+
+TEST_F(ConvertTest, RefusesBrokenFp8Checkpoints) {
+  const TinyCheckpointOptions o = fp8_options();
+  const std::string k = "model.layers.1.self_attn.k_proj.weight";  // [64, 64]: scales [3, 2]
+  const std::string k_scale = k + "_scale_inv";
+
+  make("no_scale", o);
+  edit_header(path("no_scale/model.safetensors"), [&](json& h) { h.erase(k_scale); });
+  expect_convert_error("no_scale", ErrorCode::format, {k, k_scale, "missing"});
+
+  make("scale_shape", o);
+  edit_header(path("scale_shape/model.safetensors"), [&](json& h) { h[k_scale]["shape"] = {2, 3}; });
+  expect_convert_error("scale_shape", ErrorCode::mismatch, {k_scale, "[2, 3]", "expected [3, 2]", "[24, 40]"});
+
+  make("scale_dtype", o);
+  edit_header(path("scale_dtype/model.safetensors"), [&](json& h) { h[k_scale]["dtype"] = "I32"; });
+  expect_convert_error("scale_dtype", ErrorCode::unsupported, {k_scale, "I32", "F32"});
+
+  make("e5m2", o);
+  edit_header(path("e5m2/model.safetensors"), [&](json& h) { h[k]["dtype"] = "F8_E5M2"; });
+  expect_convert_error("e5m2", ErrorCode::unsupported, {k, "F8_E5M2"});
+
+  int variant = 0;
+  for (const json& bad : {json::array({0, 128}), json::array({128}), json::array({128, 12.5}), json("128x128")}) {
+    const std::string name = fmt::format("block_{}", variant++);
+    make(name, o);
+    json config = json::parse(read_bytes(path(name + "/config.json")));
+    config["quantization_config"]["weight_block_size"] = bad;
+    std::ofstream(path(name + "/config.json")) << config.dump();
+    expect_convert_error(name, ErrorCode::format, {"config.json", "weight_block_size", bad.dump(), "two positive integers", "F8_E4M3 tensor model.layers."});
+  }
+
+  make("method", o);
+  {
+    json config = json::parse(read_bytes(path("method/config.json")));
+    config["quantization_config"]["quant_method"] = "compressed-tensors";
+    std::ofstream(path("method/config.json")) << config.dump();
+  }
+  expect_convert_error("method", ErrorCode::unsupported, {"quant_method", "compressed-tensors"});
+
+  TinyCheckpointOptions fused = o;
+  fused.fused_experts = true;
+  make("fused", fused);
+  expect_convert_error("fused", ErrorCode::unsupported, {"model.layers.0.mlp.experts.gate_up_proj", "F8_E4M3", "fused"});
+
+  // A NaN is found by tensor and row, in an expert matrix and in a resident one, whatever the format.
+  const std::string down = "model.layers.1.mlp.experts.3.down_proj.weight";  // [64, 64]
+  make("nan_expert", o);
+  overwrite_tensor_bytes(path("nan_expert/model.safetensors"), down, 5 * 64 + 7, {0x7f});
+  expect_convert_error("nan_expert", ErrorCode::format, {down, "row 5", "NaN"});
+  const std::string q = "model.layers.2.self_attn.q_proj.weight";  // [128, 64]
+  make("nan_resident", o);
+  overwrite_tensor_bytes(path("nan_resident/model.safetensors"), q, 100 * 64, {0xff});
+  expect_error(convert("nan_resident", "bad_pack", WeightFormat::q8, WeightFormat::q8), ErrorCode::format, {q, "row 100", "NaN"});
+  EXPECT_FALSE(fs::exists(path("bad_pack")));
+  EXPECT_FALSE(fs::exists(path("bad_pack.partial")));
+
+  // A scale that is not finite would turn a whole block into inf or NaN.
+  make("inf_scale", o);
+  const float inf = INFINITY;
+  std::vector<uint8_t> inf_bytes(4);
+  std::memcpy(inf_bytes.data(), &inf, 4);
+  overwrite_tensor_bytes(path("inf_scale/model.safetensors"), k_scale, 4 * (2 * 2 + 1), inf_bytes);
+  expect_convert_error("inf_scale", ErrorCode::format, {k_scale, "block [2, 1]", "finite"});
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 // The safetensors reader on valid files and on every kind of malformed header it must refuse.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -92,6 +93,42 @@ TEST_F(SafetensorsTest, ReadsTensorsAndConvertsEveryFloatDtype) {
   EXPECT_NE(s.message().find("I64"), std::string::npos);
 
   EXPECT_EQ(file->to_f32("missing", out.data()).code(), ErrorCode::format);
+}
+
+// float8 e4m3fn as PyTorch defines it (torch.float8_e4m3fn): bias 7, no infinities, S.1111.111 NaN.
+TEST_F(SafetensorsTest, DecodesFloat8E4M3) {
+  EXPECT_EQ(f8_e4m3_to_f32(0x00), 0.0f);
+  EXPECT_TRUE(std::signbit(f8_e4m3_to_f32(0x80)));        // −0
+  EXPECT_EQ(f8_e4m3_to_f32(0x01), std::ldexp(1.0f, -9));  // smallest subnormal
+  EXPECT_EQ(f8_e4m3_to_f32(0x07), 7 * std::ldexp(1.0f, -9));
+  EXPECT_EQ(f8_e4m3_to_f32(0x08), std::ldexp(1.0f, -6));  // smallest normal
+  EXPECT_EQ(f8_e4m3_to_f32(0x38), 1.0f);
+  EXPECT_EQ(f8_e4m3_to_f32(0x39), 1.125f);
+  EXPECT_EQ(f8_e4m3_to_f32(0xc4), -3.0f);
+  EXPECT_EQ(f8_e4m3_to_f32(0x78), 256.0f);  // exponent field 15 is a normal binade, not infinity
+  EXPECT_EQ(f8_e4m3_to_f32(0x7e), 448.0f);  // the largest finite value
+  EXPECT_EQ(f8_e4m3_to_f32(0xfe), -448.0f);
+  EXPECT_TRUE(std::isnan(f8_e4m3_to_f32(0x7f)));
+  EXPECT_TRUE(std::isnan(f8_e4m3_to_f32(0xff)));
+  int nans = 0;
+  for (int b = 0; b < 256; ++b) nans += f8_e4m3_is_nan(uint8_t(b)) ? 1 : 0;
+  EXPECT_EQ(nans, 2);
+  // Codes increase with magnitude: every positive code is above the one before.
+  for (int b = 1; b < 0x7f; ++b) EXPECT_GT(f8_e4m3_to_f32(uint8_t(b)), f8_e4m3_to_f32(uint8_t(b - 1))) << b;
+
+  TestTensor f8{"w.f8", "F8_E4M3", {2, 2}, {0x38, 0xc4, 0x7e, 0x01}};
+  TestTensor e5{"w.e5m2", "F8_E5M2", {2}, {0x3c, 0x40}};
+  ASSERT_TRUE(test::write_safetensors(path("f8.safetensors"), {f8, e5}).is_ok());
+  auto file = SafetensorsFile::open(path("f8.safetensors"));
+  ASSERT_TRUE(file.is_ok()) << file.status().to_string();
+  EXPECT_EQ(file->find("w.f8")->dtype, SafetensorsDtype::f8_e4m3);
+  EXPECT_EQ(file->find("w.e5m2")->dtype, SafetensorsDtype::f8_e5m2);
+  std::vector<float> out(4);
+  ASSERT_TRUE(file->to_f32("w.f8", out.data()).is_ok());  // the stored values; block scales are convert's
+  EXPECT_EQ(out, (std::vector<float>{1.0f, -3.0f, 448.0f, std::ldexp(1.0f, -9)}));
+  const Status s = file->to_f32("w.e5m2", out.data());  // known, not read
+  EXPECT_EQ(s.code(), ErrorCode::unsupported);
+  EXPECT_NE(s.message().find("F8_E5M2"), std::string::npos) << s.message();
 }
 
 // Expects open() to fail with a format error whose message contains every fragment.

@@ -1,6 +1,7 @@
 // Checkpoint → pack conversion. The whole checkpoint is validated from the shard headers first (every
-// declared tensor present with its shape and a readable dtype), so a bad checkpoint fails in seconds,
-// before anything is written; then shards are converted one at a time.
+// declared tensor present with its shape and a readable dtype, every F8_E4M3 tensor with its block
+// scales), so a bad checkpoint fails in seconds, before anything is written; then shards are converted
+// one at a time.
 #include "format/convert.hpp"
 
 #include <sys/mman.h>
@@ -13,7 +14,9 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <nlohmann/json.hpp>
 
@@ -69,19 +72,59 @@ std::string canonical_name(const std::string& name) {
   return name;
 }
 
+// The block scales of an F8_E4M3 checkpoint matrix [rows, cols] (DeepSeek-V3's layout):
+// w[r, c] = fp8[r, c] · inv[r / block_rows, c / block_cols], the product rounded once to f32.
+struct BlockScales {
+  std::string name;  // the checkpoint's "<weight>_scale_inv"
+  int64_t block_rows = 0, block_cols = 0;
+  int64_t cols = 0;        // ceil(weight cols / block_cols)
+  std::vector<float> inv;  // [ceil(rows / block_rows), cols] f32, every value finite
+};
+
+std::string fp8_scale_name(const std::string& weight) { return weight + "_scale_inv"; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows [row, row + count) of the F8_E4M3 matrix [*, cols] at src, dequantized into out [count, cols].
+// Returns −1, or the first of those rows holding an FP8 NaN (then out is incomplete).
+int64_t dequantize_fp8_rows(const uint8_t* src, int64_t row, int64_t count, int64_t cols, const BlockScales& s, float* out) {
+  decode_to_f32(SafetensorsDtype::f8_e4m3, src + size_t(row * cols), size_t(count * cols), out);
+  for (int64_t r = 0; r < count; ++r) {
+    const uint8_t* bits = src + size_t((row + r) * cols);
+    // No FP8 quantizer writes a NaN, so one is corruption, refused whatever the pack's format (a finite
+    // scale makes no other NaN).
+    if (std::any_of(bits, bits + cols, f8_e4m3_is_nan)) return row + r;
+    const float* inv = s.inv.data() + (row + r) / s.block_rows * s.cols;
+    float* w = out + r * cols;
+    for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += s.block_cols) {
+      const int64_t c1 = std::min(cols, c0 + s.block_cols);
+      for (int64_t c = c0; c < c1; ++c) w[c] *= inv[j];
+    }
+  }
+  return -1;
+}
+
+Status fp8_nan_error(const std::string& path, const std::string& tensor, int64_t row) {
+  return make_error(ErrorCode::format, "{}: tensor {}: row {} holds an F8_E4M3 NaN", path, tensor, row);
+}
+
 // Encodes matrices from checkpoint tensors into a weight format, spread over a thread pool.
 class MatrixEncoder {
  public:
   explicit MatrixEncoder(int n_threads) : pool_(n_threads) {}
 
   // Encodes the [rows, cols] matrix starting at element `first` of t into format; data/scales/biases
-  // receive weight_part_bytes(format, rows, cols) bytes each (unused parts may be null).
-  Status encode(const SafetensorsFile& file, const SafetensorsTensor& t, int64_t first, int64_t rows, int64_t cols,
-                WeightFormat format, uint8_t* data, uint8_t* scales, uint8_t* biases) {
+  // receive weight_part_bytes(format, rows, cols) bytes each (unused parts may be null). An F8_E4M3 t
+  // comes with its block scales (fp8) and is read whole (first = 0).
+  Status encode(const SafetensorsFile& file, const SafetensorsTensor& t, const BlockScales* fp8, int64_t first, int64_t rows,
+                int64_t cols, WeightFormat format, uint8_t* data, uint8_t* scales, uint8_t* biases) {
     if (!safetensors_dtype_is_float_readable(t.dtype))
-      return make_error(ErrorCode::unsupported, "{}: tensor {} has dtype {}; only BF16, F16 and F32 can be converted", file.path(),
-                        t.name, safetensors_dtype_name(t.dtype));
+      return make_error(ErrorCode::unsupported, "{}: tensor {} has dtype {}; only BF16, F16, F32 and F8_E4M3 can be converted",
+                        file.path(), t.name, safetensors_dtype_name(t.dtype));
     MF_CHECK(first >= 0 && first + rows * cols <= t.elements());
+    // validate() refuses F8_E4M3 anywhere but a whole 2-D tensor, and checked its scales.
+    MF_CHECK((t.dtype == SafetensorsDtype::f8_e4m3) == (fp8 != nullptr));
+    MF_CHECK(!fp8 || (first == 0 && t.shape.size() == 2 && t.shape[1] == cols));
     const size_t element = safetensors_dtype_size(t.dtype);
     const uint8_t* src = file.raw(t).data() + size_t(first) * element;
     // Same representation: a copy is exact and an order of magnitude faster than decode + encode.
@@ -89,13 +132,16 @@ class MatrixEncoder {
       std::memcpy(data, src, size_t(rows * cols) * element);
       return Status::ok();
     }
-    auto decode = [&](int64_t row, int64_t count, float* out) {
+    auto decode = [&](int64_t row, int64_t count, float* out) -> int64_t {
+      if (fp8) return dequantize_fp8_rows(src, row, count, cols, *fp8, out);
       decode_to_f32(t.dtype, src + size_t(row * cols) * element, size_t(count * cols), out);
+      return -1;
     };
-    const int64_t bad = encode_rows_of(rows, cols, format, decode, data, scales, biases);
-    if (bad >= 0)
+    const BadRow bad = encode_rows_of(rows, cols, format, decode, data, scales, biases);
+    if (bad.source_nan) return fp8_nan_error(file.path(), t.name, bad.row);
+    if (bad.row >= 0)
       return make_error(ErrorCode::format, "{}: tensor {}: row {} of the matrix at element {} holds a value {} cannot represent (inf, "
-                        "NaN, or beyond the fp16 scale range)", file.path(), t.name, bad, first, weight_format_name(format));
+                        "NaN, or beyond the fp16 scale range)", file.path(), t.name, bad.row, first, weight_format_name(format));
     return Status::ok();
   }
 
@@ -103,40 +149,53 @@ class MatrixEncoder {
   // it in errors.
   Status encode_f32(const float* w, int64_t rows, int64_t cols, WeightFormat format, const std::string& what, uint8_t* data,
                     uint8_t* scales, uint8_t* biases) {
-    auto decode = [&](int64_t row, int64_t count, float* out) { std::memcpy(out, w + row * cols, size_t(count * cols) * 4); };
-    const int64_t bad = encode_rows_of(rows, cols, format, decode, data, scales, biases);
-    if (bad >= 0)
+    auto decode = [&](int64_t row, int64_t count, float* out) -> int64_t {
+      std::memcpy(out, w + row * cols, size_t(count * cols) * 4);
+      return -1;
+    };
+    const BadRow bad = encode_rows_of(rows, cols, format, decode, data, scales, biases);
+    if (bad.row >= 0)
       return make_error(ErrorCode::format, "{}: row {} holds a value {} cannot represent (inf, NaN, or beyond the fp16 scale range)",
-                        what, bad, weight_format_name(format));
+                        what, bad.row, weight_format_name(format));
     return Status::ok();
   }
 
  private:
-  // Encodes rows [0, rows) fetched by decode(row, count, out) as fp32, on the pool. Returns −1, or the
-  // first row holding a value the format cannot represent (then nothing is guaranteed written).
+  struct BadRow {
+    int64_t row = -1;         // −1: every row encoded
+    bool source_nan = false;  // the row's source holds an F8_E4M3 NaN; else it holds a value the format can't
+  };
+
+  // Encodes rows [0, rows) fetched by decode(row, count, out) as fp32, on the pool; decode returns −1 or
+  // the first of its rows whose source is bad. Returns the first bad row, if any (then nothing is
+  // guaranteed written).
   template <typename Decode>
-  int64_t encode_rows_of(int64_t rows, int64_t cols, WeightFormat format, Decode&& decode, uint8_t* data, uint8_t* scales,
-                         uint8_t* biases) {
+  BadRow encode_rows_of(int64_t rows, int64_t cols, WeightFormat format, Decode&& decode, uint8_t* data, uint8_t* scales,
+                        uint8_t* biases) {
     // Row blocks keep the f32 staging near 32 MB whatever the tensor (an embedding is gigabytes).
     const int64_t block_rows = std::max<int64_t>(1, (int64_t(8) << 20) / cols);
-    std::atomic<int64_t> bad_row{INT64_MAX};
+    // 2·row + (0: bad source, 1: unrepresentable); the smallest across threads wins.
+    std::atomic<int64_t> bad_key{INT64_MAX};
+    auto report = [&](int64_t key) {
+      int64_t expected = bad_key.load();
+      while (key < expected && !bad_key.compare_exchange_weak(expected, key)) {}
+    };
     for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
       const int64_t n = std::min(block_rows, rows - r0);
       pool_.parallel_range(n, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
         const int64_t row = r0 + begin, count = end - begin;
         std::vector<float> staging(size_t(count * cols));
-        decode(row, count, staging.data());
+        const int64_t bad_source = decode(row, count, staging.data());
+        if (bad_source >= 0) return report(2 * bad_source);
         const int64_t bad = first_unrepresentable_row(staging.data(), count, cols, format);
-        if (bad >= 0) {
-          int64_t expected = bad_row.load();
-          while (row + bad < expected && !bad_row.compare_exchange_weak(expected, row + bad)) {}
-          return;
-        }
+        if (bad >= 0) return report(2 * (row + bad) + 1);
         encode_rows(staging.data(), row, count, cols, format, data, scales, biases);
       });
-      if (bad_row.load() != INT64_MAX) break;
+      if (bad_key.load() != INT64_MAX) break;
     }
-    return bad_row.load() == INT64_MAX ? -1 : bad_row.load();
+    const int64_t key = bad_key.load();
+    if (key == INT64_MAX) return {};
+    return {key / 2, key % 2 == 0};
   }
 
   // The quantizers abort on values they cannot encode (a broken invariant for them); for convert such a
@@ -272,6 +331,10 @@ struct Plan {
   std::vector<std::string> fallback;  // resident matrices stored bf16 instead of the dense format
   std::vector<WeightFormat> resident_format;  // per TensorDecl
   size_t gate = SIZE_MAX, up = SIZE_MAX, down = SIZE_MAX;  // matrix indices for the fused layout
+  // F8_E4M3 checkpoint tensors (checkpoint names), each read with its "<name>_scale_inv" block scales;
+  // the block is config.json's quantization_config.weight_block_size.
+  std::vector<std::string> fp8;
+  int64_t fp8_block_rows = 128, fp8_block_cols = 128;
 };
 
 WeightFormat format_for(const TensorDecl& d, WeightFormat dense) {
@@ -357,8 +420,8 @@ Status validate(const CheckpointIndex& index, const std::string& hf_dir, Plan& p
         continue;
       }
       if (!safetensors_dtype_is_float_readable(st.dtype))
-        return make_error(ErrorCode::unsupported, "{}: tensor {} has dtype {}; only BF16, F16 and F32 can be converted", shard.path,
-                          st.name, safetensors_dtype_name(st.dtype));
+        return make_error(ErrorCode::unsupported, "{}: tensor {} has dtype {}; only BF16, F16, F32 and F8_E4M3 (with block scales) can be "
+                          "converted", shard.path, st.name, safetensors_dtype_name(st.dtype));
       const Target& t = it->second;
       std::vector<int64_t> expected;
       const auto& mats = plan.experts.matrices;
@@ -371,6 +434,16 @@ Status validate(const CheckpointIndex& index, const std::string& hf_dir, Plan& p
       if (st.shape != expected)
         return make_error(ErrorCode::mismatch, "{}: tensor {}: shape {}, expected {} (from config.json)", shard.path, st.name,
                           shape_string(st.shape), shape_string(expected));
+      if (st.dtype == SafetensorsDtype::f8_e4m3) {
+        if (t.kind == Target::Kind::fused_gate_up || t.kind == Target::Kind::fused_down)
+          return make_error(ErrorCode::unsupported, "{}: tensor {} is F8_E4M3 in the fused expert layout, which no published checkpoint "
+                            "uses; FP8 experts are read per expert ({}.{{e}}.{{gate,up,down}}_proj.weight with their _scale_inv)",
+                            shard.path, st.name, plan.experts.expert_prefix(t.layer));
+        if (st.shape.size() != 2)
+          return make_error(ErrorCode::unsupported, "{}: tensor {} is F8_E4M3 with shape {}; block-scaled FP8 is read only for 2-D "
+                            "matrices", shard.path, st.name, shape_string(st.shape));
+        plan.fp8.push_back(st.name);
+      }
       switch (t.kind) {
         case Target::Kind::resident: resident_seen[t.index] = true; break;
         case Target::Kind::expert: MF_TRY(mark(t, t.expert, t.index, st.name)); break;
@@ -407,6 +480,66 @@ Status validate(const CheckpointIndex& index, const std::string& hf_dir, Plan& p
   if (!missing.empty())
     return make_error(ErrorCode::format, "{}: tensor {} is missing from the checkpoint ({} declared tensor{} missing: {})", hf_dir,
                       missing[0], missing.size(), missing.size() == 1 ? " is" : "s are", name_list(missing));
+  return Status::ok();
+}
+
+// config.json's quantization_config, read when the checkpoint holds F8_E4M3 tensors: quant_method
+// "fp8" (or absent) and weight_block_size [rows, cols] (absent: [128, 128], DeepSeek-V3's).
+Status read_fp8_block(const json& config, const std::string& config_path, Plan& plan) {
+  const std::string needed_by = fmt::format("needed by F8_E4M3 tensor {}{}", plan.fp8.front(),
+                                            plan.fp8.size() > 1 ? fmt::format(" and {} more", plan.fp8.size() - 1) : "");
+  if (!config.contains("quantization_config")) return Status::ok();
+  const json& q = config["quantization_config"];
+  if (!q.is_object()) return make_error(ErrorCode::format, "{}: quantization_config is not an object ({})", config_path, needed_by);
+  if (q.contains("quant_method") && q["quant_method"] != "fp8")
+    return make_error(ErrorCode::unsupported, "{}: quantization_config.quant_method is {}; F8_E4M3 tensors are read only as "
+                      "block-scaled \"fp8\" with <name>_scale_inv companions ({})", config_path, q["quant_method"].dump(), needed_by);
+  if (!q.contains("weight_block_size")) return Status::ok();
+  const json& b = q["weight_block_size"];
+  auto positive = [](const json& v) { return v.is_number_integer() && v.get<int64_t>() > 0; };
+  if (!b.is_array() || b.size() != 2 || !positive(b[0]) || !positive(b[1]))
+    return make_error(ErrorCode::format, "{}: quantization_config.weight_block_size is {}, expected two positive integers [rows, cols] "
+                      "({})", config_path, b.dump(), needed_by);
+  plan.fp8_block_rows = b[0].get<int64_t>();
+  plan.fp8_block_cols = b[1].get<int64_t>();
+  return Status::ok();
+}
+
+std::vector<int64_t> fp8_scale_shape(const std::vector<int64_t>& weight_shape, const Plan& plan) {
+  return {ceil_div(weight_shape[0], plan.fp8_block_rows), ceil_div(weight_shape[1], plan.fp8_block_cols)};
+}
+
+Status scale_shape_error(const std::string& path, const SafetensorsTensor& scale, const SafetensorsTensor& weight, const Plan& plan) {
+  return make_error(ErrorCode::mismatch, "{}: tensor {}: shape {}, expected {} (the block scales of {} {} in blocks of [{}, {}] from "
+                    "quantization_config.weight_block_size)", path, scale.name, shape_string(scale.shape),
+                    shape_string(fp8_scale_shape(weight.shape, plan)), weight.name, shape_string(weight.shape), plan.fp8_block_rows,
+                    plan.fp8_block_cols);
+}
+
+// Every F8_E4M3 tensor's "<name>_scale_inv": present in some shard, F32, BF16 or F16, one value per
+// block. The scales are read with their weights, so they are not reported as unused.
+Status validate_fp8_scales(const CheckpointIndex& index, Plan& plan) {
+  std::unordered_map<std::string, std::pair<const SafetensorsTensor*, const std::string*>> by_name;  // tensor, shard path
+  for (const auto& shard : index.shards)
+    for (const auto& t : shard.tensors) by_name.emplace(t.name, std::pair{&t, &shard.path});
+  std::unordered_set<std::string> consumed;
+  for (const std::string& name : plan.fp8) {
+    auto weight_it = by_name.find(name);
+    MF_CHECK(weight_it != by_name.end());  // validate() took the name from the index
+    const auto [weight, weight_path] = weight_it->second;
+    const std::string scale_name = fp8_scale_name(name);
+    auto it = by_name.find(scale_name);
+    if (it == by_name.end())
+      return make_error(ErrorCode::format, "{}: tensor {} is F8_E4M3 but its block scales {} are missing from the checkpoint",
+                        *weight_path, name, scale_name);
+    const auto [scale, scale_path] = it->second;
+    if (scale->dtype != SafetensorsDtype::f32 && scale->dtype != SafetensorsDtype::bf16 && scale->dtype != SafetensorsDtype::f16)
+      return make_error(ErrorCode::unsupported, "{}: tensor {} (the block scales of {}) has dtype {}; expected F32, BF16 or F16",
+                        *scale_path, scale_name, name, safetensors_dtype_name(scale->dtype));
+    if (scale->shape != fp8_scale_shape(weight->shape, plan)) return scale_shape_error(*scale_path, *scale, *weight, plan);
+    consumed.insert(scale_name);
+  }
+  std::erase_if(plan.extra, [&](const std::string& name) { return consumed.count(name) > 0; });
   return Status::ok();
 }
 
@@ -480,6 +613,10 @@ Status convert_checkpoint(const ConvertOptions& o, ConvertSummary* summary_out) 
 
   MF_ASSIGN_OR_RETURN(CheckpointIndex index, scan_checkpoint_dir(o.hf_dir));
   MF_TRY(validate(index, o.hf_dir, plan));
+  if (!plan.fp8.empty()) {
+    MF_TRY(read_fp8_block(config, config_path, plan));
+    MF_TRY(validate_fp8_scales(index, plan));
+  }
   if (!plan.extra.empty())
     printer.warn(fmt::format("skipping {} checkpoint tensor{} that {} does not use: {}", plan.extra.size(),
                              plan.extra.size() == 1 ? "" : "s", summary.model_type, name_list(plan.extra)));
@@ -511,13 +648,54 @@ Status convert_checkpoint(const ConvertOptions& o, ConvertSummary* summary_out) 
   progress.tensors_total = index.tensor_count();
   progress.bytes_total = index.tensor_bytes;
 
+  // The shard a scale companion is read from when it is not the shard being converted: mapped while
+  // needed, one at a time (Hugging Face's sharding keeps most scales beside their weights).
+  std::optional<SafetensorsFile> scale_file;
+  size_t scale_file_shard = SIZE_MAX;
+
+  // The block scales of F8_E4M3 tensor t of shard `shard` (file), from whichever shard holds them.
+  auto read_scales = [&](size_t shard, const SafetensorsFile& file, const SafetensorsTensor& t) -> Result<BlockScales> {
+    BlockScales s;
+    s.name = fp8_scale_name(t.name);
+    s.block_rows = plan.fp8_block_rows;
+    s.block_cols = plan.fp8_block_cols;
+    auto shard_it = index.tensor_shard.find(s.name);
+    MF_CHECK(shard_it != index.tensor_shard.end());  // validate_fp8_scales found it
+    const size_t at = shard_it->second;
+    const SafetensorsFile* from = &file;
+    if (at != shard) {
+      if (scale_file_shard != at) {
+        scale_file.reset();
+        scale_file_shard = SIZE_MAX;
+        MF_ASSIGN_OR_RETURN(SafetensorsFile opened, SafetensorsFile::open(index.shards[at].path));
+        scale_file.emplace(std::move(opened));
+        scale_file_shard = at;
+      }
+      from = &*scale_file;
+    }
+    // The shard was opened again since the scan; what validate checked is checked again.
+    const SafetensorsTensor* st = from->find(s.name);
+    if (!st) return make_error(ErrorCode::format, "{}: no tensor {} (the file changed during conversion?)", from->path(), s.name);
+    if (st->shape != fp8_scale_shape(t.shape, plan)) return scale_shape_error(from->path(), *st, t, plan);
+    s.cols = st->shape[1];
+    s.inv.resize(size_t(st->elements()));
+    const std::span<const uint8_t> bytes = from->raw(*st);
+    MF_TRY(from->to_f32(*st, 0, st->elements(), s.inv.data()));
+    release_pages(bytes);
+    for (size_t i = 0; i < s.inv.size(); ++i)
+      if (!std::isfinite(s.inv[i]))
+        return make_error(ErrorCode::format, "{}: tensor {}: block [{}, {}] is {}; block scales must be finite", from->path(), s.name,
+                          int64_t(i) / s.cols, int64_t(i) % s.cols, s.inv[i]);
+    return s;
+  };
+
   // Encodes matrix m of (layer, expert) from `first` in t into its blob; writes the blob once complete.
-  auto put_expert = [&](const SafetensorsFile& file, const SafetensorsTensor& t, int64_t first, int layer, int64_t expert,
-                        size_t m) -> Status {
+  auto put_expert = [&](const SafetensorsFile& file, const SafetensorsTensor& t, const BlockScales* fp8, int64_t first, int layer,
+                        int64_t expert, size_t m) -> Status {
     PendingExperts::Blob& blob = pending.get(layer, expert, writer->expert_bytes());
     const ExpertMatrix& em = layout[m];
     uint8_t* base = blob.bytes.data();
-    MF_TRY(encoder.encode(file, t, first, em.rows, em.cols, em.format, base + em.data.offset,
+    MF_TRY(encoder.encode(file, t, fp8, first, em.rows, em.cols, em.format, base + em.data.offset,
                           em.scales.bytes ? base + em.scales.offset : nullptr, em.biases.bytes ? base + em.biases.offset : nullptr));
     blob.have |= 1u << m;
     if (blob.have == full_mask) {
@@ -527,12 +705,23 @@ Status convert_checkpoint(const ConvertOptions& o, ConvertSummary* summary_out) 
     return Status::ok();
   };
 
-  auto convert_shard = [&](const CheckpointShard& shard) -> Status {
-    MF_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(shard.path));
+  auto convert_shard = [&](size_t shard) -> Status {
+    if (scale_file_shard == shard) {  // a second mapping of the shard being converted is of no use
+      scale_file.reset();
+      scale_file_shard = SIZE_MAX;
+    }
+    MF_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(index.shards[shard].path));
     for (const SafetensorsTensor& t : file.tensors()) {
       auto it = plan.targets.find(canonical_name(t.name));
       if (it != plan.targets.end()) {
         const Target& target = it->second;
+        std::optional<BlockScales> block_scales;
+        if (t.dtype == SafetensorsDtype::f8_e4m3) {
+          MF_ASSIGN_OR_RETURN(BlockScales read, read_scales(shard, file, t));
+          block_scales.emplace(std::move(read));
+          ++summary.fp8_tensors;
+        }
+        const BlockScales* fp8 = block_scales ? &*block_scales : nullptr;
         switch (target.kind) {
           case Target::Kind::resident: {
             std::vector<float> whole;  // the source as fp32, decoded once for its row selections
@@ -543,11 +732,16 @@ Status convert_checkpoint(const ConvertOptions& o, ConvertSummary* summary_out) 
               const WeightPartBytes b = weight_part_bytes(f, rows, cols);
               std::vector<uint8_t> data(b.data), scales(b.scales), biases(b.biases);
               if (d.source.empty()) {
-                MF_TRY(encoder.encode(file, t, 0, rows, cols, f, data.data(), scales.data(), biases.data()));
+                MF_TRY(encoder.encode(file, t, fp8, 0, rows, cols, f, data.data(), scales.data(), biases.data()));
               } else {
                 if (whole.empty()) {
                   whole.resize(size_t(t.elements()));
-                  decode_to_f32(t.dtype, file.raw(t).data(), whole.size(), whole.data());
+                  if (fp8) {
+                    const int64_t bad = dequantize_fp8_rows(file.raw(t).data(), 0, t.shape[0], t.shape[1], *fp8, whole.data());
+                    if (bad >= 0) return fp8_nan_error(file.path(), t.name, bad);
+                  } else {
+                    decode_to_f32(t.dtype, file.raw(t).data(), whole.size(), whole.data());
+                  }
                 }
                 const int64_t source_rows = t.elements() / cols;
                 std::vector<float> selected(size_t(rows * cols));
@@ -566,20 +760,20 @@ Status convert_checkpoint(const ConvertOptions& o, ConvertSummary* summary_out) 
             }
             break;
           }
-          case Target::Kind::expert: MF_TRY(put_expert(file, t, 0, target.layer, target.expert, target.index)); break;
+          case Target::Kind::expert: MF_TRY(put_expert(file, t, fp8, 0, target.layer, target.expert, target.index)); break;
           case Target::Kind::fused_gate_up: {
             const int64_t gate_elements = layout[plan.gate].rows * layout[plan.gate].cols;
             const int64_t up_elements = layout[plan.up].rows * layout[plan.up].cols;
             for (int64_t e = 0; e < plan.experts.n_expert; ++e) {
               const int64_t first = e * (gate_elements + up_elements);
-              MF_TRY(put_expert(file, t, first, target.layer, e, plan.gate));
-              MF_TRY(put_expert(file, t, first + gate_elements, target.layer, e, plan.up));
+              MF_TRY(put_expert(file, t, fp8, first, target.layer, e, plan.gate));
+              MF_TRY(put_expert(file, t, fp8, first + gate_elements, target.layer, e, plan.up));
             }
             break;
           }
           case Target::Kind::fused_down: {
             const int64_t elements = layout[plan.down].rows * layout[plan.down].cols;
-            for (int64_t e = 0; e < plan.experts.n_expert; ++e) MF_TRY(put_expert(file, t, e * elements, target.layer, e, plan.down));
+            for (int64_t e = 0; e < plan.experts.n_expert; ++e) MF_TRY(put_expert(file, t, fp8, e * elements, target.layer, e, plan.down));
             break;
           }
         }
@@ -596,7 +790,7 @@ Status convert_checkpoint(const ConvertOptions& o, ConvertSummary* summary_out) 
 
   for (size_t s = 0; s < index.shards.size(); ++s) {
     progress.shard = int(s) + 1;
-    const Status status = convert_shard(index.shards[s]);
+    const Status status = convert_shard(s);
     if (!status.is_ok()) {
       printer.close();
       return status;

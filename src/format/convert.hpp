@@ -42,6 +42,7 @@ struct ConvertSummary {
   std::string model_type;
   size_t resident_tensors = 0;
   size_t checkpoint_tensors = 0;           // tensors read from the checkpoint (resident + expert)
+  size_t fp8_tensors = 0;                  // of those, F8_E4M3 ones dequantized with their _scale_inv block scales
   uint64_t resident_bytes = 0;             // size of resident.bin
   int64_t n_expert = 0;
   size_t n_expert_layers = 0;

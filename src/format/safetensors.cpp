@@ -3,8 +3,11 @@
 #include "format/safetensors.hpp"
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <map>
 
 #include <nlohmann/json.hpp>
@@ -103,8 +106,30 @@ size_t safetensors_dtype_size(SafetensorsDtype dtype) {
 }
 
 bool safetensors_dtype_is_float_readable(SafetensorsDtype dtype) {
-  return dtype == SafetensorsDtype::bf16 || dtype == SafetensorsDtype::f16 || dtype == SafetensorsDtype::f32;
+  return dtype == SafetensorsDtype::bf16 || dtype == SafetensorsDtype::f16 || dtype == SafetensorsDtype::f32 ||
+         dtype == SafetensorsDtype::f8_e4m3;
 }
+
+namespace {
+
+// Every e4m3fn value: exponent field e, mantissa m → (1 + m/8)·2^(e−7), subnormal (e = 0) m·2^−9.
+const std::array<float, 256>& f8_e4m3_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int bits = 0; bits < 256; ++bits) {
+      const int exponent = (bits >> 3) & 15, mantissa = bits & 7;
+      float v = exponent == 0 ? std::ldexp(float(mantissa), -9) : std::ldexp(1.0f + float(mantissa) / 8.0f, exponent - 7);
+      if (f8_e4m3_is_nan(uint8_t(bits))) v = std::numeric_limits<float>::quiet_NaN();
+      t[size_t(bits)] = (bits & 0x80) ? -v : v;
+    }
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace
+
+float f8_e4m3_to_f32(uint8_t bits) { return f8_e4m3_table()[bits]; }
 
 void decode_to_f32(SafetensorsDtype dtype, const uint8_t* src, size_t count, float* out) {
   // memcpy per element: the data section starts at 8 + header length, so nothing is aligned.
@@ -124,6 +149,11 @@ void decode_to_f32(SafetensorsDtype dtype, const uint8_t* src, size_t count, flo
       }
       break;
     case SafetensorsDtype::f32: std::memcpy(out, src, count * 4); break;
+    case SafetensorsDtype::f8_e4m3: {
+      const std::array<float, 256>& table = f8_e4m3_table();
+      for (size_t i = 0; i < count; ++i) out[i] = table[src[i]];
+      break;
+    }
     default: MF_CHECK_MSG(false, "decode_to_f32 on dtype {}", safetensors_dtype_name(dtype));
   }
 }
@@ -190,7 +220,7 @@ Status SafetensorsFile::to_f32(const std::string& name, float* out) const {
 
 Status SafetensorsFile::to_f32(const SafetensorsTensor& t, int64_t first, int64_t count, float* out) const {
   if (!safetensors_dtype_is_float_readable(t.dtype))
-    return make_error(ErrorCode::unsupported, "{}: tensor {} has dtype {}; only BF16, F16 and F32 can be converted", path(), t.name,
+    return make_error(ErrorCode::unsupported, "{}: tensor {} has dtype {}; only BF16, F16, F32 and F8_E4M3 can be converted", path(), t.name,
                       safetensors_dtype_name(t.dtype));
   MF_CHECK_MSG(first >= 0 && count >= 0 && first + count <= t.elements(), "range [{}, +{}) of {} elements", first, count, t.elements());
   const size_t element = safetensors_dtype_size(t.dtype);

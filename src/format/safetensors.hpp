@@ -1,6 +1,7 @@
 // Reading Hugging Face .safetensors files (one memory-mapped file, header validated at open) and
 // checkpoint directories (index json or every *.safetensors file). Owns: the header parser and the
-// bf16/f16/f32 → f32 decode. Does not own what the tensors mean (models/) or conversion (convert).
+// bf16/f16/f32/f8_e4m3 → f32 element decode. Does not own what the tensors mean (models/) or conversion
+// (convert, which also applies an FP8 tensor's block scales).
 #pragma once
 
 #include <cstddef>
@@ -15,15 +16,22 @@
 
 namespace moeflux {
 
-// Every dtype the safetensors format defines. Only f16, bf16 and f32 can be read as float.
+// Every dtype the safetensors format defines. f16, bf16, f32 and f8_e4m3 can be read as float; f8_e5m2
+// is known but refused (no checkpoint we read uses it).
 enum class SafetensorsDtype : uint8_t { boolean, u8, i8, u16, i16, f16, bf16, u32, i32, f32, u64, i64, f64, f8_e4m3, f8_e5m2 };
 
 const char* safetensors_dtype_name(SafetensorsDtype dtype);  // as spelled in the header ("BF16")
 size_t safetensors_dtype_size(SafetensorsDtype dtype);       // bytes per element
 bool safetensors_dtype_is_float_readable(SafetensorsDtype dtype);
 
-// Decodes count elements of a float-readable dtype (src may be unaligned) to f32.
+// Decodes count elements of a float-readable dtype (src may be unaligned) to f32. f8_e4m3 gives the
+// stored element values: a block-quantized checkpoint's weight is that times its `_scale_inv` block scale.
 void decode_to_f32(SafetensorsDtype dtype, const uint8_t* src, size_t count, float* out);
+
+// float8 e4m3fn (1 sign, 4 exponent bits of bias 7, 3 mantissa bits; no infinities; S.1111.111 is
+// NaN; largest finite 448), as PyTorch's torch.float8_e4m3fn and safetensors' F8_E4M3.
+float f8_e4m3_to_f32(uint8_t bits);
+inline bool f8_e4m3_is_nan(uint8_t bits) { return (bits & 0x7f) == 0x7f; }
 
 struct SafetensorsTensor {
   std::string name;
@@ -48,7 +56,7 @@ class SafetensorsFile {
   Result<std::span<const uint8_t>> raw(const std::string& name) const;
   std::span<const uint8_t> raw(const SafetensorsTensor& t) const { return {file_.data() + t.offset, size_t(t.bytes)}; }
 
-  // Whole tensor to f32; out holds elements() floats. Unsupported for non-float dtypes.
+  // Whole tensor to f32; out holds elements() floats. Unsupported for dtypes that are not float-readable.
   Status to_f32(const std::string& name, float* out) const;
   // Elements [first, first + count) of the flattened tensor to f32.
   Status to_f32(const SafetensorsTensor& t, int64_t first, int64_t count, float* out) const;

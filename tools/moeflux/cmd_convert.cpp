@@ -40,6 +40,8 @@ int run_convert(const ConvertArgs& a) {
               s.seconds, format_bytes(s.seconds > 0 ? double(s.source_bytes) / s.seconds : 0).c_str());
   std::printf("  tensors    %zu read from the checkpoint (%s), %zu resident in the pack\n", s.checkpoint_tensors,
               format_bytes(double(s.source_bytes)).c_str(), s.resident_tensors);
+  if (s.fp8_tensors > 0)
+    std::printf("  fp8        %zu F8_E4M3 tensors dequantized with their block scales (_scale_inv)\n", s.fp8_tensors);
   std::printf("  resident   %s in resident.bin (matrices %s, norms f32, routers bf16%s)\n", format_bytes(double(s.resident_bytes)).c_str(),
               weight_format_name(o.dense_format),
               s.fallback_tensors.empty() ? "" : fmt::format("; {} fell back to bf16", s.fallback_tensors.size()).c_str());
