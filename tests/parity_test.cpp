@@ -126,6 +126,7 @@ const std::vector<std::pair<std::string, std::string>> checkpoints = {
     {"qwen3_5", "qwen3_5"},                                // hybrid, flat projections
     {"qwen3_5_moe_multimodal", "qwen3_5"},                 // the same weights in the published layout
     {"deepseek_v3", "deepseek_v3"},                        // MLA, YaRN, noaux_tc, a dense first layer
+    {"deepseek_v3_fp8", "deepseek_v3_fp8"},                // FP8 blocks + scales, an MTP layer to skip
 };
 
 std::string reference_of(const std::string& checkpoint) {
@@ -174,7 +175,8 @@ TEST_P(Parity, GreedyContinuationMatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Parity, testing::Values("tied_dense_gqa", "tied_dense_gqa_other_layout", "untied_sparse_step", "wide_mha",
-                                                           "qwen3_next", "qwen3_5", "qwen3_5_moe_multimodal", "deepseek_v3"));
+                                                           "qwen3_next", "qwen3_5", "qwen3_5_moe_multimodal", "deepseek_v3",
+                                                           "deepseek_v3_fp8"));
 
 // --- Hybrid Gated DeltaNet models (qwen3_next, qwen3_5): the recurrent state ----------------------
 

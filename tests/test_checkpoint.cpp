@@ -288,7 +288,7 @@ Result<TinyCheckpoint> make_tiny_qwen3_moe_checkpoint(const std::string& dir, co
 
 CliResult run_cli(const std::string& args, const std::string& scratch_dir) {
   const std::string out = scratch_dir + "/cli_stdout.txt", err = scratch_dir + "/cli_stderr.txt";
-  const std::string command = "'" + std::string(MOEFLUX_CLI_PATH) + "' " + args + " > '" + out + "' 2> '" + err + "'";
+  const std::string command = fmt::format("'{}' {} > '{}' 2> '{}'", MOEFLUX_CLI_PATH, args, out, err);
   const int status = std::system(command.c_str());
   CliResult r;
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
