@@ -102,7 +102,7 @@ class Qwen3NextFamily final : public ModelFamily {
     MF_ASSIGN_OR_RETURN(int64_t moe_intermediate, config_value<int64_t>(c, "moe_intermediate_size", 512));
     MF_ASSIGN_OR_RETURN(int64_t shared_intermediate, config_value<int64_t>(c, "shared_expert_intermediate_size", 512));
     MF_ASSIGN_OR_RETURN(double eps, config_value<double>(c, "rms_norm_eps", 1e-6));
-    MF_ASSIGN_OR_RETURN(int64_t max_pos, config_value<int64_t>(c, "max_position_embeddings", qwen3_5_ ? 32768 : 32768));
+    MF_ASSIGN_OR_RETURN(int64_t max_pos, config_value<int64_t>(c, "max_position_embeddings", 32768));
     MF_ASSIGN_OR_RETURN(std::string act, config_value<std::string>(c, "hidden_act", "silu"));
     MF_ASSIGN_OR_RETURN(bool attention_bias, config_value<bool>(c, "attention_bias", false));
     MF_ASSIGN_OR_RETURN(int64_t conv_kernel, config_value<int64_t>(c, "linear_conv_kernel_dim", 4));
