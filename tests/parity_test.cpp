@@ -427,6 +427,23 @@ TEST(DeepSeekV3, RotaryPairsOfTheStoredOrderFailParity) {
   EXPECT_GT(err, 20 * 2e-3f);
 }
 
+// A pack is input too: inconsistent hyperparameters in a (hand-edited) manifest are a format error at
+// open, never an abort inside an op.
+TEST(PackHparams, InconsistentValuesAreRefusedAtOpen) {
+  struct Case { const char* fixture; const char* key; nlohmann::json value; };
+  for (const Case& c : {Case{"deepseek_v3", "n_group", 3}, Case{"deepseek_v3", "qk_rope_head_dim", 7},
+                        Case{"qwen3_5", "linear_num_key_heads", 3}, Case{"qwen3_next", "rope_dim", 40}}) {
+    const std::string pack = pack_with_hparam(pack_for(c.fixture, WeightFormat::bf16, WeightFormat::bf16),
+                                              std::string("bad_") + c.fixture + "_" + c.key, c.key, c.value);
+    ModelOptions o;
+    o.pack_dir = pack;
+    o.n_threads = 1;
+    auto m = Model::open(o);
+    ASSERT_FALSE(m.is_ok()) << c.fixture << " " << c.key;
+    EXPECT_EQ(m.status().code(), ErrorCode::format) << m.status().to_string();
+  }
+}
+
 // The config arithmetic at DeepSeek-V3's published values (ref/model-families.md §5.3): softmax scale
 // 192^-½ · (0.1 · ln 40 + 1)² = 0.1352338, the YaRN attention factor 1 (mscale = mscale_all_dim).
 TEST(DeepSeekV3, PublishedConfigGivesTheReferenceScales) {

@@ -3,7 +3,8 @@
  * Conventions: every function that can fail returns a moeflux_status; MOEFLUX_OK is 0. On failure
  * moeflux_last_error() returns a message for the calling thread naming what went wrong (valid until
  * that thread's next moeflux call). Nothing is thrown across this API. Handles are opaque; a model
- * may be shared by several sessions, and must outlive them. A session is used by one thread at a time.
+ * may be shared by several sessions, and must outlive them. A session is used by one thread at a time,
+ * and the sessions of one model evaluate one at a time (they share its compute backend and scratch).
  */
 #ifndef MOEFLUX_H
 #define MOEFLUX_H
@@ -85,7 +86,8 @@ void moeflux_session_reset(moeflux_session* session);
  *   truncate(n):  exact. n may be any position for attention-only models; for hybrid models 0, the
  *                 current position or a snapshot position, else MOEFLUX_ERR_UNSUPPORTED (the message
  *                 lists the positions available). Going to a snapshot restores its logits too (sample
- *                 again without evaluating anything); otherwise logits are cleared.
+ *                 again without evaluating anything); going to an earlier position without one clears
+ *                 them; the current position keeps them.
  *   rewind(n):    goes to the latest position <= n the session can return to exactly (n itself for
  *                 attention-only models), writes it to *out_n_past; re-evaluate the tokens after it.
  * A failed eval of a hybrid model leaves the session at the last snapshot (or 0) and says so.
@@ -94,7 +96,8 @@ void moeflux_session_reset(moeflux_session* session);
 moeflux_status moeflux_session_truncate(moeflux_session* session, int64_t n_past);
 moeflux_status moeflux_session_rewind(moeflux_session* session, int64_t n_past, int64_t* out_n_past);
 moeflux_status moeflux_session_checkpoint(moeflux_session* session);
-/* Writes up to capacity snapshot positions (ascending) and returns how many there are. */
+/* Writes up to capacity snapshot positions (ascending; positions may be NULL with capacity 0) and
+ * returns how many there are. */
 size_t moeflux_session_snapshot_positions(const moeflux_session* session, int64_t* positions, size_t capacity);
 
 /* Snapshots: state_size gives the bytes state_save will write now. */

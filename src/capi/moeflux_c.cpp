@@ -4,6 +4,7 @@
 
 #include "capi/capi_errors.hpp"
 
+#include <algorithm>
 #include <exception>
 #include <memory>
 #include <new>
@@ -88,7 +89,7 @@ moeflux_status moeflux_session_create(moeflux_model* model, const moeflux_sessio
     moeflux::SessionOptions o;
     if (params && params->n_ctx > 0) o.n_ctx = params->n_ctx;
     if (params && params->n_batch > 0) o.n_batch = params->n_batch;
-    if (params && params->max_snapshots != 0) o.max_snapshots = params->max_snapshots < 0 ? 0 : int(params->max_snapshots);
+    if (params && params->max_snapshots != 0) o.max_snapshots = int(std::clamp<int64_t>(params->max_snapshots, 0, 1 << 20));
     auto session = moeflux::Session::create(*model->model, o);
     if (!session) return fail(session.status());
     *out = new moeflux_session{std::move(session).value()};
@@ -153,9 +154,13 @@ moeflux_status moeflux_session_checkpoint(moeflux_session* session) {
 
 size_t moeflux_session_snapshot_positions(const moeflux_session* session, int64_t* positions, size_t capacity) {
   if (!session) return 0;
-  const std::vector<int64_t> p = session->session->snapshot_positions();
-  for (size_t i = 0; i < p.size() && i < capacity; ++i) positions[i] = p[i];
-  return p.size();
+  try {
+    const std::vector<int64_t> p = session->session->snapshot_positions();
+    for (size_t i = 0; positions && i < p.size() && i < capacity; ++i) positions[i] = p[i];
+    return p.size();
+  } catch (...) {
+    return 0;
+  }
 }
 
 size_t moeflux_session_state_size(const moeflux_session* session) { return session ? session->session->state_size() : 0; }

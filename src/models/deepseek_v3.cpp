@@ -96,6 +96,18 @@ struct Hparams {
     if (int64_t(p.layer_is_moe.size()) != p.n_layer)
       return make_error(ErrorCode::format, "deepseek_v3 hparams: layer_ffn has {} entries, expected n_layer = {}", p.layer_is_moe.size(),
                         p.n_layer);
+    // A pack's hparams are input too (a hand-edited manifest): every invariant the ops rely on.
+    const bool any_moe = std::find(p.layer_is_moe.begin(), p.layer_is_moe.end(), true) != p.layer_is_moe.end();
+    const bool any_dense = std::find(p.layer_is_moe.begin(), p.layer_is_moe.end(), false) != p.layer_is_moe.end();
+    const bool routing_ok = p.n_expert > 0 && p.n_expert_used > 0 && p.n_expert_used <= p.n_expert && p.n_group > 0 &&
+                            p.n_expert % p.n_group == 0 && p.topk_group > 0 && p.topk_group <= p.n_group &&
+                            p.topk_group * (p.n_expert / p.n_group) >= p.n_expert_used && p.moe_intermediate > 0 && p.n_shared >= 0;
+    const bool ok = p.n_layer > 0 && p.hidden > 0 && p.n_head > 0 && p.vocab > 0 && p.q_lora_rank >= 0 && p.kv_lora_rank > 0 &&
+                    p.nope_dim > 0 && p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.v_dim > 0 && (!any_moe || routing_ok) &&
+                    (!any_dense || p.intermediate > 0) && std::isfinite(p.softmax_scale) && p.softmax_scale > 0 &&
+                    std::isfinite(p.rope_attention_factor) && (p.rope_type == "default" || p.rope_type == "yarn") &&
+                    (p.rope_type != "yarn" || (p.yarn_factor > 0 && p.yarn_original_max_position > 0));
+    if (!ok) return make_error(ErrorCode::format, "deepseek_v3 hparams are inconsistent: {}", h.dump());
     return p;
   }
 };

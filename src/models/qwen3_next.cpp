@@ -73,6 +73,15 @@ struct Hparams {
     if (int64_t(p.layer_is_linear.size()) != p.n_layer || int64_t(p.layer_is_moe.size()) != p.n_layer)
       return make_error(ErrorCode::format, "hparams: layer_types has {} and layer_ffn {} entries, expected n_layer = {}",
                         p.layer_is_linear.size(), p.layer_is_moe.size(), p.n_layer);
+    // A pack's hparams are input too (a hand-edited manifest): every invariant the ops rely on.
+    const bool any_moe = std::find(p.layer_is_moe.begin(), p.layer_is_moe.end(), true) != p.layer_is_moe.end();
+    const bool any_dense = std::find(p.layer_is_moe.begin(), p.layer_is_moe.end(), false) != p.layer_is_moe.end();
+    const bool ok = p.n_layer > 0 && p.hidden > 0 && p.n_head > 0 && p.n_head_kv > 0 && p.n_head % p.n_head_kv == 0 && p.head_dim > 0 &&
+                    p.rot_dim > 0 && p.rot_dim % 2 == 0 && p.rot_dim <= p.head_dim && p.vocab > 0 && p.conv_kernel >= 1 &&
+                    p.lin_k_heads > 0 && p.lin_v_heads > 0 && p.lin_v_heads % p.lin_k_heads == 0 && p.lin_k_dim > 0 && p.lin_v_dim > 0 &&
+                    p.shared_intermediate >= 0 && (!any_dense || p.intermediate > 0) &&
+                    (!any_moe || (p.n_expert > 0 && p.n_expert_used > 0 && p.n_expert_used <= p.n_expert && p.moe_intermediate > 0));
+    if (!ok) return make_error(ErrorCode::format, "hybrid DeltaNet hparams are inconsistent: {}", h.dump());
     return p;
   }
 };

@@ -114,7 +114,9 @@ Status Session::eval(std::span<const int32_t> tokens, float* all_logits, bool sn
   }
   if (all_logits) std::memcpy(logits_.data(), all_logits + (n - 1) * n_vocab(), size_t(n_vocab()) * sizeof(float));
   has_logits_ = true;
-  if (snapshot_at_end) MF_TRY(checkpoint());
+  // The tokens are evaluated whether or not the snapshot fits in memory; without it a later rewind
+  // lands on an earlier snapshot and evaluates more again, so a failed snapshot is not the eval's error.
+  if (snapshot_at_end) (void)checkpoint();
   return Status::ok();
 }
 
@@ -132,8 +134,7 @@ void Session::reset() {
 
 Status Session::checkpoint() {
   if (options_.max_snapshots <= 0) return Status::ok();
-  std::erase_if(snapshots_, [&](const Snapshot& s) { return s.position == n_past_; });
-  while (int64_t(snapshots_.size()) >= options_.max_snapshots) snapshots_.erase(snapshots_.begin());
+  // The new snapshot is copied before any old one is dropped: a failed copy loses nothing.
   Snapshot snap;
   snap.position = n_past_;
   try {
@@ -143,6 +144,8 @@ Status Session::checkpoint() {
   } catch (const std::bad_alloc&) {
     return make_error(ErrorCode::out_of_memory, "snapshot of the session state at position {} could not be allocated", n_past_);
   }
+  std::erase_if(snapshots_, [&](const Snapshot& s) { return s.position == n_past_; });
+  while (int64_t(snapshots_.size()) >= options_.max_snapshots) snapshots_.erase(snapshots_.begin());
   snapshots_.push_back(std::move(snap));
   return Status::ok();
 }
@@ -285,7 +288,8 @@ Status Session::state_load(std::span<const uint8_t> data) {
   n_past_ = n_past;
   has_logits_ = with_logits;
   snapshots_.clear();
-  return checkpoint();
+  (void)checkpoint();  // as after eval_prompt: a missing snapshot only makes rewinding coarser
+  return Status::ok();
 }
 
 }  // namespace moeflux

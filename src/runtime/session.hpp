@@ -55,7 +55,8 @@ class Session {
   void reset();
   // Forgets positions ≥ n. Exact for any n when the model has no recurrent state; otherwise n must be
   // 0, n_past() or a snapshot position (an unsupported error names the positions available). Logits
-  // are those of the snapshot at n when there is one, else cleared. Snapshots after n are dropped.
+  // are those of the snapshot at n when there is one, kept at n = n_past(), else cleared. Snapshots
+  // after n are dropped.
   Status truncate(int64_t n);
   // Goes back to the latest position ≤ n the session can return to exactly (n itself when the model has
   // no recurrent state) and returns it.
