@@ -1,13 +1,15 @@
 // The op-test harness: every op of every backend under test against the CPU reference backend on fresh
 // random inputs, one small case per op over several shapes, each assertion with its tolerance and why.
 // Also the determinism guarantees of the optimized CPU backend (thread count, weight address).
-// A new backend (CUDA) joins by adding an entry to backends_under_test() with its upload/download.
+// A backend joins by adding an entry to backends_under_test() with its upload/download; the CUDA backend
+// does where a GPU is present (its device memory filled and read through cudaMemcpy).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -17,6 +19,7 @@
 
 #include "backends/backend.hpp"
 #include "backends/cpu/cpu_kernels.hpp"
+#include "backends/cuda/cuda_memory.hpp"
 #include "core/thread_pool.hpp"
 #include "quant/quantize.hpp"
 
@@ -46,8 +49,24 @@ std::vector<BackendUnderTest> backends_under_test() {
   if (const CpuKernels* k = cpu_kernels_avx2())
     list.push_back({"cpu_avx2_3threads", [k] { return make_cpu_backend_with_kernels(*k, 3); }});
   list.push_back({"cpu_scalar_2threads", [] { return make_cpu_backend_with_kernels(cpu_kernels_scalar(), 2); }});
+  // The CUDA backend on the first GPU, where the build has CUDA and the machine a GPU.
+  if (cuda_device_count() > 0) {
+    BackendUnderTest cuda{"cuda", [] { return make_cuda_backend(0); }};
+    cuda.upload = [](void* d, const void* s, size_t n) { cuda_copy_to_device(d, s, n); };
+    cuda.download = [](void* d, const void* s, size_t n) { cuda_copy_to_host(d, s, n); };
+    list.push_back(std::move(cuda));
+  }
   return list;
 }
+
+// Says, once per test run (not while tests are only listed), that the CUDA entry is missing.
+class CudaPresence : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    if (cuda_device_count() == 0) std::printf("no CUDA GPU (or a build without CUDA): the cuda backend's op tests were not run\n");
+  }
+};
+[[maybe_unused]] ::testing::Environment* const cuda_presence = ::testing::AddGlobalTestEnvironment(new CudaPresence);
 
 // A buffer in the backend's memory, filled from and read back to host vectors.
 class DeviceBuffer {

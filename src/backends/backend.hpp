@@ -3,7 +3,8 @@
 // oracle the op tests compare every other implementation against.
 //
 // Conventions: activations are fp32, row-major and contiguous; "[T, n]" means T rows of n floats.
-// Pointers refer to memory of this backend (host memory for the CPU; device memory for a GPU backend).
+// Pointers refer to memory of this backend (host memory for the CPU; device memory for a GPU backend),
+// except those a contract calls host memory.
 // Weight matrices come as WeightView (quant/weight_format.hpp): y = x · Wᵀ, W stored [out, in].
 #pragma once
 
@@ -145,5 +146,12 @@ std::unique_ptr<Backend> make_reference_backend();
 
 // The optimized CPU backend (SIMD chosen at run time, n_threads compute threads; 0 = all cores).
 std::unique_ptr<Backend> make_cpu_backend(int n_threads = 0);
+
+// The CUDA backend on GPU `device` (src/backends/cuda/): activations and every pointer the contracts do
+// not call host memory are device memory. Null when the build has no CUDA or the device does not exist.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+
+// GPUs the CUDA backend can use: 0 when built without CUDA, without a driver, or without a GPU.
+int cuda_device_count();
 
 }  // namespace moeflux

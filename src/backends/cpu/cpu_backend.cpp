@@ -208,32 +208,13 @@ class CpuBackend final : public Backend {
     }
   }
 
-  // Reference: ReferenceBackend::router_softmax_topk, with the same arithmetic in the same order, so ids
-  // and weights are bit-identical; top-k by partial sort with the (p desc, id asc) order.
+  // Reference: ReferenceBackend::router_softmax_topk, with the same arithmetic in the same order
+  // (router_ops.hpp), so ids and weights are bit-identical; top-k by partial sort with the (p desc, id asc) order.
   void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize,
                            int32_t* ids, float* weights) override {
     MF_CHECK(k > 0 && k <= n_expert);
-    run(n_tokens, n_tokens * n_expert * 8, [&](int64_t t) {
-      std::vector<float> p(static_cast<size_t>(n_expert));        // [n_expert] probabilities
-      std::vector<int32_t> order(static_cast<size_t>(n_expert));  // expert ids, best first
-      const float* lt = logits + t * n_expert;
-      const float max_logit = *std::max_element(lt, lt + n_expert);
-      float sum = 0.0f;
-      for (int64_t e = 0; e < n_expert; ++e) {
-        p[e] = std::exp(lt[e] - max_logit);
-        sum += p[e];
-      }
-      for (int64_t e = 0; e < n_expert; ++e) p[e] /= sum;
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-      float selected_sum = 0.0f;
-      for (int64_t i = 0; i < k; ++i) selected_sum += p[order[i]];
-      for (int64_t i = 0; i < k; ++i) {
-        ids[t * k + i] = order[i];
-        weights[t * k + i] = normalize ? p[order[i]] / selected_sum : p[order[i]];
-      }
-    });
+    run(n_tokens, n_tokens * n_expert * 8,
+        [&](int64_t t) { cpu::softmax_topk_row(logits + t * n_expert, n_expert, k, normalize, ids + t * k, weights + t * k); });
   }
 
   // Reference: ReferenceBackend::router_sigmoid_grouped_topk; the same function (router_ops.hpp) per

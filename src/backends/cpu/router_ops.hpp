@@ -1,4 +1,5 @@
-// Host-side routing arithmetic shared by the CPU backends: small per-token loops over the expert
+// Host-side routing arithmetic shared by the CPU backends and the CUDA backend (which copies the logits
+// to the host): small per-token loops over the expert
 // scores whose exact order of operations is the contract (backend.hpp); one implementation, so the
 // reference and the optimized backend pick identical experts.
 #pragma once
@@ -10,6 +11,29 @@
 #include <vector>
 
 namespace moeflux::cpu {
+
+// Backend::router_softmax_topk for token t: the reference's arithmetic in its order (max, exp, sum,
+// divide), top-k by (p desc, id asc).
+inline void softmax_topk_row(const float* logits, int64_t n_expert, int64_t k, bool normalize, int32_t* ids, float* weights) {
+  std::vector<float> p(static_cast<size_t>(n_expert));        // [n_expert] probabilities
+  std::vector<int32_t> order(static_cast<size_t>(n_expert));  // expert ids, best first
+  const float max_logit = *std::max_element(logits, logits + n_expert);
+  float sum = 0.0f;
+  for (int64_t e = 0; e < n_expert; ++e) {
+    p[size_t(e)] = std::exp(logits[e] - max_logit);
+    sum += p[size_t(e)];
+  }
+  for (int64_t e = 0; e < n_expert; ++e) p[size_t(e)] /= sum;
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int32_t a, int32_t b) { return p[size_t(a)] > p[size_t(b)] || (p[size_t(a)] == p[size_t(b)] && a < b); });
+  float selected_sum = 0.0f;
+  for (int64_t i = 0; i < k; ++i) selected_sum += p[size_t(order[size_t(i)])];
+  for (int64_t i = 0; i < k; ++i) {
+    ids[i] = order[size_t(i)];
+    weights[i] = normalize ? p[size_t(order[size_t(i)])] / selected_sum : p[size_t(order[size_t(i)])];
+  }
+}
 
 // Backend::router_sigmoid_grouped_topk for token t.
 inline void sigmoid_grouped_topk_row(const float* logits, const float* bias, int64_t n_expert, int64_t n_group,

@@ -1,0 +1,268 @@
+// The CUDA backend: every op of backend.hpp on one CUDA stream owned by the backend, over device memory
+// (activations from cudaMalloc; weights, norm and conv weights, states and caches the caller placed on the
+// device). Pointers the contract calls host memory (positions, inv_freq, token ids, gather row indices,
+// the grouped router's bias and the routers' outputs) are host memory. The kernels live in the
+// .cu/.cuh pairs beside this file; this file owns the stream, the staging of small host arrays and the
+// routers, which copy the [T, n_expert] logits to the host and run the CPU's routing code (router_ops.hpp),
+// so the experts chosen are exactly the reference's. Compiled always: without CUDA in the build (no
+// MOEFLUX_HAVE_CUDA) only the factory's fallbacks remain.
+#include "backends/backend.hpp"
+#include "backends/cuda/cuda_memory.hpp"
+
+#ifdef MOEFLUX_HAVE_CUDA
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <initializer_list>
+#include <vector>
+
+#include "backends/cpu/router_ops.hpp"
+#include "backends/cuda/attention.cuh"
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/delta_net.cuh"
+#include "backends/cuda/elementwise.cuh"
+#include "backends/cuda/matmul.cuh"
+#include "backends/cuda/norm_rope.cuh"
+#include "core/status.hpp"
+
+namespace moeflux {
+namespace {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  ~CudaBackend() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);
+    if (scratch_) cudaFree(scratch_);
+    cudaStreamDestroy(stream_);
+  }
+  const char* name() const override { return "cuda"; }
+
+  float* alloc_activations(size_t n_floats) override {
+    bind();
+    void* p = nullptr;
+    if (n_floats > SIZE_MAX / sizeof(float) || cudaMalloc(&p, std::max<size_t>(n_floats, 1) * sizeof(float)) != cudaSuccess) {
+      cudaGetLastError();  // an out-of-memory result is the caller's to report, not a sticky error
+      return nullptr;
+    }
+    return static_cast<float*>(p);
+  }
+  void free_activations(float* p) override {
+    bind();
+    if (p) MF_CUDA_CHECK(cudaFree(p));
+  }
+
+  void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) override {
+    MF_CHECK(n_tokens >= 0);
+    bind();
+    const MatmulJob job{w, x, y, n_tokens};
+    cuda::matmul_jobs(&job, 1, stream_);
+  }
+
+  void matmul_many(const MatmulJob* jobs, int64_t n_jobs) override {
+    bind();
+    cuda::matmul_jobs(jobs, n_jobs, stream_);
+  }
+
+  void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) override {
+    for (int64_t t = 0; t < n_tokens; ++t) MF_CHECK_MSG(ids[t] >= 0 && ids[t] < w.rows, "token id {} outside [0, {})", ids[t], w.rows);
+    bind();
+    const auto* d_ids = static_cast<const int32_t*>(stage({{ids, size_t(n_tokens) * 4}})[0]);
+    cuda::embed_rows(w, d_ids, n_tokens, out, stream_);
+  }
+
+  void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) override {
+    bind();
+    cuda::rms_norm(x, weight, eps, n_rows, dim, out, stream_);
+  }
+
+  void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim, const int32_t* positions,
+                 const float* inv_freq, float scale, int64_t row_stride) override {
+    MF_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim);
+    if (n_tokens <= 0 || rot_dim == 0) return;
+    bind();
+    const auto d = stage({{positions, size_t(n_tokens) * 4}, {inv_freq, size_t(rot_dim / 2) * 4}});
+    cuda::rope_neox(x, n_tokens, n_heads, head_dim, rot_dim, static_cast<const int32_t*>(d[0]), static_cast<const float*>(d[1]), scale,
+                    row_stride == 0 ? n_heads * head_dim : row_stride, stream_);
+  }
+
+  void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+                 const AttentionLayout& layout, float scale, float* out) override {
+    MF_CHECK(layout.n_head_kv > 0 && layout.n_head % layout.n_head_kv == 0);
+    bind();
+    cuda::attention(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream_);
+  }
+
+  // On the host, with the CPU backends' code: the logits are T · n_expert floats, the ids must be exact.
+  void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
+                           float* weights) override {
+    MF_CHECK(k > 0 && k <= n_expert);
+    const float* host = logits_to_host(logits, n_tokens * n_expert);
+    for (int64_t t = 0; t < n_tokens; ++t) cpu::softmax_topk_row(host + t * n_expert, n_expert, k, normalize, ids + t * k, weights + t * k);
+  }
+
+  void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert, int64_t n_group,
+                                   int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids, float* weights) override {
+    MF_CHECK(k > 0 && k <= n_expert && n_group > 0 && n_expert % n_group == 0 && topk_group > 0 && topk_group <= n_group);
+    const float* host = logits_to_host(logits, n_tokens * n_expert);
+    for (int64_t t = 0; t < n_tokens; ++t)
+      cpu::sigmoid_grouped_topk_row(host + t * n_expert, bias, n_expert, n_group, topk_group, k, normalize, scaling, ids + t * k,
+                                    weights + t * k);
+  }
+
+  void swiglu(const float* gate, const float* up, float* out, int64_t n) override {
+    bind();
+    cuda::swiglu(gate, up, out, n, stream_);
+  }
+
+  void axpy(float* acc, const float* x, float a, int64_t n) override {
+    bind();
+    cuda::axpy(acc, x, a, n, stream_);
+  }
+
+  void fill(float* x, float value, int64_t n) override {
+    bind();
+    cuda::fill(x, value, n, stream_);
+  }
+
+  void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) override {
+    if (n_rows <= 0) return;
+    bind();
+    const auto* d_rows = static_cast<const int32_t*>(stage({{rows, size_t(n_rows) * 4}})[0]);
+    cuda::gather_rows(src, d_rows, n_rows, dim, dst, stream_);
+  }
+
+  void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim) override {
+    bind();
+    cuda::copy_rows(src, src_stride, dst, dst_stride, n_rows, dim, stream_);
+  }
+
+  void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row) override {
+    bind();
+    cuda::sigmoid_mul(x, gate, n_rows, dim, per_row, stream_);
+  }
+
+  void causal_conv1d_silu(const float* x, float* conv_state, const float* weight, int64_t n_tokens, int64_t channels, int64_t kernel,
+                          float* out) override {
+    MF_CHECK(kernel >= 1);
+    bind();
+    cuda::causal_conv1d_silu(x, conv_state, weight, n_tokens, channels, kernel, out, stream_);
+  }
+
+  void gated_delta_gates(const float* a, const float* b, const float* a_log, const float* dt_bias, int64_t n_tokens, int64_t n_heads,
+                         float* g, float* beta) override {
+    bind();
+    cuda::gated_delta_gates(a, b, a_log, dt_bias, n_tokens, n_heads, g, beta, stream_);
+  }
+
+  void gated_delta_rule(const float* q, const float* k, const float* v, int64_t stride, const float* g, const float* beta, float* state,
+                        int64_t n_tokens, int64_t n_k_heads, int64_t n_v_heads, int64_t k_dim, int64_t v_dim, float q_scale,
+                        float* out) override {
+    MF_CHECK(n_k_heads > 0 && n_v_heads % n_k_heads == 0);
+    bind();
+    cuda::gated_delta_rule(q, k, v, stride, g, beta, state, n_tokens, n_k_heads, n_v_heads, k_dim, v_dim, q_scale, out, stream_);
+  }
+
+ private:
+  struct HostPart {
+    const void* data;
+    size_t bytes;
+  };
+
+  // Every op runs on this backend's device (two backends on two GPUs may share a host thread).
+  void bind() { MF_CUDA_CHECK(cudaSetDevice(device_)); }
+
+  // Copies small host arrays into the device scratch buffer, in stream order, and returns their device
+  // addresses (16-byte aligned). The copy is from pageable memory, so it has read the host arrays when it
+  // returns; a later op's staging waits for this op's kernels in the stream before overwriting.
+  std::vector<void*> stage(std::initializer_list<HostPart> parts) {
+    size_t total = 0;
+    for (const HostPart& p : parts) total += (p.bytes + 15) / 16 * 16;
+    if (total > scratch_bytes_) {
+      MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (scratch_) MF_CUDA_CHECK(cudaFree(scratch_));
+      scratch_bytes_ = std::max<size_t>(total, 64 * 1024);
+      MF_CUDA_CHECK(cudaMalloc(&scratch_, scratch_bytes_));
+    }
+    staging_.resize(total);
+    std::vector<void*> device;
+    size_t at = 0;
+    for (const HostPart& p : parts) {
+      if (p.bytes) std::memcpy(staging_.data() + at, p.data, p.bytes);
+      device.push_back(static_cast<char*>(scratch_) + at);
+      at += (p.bytes + 15) / 16 * 16;
+    }
+    if (total) MF_CUDA_CHECK(cudaMemcpyAsync(scratch_, staging_.data(), total, cudaMemcpyHostToDevice, stream_));
+    return device;
+  }
+
+  // The router's logits [n] on the host, after every op queued before; valid until the next call.
+  const float* logits_to_host(const float* logits, int64_t n) {
+    bind();
+    logits_host_.resize(size_t(n));
+    if (n > 0) MF_CUDA_CHECK(cudaMemcpyAsync(logits_host_.data(), logits, size_t(n) * 4, cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return logits_host_.data();
+  }
+
+  int device_;
+  cudaStream_t stream_;
+  void* scratch_ = nullptr;       // device bytes for staged host arrays
+  size_t scratch_bytes_ = 0;
+  std::vector<char> staging_;     // host bytes of the last staging
+  std::vector<float> logits_host_;  // [T, n_expert] of the last router call
+};
+
+}  // namespace
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no GPU: not an error of this process
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  if (device < 0 || device >= cuda_device_count()) return nullptr;
+  if (cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  cudaStream_t stream = nullptr;
+  // A blocking stream: the default stream (cuda_copy_to_device/host, plain cudaMemcpy) waits for its work.
+  if (cudaStreamCreate(&stream) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return std::make_unique<CudaBackend>(device, stream);
+}
+
+void cuda_copy_to_device(void* device_dst, const void* host_src, size_t bytes) {
+  if (bytes) MF_CUDA_CHECK(cudaMemcpy(device_dst, host_src, bytes, cudaMemcpyHostToDevice));
+}
+
+void cuda_copy_to_host(void* host_dst, const void* device_src, size_t bytes) {
+  if (bytes) MF_CUDA_CHECK(cudaMemcpy(host_dst, device_src, bytes, cudaMemcpyDeviceToHost));
+}
+
+}  // namespace moeflux
+
+#else  // no CUDA in this build
+
+#include "core/status.hpp"
+
+namespace moeflux {
+
+int cuda_device_count() { return 0; }
+std::unique_ptr<Backend> make_cuda_backend(int) { return nullptr; }
+void cuda_copy_to_device(void*, const void*, size_t) { MF_CHECK_MSG(false, "moeflux was built without CUDA"); }
+void cuda_copy_to_host(void*, const void*, size_t) { MF_CHECK_MSG(false, "moeflux was built without CUDA"); }
+
+}  // namespace moeflux
+
+#endif

@@ -1,0 +1,65 @@
+// Device helpers shared by the CUDA backend's kernels: warp/block sums and the exact decode of one weight
+// of each format (quant/weight_format.hpp). Included by .cu files only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "quant/weight_format.hpp"
+
+namespace moeflux::cuda {
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Σ v over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // partial may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < n_warps; ++w) total += partial[w];
+  return total;
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
+
+// Element (row, col) of a weight matrix as fp32, with the arithmetic of dequantize_row (quantize.cpp):
+// q8 one multiply, q4 a multiply then an add, each rounded (no fused multiply-add), so bit-identical.
+__device__ __forceinline__ float weight_at(WeightFormat format, int64_t cols, const void* data, const void* scales,
+                                           const void* biases, int64_t row, int64_t col) {
+  switch (format) {
+    case WeightFormat::f32:
+      return static_cast<const float*>(data)[row * cols + col];
+    case WeightFormat::bf16:
+      return bf16_bits_to_float(static_cast<const uint16_t*>(data)[row * cols + col]);
+    case WeightFormat::q8: {
+      const float scale = __half2float(static_cast<const __half*>(scales)[row * (cols / q8_group) + col / q8_group]);
+      return __fmul_rn(float(static_cast<const int8_t*>(data)[row * cols + col]), scale);
+    }
+    case WeightFormat::q4: {
+      const uint32_t word = static_cast<const uint32_t*>(data)[row * (cols / 8) + col / 8];
+      const int64_t g = row * (cols / q4_group) + col / q4_group;
+      const float scale = bf16_bits_to_float(static_cast<const uint16_t*>(scales)[g]);
+      const float bias = bf16_bits_to_float(static_cast<const uint16_t*>(biases)[g]);
+      return __fadd_rn(__fmul_rn(float((word >> (4 * (col % 8))) & 15u), scale), bias);
+    }
+  }
+  return 0.f;
+}
+
+// Grid size for n elements at `threads` per block, a grid-stride loop covering the rest.
+inline unsigned grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return unsigned(blocks < 1 ? 1 : blocks > 65535 * 16 ? 65535 * 16 : blocks);
+}
+
+}  // namespace moeflux::cuda

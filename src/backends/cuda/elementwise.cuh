@@ -1,0 +1,25 @@
+// CUDA elementwise and copy ops: embed_rows, swiglu, axpy, fill, gather_rows, copy_rows, sigmoid_mul
+// (Backend's, same contracts). References: ReferenceBackend's. embed_rows, fill, gather_rows and
+// copy_rows are exact; swiglu and sigmoid_mul use expf and an IEEE division (≤ 2 ulp from the host's
+// exp: 1e-6 relative in the op tests); axpy may fuse its multiply-add (one rounding of a·x apart).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "quant/weight_format.hpp"
+
+namespace moeflux::cuda {
+
+// ids [n_tokens]: a device copy of the caller's ids, already checked against w.rows.
+void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out, cudaStream_t stream);
+void swiglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
+void axpy(float* acc, const float* x, float a, int64_t n, cudaStream_t stream);
+void fill(float* x, float value, int64_t n, cudaStream_t stream);
+// rows [n_rows]: a device copy of the caller's row indices.
+void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst, cudaStream_t stream);
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim, cudaStream_t stream);
+void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row, cudaStream_t stream);
+
+}  // namespace moeflux::cuda

@@ -1,0 +1,18 @@
+// CUDA rms_norm and rope_neox (Backend::rms_norm, Backend::rope_neox). References: ReferenceBackend's;
+// tolerances in the op tests (rms_norm 1e-5 relative: Σx² reordered; rope a few ulp of cos/sin).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moeflux::cuda {
+
+// One block per row. x, weight, out: device; out may alias x.
+void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream);
+
+// positions [n_tokens] and inv_freq [rot_dim/2]: device copies of the caller's host arrays.
+void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim, const int32_t* positions,
+               const float* inv_freq, float scale, int64_t row_stride, cudaStream_t stream);
+
+}  // namespace moeflux::cuda
