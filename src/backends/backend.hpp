@@ -113,8 +113,8 @@ class Backend {
   virtual void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row) = 0;
 
   // Causal depthwise convolution + SiLU over a token sequence, continuing from a rolling state.
-  // x: [T, channels] pre-convolution inputs; weight: [channels, kernel] (f32, host or backend memory of
-  // the weights); conv_state: [kernel − 1, channels], the inputs of the kernel − 1 positions before
+  // x: [T, channels] pre-convolution inputs; weight: [channels, kernel] (f32, backend memory, as every
+  // weight); conv_state: [kernel − 1, channels], the inputs of the kernel − 1 positions before
   // this call, oldest first (zeros at the start of a sequence), replaced by the last kernel − 1 inputs
   // (state then x). out[t, c] = silu(Σ_j weight[c, j] · m[t − kernel + 1 + j, c]), m = state ++ x.
   // out: [T, channels], must not overlap x.
