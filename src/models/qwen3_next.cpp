@@ -17,6 +17,7 @@
 #include "experts/expert_store.hpp"
 #include "format/pack.hpp"
 #include "models/hf_config.hpp"
+#include "models/family_common.hpp"
 #include "models/model_family.hpp"
 #include "runtime/forward_state.hpp"
 
@@ -262,14 +263,7 @@ class Qwen3NextFamily final : public ModelFamily {
 
   Result<ExpertDecls> expert_tensors(const json& hparams) const override {
     MF_ASSIGN_OR_RETURN(Hparams p, Hparams::from_json(hparams));
-    ExpertDecls d;
-    d.n_expert = p.n_expert;
-    for (int64_t l = 0; l < p.n_layer; ++l)
-      if (p.layer_is_moe[size_t(l)]) d.layers.push_back(int(l));
-    d.matrices = {{"gate_proj", p.moe_intermediate, p.hidden}, {"up_proj", p.moe_intermediate, p.hidden},
-                  {"down_proj", p.hidden, p.moe_intermediate}};
-    d.expert_prefix_template = "model.layers.{layer}.mlp.experts";
-    return d;
+    return swiglu_expert_decls(p.n_expert, p.layer_is_moe, p.moe_intermediate, p.hidden);
   }
 
   Result<std::unique_ptr<ModelGraph>> build(const Pack& pack, Backend& backend, ExpertStore& experts) const override;
@@ -330,10 +324,9 @@ struct LayerWeights {
   int64_t state_index = 0;            // first of this layer's ForwardState buffers
 };
 
-struct Scratch final : ForwardState::Scratch {
-  Backend* backend = nullptr;
+struct Scratch final : ScratchArena {
+  using ScratchArena::ScratchArena;
   int64_t max_tokens = 0;
-  std::vector<float*> owned;
   float* x = nullptr;          // [T, H] residual stream
   float* h = nullptr;          // [T, H] normalized
   float* y = nullptr;          // [T, H] block output
@@ -353,14 +346,6 @@ struct Scratch final : ForwardState::Scratch {
   float* shared_logit = nullptr;  // [T]
   MlpScratch dense;            // [T, I_dense]
   std::vector<int32_t> positions;
-  ~Scratch() override {
-    for (float* p : owned) backend->free_activations(p);
-  }
-  float* alloc(int64_t n) {
-    float* p = backend->alloc_activations(size_t(n));
-    owned.push_back(p);
-    return p;
-  }
 };
 
 // Tokens per forward call; longer prompts are split by the session (the DeltaNet state carries over).
@@ -420,8 +405,6 @@ class Qwen3NextGraph final : public ModelGraph {
           MF_ASSIGN_OR_RETURN(w.shared_down, pack_.resident(layer_name(l, "mlp.shared_expert.down_proj.weight"), {H, I}));
           MF_ASSIGN_OR_RETURN(w.shared_expert_gate, pack_.resident(layer_name(l, "mlp.shared_expert_gate.weight"), {1, H}));
         }
-        if (!pack_.manifest().find_expert_layer(int(l)))
-          return make_error(ErrorCode::format, "pack {}: layer {} is a MoE layer but has no expert file", pack_.dir(), l);
       } else {
         MF_ASSIGN_OR_RETURN(w.gate, pack_.resident(layer_name(l, "mlp.gate_proj.weight"), {p_.intermediate, H}));
         MF_ASSIGN_OR_RETURN(w.up, pack_.resident(layer_name(l, "mlp.up_proj.weight"), {p_.intermediate, H}));
@@ -429,14 +412,7 @@ class Qwen3NextGraph final : public ModelGraph {
       }
       layers_.push_back(w);
     }
-    if (p_.n_expert > 0) {
-      const auto& m = pack_.manifest().expert_matrices;
-      const bool ok = m.size() == 3 && m[0].part == "gate_proj" && m[0].rows == p_.moe_intermediate && m[0].cols == H &&
-                      m[1].part == "up_proj" && m[1].rows == p_.moe_intermediate && m[1].cols == H && m[2].part == "down_proj" &&
-                      m[2].rows == H && m[2].cols == p_.moe_intermediate && pack_.manifest().n_expert == p_.n_expert;
-      if (!ok) return make_error(ErrorCode::format, "pack {}: expert layout does not match the hparams (gate/up [{}, {}], down [{}, {}], {} experts)",
-                                 pack_.dir(), p_.moe_intermediate, H, H, p_.moe_intermediate, p_.n_expert);
-    }
+    MF_TRY(check_swiglu_experts(pack_, p_.n_expert, p_.layer_is_moe, p_.moe_intermediate, H));
     // Rotary over the first rot_dim dims of each head: inv_freq[i] = θ^(−2i/rot_dim), fp32.
     inv_freq_.resize(size_t(p_.rot_dim / 2));
     for (int64_t i = 0; i < p_.rot_dim / 2; ++i)
@@ -461,8 +437,7 @@ class Qwen3NextGraph final : public ModelGraph {
       }
       if (!ok) return make_error(ErrorCode::out_of_memory, "session state for {} positions could not be allocated (layer {})", n_ctx, l);
     }
-    auto s = std::make_unique<Scratch>();
-    s->backend = &be_;
+    auto s = std::make_unique<Scratch>(be_);
     const int64_t T = batch_tokens_limit, H = p_.hidden, q_dim = p_.n_head * p_.head_dim;
     const int64_t Vd = p_.value_dim(), nv = p_.lin_v_heads;
     s->max_tokens = T;
@@ -500,8 +475,7 @@ class Qwen3NextGraph final : public ModelGraph {
       s->dense.gate = s->alloc(T * p_.intermediate);
       s->dense.up = s->alloc(T * p_.intermediate);
     }
-    for (float* p : s->owned)
-      if (!p) return make_error(ErrorCode::out_of_memory, "scratch activations could not be allocated");
+    MF_TRY(s->status());
     state->scratch = std::move(s);
     return state;
   }
@@ -509,13 +483,7 @@ class Qwen3NextGraph final : public ModelGraph {
   Status forward(ForwardState& state, const int32_t* tokens, int64_t n_tokens, int64_t n_past, float* logits,
                  bool logits_all) override {
     auto& s = static_cast<Scratch&>(*state.scratch);
-    if (n_tokens <= 0 || n_tokens > s.max_tokens)
-      return make_error(ErrorCode::internal, "forward of {} tokens (1 .. {} per call)", n_tokens, s.max_tokens);
-    if (n_past + n_tokens > state.n_ctx())
-      return make_error(ErrorCode::invalid_argument, "context full: {} + {} tokens exceed the context of {}", n_past, n_tokens, state.n_ctx());
-    for (int64_t t = 0; t < n_tokens; ++t)
-      if (tokens[t] < 0 || tokens[t] >= p_.vocab)
-        return make_error(ErrorCode::invalid_argument, "token id {} is outside the vocabulary [0, {})", tokens[t], p_.vocab);
+    MF_TRY(check_forward_args(state, tokens, n_tokens, n_past, s.max_tokens, p_.vocab));
 
     const auto& buffers = state.buffers();
     // A sequence starts from zero recurrent state: position 0 (after reset or truncate(0)) clears it.
@@ -565,11 +533,7 @@ class Qwen3NextGraph final : public ModelGraph {
       }
       be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
     }
-    if (!logits) return Status::ok();
-    const int64_t first = logits_all ? 0 : n_tokens - 1;
-    const int64_t rows = n_tokens - first;
-    be_.rms_norm(s.x + first * H, final_norm_, eps, rows, H, s.h);
-    be_.matmul(lm_head_, s.h, logits, rows);
+    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, logits);
     return Status::ok();
   }
 

@@ -1,0 +1,72 @@
+#include "models/family_common.hpp"
+
+#include "backends/backend.hpp"
+#include "format/pack.hpp"
+
+namespace moeflux {
+
+ScratchArena::~ScratchArena() {
+  for (float* p : owned_) backend_->free_activations(p);
+}
+
+float* ScratchArena::alloc(int64_t n_floats) {
+  float* p = backend_->alloc_activations(size_t(n_floats));
+  if (p) owned_.push_back(p);
+  else failed_ = true;
+  return p;
+}
+
+Status ScratchArena::status() const {
+  if (failed_ || owned_.empty()) return make_error(ErrorCode::out_of_memory, "scratch activations could not be allocated");
+  return Status::ok();
+}
+
+ExpertDecls swiglu_expert_decls(int64_t n_expert, const std::vector<bool>& layer_is_moe, int64_t intermediate, int64_t hidden) {
+  ExpertDecls d;
+  d.n_expert = n_expert;
+  for (size_t l = 0; l < layer_is_moe.size(); ++l)
+    if (layer_is_moe[l]) d.layers.push_back(int(l));
+  d.matrices = {{"gate_proj", intermediate, hidden}, {"up_proj", intermediate, hidden}, {"down_proj", hidden, intermediate}};
+  d.expert_prefix_template = "model.layers.{layer}.mlp.experts";
+  return d;
+}
+
+Status check_swiglu_experts(const Pack& pack, int64_t n_expert, const std::vector<bool>& layer_is_moe, int64_t intermediate,
+                            int64_t hidden) {
+  for (size_t l = 0; l < layer_is_moe.size(); ++l)
+    if (layer_is_moe[l] && !pack.manifest().find_expert_layer(int(l)))
+      return make_error(ErrorCode::format, "pack {}: layer {} is a MoE layer but has no expert file", pack.dir(), l);
+  if (n_expert <= 0) return Status::ok();
+  const auto& m = pack.manifest().expert_matrices;
+  const int64_t I = intermediate, H = hidden;
+  const bool ok = m.size() == 3 && m[0].part == "gate_proj" && m[0].rows == I && m[0].cols == H && m[1].part == "up_proj" &&
+                  m[1].rows == I && m[1].cols == H && m[2].part == "down_proj" && m[2].rows == H && m[2].cols == I &&
+                  pack.manifest().n_expert == n_expert;
+  if (!ok)
+    return make_error(ErrorCode::format, "pack {}: expert layout does not match the hparams (gate/up [{}, {}], down [{}, {}], {} experts)",
+                      pack.dir(), I, H, H, I, n_expert);
+  return Status::ok();
+}
+
+Status check_forward_args(const ForwardState& state, const int32_t* tokens, int64_t n_tokens, int64_t n_past, int64_t max_tokens,
+                          int64_t vocab) {
+  if (n_tokens <= 0 || n_tokens > max_tokens)
+    return make_error(ErrorCode::internal, "forward of {} tokens (1 .. {} per call)", n_tokens, max_tokens);
+  if (n_past + n_tokens > state.n_ctx())
+    return make_error(ErrorCode::invalid_argument, "context full: {} + {} tokens exceed the context of {}", n_past, n_tokens, state.n_ctx());
+  for (int64_t t = 0; t < n_tokens; ++t)
+    if (tokens[t] < 0 || tokens[t] >= vocab)
+      return make_error(ErrorCode::invalid_argument, "token id {} is outside the vocabulary [0, {})", tokens[t], vocab);
+  return Status::ok();
+}
+
+void output_head(Backend& be, const WeightView& head, const float* final_norm, float eps, const float* x, int64_t n_tokens,
+                 int64_t hidden, bool logits_all, float* normed, float* logits) {
+  // Only the rows whose logits are wanted go through the final norm and the output head.
+  const int64_t first = logits_all ? 0 : n_tokens - 1;
+  const int64_t rows = n_tokens - first;
+  be.rms_norm(x + first * hidden, final_norm, eps, rows, hidden, normed);
+  be.matmul(head, normed, logits, rows);
+}
+
+}  // namespace moeflux

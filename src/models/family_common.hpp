@@ -1,0 +1,46 @@
+// Pieces every family's graph shares: the scratch arena of a forward pass, the SwiGLU expert layout
+// (declaration and the check of a pack against it), the argument checks at the top of forward and the
+// output head at its end. Families stay free to differ everywhere else.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/status.hpp"
+#include "models/model_family.hpp"
+#include "quant/weight_format.hpp"
+#include "runtime/forward_state.hpp"
+
+namespace moeflux {
+
+// Scratch activations from the backend, freed with the state. A failed allocation is remembered and
+// reported once by status(), so make_state can allocate everything and check at the end.
+struct ScratchArena : ForwardState::Scratch {
+  explicit ScratchArena(Backend& backend) : backend_(&backend) {}
+  ~ScratchArena() override;
+  float* alloc(int64_t n_floats);
+  Status status() const;
+
+ private:
+  Backend* backend_;
+  std::vector<float*> owned_;
+  bool failed_ = false;
+};
+
+// Routed SwiGLU experts (gate_proj, up_proj, down_proj) in every MoE layer, named
+// model.layers.{layer}.mlp.experts.*.
+ExpertDecls swiglu_expert_decls(int64_t n_expert, const std::vector<bool>& layer_is_moe, int64_t intermediate, int64_t hidden);
+
+// The pack holds those experts: an expert file for every MoE layer and the matrix layout above.
+Status check_swiglu_experts(const Pack& pack, int64_t n_expert, const std::vector<bool>& layer_is_moe, int64_t intermediate,
+                            int64_t hidden);
+
+// The checks every forward makes before touching state: batch size, context room, token ids.
+Status check_forward_args(const ForwardState& state, const int32_t* tokens, int64_t n_tokens, int64_t n_past, int64_t max_tokens,
+                          int64_t vocab);
+
+// logits = head(RMSNorm(x)) for the last row, or every row when logits_all; normed: [T, hidden] scratch.
+void output_head(Backend& be, const WeightView& head, const float* final_norm, float eps, const float* x, int64_t n_tokens,
+                 int64_t hidden, bool logits_all, float* normed, float* logits);
+
+}  // namespace moeflux
