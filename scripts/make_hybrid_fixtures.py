@@ -29,6 +29,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from fixture_io import logits_and_greedy, write_outputs
+
 PROMPT_LEN = 160
 N_GREEDY = 10
 
@@ -93,25 +95,7 @@ def reference(config_cls, model_cls, cfg, weights, tokens):
     model = model_cls(config).eval()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
-    with torch.no_grad():
-        logits = model(tokens).logits[0].float().numpy()
-        seq = tokens.clone()
-        greedy = []
-        for _ in range(N_GREEDY):
-            nxt = int(model(seq).logits[0, -1].argmax())
-            greedy.append(nxt)
-            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
-    return logits, greedy
-
-
-def write_outputs(d, tokens, logits, greedy, meta):
-    np.save(os.path.join(d, "logits.npy"), logits.astype(np.float32))
-    with open(os.path.join(d, "tokens.json"), "w") as f:
-        json.dump(tokens[0].tolist(), f)
-    with open(os.path.join(d, "greedy.json"), "w") as f:
-        json.dump(greedy, f)
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    return logits_and_greedy(model, tokens, N_GREEDY)
 
 
 def multimodal_variant(out_dir, src_dir, gen):

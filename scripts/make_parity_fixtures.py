@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+
+from fixture_io import logits_and_greedy, write_outputs
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 PROMPT_LEN = 32
@@ -85,25 +87,13 @@ def main(out_dir):
         model = Qwen3MoeForCausalLM(config).eval()
         model.load_state_dict(weights, strict=True)
         tokens = torch.randint(0, spec["vocab_size"], (1, PROMPT_LEN), generator=gen)
-        with torch.no_grad():
-            logits = model(tokens).logits[0].float().numpy()
-            seq = tokens.clone()
-            greedy = []
-            for _ in range(N_GREEDY):
-                nxt = int(model(seq).logits[0, -1].argmax())
-                greedy.append(nxt)
-                seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
-        np.save(os.path.join(d, "logits.npy"), logits.astype(np.float32))
-        with open(os.path.join(d, "tokens.json"), "w") as f:
-            json.dump(tokens[0].tolist(), f)
-        with open(os.path.join(d, "greedy.json"), "w") as f:
-            json.dump(greedy, f)
+        logits, greedy = logits_and_greedy(model, tokens, N_GREEDY)
         keys = sorted(load_file(os.path.join(d, "model.safetensors")).keys())
         fused = any(k.endswith("experts.gate_up_proj") for k in keys)
-        with open(os.path.join(d, "meta.json"), "w") as f:
-            json.dump({"transformers": transformers.__version__, "torch": torch.__version__, "seed": seed,
+        write_outputs(d, tokens, logits, greedy,
+                      {"transformers": transformers.__version__, "torch": torch.__version__, "seed": seed,
                        "prompt_len": PROMPT_LEN, "expert_layout_saved": "fused" if fused else "per_expert",
-                       "max_abs_logit": float(np.abs(logits).max())}, f, indent=1)
+                       "max_abs_logit": float(np.abs(logits).max())})
         print(f"{name}: {len(keys)} tensors, experts saved {'fused' if fused else 'per-expert'}, "
               f"max|logit| {np.abs(logits).max():.3f}, greedy {greedy}")
 
