@@ -49,6 +49,25 @@ class Backend {
   virtual float* alloc_activations(size_t n_floats) = 0;
   virtual void free_activations(float* p) = 0;
 
+  // Whether this backend's memory is host memory: ops may then read and write the caller's host arrays
+  // directly. False for a GPU backend, whose callers move data with the copies below.
+  virtual bool host_memory() const { return true; }
+
+  // Weights for the ops: makes `bytes` of host memory at `host` readable by this backend and returns the
+  // address its ops take. Host-memory backends return `host` itself (nothing is copied, so `host` must
+  // outlive the use); a GPU backend returns a device copy that lives as long as the backend. Null when
+  // the memory cannot be had.
+  virtual const void* upload_weights(const void* host, size_t bytes) { return host; }
+
+  // Copies between host memory and this backend's memory, in order after every op queued before; they
+  // return when the copy is done (so the host side may be reused at once).
+  virtual void copy_to_host(void* host_dst, const void* src, size_t bytes);
+  virtual void copy_from_host(void* dst, const void* host_src, size_t bytes);
+
+  // Waits for every op queued so far (a no-op for the synchronous CPU backends); profiling scopes call it
+  // so a scope's wall time is its ops' time.
+  virtual void synchronize() {}
+
   // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
   virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;
 
@@ -153,5 +172,7 @@ std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 
 // GPUs the CUDA backend can use: 0 when built without CUDA, without a driver, or without a GPU.
 int cuda_device_count();
+// Whether this build has the CUDA backend at all.
+bool built_with_cuda();
 
 }  // namespace moeflux

@@ -62,7 +62,7 @@ class HostExpertStore final : public ExpertStore {
                    entry->expert);
       free_buffer(entry->buffer);
     }
-    for (uint8_t* b : free_buffers_) std::free(b);
+    for (uint8_t* b : free_buffers_) free_buffer(b);
     for (auto& f : files_) {
       if (f.fd_direct >= 0) ::close(f.fd_direct);
       if (f.fd_buffered >= 0) ::close(f.fd_buffered);
@@ -323,7 +323,12 @@ class HostExpertStore final : public ExpertStore {
       return b;
     }
     void* p = nullptr;
-    if (posix_memalign(&p, io_alignment, read_bytes_) != 0) return nullptr;
+    if (options_.allocator) {
+      p = options_.allocator->allocate(read_bytes_);
+      if (!p) return nullptr;
+    } else if (posix_memalign(&p, io_alignment, read_bytes_) != 0) {
+      return nullptr;
+    }
     stats_.buffer_bytes += read_bytes_;
     return static_cast<uint8_t*>(p);
   }
@@ -334,10 +339,13 @@ class HostExpertStore final : public ExpertStore {
       return;
     }
     stats_.buffer_bytes -= read_bytes_;
-    std::free(b);
+    free_buffer(b);
   }
 
-  static void free_buffer(uint8_t* b) { std::free(b); }
+  void free_buffer(uint8_t* b) {
+    if (options_.allocator) options_.allocator->deallocate(b);
+    else std::free(b);
+  }
 
   void fall_back_to_page_cache(const std::string& path) {
     bool expected = true;

@@ -22,20 +22,33 @@ enum class IoMode : uint8_t {
   page_cache,  // ordinary buffered reads
 };
 
+// Memory for the store's blob buffers. The default (no allocator) is posix_memalign/free; a GPU expert
+// tier passes pinned host memory, so its copies to the device run at the bus's full rate.
+class HostAllocator {
+ public:
+  virtual ~HostAllocator() = default;
+  // At least `bytes`, 4096-aligned, or null.
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void deallocate(void* p) = 0;
+};
+
 struct ExpertStoreOptions {
   uint64_t cache_bytes = 0;   // experts kept after use; 0 keeps none (every use reads storage)
   int n_readers = 8;          // reader threads issuing reads in parallel
   IoMode io_mode = IoMode::direct;
   bool verify_hashes = false;  // check every blob read from storage against the manifest's XXH3
   std::string policy = "lru";  // cache policy name (see make_cache_policy)
+  std::shared_ptr<HostAllocator> allocator;  // blob buffers' memory; null: posix_memalign
 };
 
+// One tier's counters. For the host tier "read" means from storage; for a device tier (e.g. the GPU
+// cache) it means copied from the tier below it.
 struct ExpertStoreStats {
   uint64_t hits = 0;           // experts acquired that were cached or already being read (prefetch)
   uint64_t misses = 0;         // experts acquired whose read this acquire had to issue
-  uint64_t bytes_read = 0;     // from storage
-  uint64_t reads = 0;          // storage reads issued
-  double wait_seconds = 0;     // time acquire() spent waiting for reads
+  uint64_t bytes_read = 0;     // from storage (host tier) or from the tier below (device tier)
+  uint64_t reads = 0;          // storage reads or copies issued
+  double wait_seconds = 0;     // time acquire() spent waiting for reads (a device tier: the tier below and its copies)
   uint64_t prefetches = 0;     // reads started by prefetch()
   uint64_t evictions = 0;
   uint64_t cached_experts = 0; // now in the cache
@@ -106,6 +119,11 @@ class ExpertStore {
   virtual ExpertStoreStats stats() const = 0;
   virtual void reset_stats() = 0;
   virtual const ExpertStoreOptions& options() const = 0;
+
+  // Tiers: a store may sit on another and fetch its misses from it (the GPU cache on the host store).
+  // tier_name() names this one ("host", "gpu"); lower_tier() is the one below, or null.
+  virtual const char* tier_name() const { return "host"; }
+  virtual ExpertStore* lower_tier() { return nullptr; }
 };
 
 }  // namespace moeflux

@@ -537,7 +537,7 @@ Result<std::unique_ptr<Pack>> Pack::open(const std::string& dir, const PackOpenO
   return pack;
 }
 
-Result<WeightView> Pack::resident(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+Result<WeightView> Pack::view(const uint8_t* base, const std::string& name, const std::vector<int64_t>& expected_shape) const {
   const PackTensor* t = manifest_.find_tensor(name);
   if (!t) return make_error(ErrorCode::format, "pack {}: tensor {} is missing", dir_, name);
   if (!expected_shape.empty() && t->shape != expected_shape)
@@ -546,11 +546,21 @@ Result<WeightView> Pack::resident(const std::string& name, const std::vector<int
   WeightView v;
   v.format = t->format;
   matrix_dims(t->shape, &v.rows, &v.cols);
-  const uint8_t* base = resident_.data();
   v.data = base + t->data.offset;
   v.scales = t->scales.bytes ? base + t->scales.offset : nullptr;
   v.biases = t->biases.bytes ? base + t->biases.offset : nullptr;
   return v;
+}
+
+Result<const float*> Pack::view_f32(const uint8_t* base, const std::string& name, const std::vector<int64_t>& expected_shape) const {
+  MF_ASSIGN_OR_RETURN(WeightView v, view(base, name, expected_shape));
+  if (v.format != WeightFormat::f32)
+    return make_error(ErrorCode::format, "pack {}: tensor {} is {}, expected f32", dir_, name, weight_format_name(v.format));
+  return static_cast<const float*>(v.data);
+}
+
+Result<WeightView> Pack::resident(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+  return view(bound_ ? bound_ : resident_.data(), name, expected_shape);
 }
 
 Result<const float*> Pack::resident_f32(const std::string& name, int64_t expected_size) const {
@@ -558,10 +568,15 @@ Result<const float*> Pack::resident_f32(const std::string& name, int64_t expecte
 }
 
 Result<const float*> Pack::resident_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
-  MF_ASSIGN_OR_RETURN(WeightView v, resident(name, expected_shape));
-  if (v.format != WeightFormat::f32)
-    return make_error(ErrorCode::format, "pack {}: tensor {} is {}, expected f32", dir_, name, weight_format_name(v.format));
-  return static_cast<const float*>(v.data);
+  return view_f32(bound_ ? bound_ : resident_.data(), name, expected_shape);
+}
+
+Result<WeightView> Pack::resident_host(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+  return view(resident_.data(), name, expected_shape);
+}
+
+Result<const float*> Pack::resident_f32_host(const std::string& name, int64_t expected_size) const {
+  return view_f32(resident_.data(), name, std::vector<int64_t>{expected_size});
 }
 
 std::string Pack::expert_file_path(int layer) const {

@@ -135,12 +135,23 @@ class Pack {
   const std::string& dir() const { return dir_; }
   const nlohmann::json& hparams() const { return manifest_.hparams; }
 
-  // A resident tensor as a WeightView over the mapping, or a format error naming the missing tensor
+  // A resident tensor as a WeightView for the compute backend — over the mapping, or over the backend's
+  // copy of resident.bin once bind_resident has named one — or a format error naming the missing tensor
   // or the shape it has instead of the expected one (expected_shape empty: no check).
   Result<WeightView> resident(const std::string& name, const std::vector<int64_t>& expected_shape = {}) const;
-  // A 1-D f32 tensor (norm weights).
+  // A 1-D f32 tensor (norm weights), for the compute backend likewise.
   Result<const float*> resident_f32(const std::string& name, int64_t expected_size) const;
   Result<const float*> resident_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const;
+  // The same over the host mapping whatever is bound: for values the host reads (load-time transforms,
+  // arguments a backend contract calls host memory).
+  Result<WeightView> resident_host(const std::string& name, const std::vector<int64_t>& expected_shape = {}) const;
+  Result<const float*> resident_f32_host(const std::string& name, int64_t expected_size) const;
+
+  // resident.bin's bytes in host memory (the mapping), and where the compute backend reads them: after
+  // bind_resident(copy), resident() views point into `copy` at the same offsets (a device copy made with
+  // Backend::upload_weights). Bind before building a graph; the copy must outlive every view.
+  const uint8_t* resident_data() const { return resident_.data(); }
+  void bind_resident(const uint8_t* copy) { bound_ = copy; }
 
   std::string expert_file_path(int layer) const;  // absolute path of experts/layer_NNN.bin
   // View of matrix `index` of an expert blob that lives at `blob` (anywhere in memory).
@@ -151,7 +162,11 @@ class Pack {
  private:
   std::string dir_;
   Manifest manifest_;
+  Result<WeightView> view(const uint8_t* base, const std::string& name, const std::vector<int64_t>& expected_shape) const;
+  Result<const float*> view_f32(const uint8_t* base, const std::string& name, const std::vector<int64_t>& expected_shape) const;
+
   MappedFile resident_;
+  const uint8_t* bound_ = nullptr;  // the backend's copy of resident.bin, or null: the mapping
 };
 
 // XXH3-64 of a file's whole content, read in large chunks.

@@ -364,6 +364,7 @@ struct MlaWeights {
   // Absorption: per head h, W_kᵀ [kv_lora, nope] (rows h·kv_lora …), bf16, derived at load from kv_b's
   // key rows; W_v is kv_b's own value rows.
   std::vector<uint16_t> k_absorb;
+  const uint16_t* k_absorb_data = nullptr;  // k_absorb in the backend's memory
 };
 
 struct LayerWeights {
@@ -442,11 +443,18 @@ class DeepseekV3Graph final : public ModelGraph {
       MF_ASSIGN_OR_RETURN(a.kv_a_norm, pack_.resident_f32(layer_name(l, "self_attn.kv_a_layernorm.weight"), p_.kv_lora_rank));
       MF_ASSIGN_OR_RETURN(a.kv_b, pack_.resident(layer_name(l, "self_attn.kv_b_proj.weight"), {nH * (p_.nope_dim + p_.v_dim), p_.kv_lora_rank}));
       MF_ASSIGN_OR_RETURN(a.o_proj, pack_.resident(layer_name(l, "self_attn.o_proj.weight"), {H, nH * p_.v_dim}));
-      a.k_absorb = transpose_key_rows(a.kv_b);
+      {
+        MF_ASSIGN_OR_RETURN(WeightView kv_b_host, pack_.resident_host(layer_name(l, "self_attn.kv_b_proj.weight")));
+        a.k_absorb = transpose_key_rows(kv_b_host);
+        MF_ASSIGN_OR_RETURN(const void* k_absorb, upload_derived(be_, a.k_absorb.data(), a.k_absorb.size() * sizeof(uint16_t),
+                                                                 layer_name(l, "self_attn.kv_b_proj.weight (absorbed keys)")));
+        a.k_absorb_data = static_cast<const uint16_t*>(k_absorb);
+        if (!be_.host_memory()) std::vector<uint16_t>().swap(a.k_absorb);  // the device holds the copy
+      }
       w.moe = p_.layer_is_moe[size_t(l)];
       if (w.moe) {
         MF_ASSIGN_OR_RETURN(w.router, pack_.resident(layer_name(l, "mlp.gate.weight"), {p_.n_expert, H}));
-        MF_ASSIGN_OR_RETURN(w.router_bias, pack_.resident_f32(layer_name(l, "mlp.gate.e_score_correction_bias"), p_.n_expert));
+        MF_ASSIGN_OR_RETURN(w.router_bias, pack_.resident_f32_host(layer_name(l, "mlp.gate.e_score_correction_bias"), p_.n_expert));
         if (p_.n_shared > 0) {
           const int64_t I = p_.moe_intermediate * p_.n_shared;
           MF_ASSIGN_OR_RETURN(w.shared_gate, pack_.resident(layer_name(l, "mlp.shared_experts.gate_proj.weight"), {I, H}));
@@ -510,6 +518,7 @@ class DeepseekV3Graph final : public ModelGraph {
       s->dense.gate = s->alloc(T * p_.intermediate);
       s->dense.up = s->alloc(T * p_.intermediate);
     }
+    s->alloc_logits_chunk(p_.vocab);
     MF_TRY(s->status());
     state->scratch = std::move(s);
     return state;
@@ -559,7 +568,7 @@ class DeepseekV3Graph final : public ModelGraph {
       }
       be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
     }
-    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, logits);
+    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
     return Status::ok();
   }
 
@@ -616,7 +625,7 @@ class DeepseekV3Graph final : public ModelGraph {
     for (int64_t h = 0; h < nH; ++h) be_.copy_rows(q + h * qk, nH * qk, s.q_nope + h * C * nope, nope, C, nope);
     s.jobs.clear();
     for (int64_t h = 0; h < nH; ++h) {
-      const WeightView k_t{WeightFormat::bf16, lora, nope, w.k_absorb.data() + h * lora * nope, nullptr, nullptr};
+      const WeightView k_t{WeightFormat::bf16, lora, nope, w.k_absorb_data + h * lora * nope, nullptr, nullptr};
       s.jobs.push_back({k_t, s.q_nope + h * C * nope, s.q_lat_h + h * C * lora, C});
     }
     be_.matmul_many(s.jobs.data(), int64_t(s.jobs.size()));

@@ -1,5 +1,7 @@
 #include "models/family_common.hpp"
 
+#include <algorithm>
+
 #include "backends/backend.hpp"
 #include "format/pack.hpp"
 
@@ -16,9 +18,19 @@ float* ScratchArena::alloc(int64_t n_floats) {
   return p;
 }
 
+void ScratchArena::alloc_logits_chunk(int64_t vocab) {
+  if (!backend_->host_memory()) logits_chunk = alloc(logits_chunk_rows * vocab);
+}
+
 Status ScratchArena::status() const {
   if (failed_ || owned_.empty()) return make_error(ErrorCode::out_of_memory, "scratch activations could not be allocated");
   return Status::ok();
+}
+
+Result<const void*> upload_derived(Backend& be, const void* host, size_t bytes, const std::string& what) {
+  const void* p = be.upload_weights(host, bytes);
+  if (!p) return make_error(ErrorCode::out_of_memory, "{}: {} bytes of derived weights could not be placed in {} memory", what, bytes, be.name());
+  return p;
 }
 
 ExpertDecls swiglu_expert_decls(int64_t n_expert, const std::vector<bool>& layer_is_moe, int64_t intermediate, int64_t hidden) {
@@ -61,12 +73,22 @@ Status check_forward_args(const ForwardState& state, const int32_t* tokens, int6
 }
 
 void output_head(Backend& be, const WeightView& head, const float* final_norm, float eps, const float* x, int64_t n_tokens,
-                 int64_t hidden, bool logits_all, float* normed, float* logits) {
+                 int64_t hidden, bool logits_all, float* normed, const ScratchArena& scratch, float* logits) {
   // Only the rows whose logits are wanted go through the final norm and the output head.
   const int64_t first = logits_all ? 0 : n_tokens - 1;
   const int64_t rows = n_tokens - first;
   be.rms_norm(x + first * hidden, final_norm, eps, rows, hidden, normed);
-  be.matmul(head, normed, logits, rows);
+  if (be.host_memory()) {
+    be.matmul(head, normed, logits, rows);
+    return;
+  }
+  MF_CHECK_MSG(scratch.logits_chunk != nullptr, "output head: no logits chunk for a {} backend", be.name());
+  const int64_t vocab = head.rows, chunk = ScratchArena::logits_chunk_rows;
+  for (int64_t r = 0; r < rows; r += chunk) {
+    const int64_t n = std::min(chunk, rows - r);
+    be.matmul(head, normed + r * hidden, scratch.logits_chunk, n);
+    be.copy_to_host(logits + r * vocab, scratch.logits_chunk, size_t(n * vocab) * sizeof(float));
+  }
 }
 
 }  // namespace moeflux

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/status.hpp"
@@ -21,11 +22,22 @@ struct ScratchArena : ForwardState::Scratch {
   float* alloc(int64_t n_floats);
   Status status() const;
 
+  // Rows of logits the output head computes at once in backend memory before copying them to the caller
+  // (backends whose memory is not host memory); null for host-memory backends, which write in place.
+  static constexpr int64_t logits_chunk_rows = 16;
+  float* logits_chunk = nullptr;  // [logits_chunk_rows, vocab]
+  void alloc_logits_chunk(int64_t vocab);
+
  private:
   Backend* backend_;
   std::vector<float*> owned_;
   bool failed_ = false;
 };
+
+// Weights a family derives at load (host memory that lives as long as the graph) made readable by the
+// backend's ops: the host array itself for a host-memory backend, else a device copy. `what` names the
+// tensor in the out-of-memory error.
+Result<const void*> upload_derived(Backend& be, const void* host, size_t bytes, const std::string& what);
 
 // Routed SwiGLU experts (gate_proj, up_proj, down_proj) in every MoE layer, named
 // model.layers.{layer}.mlp.experts.*.
@@ -39,8 +51,9 @@ Status check_swiglu_experts(const Pack& pack, int64_t n_expert, const std::vecto
 Status check_forward_args(const ForwardState& state, const int32_t* tokens, int64_t n_tokens, int64_t n_past, int64_t max_tokens,
                           int64_t vocab);
 
-// logits = head(RMSNorm(x)) for the last row, or every row when logits_all; normed: [T, hidden] scratch.
+// logits = head(RMSNorm(x)) for the last row, or every row when logits_all; normed: [T, hidden] scratch;
+// logits: host memory [rows, vocab] (through scratch.logits_chunk unless the backend's memory is host memory).
 void output_head(Backend& be, const WeightView& head, const float* final_norm, float eps, const float* x, int64_t n_tokens,
-                 int64_t hidden, bool logits_all, float* normed, float* logits);
+                 int64_t hidden, bool logits_all, float* normed, const ScratchArena& scratch, float* logits);
 
 }  // namespace moeflux

@@ -4,6 +4,8 @@
 #include <array>
 #include <chrono>
 
+#include "backends/backend.hpp"
+
 namespace moeflux {
 
 const ModelFamily& qwen3_moe_family();
@@ -27,10 +29,16 @@ int64_t now_ns() {
 }  // namespace
 
 ProfileScope::ProfileScope(ForwardProfile& profile, ForwardProfile::Part part)
-    : profile_(profile.enabled ? &profile : nullptr), part_(part), start_ns_(profile_ ? now_ns() : 0) {}
+    : profile_(profile.enabled ? &profile : nullptr), part_(part) {
+  if (!profile_) return;
+  if (profile_->backend) profile_->backend->synchronize();
+  start_ns_ = now_ns();
+}
 
 ProfileScope::~ProfileScope() {
-  if (profile_) profile_->seconds[part_] += double(now_ns() - start_ns_) * 1e-9;
+  if (!profile_) return;
+  if (profile_->backend) profile_->backend->synchronize();
+  profile_->seconds[part_] += double(now_ns() - start_ns_) * 1e-9;
 }
 
 Result<const ModelFamily*> find_model_family(const std::string& model_type) {

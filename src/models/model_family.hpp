@@ -66,8 +66,9 @@ struct ExpertDecls {
   std::string expert_prefix(int layer) const;
 };
 
-// Wall time per part of the forward pass, summed while enabled (for `moeflux bench`). The CPU backend's
-// ops are synchronous, so a scope's wall time is its ops' time. The rest of a forward (embedding,
+// Wall time per part of the forward pass, summed while enabled (for `moeflux bench`). A scope waits for
+// the backend's queued ops at both ends (Backend::synchronize; the CPU's ops are synchronous anyway), so
+// its wall time is its ops' time. The rest of a forward (embedding,
 // norms, residual adds, the output head) is its total time minus these parts.
 struct ForwardProfile {
   enum Part : int { attention, delta_net, routed_experts, shared_expert, dense_mlp, n_parts };
@@ -76,6 +77,7 @@ struct ForwardProfile {
     return names[part];
   }
   bool enabled = false;
+  Backend* backend = nullptr;  // synchronized at each scope's ends when enabled (set by the graph's owner)
   double seconds[n_parts] = {};
   void reset() {
     for (double& s : seconds) s = 0;

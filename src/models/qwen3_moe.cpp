@@ -266,6 +266,7 @@ class Qwen3MoeGraph final : public ModelGraph {
       s->dense.gate = s->alloc(size_t(T * p_.intermediate));
       s->dense.up = s->alloc(size_t(T * p_.intermediate));
     }
+    s->alloc_logits_chunk(p_.vocab);
     MF_TRY(s->status());
     state->scratch = std::move(s);
     return state;
@@ -304,7 +305,7 @@ class Qwen3MoeGraph final : public ModelGraph {
       }
       be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
     }
-    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, logits);
+    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
     return Status::ok();
   }
 

@@ -475,6 +475,7 @@ class Qwen3NextGraph final : public ModelGraph {
       s->dense.gate = s->alloc(T * p_.intermediate);
       s->dense.up = s->alloc(T * p_.intermediate);
     }
+    s->alloc_logits_chunk(p_.vocab);
     MF_TRY(s->status());
     state->scratch = std::move(s);
     return state;
@@ -533,7 +534,7 @@ class Qwen3NextGraph final : public ModelGraph {
       }
       be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
     }
-    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, logits);
+    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
     return Status::ok();
   }
 
@@ -556,10 +557,11 @@ class Qwen3NextGraph final : public ModelGraph {
 
   // A zero-centred norm weight as the multiplier it stands for: 1 + w in fp32, as transformers computes.
   Result<const float*> offset_norm(const std::string& name, int64_t n) {
-    MF_ASSIGN_OR_RETURN(const float* w, pack_.resident_f32(name, n));
+    MF_ASSIGN_OR_RETURN(const float* w, pack_.resident_f32_host(name, n));
     auto& v = offset_norms_.emplace_back(size_t(n));
     for (int64_t i = 0; i < n; ++i) v[size_t(i)] = 1.0f + w[i];
-    return v.data();
+    MF_ASSIGN_OR_RETURN(const void* p, upload_derived(be_, v.data(), v.size() * sizeof(float), name));
+    return static_cast<const float*>(p);
   }
 
   const Pack& pack_;

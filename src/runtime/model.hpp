@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/status.hpp"
+#include "backends/cuda/cuda_experts.hpp"
 #include "experts/expert_store.hpp"
 
 namespace moeflux {
@@ -16,12 +17,23 @@ class Backend;
 class ModelGraph;
 class Pack;
 
+enum class Device : uint8_t {
+  cpu,   // the optimized CPU backend (or the reference one, with reference_backend)
+  cuda,  // the CUDA backend: dense weights on the GPU, experts through the GPU cache
+};
+
+// "cpu" / "cuda" → Device; anything else: invalid_argument naming the choices.
+Result<Device> parse_device(const std::string& name);
+
 struct ModelOptions {
   std::string pack_dir;
+  Device device = Device::cpu;
+  int gpu = 0;                       // CUDA device index (device cuda)
   int n_threads = 0;                 // compute threads; 0 = all cores
   bool reference_backend = false;    // plain single-threaded reference ops (tests, debugging)
   bool verify_resident_hash = true;  // hash resident.bin at open
-  ExpertStoreOptions experts;
+  ExpertStoreOptions experts;        // the host tier (its cache_bytes: host memory for experts)
+  GpuExpertCacheOptions gpu_cache;   // the GPU tier (device cuda)
 };
 
 class Model {
@@ -31,6 +43,7 @@ class Model {
 
   const Pack& pack() const { return *pack_; }
   Backend& backend() { return *backend_; }
+  // The top tier of the expert store (the GPU cache on CUDA, whose lower_tier() is the host store).
   ExpertStore& experts() { return *experts_; }
   ModelGraph& graph() { return *graph_; }
   const std::string& model_type() const;
@@ -42,6 +55,7 @@ class Model {
 
  private:
   Model();
+  Status open_cuda(const ModelOptions& options);
   std::unique_ptr<Pack> pack_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ExpertStore> experts_;

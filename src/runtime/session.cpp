@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "backends/backend.hpp"
 #include "format/pack.hpp"
 #include "models/model_family.hpp"
 #include "runtime/forward_state.hpp"
@@ -25,6 +26,11 @@ class Writer {
   void bytes(const void* p, size_t n) {
     const auto* b = static_cast<const uint8_t*>(p);
     out_.insert(out_.end(), b, b + n);
+  }
+  // n more bytes at the end, for the caller to fill.
+  uint8_t* extend(size_t n) {
+    out_.resize(out_.size() + n);
+    return out_.data() + out_.size() - n;
   }
   template <typename T> void put(T v) { bytes(&v, sizeof v); }
 
@@ -139,7 +145,10 @@ Status Session::checkpoint() {
   snap.position = n_past_;
   try {
     for (const auto& b : state_->buffers())
-      if (b.fixed_floats > 0) snap.fixed.emplace_back(b.data, b.data + b.fixed_floats);
+      if (b.fixed_floats > 0) {
+        auto& copy = snap.fixed.emplace_back(b.fixed_floats);
+        model_.backend().copy_to_host(copy.data(), b.data, b.fixed_floats * sizeof(float));
+      }
     if (has_logits_) snap.logits = logits_;
   } catch (const std::bad_alloc&) {
     return make_error(ErrorCode::out_of_memory, "snapshot of the session state at position {} could not be allocated", n_past_);
@@ -176,7 +185,7 @@ Status Session::truncate(int64_t n) {
     size_t i = 0;
     for (const auto& b : state_->buffers())
       if (b.fixed_floats > 0) {
-        std::memcpy(b.data, snap->fixed[i].data(), b.fixed_floats * sizeof(float));
+        model_.backend().copy_from_host(b.data, snap->fixed[i].data(), b.fixed_floats * sizeof(float));
         ++i;
       }
     has_logits_ = !snap->logits.empty();
@@ -227,7 +236,7 @@ Status Session::state_save(std::vector<uint8_t>& out) const {
     w.put(uint32_t(b.name.size()));
     w.bytes(b.name.data(), b.name.size());
     w.put(floats);
-    w.bytes(b.data, floats * sizeof(float));
+    model_.backend().copy_to_host(w.extend(floats * sizeof(float)), b.data, floats * sizeof(float));
   }
   if (has_logits_) w.bytes(logits_.data(), logits_.size() * sizeof(float));
   w.put(hash_bytes(out.data(), out.size()));
@@ -283,7 +292,7 @@ Status Session::state_load(std::span<const uint8_t> data) {
   if (with_logits && !logits_src) return state_error("logits");
   if (r.remaining() != 0) return state_error("trailing bytes");
 
-  for (size_t i = 0; i < buffers.size(); ++i) std::memcpy(buffers[i].data, pieces[i].src, pieces[i].bytes);
+  for (size_t i = 0; i < buffers.size(); ++i) model_.backend().copy_from_host(buffers[i].data, pieces[i].src, pieces[i].bytes);
   if (with_logits) std::memcpy(logits_.data(), logits_src, logits_.size() * sizeof(float));
   n_past_ = n_past;
   has_logits_ = with_logits;

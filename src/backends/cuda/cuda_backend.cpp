@@ -37,9 +37,49 @@ class CudaBackend final : public Backend {
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
     if (scratch_) cudaFree(scratch_);
+    for (void* p : weights_) cudaFree(p);
     cudaStreamDestroy(stream_);
   }
   const char* name() const override { return "cuda"; }
+  bool host_memory() const override { return false; }
+  int device() const { return device_; }
+  cudaStream_t stream() const { return stream_; }
+
+  const void* upload_weights(const void* host, size_t bytes) override {
+    bind();
+    void* p = nullptr;
+    if (cudaMalloc(&p, std::max<size_t>(bytes, 1)) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    weights_.push_back(p);
+    // Pageable source: in chunks, so a multi-GiB mapping is not pinned at once by the driver's staging.
+    constexpr size_t chunk = size_t(256) << 20;
+    for (size_t at = 0; at < bytes; at += chunk)
+      MF_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(p) + at, static_cast<const char*>(host) + at, std::min(chunk, bytes - at),
+                                    cudaMemcpyHostToDevice, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return p;
+  }
+
+  void copy_to_host(void* host_dst, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    bind();
+    MF_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void copy_from_host(void* dst, const void* host_src, size_t bytes) override {
+    if (!bytes) return;
+    bind();
+    MF_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void synchronize() override {
+    bind();
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
 
   float* alloc_activations(size_t n_floats) override {
     bind();
@@ -214,9 +254,24 @@ class CudaBackend final : public Backend {
   size_t scratch_bytes_ = 0;
   std::vector<char> staging_;     // host bytes of the last staging
   std::vector<float> logits_host_;  // [T, n_expert] of the last router call
+  std::vector<void*> weights_;      // upload_weights' device copies
 };
 
 }  // namespace
+
+namespace cuda {
+
+bool stream_of(Backend& backend, int* device, cudaStream_t* stream) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (!cuda) return false;
+  *device = cuda->device();
+  *stream = cuda->stream();
+  return true;
+}
+
+}  // namespace cuda
+
+bool built_with_cuda() { return true; }
 
 int cuda_device_count() {
   int n = 0;
@@ -258,6 +313,7 @@ void cuda_copy_to_host(void* host_dst, const void* device_src, size_t bytes) {
 
 namespace moeflux {
 
+bool built_with_cuda() { return false; }
 int cuda_device_count() { return 0; }
 std::unique_ptr<Backend> make_cuda_backend(int) { return nullptr; }
 void cuda_copy_to_device(void*, const void*, size_t) { MF_CHECK_MSG(false, "moeflux was built without CUDA"); }

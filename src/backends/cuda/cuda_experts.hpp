@@ -1,0 +1,44 @@
+// The GPU tier of the expert store and the pinned host memory under it. Host-only declarations, no
+// CUDA types: without CUDA in the build the factories fail with a clear error.
+//
+// Tiers (DESIGN.md §expert cache): storage → host store (reader threads, pinned blob buffers, its own
+// byte budget) → GPU cache (fixed device slots of one expert each, a byte budget, LRU) → kernels. A GPU
+// miss acquires the expert from the host store (which reads it from storage if it must), copies it into
+// a free or evicted slot on a copy stream of its own, and makes the compute stream wait for the copy:
+// every acquired expert is on the device before any kernel reads it, so results never depend on what
+// was cached.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "core/status.hpp"
+#include "experts/expert_store.hpp"
+
+namespace moeflux {
+
+class Backend;
+
+struct GpuExpertCacheOptions {
+  // Device bytes for expert slots. 0: derived from free memory — slots are added (in chunks) while the
+  // device keeps at least `headroom_bytes` free after the chunk, so sessions made later still get their
+  // KV caches and scratch.
+  uint64_t budget_bytes = 0;
+  uint64_t headroom_bytes = uint64_t(2) << 30;
+};
+
+// The GPU tier over `host` (which it owns and reports as lower_tier()). `backend` must be a CUDA
+// backend: its device and compute stream are used. Errors: not a CUDA backend, a budget below one
+// expert, an unknown policy (the host store's options().policy is used).
+Result<std::unique_ptr<ExpertStore>> make_gpu_expert_cache(Backend& backend, std::unique_ptr<ExpertStore> host,
+                                                           uint64_t expert_bytes, const GpuExpertCacheOptions& options);
+
+// Pinned (page-locked) host memory for the host store's blob buffers, on the current device's context:
+// blocks of one size are carved from 256 MiB slabs and kept on a free list (pinning is slow; the store
+// asks for buffers of one size). Null without CUDA.
+std::shared_ptr<HostAllocator> make_pinned_host_allocator();
+
+// Free and total memory of a CUDA device; false without CUDA or without that device.
+bool cuda_memory_info(int device, uint64_t* free_bytes, uint64_t* total_bytes);
+
+}  // namespace moeflux
