@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backends/backend.hpp"
 #include "format/convert.hpp"
 #include "format/pack.hpp"
 #include "npy.hpp"
@@ -63,16 +64,32 @@ std::string pack_for(const std::string& checkpoint, WeightFormat experts, Weight
   return dir;
 }
 
-std::unique_ptr<Model> open_model(const std::string& pack, uint64_t cache_bytes = 0, bool reference = false) {
+ModelOptions model_options(const std::string& pack, uint64_t cache_bytes = 0, bool reference = false) {
   ModelOptions o;
   o.pack_dir = pack;
   o.n_threads = 2;
   o.reference_backend = reference;
   o.experts.cache_bytes = cache_bytes;
   o.experts.n_readers = 2;
+  return o;
+}
+
+std::unique_ptr<Model> open_model(const ModelOptions& o) {
   auto m = Model::open(o);
   EXPECT_TRUE(m.is_ok()) << m.status().to_string();
   return m ? std::move(m).value() : nullptr;
+}
+
+std::unique_ptr<Model> open_model(const std::string& pack, uint64_t cache_bytes = 0, bool reference = false) {
+  return open_model(model_options(pack, cache_bytes, reference));
+}
+
+// The model on the CUDA backend: gpu_cache_bytes 0 lets the GPU cache grow with free memory.
+std::unique_ptr<Model> open_cuda_model(const std::string& pack, uint64_t gpu_cache_bytes = 0, uint64_t host_cache_bytes = 0) {
+  ModelOptions o = model_options(pack, host_cache_bytes);
+  o.device = Device::cuda;
+  o.gpu_cache.budget_bytes = gpu_cache_bytes;
+  return open_model(o);
 }
 
 std::unique_ptr<Session> new_session(Model& model) {
@@ -666,6 +683,153 @@ INSTANTIATE_TEST_SUITE_P(HybridFormats, Quantized,
                          [](const auto& info) {
                            return std::string(weight_format_name(info.param.experts)) + "_dense_" + weight_format_name(info.param.dense);
                          });
+
+
+// --- The CUDA backend (run where a GPU is present; skipped elsewhere) -------------------------------
+
+#define SKIP_WITHOUT_GPU() \
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU"
+
+class Cuda : public testing::TestWithParam<std::string> {};
+
+// Every fixture on the GPU against transformers, with the CPU's bound: 2e-3 · max |ref| and the same
+// argmax at every position, then the same greedy continuation.
+TEST_P(Cuda, LogitsAndGreedyMatchTransformers) {
+  SKIP_WITHOUT_GPU();
+  const Fixture f = load_fixture(reference_of(GetParam()));
+  auto model = open_cuda_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  const int64_t T = f.logits.shape[0], V = f.logits.shape[1];
+  ASSERT_EQ(V, model->n_vocab());
+  const auto ours = prompt_logits(*model, f.tokens);
+  float worst_relative = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* ref = f.logits.data.data() + t * V;
+    const float* got = ours.data() + t * V;
+    float worst = 0;
+    for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::fabs(got[i] - ref[i]));
+    EXPECT_LE(worst, 2e-3f * max_abs(ref, V)) << "position " << t;
+    EXPECT_EQ(argmax(got, V), argmax(ref, V)) << "position " << t;
+    worst_relative = std::max(worst_relative, worst / max_abs(ref, V));
+  }
+  std::printf("[ cuda     ] %s: max |logit - ref| / max |ref| = %.2e over %lld positions\n", GetParam().c_str(),
+              double(worst_relative), (long long)T);
+  auto session = new_session(*model);
+  ASSERT_TRUE(session->eval_prompt(f.tokens).is_ok());
+  std::vector<int32_t> generated;
+  for (size_t i = 0; i < f.greedy.size(); ++i) {
+    generated.push_back(argmax(session->logits(), V));
+    ASSERT_TRUE(session->eval_token(generated.back()).is_ok());
+  }
+  EXPECT_EQ(generated, f.greedy);
+}
+
+// The same quantized pack on the CPU and the GPU: both fp32 over the same weights, so they differ by
+// summation order only (kernels reduce in another order); the prompt-vs-decode bound, 1e-4 relative.
+// Decode steps too, since the GPU runs other kernels for one token than for a batch.
+TEST_P(Cuda, MatchesCpuOnTheSamePack) {
+  SKIP_WITHOUT_GPU();
+  const Fixture f = load_fixture(reference_of(GetParam()));
+  const std::string pack = pack_for(GetParam(), WeightFormat::q4, WeightFormat::q8);
+  auto cpu = open_model(pack), gpu = open_cuda_model(pack);
+  ASSERT_TRUE(cpu && gpu);
+  const int64_t V = cpu->n_vocab();
+  const auto a = prompt_logits(*cpu, f.tokens), b = prompt_logits(*gpu, f.tokens);
+  float worst = 0;
+  for (size_t t = 0; t < f.tokens.size(); ++t) {
+    const float w = worst_relative(b.data() + t * V, a.data() + t * V, V);
+    EXPECT_LE(w, 1e-4f) << "position " << t;
+    worst = std::max(worst, w);
+  }
+  auto sc = new_session(*cpu), sg = new_session(*gpu);
+  for (size_t t = 0; t < 24 && t < f.tokens.size(); ++t) {
+    ASSERT_TRUE(sc->eval_token(f.tokens[t]).is_ok());
+    ASSERT_TRUE(sg->eval_token(f.tokens[t]).is_ok());
+    const float w = worst_relative(sg->logits(), sc->logits(), V);
+    EXPECT_LE(w, 1e-4f) << "decode position " << t;
+    worst = std::max(worst, w);
+  }
+  std::printf("[ cuda     ] %s: GPU vs CPU (q4 experts, q8 dense), max relative difference %.2e\n", GetParam().c_str(), double(worst));
+}
+
+// Streaming exactness on the GPU: a cache of a few slots (every layer evicts, prefill acquires in several
+// groups, no host cache: every miss is read from storage) and one holding every expert give the same bits.
+TEST_P(Cuda, SmallAndFullGpuCacheGiveBitIdenticalLogits) {
+  SKIP_WITHOUT_GPU();
+  const Fixture f = load_fixture(reference_of(GetParam()));
+  const std::string pack = pack_for(GetParam(), WeightFormat::q4, WeightFormat::q8);
+  auto probe = Pack::open(pack);
+  ASSERT_TRUE(probe.is_ok());
+  const uint64_t slot = ((*probe)->manifest().expert_bytes + 255) / 256 * 256;
+  auto small = open_cuda_model(pack, 3 * slot), full = open_cuda_model(pack, 0, uint64_t(1) << 30);
+  ASSERT_TRUE(small && full);
+  EXPECT_EQ(small->experts().max_acquire(), 3);
+  const auto a = prompt_logits(*small, f.tokens);
+  const auto b1 = prompt_logits(*full, f.tokens);
+  const auto b2 = prompt_logits(*full, f.tokens);  // every expert now on the GPU
+  EXPECT_EQ(a, b1);
+  EXPECT_EQ(a, b2);
+  const ExpertStoreStats s = small->experts().stats(), g = full->experts().stats();
+  EXPECT_GT(s.evictions, 0u);
+  EXPECT_LE(s.cached_experts, 3u);
+  EXPECT_GT(g.hits, 0u);
+  EXPECT_EQ(g.evictions, 0u);
+  ASSERT_NE(full->experts().lower_tier(), nullptr);
+  EXPECT_STREQ(full->experts().tier_name(), "gpu");
+  EXPECT_EQ(full->experts().lower_tier()->stats().misses, g.misses);  // each GPU miss came once from the host tier
+  // Token by token through the small cache as well.
+  auto ss = new_session(*small), sf = new_session(*full);
+  for (size_t t = 0; t < 16 && t < f.tokens.size(); ++t) {
+    ASSERT_TRUE(ss->eval_token(f.tokens[t]).is_ok());
+    ASSERT_TRUE(sf->eval_token(f.tokens[t]).is_ok());
+    ASSERT_EQ(logits_row(*ss, full->n_vocab()), logits_row(*sf, full->n_vocab())) << "decode position " << t;
+  }
+}
+
+// Session state in device memory: save → load → continue, and (hybrid models) rewind to a snapshot.
+TEST_P(Cuda, SaveLoadAndRewindAreBitIdentical) {
+  SKIP_WITHOUT_GPU();
+  const Fixture f = load_fixture(reference_of(GetParam()));
+  auto model = open_cuda_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
+  ASSERT_TRUE(model);
+  const int64_t V = model->n_vocab();
+  const size_t half = f.tokens.size() / 2;
+  const std::vector<int32_t> first(f.tokens.begin(), f.tokens.begin() + int64_t(half)), rest(f.tokens.begin() + int64_t(half), f.tokens.end());
+  auto straight = new_session(*model);
+  ASSERT_TRUE(straight->eval_prompt(first).is_ok());
+  const auto at_half = logits_row(*straight, V);
+  std::vector<uint8_t> saved;
+  ASSERT_TRUE(straight->state_save(saved).is_ok());
+  ASSERT_TRUE(straight->eval_prompt(rest).is_ok());
+  const auto end = logits_row(*straight, V);
+
+  auto resumed = new_session(*model);
+  ASSERT_TRUE(resumed->state_load(saved).is_ok());
+  ASSERT_TRUE(resumed->eval_prompt(rest).is_ok());
+  EXPECT_EQ(logits_row(*resumed, V), end);
+
+  // Back to the end of the first prompt (a snapshot for hybrid models, a plain truncation otherwise).
+  auto back = straight->rewind(int64_t(half));
+  ASSERT_TRUE(back.is_ok()) << back.status().to_string();
+  ASSERT_EQ(*back, int64_t(half));
+  EXPECT_EQ(logits_row(*straight, V), at_half);
+  ASSERT_TRUE(straight->eval_prompt(rest).is_ok());
+  EXPECT_EQ(logits_row(*straight, V), end);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Cuda, testing::Values("tied_dense_gqa", "tied_dense_gqa_other_layout", "untied_sparse_step", "wide_mha",
+                                                         "qwen3_next", "qwen3_5", "qwen3_5_moe_multimodal", "deepseek_v3",
+                                                         "deepseek_v3_fp8"));
+
+TEST(CudaOptions, DeviceCudaWithoutAGpuIsAClearError) {
+  if (cuda_device_count() > 0) GTEST_SKIP() << "a GPU is present";
+  ModelOptions o = model_options(pack_for("wide_mha", WeightFormat::q4, WeightFormat::q8));
+  o.device = Device::cuda;
+  auto m = Model::open(o);
+  ASSERT_FALSE(m.is_ok());
+  EXPECT_EQ(m.status().code(), ErrorCode::unsupported);
+  EXPECT_NE(m.status().message().find("device cuda"), std::string::npos) << m.status().to_string();
+}
 
 }  // namespace
 }  // namespace moeflux

@@ -64,7 +64,7 @@ int run_logits(const LogitsArgs& a) {
   if (!s.is_ok()) return report_error("logits", s);
   std::fprintf(stderr, "%lld tokens in %.3f s (%.1f tok/s), logits [%lld, %lld] → %s\n%s\n", (long long)T, seconds,
                double(T) / seconds, (long long)T, (long long)V, a.out.c_str(),
-               expert_report((*model)->experts().stats(), seconds).c_str());
+               expert_tiers_report((*model)->experts(), seconds).c_str());
   return 0;
 }
 

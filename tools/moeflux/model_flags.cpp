@@ -6,8 +6,15 @@ namespace moeflux::cli {
 
 void ModelFlags::add_to(CLI::App* app) {
   app->add_option("--model,-m", pack_dir, "pack directory (from `moeflux convert`)")->required();
+  app->add_option("--device", device, "where the model runs: cpu, or cuda (dense weights on the GPU, experts through a GPU cache)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app->add_option("--gpu", gpu, "CUDA device index (with --device cuda)")->check(CLI::NonNegativeNumber);
+  app->add_option("--gpu-cache", gpu_cache,
+                  "GPU memory for cached experts, e.g. 20G, or auto: grow while 2 GiB of the device stay free (with --device cuda)")
+      ->capture_default_str();
   app->add_option("--threads,-t", n_threads, "compute threads (0 = all cores)")->check(CLI::NonNegativeNumber);
-  app->add_option("--expert-cache", expert_cache, "host memory for cached experts, e.g. 8G (0 = none)");
+  app->add_option("--expert-cache", expert_cache, "host memory for cached experts, e.g. 8G (0 = none); pinned with --device cuda");
   app->add_option("--io", io, "expert reads: direct (O_DIRECT) or page-cache")->check(CLI::IsMember({"direct", "page-cache"}));
   app->add_option("--io-threads", io_threads, "expert reader threads")->check(CLI::PositiveNumber);
   app->add_flag("--reference", reference, "use the plain single-threaded reference ops (slow; for checking)");
@@ -18,6 +25,16 @@ void ModelFlags::add_to(CLI::App* app) {
 Result<ModelOptions> ModelFlags::options() const {
   ModelOptions o;
   o.pack_dir = pack_dir;
+  MF_ASSIGN_OR_RETURN(o.device, parse_device(device));
+  o.gpu = gpu;
+  if (gpu_cache != "auto") {
+    MF_ASSIGN_OR_RETURN(o.gpu_cache.budget_bytes, parse_bytes(gpu_cache));
+    if (o.gpu_cache.budget_bytes == 0)
+      return make_error(ErrorCode::invalid_argument, "--gpu-cache 0: the GPU cache must hold at least the experts of one layer (or use auto)");
+  }
+  if (o.device != Device::cuda && (gpu != 0 || gpu_cache != "auto"))
+    return make_error(ErrorCode::invalid_argument, "--gpu and --gpu-cache apply to --device cuda");
+  if (o.device == Device::cuda && reference) return make_error(ErrorCode::invalid_argument, "--reference runs on the CPU (not with --device cuda)");
   o.n_threads = n_threads;
   o.reference_backend = reference;
   o.verify_resident_hash = !skip_verify;
@@ -79,6 +96,16 @@ std::string expert_report(const ExpertStoreStats& s, double seconds) {
                      total, s.hits, total ? 100.0 * double(s.hits) / double(total) : 0.0, s.misses, format_bytes(double(s.bytes_read)),
                      s.reads, format_bytes(seconds > 0 ? double(s.bytes_read) / seconds : 0.0), s.wait_seconds, s.cached_experts,
                      format_bytes(double(s.cached_bytes)));
+}
+
+std::string expert_tiers_report(ExpertStore& top, double seconds) {
+  std::string out;
+  for (ExpertStore* tier = &top; tier; tier = tier->lower_tier()) {
+    if (!out.empty()) out += "\n";
+    if (top.lower_tier()) out += fmt::format("[{}] ", tier->tier_name());
+    out += expert_report(tier->stats(), seconds);
+  }
+  return out;
 }
 
 int report_error(const char* command, const Status& status) {

@@ -16,6 +16,9 @@ namespace moeflux::cli {
 
 struct ModelFlags {
   std::string pack_dir;
+  std::string device = "cpu";      // cpu | cuda
+  int gpu = 0;
+  std::string gpu_cache = "auto";  // bytes, or auto (free device memory less a headroom)
   int n_threads = 0;
   std::string expert_cache = "0";  // bytes, with an optional K/M/G/T suffix (powers of 1024)
   std::string io = "direct";       // direct | page-cache
@@ -31,8 +34,10 @@ struct ModelFlags {
 Result<uint64_t> parse_bytes(const std::string& text);
 Result<std::vector<int32_t>> parse_token_list(const std::string& text);
 
-// One line per counter of the expert store, for stderr.
+// One line of the expert store's counters, for stderr.
 std::string expert_report(const ExpertStoreStats& stats, double seconds);
+// One such line per tier, top (GPU) first, each prefixed with its tier's name.
+std::string expert_tiers_report(ExpertStore& top, double seconds);
 
 // Prints "moeflux <command>: <status>" to stderr and returns the exit code for it.
 int report_error(const char* command, const Status& status);

@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -367,6 +368,53 @@ bool cuda_memory_info(int device, uint64_t* free_bytes, uint64_t* total_bytes) {
   return ok;
 }
 
+bool measure_cuda_link_rates(int device, CudaLinkRates* rates) {
+  constexpr size_t copy_bytes = size_t(512) << 20, h2d_bytes = size_t(256) << 20;
+  constexpr int repeats = 7;
+  int current = 0;
+  if (cudaGetDevice(&current) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  void *a = nullptr, *b = nullptr, *host = nullptr;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  bool ok = cudaMalloc(&a, copy_bytes) == cudaSuccess && cudaMalloc(&b, copy_bytes) == cudaSuccess &&
+            cudaHostAlloc(&host, h2d_bytes, cudaHostAllocDefault) == cudaSuccess && cudaStreamCreate(&stream) == cudaSuccess &&
+            cudaEventCreate(&start) == cudaSuccess && cudaEventCreate(&stop) == cudaSuccess;
+  auto median_seconds = [&](auto&& copy) {
+    std::vector<float> ms;
+    copy();  // warm-up
+    for (int i = 0; i < repeats && ok; ++i) {
+      float t = 0;
+      ok = cudaEventRecord(start, stream) == cudaSuccess && (copy(), true) && cudaEventRecord(stop, stream) == cudaSuccess &&
+           cudaEventSynchronize(stop) == cudaSuccess && cudaEventElapsedTime(&t, start, stop) == cudaSuccess;
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms.empty() ? 0.0 : double(ms[ms.size() / 2]) * 1e-3;
+  };
+  if (ok) {
+    std::memset(host, 1, h2d_bytes);
+    const double d2d = median_seconds([&] { cudaMemcpyAsync(b, a, copy_bytes, cudaMemcpyDeviceToDevice, stream); });
+    const double h2d = median_seconds([&] { cudaMemcpyAsync(a, host, h2d_bytes, cudaMemcpyHostToDevice, stream); });
+    ok = ok && d2d > 0 && h2d > 0;
+    if (ok) {
+      rates->device_copy = 2.0 * double(copy_bytes) / d2d;
+      rates->host_to_device = double(h2d_bytes) / h2d;
+    }
+  }
+  if (!ok) cudaGetLastError();
+  if (start) cudaEventDestroy(start);
+  if (stop) cudaEventDestroy(stop);
+  if (stream) cudaStreamDestroy(stream);
+  if (host) cudaFreeHost(host);
+  if (a) cudaFree(a);
+  if (b) cudaFree(b);
+  cudaSetDevice(current);
+  return ok;
+}
+
 }  // namespace moeflux
 
 #else  // no CUDA in this build
@@ -378,6 +426,7 @@ Result<std::unique_ptr<ExpertStore>> make_gpu_expert_cache(Backend&, std::unique
 }
 std::shared_ptr<HostAllocator> make_pinned_host_allocator() { return nullptr; }
 bool cuda_memory_info(int, uint64_t*, uint64_t*) { return false; }
+bool measure_cuda_link_rates(int, CudaLinkRates*) { return false; }
 
 }  // namespace moeflux
 

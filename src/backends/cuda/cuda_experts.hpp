@@ -41,4 +41,14 @@ std::shared_ptr<HostAllocator> make_pinned_host_allocator();
 // Free and total memory of a CUDA device; false without CUDA or without that device.
 bool cuda_memory_info(int device, uint64_t* free_bytes, uint64_t* total_bytes);
 
+// Measured rates of a CUDA device's links, bytes per second (medians of several timed copies):
+// device_copy counts the bytes read plus written by a 512 MiB device-to-device copy (the rate a kernel
+// that streams its operands can approach); host_to_device copies 256 MiB from pinned host memory.
+struct CudaLinkRates {
+  double device_copy = 0;
+  double host_to_device = 0;
+};
+// Needs ~1.3 GiB of free device memory and 256 MiB of pinned host memory; false when it cannot run.
+bool measure_cuda_link_rates(int device, CudaLinkRates* rates);
+
 }  // namespace moeflux

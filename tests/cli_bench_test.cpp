@@ -1,0 +1,83 @@
+// `moeflux bench` end to end on a fixture pack: the JSON report a user scripts against (cold then warm
+// runs, every expert tier's counters, the measured rates and the bound), and --device errors.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "backends/backend.hpp"
+#include "test_checkpoint.hpp"
+
+namespace moeflux {
+namespace {
+
+namespace fs = std::filesystem;
+
+class CliBench : public testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::TempDir() + "moeflux_cli_bench_" + std::to_string(::getpid());
+    fs::create_directories(dir_);
+    const std::string fixture = std::string(MOEFLUX_FIXTURE_DIR) + "/parity/untied_sparse_step";
+    const auto r = test::run_cli("convert '" + fixture + "' '" + dir_ + "/pack' --quant q4 --force --quiet", dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  nlohmann::json bench(const std::string& flags) {
+    const auto r = test::run_cli("bench --model '" + dir_ + "/pack' --threads 2 --json " + flags, dir_);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return nlohmann::json::parse(r.out);
+  }
+
+  std::string dir_;
+};
+
+TEST_F(CliBench, ReportsColdAndWarmRunsWithTierCountersAndTheBound) {
+  // A host cache larger than every expert: the first run reads them all, the second reads none.
+  const auto j = bench("--prompt-tokens 12 --gen-tokens 5 --expert-cache 1G --io page-cache");
+  EXPECT_EQ(j["device"], "cpu");
+  ASSERT_EQ(j["runs"].size(), 2u);
+  EXPECT_EQ(j["runs"][0]["caches"], "cold");
+  EXPECT_EQ(j["runs"][1]["caches"], "warm");
+  EXPECT_GT(j["rates_bytes_per_s"]["storage"].get<double>(), 0.0);
+  const int64_t uses_per_token = j["n_expert_used"].get<int64_t>() * j["n_moe_layers"].get<int64_t>();
+  for (const auto& run : j["runs"]) {
+    EXPECT_EQ(run["prefill"]["tokens"], 12);
+    const auto& decode = run["decode"];
+    EXPECT_EQ(decode["tokens"], 5);
+    ASSERT_EQ(decode["tiers"].size(), 1u);  // the CPU has the host tier only
+    const auto& host = decode["tiers"][0];
+    EXPECT_EQ(host["tier"], "host");
+    // Every decode token acquires K experts in every MoE layer, each a hit or a miss.
+    EXPECT_EQ(host["hits"].get<int64_t>() + host["misses"].get<int64_t>(), 5 * uses_per_token);
+    EXPECT_EQ(host["bytes_moved"].get<uint64_t>(), host["transfers"].get<uint64_t>() * j["expert_bytes"].get<uint64_t>());
+  }
+  const auto& warm = j["runs"][1]["decode"];
+  EXPECT_EQ(warm["tiers"][0]["misses"], 0);
+  EXPECT_EQ(warm["tiers"][0]["bytes_moved"], 0);
+  // Warm, nothing is read: no storage part in the bound (the CPU has no measured compute part).
+  EXPECT_EQ(warm["bound"]["storage_seconds"].get<double>(), 0.0);
+  const auto& cold = j["runs"][0]["prefill"]["tiers"][0];
+  EXPECT_GT(cold["misses"].get<int64_t>(), 0);
+}
+
+TEST_F(CliBench, BadArgumentsAreClearErrors) {
+  auto r = test::run_cli("bench --model '" + dir_ + "/pack' --gen-tokens 0", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--gen-tokens 0"), std::string::npos) << r.err;
+  r = test::run_cli("bench --model '" + dir_ + "/pack' --device tpu", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  r = test::run_cli("bench --model '" + dir_ + "/pack' --gpu-cache 4G", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--device cuda"), std::string::npos) << r.err;
+  if (cuda_device_count() == 0) {
+    r = test::run_cli("bench --model '" + dir_ + "/pack' --device cuda", dir_);
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("device cuda"), std::string::npos) << r.err;
+  }
+}
+
+}  // namespace
+}  // namespace moeflux
