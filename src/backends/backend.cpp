@@ -2,6 +2,7 @@
 #include "backends/backend.hpp"
 
 #include <cstring>
+#include <vector>
 
 namespace moeflux {
 
@@ -11,6 +12,45 @@ void Backend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
 
 void Backend::copy_from_host(void* dst, const void* host_src, size_t bytes) {
   if (bytes) std::memcpy(dst, host_src, bytes);
+}
+
+void Backend::router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
+                                         float* weights) {
+  router_softmax_topk(logits, n_tokens, n_expert, k, normalize, ids, weights);  // host memory is this backend's memory
+}
+
+void Backend::router_sigmoid_grouped_topk_device(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert,
+                                                 int64_t n_group, int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids,
+                                                 float* weights) {
+  router_sigmoid_grouped_topk(logits, bias, n_tokens, n_expert, n_group, topk_group, k, normalize, scaling, ids, weights);
+}
+
+namespace {
+WeightView at_blob(const WeightView& offsets, const void* blob) {
+  const auto* base = static_cast<const uint8_t*>(blob);
+  WeightView v = offsets;
+  v.data = base + reinterpret_cast<uintptr_t>(offsets.data);
+  v.scales = offsets.scales ? base + reinterpret_cast<uintptr_t>(offsets.scales) : nullptr;
+  v.biases = offsets.biases ? base + reinterpret_cast<uintptr_t>(offsets.biases) : nullptr;
+  return v;
+}
+}  // namespace
+
+// Host-memory backends: the contract with this backend's own matmul and swiglu, expert by expert.
+void Backend::moe_decode(const ExpertLayout& layout, const void* const* table, const int32_t* ids, const float* weights, int64_t k,
+                         const float* x, float* h, float* part, float* y, bool accumulate) {
+  const int64_t I = layout.gate.rows, H = layout.down.rows;
+  for (int64_t j = 0; j < k; ++j) {
+    const void* blob = table[ids[j]];
+    float* hj = h + j * I;
+    std::vector<float> up(static_cast<size_t>(I));
+    const MatmulJob gate_up[] = {{at_blob(layout.gate, blob), x, hj, 1}, {at_blob(layout.up, blob), x, up.data(), 1}};
+    matmul_many(gate_up, 2);
+    swiglu(hj, up.data(), hj, I);
+    matmul(at_blob(layout.down, blob), hj, part + j * H, 1);
+  }
+  if (!accumulate) fill(y, 0.0f, H);
+  for (int64_t j = 0; j < k; ++j) axpy(y, part + j * H, weights[j], H);
 }
 
 }  // namespace moeflux

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "core/status.hpp"
 #include "quant/weight_format.hpp"
 
 namespace moeflux {
@@ -37,6 +38,12 @@ struct MatmulJob {
   const float* x = nullptr;
   float* y = nullptr;
   int64_t n_tokens = 0;
+};
+
+// Where the matrices of a routed SwiGLU expert sit inside its blob (Backend::moe_decode): views whose
+// data / scales / biases hold byte offsets from the blob's start instead of addresses.
+struct ExpertLayout {
+  WeightView gate, up, down;  // [I, H], [I, H], [H, I]
 };
 
 class Backend {
@@ -67,6 +74,16 @@ class Backend {
   // Waits for every op queued so far (a no-op for the synchronous CPU backends); profiling scopes call it
   // so a scope's wall time is its ops' time.
   virtual void synchronize() {}
+
+  // Graphs: the ops between begin_graph() and end_graph() are recorded instead of run, then run by
+  // end_graph() as one launch (a GPU replays a decode step at a fraction of the per-op launch cost;
+  // a graph recorded before with the same shape of work is updated rather than built anew). Nothing runs
+  // while recording, so a step that fails to record leaves every buffer as it was and may simply be run
+  // again without a graph. Between the two, ops must not need the host: copy_to_host is deferred to
+  // end_graph, copy_from_host and synchronize are refused. begin_graph returns false where there are no
+  // graphs (the CPU backends: ops run as usual). end_graph(false) drops what was recorded.
+  virtual bool begin_graph() { return false; }
+  virtual Status end_graph(bool run) { return Status::ok(); }
 
   // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
   virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;
@@ -109,6 +126,24 @@ class Backend {
   virtual void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert,
                                            int64_t n_group, int64_t topk_group, int64_t k, bool normalize, float scaling,
                                            int32_t* ids, float* weights) = 0;
+
+  // The routers above with ids and weights written to this backend's memory instead of the host's (a
+  // GPU decodes without a host round trip); bias, when given, is backend memory too. Same contracts.
+  virtual void router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize,
+                                          int32_t* ids, float* weights);
+  virtual void router_sigmoid_grouped_topk_device(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert,
+                                                  int64_t n_group, int64_t topk_group, int64_t k, bool normalize, float scaling,
+                                                  int32_t* ids, float* weights);
+
+  // One token's routed SwiGLU experts through a table of blobs, ids and weights as a router left them:
+  //   y = Σ_{j < k, in order} weights[j] · down_e(silu(gate_e · x) ⊙ (up_e · x)),  e = ids[j],
+  // expert e's blob at table[e] (its matrices where `layout` says). table [n_expert], ids [k], weights [k],
+  // x [H], h [k, I] and part [k, H] (scratch), y [H]: all backend memory. Every expert named by ids must
+  // be in the table. The result depends only on the blobs' bytes, never on where they sit.
+  // accumulate: y continues the sum (y += …, the same float additions in the same order as one call over
+  // every expert), so a token's experts may run in groups when not all fit in memory at once.
+  virtual void moe_decode(const ExpertLayout& layout, const void* const* table, const int32_t* ids, const float* weights, int64_t k,
+                          const float* x, float* h, float* part, float* y, bool accumulate = false);
 
   // out[i] = silu(gate[i]) · up[i].   n elements; out may alias gate or up.
   virtual void swiglu(const float* gate, const float* up, float* out, int64_t n) = 0;

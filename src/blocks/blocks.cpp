@@ -47,14 +47,70 @@ void swiglu_mlp(Backend& be, const WeightView& gate, const WeightView& up, const
   be.matmul(down, scratch.gate, y, n_tokens);
 }
 
+namespace {
+
+// The layout moe_decode reads: each expert matrix's parts as offsets into a blob.
+ExpertLayout expert_layout(const Pack& pack) {
+  ExpertLayout layout;
+  WeightView* views[] = {&layout.gate, &layout.up, &layout.down};
+  const auto& matrices = pack.manifest().expert_matrices;
+  const auto offset = [](uint64_t at) { return reinterpret_cast<const void*>(uintptr_t(at)); };
+  for (size_t i = 0; i < 3 && i < matrices.size(); ++i) {
+    const ExpertMatrix& m = matrices[i];
+    *views[i] = {m.format, m.rows, m.cols, offset(m.data.offset), m.scales.bytes ? offset(m.scales.offset) : nullptr,
+                 m.biases.bytes ? offset(m.biases.offset) : nullptr};
+  }
+  return layout;
+}
+
+Status device_routed_token(Backend& be, ExpertStore& store, const Pack& pack, int layer, const MoeShape& s, const float* x,
+                           MoeScratch& scratch, float* y) {
+  const int64_t k = s.n_expert_used;
+  if (s.sigmoid_grouped)
+    be.router_sigmoid_grouped_topk_device(scratch.router_logits, s.bias_backend, 1, s.n_expert, s.n_group, s.topk_group, k,
+                                          s.normalize_topk, s.scaling, scratch.device_ids, scratch.device_weights);
+  else
+    be.router_softmax_topk_device(scratch.router_logits, 1, s.n_expert, k, s.normalize_topk, scratch.device_ids, scratch.device_weights);
+  const ExpertLayout layout = expert_layout(pack);
+  const void* const* table = store.expert_table(layer);
+  if (store.holds_layer(layer)) {
+    store.record_held_uses(layer, int(k));
+    be.moe_decode(layout, table, scratch.device_ids, scratch.device_weights, k, x, scratch.mlp.gate, scratch.y_rows, y);
+    return Status::ok();
+  }
+  // Some experts may be missing: the ids come to the host, the store brings what it lacks — in groups of
+  // what it can hold at once, each group's sum continuing the last (the same additions in the same order).
+  scratch.ids.resize(size_t(k));
+  be.copy_to_host(scratch.ids.data(), scratch.device_ids, size_t(k) * sizeof(int32_t));
+  for (int32_t e : scratch.ids)
+    if (e < 0 || e >= s.n_expert) return make_error(ErrorCode::internal, "router chose expert {} of {}", e, s.n_expert);
+  const int64_t group = std::max(1, store.max_acquire());
+  std::vector<const void*> blobs(static_cast<size_t>(k));
+  for (int64_t j0 = 0; j0 < k; j0 += group) {
+    const int n = int(std::min(group, k - j0));
+    MF_TRY(store.acquire(layer, scratch.ids.data() + j0, n, blobs.data()));
+    be.moe_decode(layout, table, scratch.device_ids + j0, scratch.device_weights + j0, n, x, scratch.mlp.gate, scratch.y_rows, y, j0 > 0);
+    store.release(layer, scratch.ids.data() + j0, n);
+  }
+  return Status::ok();
+}
+
+}  // namespace
+
 Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
                   const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y) {
   const int64_t k = s.n_expert_used;
   be.matmul(router, x, scratch.router_logits, n_tokens);
+  if (n_tokens == 1 && store.expert_table(layer) && scratch.device_ids)
+    return device_routed_token(be, store, pack, layer, s, x, scratch, y);
   scratch.ids.resize(size_t(n_tokens * k));
   scratch.weights.resize(size_t(n_tokens * k));
-  be.router_softmax_topk(scratch.router_logits, n_tokens, s.n_expert, k, s.normalize_topk, scratch.ids.data(),
-                         scratch.weights.data());
+  if (s.sigmoid_grouped)
+    be.router_sigmoid_grouped_topk(scratch.router_logits, s.bias_host, n_tokens, s.n_expert, s.n_group, s.topk_group, k,
+                                   s.normalize_topk, s.scaling, scratch.ids.data(), scratch.weights.data());
+  else
+    be.router_softmax_topk(scratch.router_logits, n_tokens, s.n_expert, k, s.normalize_topk, scratch.ids.data(),
+                           scratch.weights.data());
   return run_routed_experts(be, store, pack, layer, s, x, n_tokens, scratch, y);
 }
 

@@ -63,18 +63,32 @@ struct MoeScratch {
   float* x_rows = nullptr;         // [max_rows, H] the tokens routed to each expert, gathered
   float* y_rows = nullptr;         // [max_rows, H] each expert's down output
   MlpScratch mlp;                  // [max_rows, I] each: gate (then swiglu), up
+  // The device-routed decode (a store with an expert table, one token): the router's choice in backend
+  // memory; mlp.gate and y_rows serve as moe_decode's h and part.
+  int32_t* device_ids = nullptr;   // [k]
+  float* device_weights = nullptr; // [k]
 };
 
 struct MoeShape {
   int64_t n_expert = 0, n_expert_used = 0, hidden = 0;
   bool normalize_topk = true;
+  // DeepSeek-V3's router (Backend::router_sigmoid_grouped_topk) instead of softmax top-k.
+  bool sigmoid_grouped = false;
+  int64_t n_group = 1, topk_group = 1;
+  float scaling = 1.0f;
+  const float* bias_host = nullptr;    // [E] host memory
+  const float* bias_backend = nullptr; // [E] backend memory
 };
 
-// Routed experts: router softmax → top-k (→ renormalize), then for each touched expert in ascending id,
+// Routed experts: the router (softmax → top-k → renormalize, or the grouped sigmoid router), then for
+// each touched expert in ascending id,
 // its SwiGLU on the tokens routed to it (each expert fetched once per call; the experts of a group run
 // in one matmul_many per projection), accumulated into
 // y [T, H] (overwritten) weighted by the router probability. Expert matrices are the pack's
 // expert_matrices in order gate_proj, up_proj, down_proj.
+// One token with a store that keeps an expert table (the GPU cache) is device-routed instead: router and
+// experts run on the backend (Backend::moe_decode, experts summed in router order) and the host learns
+// the ids only when the store lacks some of the layer's experts and must acquire them.
 Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
                   const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y);
 

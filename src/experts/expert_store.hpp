@@ -120,6 +120,18 @@ class ExpertStore {
   virtual void reset_stats() = 0;
   virtual const ExpertStoreOptions& options() const = 0;
 
+  // Kernels that choose experts on the device (Backend::moe_decode) read blobs through a table: [n_expert]
+  // addresses of `layer`'s experts in the backend's memory, null where an expert is not held. The table
+  // is current after acquire() (the experts acquired are in it) and, while holds_layer(layer), always.
+  // Null for a store that keeps no such table (the host store: its blobs are found by acquire alone).
+  virtual const void* const* expert_table(int layer) { return nullptr; }
+  // Whether every expert of `layer` is held now, so a device-routed token needs no acquire (and no host
+  // round trip to learn its ids); record_held_uses then counts its n uses as hits.
+  virtual bool holds_layer(int layer) { return false; }
+  // holds_layer for every layer with experts: a one-token step needs nothing from the host.
+  virtual bool holds_everything() { return false; }
+  virtual void record_held_uses(int layer, int n) {}
+
   // Tiers: a store may sit on another and fetch its misses from it (the GPU cache on the host store).
   // tier_name() names this one ("host", "gpu"); lower_tier() is the one below, or null.
   virtual const char* tier_name() const { return "host"; }

@@ -373,7 +373,8 @@ struct LayerWeights {
   MlaWeights attn;
   bool moe = false;
   WeightView router;
-  const float* router_bias = nullptr;  // [E] e_score_correction_bias
+  const float* router_bias = nullptr;          // [E] e_score_correction_bias, host memory
+  const float* router_bias_backend = nullptr;  // the same in the backend's memory
   WeightView shared_gate, shared_up, shared_down;
   WeightView gate, up, down;
 };
@@ -455,6 +456,7 @@ class DeepseekV3Graph final : public ModelGraph {
       if (w.moe) {
         MF_ASSIGN_OR_RETURN(w.router, pack_.resident(layer_name(l, "mlp.gate.weight"), {p_.n_expert, H}));
         MF_ASSIGN_OR_RETURN(w.router_bias, pack_.resident_f32_host(layer_name(l, "mlp.gate.e_score_correction_bias"), p_.n_expert));
+        MF_ASSIGN_OR_RETURN(w.router_bias_backend, pack_.resident_f32(layer_name(l, "mlp.gate.e_score_correction_bias"), p_.n_expert));
         if (p_.n_shared > 0) {
           const int64_t I = p_.moe_intermediate * p_.n_shared;
           MF_ASSIGN_OR_RETURN(w.shared_gate, pack_.resident(layer_name(l, "mlp.shared_experts.gate_proj.weight"), {I, H}));
@@ -501,13 +503,7 @@ class DeepseekV3Graph final : public ModelGraph {
     s->o_lat_h = s->alloc(nH * C * p_.kv_lora_rank);
     s->o_v_h = s->alloc(nH * C * p_.v_dim);
     if (p_.n_expert > 0) {
-      s->moe.router_logits = s->alloc(T * p_.n_expert);
-      const int64_t rows = T * p_.n_expert_used;
-      s->moe.max_rows = rows;
-      s->moe.x_rows = s->alloc(rows * H);
-      s->moe.y_rows = s->alloc(rows * H);
-      s->moe.mlp.gate = s->alloc(rows * p_.moe_intermediate);
-      s->moe.mlp.up = s->alloc(rows * p_.moe_intermediate);
+      alloc_moe_scratch(*s, s->moe, T, p_.n_expert, p_.n_expert_used, H, p_.moe_intermediate);
       if (p_.n_shared > 0) {
         s->shared.gate = s->alloc(T * p_.moe_intermediate * p_.n_shared);
         s->shared.up = s->alloc(T * p_.moe_intermediate * p_.n_shared);
@@ -533,7 +529,11 @@ class DeepseekV3Graph final : public ModelGraph {
     const float eps = float(p_.rms_norm_eps);
     s.positions.resize(size_t(n_tokens));
     for (int64_t t = 0; t < n_tokens; ++t) s.positions[size_t(t)] = int32_t(n_past + t);
-    const MoeShape moe_shape{p_.n_expert, p_.n_expert_used, H, p_.norm_topk_prob};
+    MoeShape moe_shape{p_.n_expert, p_.n_expert_used, H, p_.norm_topk_prob};
+    moe_shape.sigmoid_grouped = true;
+    moe_shape.n_group = p_.n_group;
+    moe_shape.topk_group = p_.topk_group;
+    moe_shape.scaling = float(p_.routed_scaling);
 
     be_.embed_rows(embed_, tokens, n_tokens, s.x);
     const auto& buffers = state.buffers();
@@ -549,13 +549,10 @@ class DeepseekV3Graph final : public ModelGraph {
       if (w.moe) {
         {
           ProfileScope scope(profile, ForwardProfile::routed_experts);
-          be_.matmul(w.router, s.h, s.moe.router_logits, n_tokens);
-          s.moe.ids.resize(size_t(n_tokens * p_.n_expert_used));
-          s.moe.weights.resize(s.moe.ids.size());
-          be_.router_sigmoid_grouped_topk(s.moe.router_logits, w.router_bias, n_tokens, p_.n_expert, p_.n_group, p_.topk_group,
-                                          p_.n_expert_used, p_.norm_topk_prob, float(p_.routed_scaling), s.moe.ids.data(),
-                                          s.moe.weights.data());
-          MF_TRY(run_routed_experts(be_, store_, pack_, int(l), moe_shape, s.h, n_tokens, s.moe, s.y));
+          MoeShape shape = moe_shape;
+          shape.bias_host = w.router_bias;
+          shape.bias_backend = w.router_bias_backend;
+          MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, shape, s.h, n_tokens, s.moe, s.y));
         }
         if (p_.n_shared > 0) {
           ProfileScope scope(profile, ForwardProfile::shared_expert);

@@ -33,6 +33,20 @@ Result<const void*> upload_derived(Backend& be, const void* host, size_t bytes, 
   return p;
 }
 
+void alloc_moe_scratch(ScratchArena& arena, MoeScratch& scratch, int64_t max_tokens, int64_t n_expert, int64_t n_expert_used,
+                       int64_t hidden, int64_t intermediate) {
+  scratch.router_logits = arena.alloc(max_tokens * n_expert);
+  const int64_t rows = max_tokens * n_expert_used;
+  scratch.max_rows = rows;
+  scratch.x_rows = arena.alloc(rows * hidden);
+  scratch.y_rows = arena.alloc(rows * hidden);
+  scratch.mlp.gate = arena.alloc(rows * intermediate);
+  scratch.mlp.up = arena.alloc(rows * intermediate);
+  static_assert(sizeof(int32_t) == sizeof(float));
+  scratch.device_ids = reinterpret_cast<int32_t*>(arena.alloc(n_expert_used));
+  scratch.device_weights = arena.alloc(n_expert_used);
+}
+
 ExpertDecls swiglu_expert_decls(int64_t n_expert, const std::vector<bool>& layer_is_moe, int64_t intermediate, int64_t hidden) {
   ExpertDecls d;
   d.n_expert = n_expert;

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "blocks/blocks.hpp"
 #include "core/status.hpp"
 #include "models/model_family.hpp"
 #include "quant/weight_format.hpp"
@@ -38,6 +39,11 @@ struct ScratchArena : ForwardState::Scratch {
 // backend's ops: the host array itself for a host-memory backend, else a device copy. `what` names the
 // tensor in the out-of-memory error.
 Result<const void*> upload_derived(Backend& be, const void* host, size_t bytes, const std::string& what);
+
+// A MoE scratch (blocks.hpp) for batches of up to max_tokens tokens: every routed row of a batch at once,
+// and the device-routed decode's ids and weights.
+void alloc_moe_scratch(ScratchArena& arena, MoeScratch& scratch, int64_t max_tokens, int64_t n_expert, int64_t n_expert_used,
+                       int64_t hidden, int64_t intermediate);
 
 // Routed SwiGLU experts (gate_proj, up_proj, down_proj) in every MoE layer, named
 // model.layers.{layer}.mlp.experts.*.

@@ -252,14 +252,7 @@ class Qwen3MoeGraph final : public ModelGraph {
     s->attn.q = s->alloc(size_t(T * q_dim));
     s->attn.out = s->alloc(size_t(T * q_dim));
     if (p_.n_expert > 0) {
-      s->moe.router_logits = s->alloc(size_t(T * p_.n_expert));
-      // Every routed (token, expert) row of a batch, so all its experts run in one launch per projection.
-      const int64_t rows = T * p_.n_expert_used;
-      s->moe.max_rows = rows;
-      s->moe.x_rows = s->alloc(size_t(rows * H));
-      s->moe.y_rows = s->alloc(size_t(rows * H));
-      s->moe.mlp.gate = s->alloc(size_t(rows * p_.moe_intermediate));
-      s->moe.mlp.up = s->alloc(size_t(rows * p_.moe_intermediate));
+      alloc_moe_scratch(*s, s->moe, T, p_.n_expert, p_.n_expert_used, H, p_.moe_intermediate);
     }
     const bool any_dense = std::find(p_.layer_is_moe.begin(), p_.layer_is_moe.end(), false) != p_.layer_is_moe.end();
     if (any_dense) {

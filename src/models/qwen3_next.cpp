@@ -457,13 +457,7 @@ class Qwen3NextGraph final : public ModelGraph {
     s->beta = s->alloc(T * nv);
     s->core = s->alloc(T * Vd);
     if (p_.n_expert > 0) {
-      s->moe.router_logits = s->alloc(T * p_.n_expert);
-      const int64_t rows = T * p_.n_expert_used;
-      s->moe.max_rows = rows;
-      s->moe.x_rows = s->alloc(rows * H);
-      s->moe.y_rows = s->alloc(rows * H);
-      s->moe.mlp.gate = s->alloc(rows * p_.moe_intermediate);
-      s->moe.mlp.up = s->alloc(rows * p_.moe_intermediate);
+      alloc_moe_scratch(*s, s->moe, T, p_.n_expert, p_.n_expert_used, H, p_.moe_intermediate);
       if (p_.shared_intermediate > 0) {
         s->shared.gate = s->alloc(T * p_.shared_intermediate);
         s->shared.up = s->alloc(T * p_.shared_intermediate);

@@ -1,5 +1,7 @@
 #include "runtime/model.hpp"
 
+#include <algorithm>
+
 #include "backends/backend.hpp"
 #include "format/pack.hpp"
 #include "models/model_family.hpp"
@@ -44,7 +46,10 @@ Status Model::open_cuda(const ModelOptions& options) {
   ExpertStoreOptions host_options = options.experts;
   if (!host_options.allocator) host_options.allocator = make_pinned_host_allocator();
   MF_ASSIGN_OR_RETURN(auto host, ExpertStore::open(*pack_, host_options));
-  MF_ASSIGN_OR_RETURN(experts_, make_gpu_expert_cache(*backend_, std::move(host), pack_->manifest().expert_bytes, options.gpu_cache));
+  const Manifest& m = pack_->manifest();
+  std::vector<int> layers;
+  for (const ExpertLayerFile& l : m.expert_layers) layers.push_back(l.layer);
+  MF_ASSIGN_OR_RETURN(experts_, make_gpu_expert_cache(*backend_, std::move(host), m.expert_bytes, m.n_expert, layers, options.gpu_cache));
   return Status::ok();
 }
 

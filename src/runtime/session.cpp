@@ -101,7 +101,7 @@ Status Session::eval(std::span<const int32_t> tokens, float* all_logits, bool sn
     const int64_t count = std::min(batch, n - first);
     const bool last = first + count == n;
     float* out = all_logits ? all_logits + first * n_vocab() : (last ? logits_.data() : nullptr);
-    const Status s = model_.graph().forward(*state_, tokens.data() + first, count, n_past_, out, all_logits != nullptr);
+    Status s = forward_batch(tokens.data() + first, count, out, all_logits != nullptr);
     if (!s.is_ok()) {
       // The KV rows of a failed batch are garbage: the session stays at the last good position. A
       // recurrent state has already moved on, though: only a snapshot (or 0) can restore it.
@@ -124,6 +124,20 @@ Status Session::eval(std::span<const int32_t> tokens, float* all_logits, bool sn
   // lands on an earlier snapshot and evaluates more again, so a failed snapshot is not the eval's error.
   if (snapshot_at_end) (void)checkpoint();
   return Status::ok();
+}
+
+Status Session::forward_batch(const int32_t* tokens, int64_t count, float* logits, bool logits_all) {
+  ModelGraph& graph = model_.graph();
+  Backend& backend = model_.backend();
+  // A one-token step with every expert on the device and no profiling needs nothing from the host: it
+  // runs as a recorded graph. A step that fails to record changed nothing and runs again, op by op.
+  if (count == 1 && options_.graphs && !graph.profile.enabled && model_.experts().holds_everything() && backend.begin_graph()) {
+    const Status s = graph.forward(*state_, tokens, count, n_past_, logits, logits_all);
+    const Status g = backend.end_graph(s.is_ok());
+    if (!s.is_ok()) return s;
+    if (g.is_ok()) return Status::ok();
+  }
+  return graph.forward(*state_, tokens, count, n_past_, logits, logits_all);
 }
 
 bool Session::has_recurrent_state() const {

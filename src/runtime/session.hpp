@@ -31,6 +31,10 @@ struct SessionOptions {
   // Snapshots kept (the oldest is dropped first): the last two prompt ends by default. Each holds the model's recurrent state — 195 MB at
   // Qwen3.5-397B, 74 MB at Qwen3-Next-80B, none for attention-only models — plus one row of logits.
   int max_snapshots = 2;
+  // One-token steps recorded and replayed as one GPU graph (Backend::begin_graph) when the expert store
+  // holds every expert on the device, so nothing in the step needs the host: far fewer launches per
+  // token. Off: every op launched on its own (for comparison).
+  bool graphs = true;
 };
 
 class Session {
@@ -78,6 +82,7 @@ class Session {
  private:
   explicit Session(Model& model);
   Status eval(std::span<const int32_t> tokens, float* all_logits, bool snapshot_at_end);
+  Status forward_batch(const int32_t* tokens, int64_t count, float* logits, bool logits_all);
   bool has_recurrent_state() const;
 
   struct Snapshot {

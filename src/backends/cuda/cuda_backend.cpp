@@ -24,6 +24,7 @@
 #include "backends/cuda/delta_net.cuh"
 #include "backends/cuda/elementwise.cuh"
 #include "backends/cuda/matmul.cuh"
+#include "backends/cuda/moe.cuh"
 #include "backends/cuda/norm_rope.cuh"
 #include "core/status.hpp"
 
@@ -37,6 +38,10 @@ class CudaBackend final : public Backend {
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
     if (scratch_) cudaFree(scratch_);
+    if (ring_host_) cudaFreeHost(ring_host_);
+    if (ring_device_) cudaFree(ring_device_);
+    if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
+    if (graph_out_) cudaFreeHost(graph_out_);
     for (void* p : weights_) cudaFree(p);
     cudaStreamDestroy(stream_);
   }
@@ -65,20 +70,93 @@ class CudaBackend final : public Backend {
   void copy_to_host(void* host_dst, const void* src, size_t bytes) override {
     if (!bytes) return;
     bind();
+    if (recording_) {
+      // Into pinned memory by the graph, then to host_dst once it has run.
+      if (graph_out_at_ + bytes > graph_out_bytes_) {
+        MF_CHECK_MSG(graph_out_at_ == 0, "copy_to_host of {} more bytes while a graph records", bytes);
+        if (graph_out_) MF_CUDA_CHECK(cudaFreeHost(graph_out_));
+        graph_out_bytes_ = std::max(bytes, size_t(1) << 20);
+        MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&graph_out_), graph_out_bytes_, cudaHostAllocDefault));
+      }
+      MF_CUDA_CHECK(cudaMemcpyAsync(graph_out_ + graph_out_at_, src, bytes, cudaMemcpyDeviceToHost, stream_));
+      deferred_.push_back({host_dst, graph_out_at_, bytes});
+      graph_out_at_ += (bytes + 15) / 16 * 16;
+      return;
+    }
     MF_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   void copy_from_host(void* dst, const void* host_src, size_t bytes) override {
     if (!bytes) return;
+    MF_CHECK_MSG(!recording_, "copy_from_host while a graph records");
     bind();
     MF_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   void synchronize() override {
+    MF_CHECK_MSG(!recording_, "synchronize while a graph records");
     bind();
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  bool begin_graph() override {
+    MF_CHECK_MSG(!recording_, "begin_graph while a graph records");
+    bind();
+    ensure_ring();
+    // Room for a whole step's stagings without wrapping (a one-token step stages a few KiB).
+    if (ring_at_ > ring_bytes / 2) {
+      MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      ring_at_ = 0;
+    }
+    if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    recording_ = true;
+    graph_out_at_ = 0;
+    deferred_.clear();
+    return true;
+  }
+
+  Status end_graph(bool run) override {
+    MF_CHECK_MSG(recording_, "end_graph without begin_graph");
+    bind();
+    recording_ = false;
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    if (ended != cudaSuccess || !graph) {
+      cudaGetLastError();
+      if (graph) cudaGraphDestroy(graph);
+      return make_error(ErrorCode::internal, "recording the step as a CUDA graph failed: {}", cudaGetErrorString(ended));
+    }
+    if (!run) {
+      cudaGraphDestroy(graph);
+      return Status::ok();
+    }
+    // The same kernels with other arguments (a new position, another context length) update the last
+    // graph in place; anything else builds it anew.
+    if (graph_exec_) {
+      cudaGraphExecUpdateResultInfo info{};
+      if (cudaGraphExecUpdate(graph_exec_, graph, &info) != cudaSuccess) {
+        cudaGetLastError();
+        cudaGraphExecDestroy(graph_exec_);
+        graph_exec_ = nullptr;
+      }
+    }
+    if (!graph_exec_ && cudaGraphInstantiate(&graph_exec_, graph, 0) != cudaSuccess) {
+      cudaGetLastError();
+      graph_exec_ = nullptr;
+      cudaGraphDestroy(graph);
+      return make_error(ErrorCode::internal, "instantiating the step's CUDA graph failed");
+    }
+    cudaGraphDestroy(graph);
+    MF_CUDA_CHECK(cudaGraphLaunch(graph_exec_, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (const DeferredCopy& c : deferred_) std::memcpy(c.host_dst, graph_out_ + c.at, c.bytes);
+    deferred_.clear();
+    return Status::ok();
   }
 
   float* alloc_activations(size_t n_floats) override {
@@ -153,6 +231,26 @@ class CudaBackend final : public Backend {
                                     weights + t * k);
   }
 
+  void router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
+                                  float* weights) override {
+    bind();
+    cuda::router_softmax_topk(logits, n_tokens, n_expert, k, normalize, ids, weights, stream_);
+  }
+
+  void router_sigmoid_grouped_topk_device(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert, int64_t n_group,
+                                          int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids,
+                                          float* weights) override {
+    MF_CHECK(k > 0 && k <= n_expert && n_group > 0 && n_expert % n_group == 0 && topk_group > 0 && topk_group <= n_group);
+    bind();
+    cuda::router_sigmoid_grouped_topk(logits, bias, n_tokens, n_expert, n_group, topk_group, k, normalize, scaling, ids, weights, stream_);
+  }
+
+  void moe_decode(const ExpertLayout& layout, const void* const* table, const int32_t* ids, const float* weights, int64_t k,
+                  const float* x, float* h, float* part, float* y, bool accumulate) override {
+    bind();
+    cuda::moe_decode(layout, table, ids, weights, k, x, h, part, y, accumulate, stream_);
+  }
+
   void swiglu(const float* gate, const float* up, float* out, int64_t n) override {
     bind();
     cuda::swiglu(gate, up, out, n, stream_);
@@ -215,27 +313,59 @@ class CudaBackend final : public Backend {
   // Every op runs on this backend's device (two backends on two GPUs may share a host thread).
   void bind() { MF_CUDA_CHECK(cudaSetDevice(device_)); }
 
-  // Copies small host arrays into the device scratch buffer, in stream order, and returns their device
-  // addresses (16-byte aligned). The copy is from pageable memory, so it has read the host arrays when it
-  // returns; a later op's staging waits for this op's kernels in the stream before overwriting.
+  // Copies small host arrays into device memory in stream order and returns their device addresses
+  // (16-byte aligned). They go through a ring of pinned host bytes with a device twin, so the host never
+  // waits for the queue; when the ring is full the queue is drained once and it starts over. While a
+  // graph records, the ring never wraps (begin_graph leaves room for a step), so what the recorded
+  // copies read stays in place until the graph has run.
   std::vector<void*> stage(std::initializer_list<HostPart> parts) {
     size_t total = 0;
     for (const HostPart& p : parts) total += (p.bytes + 15) / 16 * 16;
-    if (total > scratch_bytes_) {
+    if (total > ring_bytes / 4) {
+      MF_CHECK_MSG(!recording_, "a staging of {} bytes while a graph records", total);
+      return stage_pageable(parts, total);
+    }
+    ensure_ring();
+    if (ring_at_ + total > ring_bytes) {
+      MF_CHECK_MSG(!recording_, "the staging ring ran out while a graph records");
       MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      ring_at_ = 0;
+    }
+    char* host = ring_host_ + ring_at_;
+    char* device = static_cast<char*>(ring_device_) + ring_at_;
+    ring_at_ += total;
+    std::vector<void*> out;
+    size_t at = 0;
+    for (const HostPart& p : parts) {
+      if (p.bytes) std::memcpy(host + at, p.data, p.bytes);
+      out.push_back(device + at);
+      at += (p.bytes + 15) / 16 * 16;
+    }
+    if (total) MF_CUDA_CHECK(cudaMemcpyAsync(device, host, total, cudaMemcpyHostToDevice, stream_));
+    return out;
+  }
+
+  void ensure_ring() {
+    if (ring_host_) return;
+    MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&ring_host_), ring_bytes, cudaHostAllocDefault));
+    MF_CUDA_CHECK(cudaMalloc(&ring_device_, ring_bytes));
+  }
+
+  // Large stagings: from pageable memory into a growing device buffer, after the queue drains.
+  std::vector<void*> stage_pageable(std::initializer_list<HostPart> parts, size_t total) {
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (total > scratch_bytes_) {
       if (scratch_) MF_CUDA_CHECK(cudaFree(scratch_));
-      scratch_bytes_ = std::max<size_t>(total, 64 * 1024);
+      scratch_bytes_ = total;
       MF_CUDA_CHECK(cudaMalloc(&scratch_, scratch_bytes_));
     }
-    staging_.resize(total);
     std::vector<void*> device;
     size_t at = 0;
     for (const HostPart& p : parts) {
-      if (p.bytes) std::memcpy(staging_.data() + at, p.data, p.bytes);
+      if (p.bytes) MF_CUDA_CHECK(cudaMemcpy(static_cast<char*>(scratch_) + at, p.data, p.bytes, cudaMemcpyHostToDevice));
       device.push_back(static_cast<char*>(scratch_) + at);
       at += (p.bytes + 15) / 16 * 16;
     }
-    if (total) MF_CUDA_CHECK(cudaMemcpyAsync(scratch_, staging_.data(), total, cudaMemcpyHostToDevice, stream_));
     return device;
   }
 
@@ -248,11 +378,26 @@ class CudaBackend final : public Backend {
     return logits_host_.data();
   }
 
+  static constexpr size_t ring_bytes = size_t(8) << 20;
+
   int device_;
   cudaStream_t stream_;
-  void* scratch_ = nullptr;       // device bytes for staged host arrays
+  void* scratch_ = nullptr;       // device bytes for large staged host arrays
   size_t scratch_bytes_ = 0;
-  std::vector<char> staging_;     // host bytes of the last staging
+  char* ring_host_ = nullptr;     // [ring_bytes] pinned
+  void* ring_device_ = nullptr;   // [ring_bytes] device
+  size_t ring_at_ = 0;            // next free byte of the ring
+
+  // Graphs (begin_graph / end_graph).
+  struct DeferredCopy {
+    void* host_dst;
+    size_t at, bytes;  // in graph_out_
+  };
+  bool recording_ = false;
+  cudaGraphExec_t graph_exec_ = nullptr;
+  char* graph_out_ = nullptr;     // pinned: device results the recorded step copies out
+  size_t graph_out_bytes_ = 0, graph_out_at_ = 0;
+  std::vector<DeferredCopy> deferred_;
   std::vector<float> logits_host_;  // [T, n_expert] of the last router call
   std::vector<void*> weights_;      // upload_weights' device copies
 };

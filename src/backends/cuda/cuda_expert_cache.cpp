@@ -31,15 +31,22 @@ constexpr uint64_t slot_alignment = 256;
 
 class GpuExpertCache final : public ExpertStore {
  public:
-  GpuExpertCache(int device, cudaStream_t compute, std::unique_ptr<ExpertStore> host, uint64_t expert_bytes,
-                 const GpuExpertCacheOptions& options, std::unique_ptr<CachePolicy> policy)
-      : device_(device), compute_(compute), host_(std::move(host)), expert_bytes_(expert_bytes),
+  GpuExpertCache(int device, cudaStream_t compute, std::unique_ptr<ExpertStore> host, uint64_t expert_bytes, int64_t n_expert,
+                 std::vector<int> layers, const GpuExpertCacheOptions& options, std::unique_ptr<CachePolicy> policy)
+      : device_(device), compute_(compute), host_(std::move(host)), expert_bytes_(expert_bytes), n_expert_(n_expert),
+        layers_(std::move(layers)), n_layers_(layers_.empty() ? 0 : *std::max_element(layers_.begin(), layers_.end()) + 1),
         slot_bytes_(std::max<uint64_t>(1, (expert_bytes + slot_alignment - 1) / slot_alignment) * slot_alignment), options_(options), policy_(std::move(policy)) {
     max_slots_ = options_.budget_bytes ? options_.budget_bytes / slot_bytes_ : UINT64_MAX;
     bind();
     MF_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking));
     MF_CUDA_CHECK(cudaEventCreateWithFlags(&compute_done_, cudaEventDisableTiming));
     MF_CUDA_CHECK(cudaEventCreateWithFlags(&copied_, cudaEventDisableTiming));
+    const size_t entries = size_t(n_layers_) * size_t(n_expert_);
+    MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&table_), std::max<size_t>(entries, 1) * sizeof(void*)));
+    MF_CUDA_CHECK(cudaMemset(table_, 0, std::max<size_t>(entries, 1) * sizeof(void*)));
+    MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&mirror_), std::max<size_t>(entries, 1) * sizeof(void*), cudaHostAllocDefault));
+    std::fill(mirror_, mirror_ + entries, nullptr);
+    held_.assign(size_t(n_layers_), 0);
   }
 
   ~GpuExpertCache() override {
@@ -49,6 +56,8 @@ class GpuExpertCache final : public ExpertStore {
     for (const Slot& s : slots_)
       MF_CHECK_MSG(s.pins == 0, "GPU expert cache destroyed while layer {} expert {} is acquired", int(s.key >> 32), int(s.key & 0xffffffffu));
     for (void* c : chunks_) cudaFree(c);
+    cudaFree(table_);
+    cudaFreeHost(mirror_);
     cudaEventDestroy(compute_done_);
     cudaEventDestroy(copied_);
     cudaStreamDestroy(copy_);
@@ -77,6 +86,7 @@ class GpuExpertCache final : public ExpertStore {
       size_t s = 0;
       if (!take_slot(&s)) {
         unpin(layer, experts, i);
+        flush_table();
         return make_error(ErrorCode::out_of_memory,
                           "GPU expert cache: no free slot for layer {} expert {} ({} slots of {} bytes, all in use)", layer,
                           experts[i], slots_.size(), slot_bytes_);
@@ -86,6 +96,7 @@ class GpuExpertCache final : public ExpertStore {
       slot.pins = 1;
       slot.valid = true;
       index_[key] = s;
+      set_entry(key, slot.data);
       policy_->on_insert(key);
       ++stats_.misses;
       ++stats_.cached_experts;
@@ -100,11 +111,13 @@ class GpuExpertCache final : public ExpertStore {
         for (const Miss& m : misses_) drop(m.slot);
         unpin(layer, experts, n);
         misses_.clear();
+        flush_table();
         stats_.wait_seconds += timer.seconds();
         return s;
       }
       misses_.clear();
     }
+    flush_table();
     stats_.wait_seconds += timer.seconds();
     return Status::ok();
   }
@@ -145,6 +158,27 @@ class GpuExpertCache final : public ExpertStore {
     stats_.cached_bytes = bytes;
   }
 
+  const void* const* expert_table(int layer) override {
+    return layer >= 0 && layer < n_layers_ ? table_ + size_t(layer) * size_t(n_expert_) : nullptr;
+  }
+
+  bool holds_layer(int layer) override {
+    std::lock_guard lock(mutex_);
+    return layer >= 0 && layer < n_layers_ && held_[size_t(layer)] == n_expert_;
+  }
+
+  bool holds_everything() override {
+    std::lock_guard lock(mutex_);
+    for (int layer : layers_)
+      if (held_[size_t(layer)] != n_expert_) return false;
+    return true;
+  }
+
+  void record_held_uses(int layer, int n) override {
+    std::lock_guard lock(mutex_);
+    stats_.hits += uint64_t(n);
+  }
+
   const ExpertStoreOptions& options() const override { return host_->options(); }
   const char* tier_name() const override { return "gpu"; }
   ExpertStore* lower_tier() override { return host_.get(); }
@@ -167,6 +201,38 @@ class GpuExpertCache final : public ExpertStore {
     for (const Miss& m : misses_)
       if (m.slot == slot) return true;
     return false;
+  }
+
+  // The device table's entry for `key` becomes `blob` (in the host mirror; flush_table sends the rows).
+  // The first change of an acquire waits for the compute stream, so no queued copy of the mirror and no
+  // kernel reading the table or an evicted slot is still pending when the mirror changes.
+  void set_entry(uint64_t key, void* blob) {
+    const int layer = int(key >> 32);
+    const int64_t expert = int64_t(key & 0xffffffffu);
+    if (layer >= n_layers_ || expert >= n_expert_) return;
+    if (!table_dirty_) {
+      bind();
+      MF_CUDA_CHECK(cudaStreamSynchronize(compute_));
+      table_dirty_ = true;
+    }
+    void*& entry = mirror_[size_t(layer) * size_t(n_expert_) + size_t(expert)];
+    if ((entry != nullptr) != (blob != nullptr)) held_[size_t(layer)] += blob ? 1 : -1;
+    entry = blob;
+    dirty_layers_.push_back(layer);
+  }
+
+  // Sends the changed rows of the table, in stream order before the kernels that read them.
+  void flush_table() {
+    if (!table_dirty_) return;
+    std::sort(dirty_layers_.begin(), dirty_layers_.end());
+    dirty_layers_.erase(std::unique(dirty_layers_.begin(), dirty_layers_.end()), dirty_layers_.end());
+    bind();
+    for (int layer : dirty_layers_) {
+      const size_t at = size_t(layer) * size_t(n_expert_);
+      MF_CUDA_CHECK(cudaMemcpyAsync(table_ + at, mirror_ + at, size_t(n_expert_) * sizeof(void*), cudaMemcpyHostToDevice, compute_));
+    }
+    dirty_layers_.clear();
+    table_dirty_ = false;
   }
 
   // A slot for a new expert: a never-used one, a new chunk's, or the policy's victim among those unpinned.
@@ -193,6 +259,7 @@ class GpuExpertCache final : public ExpertStore {
     if (!slot.valid) return;
     policy_->on_erase(slot.key);
     index_.erase(slot.key);
+    set_entry(slot.key, nullptr);
     slot.valid = false;
     slot.pins = 0;
     --stats_.cached_experts;
@@ -265,7 +332,11 @@ class GpuExpertCache final : public ExpertStore {
   const int device_;
   const cudaStream_t compute_;
   const std::unique_ptr<ExpertStore> host_;
-  const uint64_t expert_bytes_, slot_bytes_;
+  const uint64_t expert_bytes_;
+  const int64_t n_expert_;
+  const std::vector<int> layers_;  // the layers with experts
+  const int n_layers_;             // highest expert layer + 1
+  const uint64_t slot_bytes_;
   const GpuExpertCacheOptions options_;
   const std::unique_ptr<CachePolicy> policy_;
   uint64_t max_slots_ = 0;
@@ -282,6 +353,11 @@ class GpuExpertCache final : public ExpertStore {
   std::vector<Miss> misses_;                     // of the acquire in progress
   std::vector<int32_t> miss_ids_;
   std::vector<const void*> host_blobs_;
+  void** table_ = nullptr;        // [n_layers, n_expert] device: each expert's slot or null
+  void** mirror_ = nullptr;       // the same, pinned host: what the table is being set to
+  std::vector<int64_t> held_;     // [n_layers] experts of the layer in the table
+  std::vector<int> dirty_layers_;  // rows of the mirror not yet sent
+  bool table_dirty_ = false;
 };
 
 // Fixed-size pinned blocks carved from slabs; other sizes go straight to cudaHostAlloc.
@@ -339,6 +415,7 @@ class PinnedAllocator final : public HostAllocator {
 }  // namespace
 
 Result<std::unique_ptr<ExpertStore>> make_gpu_expert_cache(Backend& backend, std::unique_ptr<ExpertStore> host, uint64_t expert_bytes,
+                                                           int64_t n_expert, const std::vector<int>& layers,
                                                            const GpuExpertCacheOptions& options) {
   int device = 0;
   cudaStream_t stream = nullptr;
@@ -348,7 +425,8 @@ Result<std::unique_ptr<ExpertStore>> make_gpu_expert_cache(Backend& backend, std
   if (options.budget_bytes != 0 && options.budget_bytes < slot)
     return make_error(ErrorCode::invalid_argument, "GPU expert cache of {} bytes holds no expert ({} bytes each)", options.budget_bytes, slot);
   MF_ASSIGN_OR_RETURN(auto policy, make_cache_policy(host->options().policy));
-  return std::unique_ptr<ExpertStore>(new GpuExpertCache(device, stream, std::move(host), expert_bytes, options, std::move(policy)));
+  return std::unique_ptr<ExpertStore>(
+      new GpuExpertCache(device, stream, std::move(host), expert_bytes, n_expert, layers, options, std::move(policy)));
 }
 
 std::shared_ptr<HostAllocator> make_pinned_host_allocator() { return std::make_shared<PinnedAllocator>(); }
@@ -421,7 +499,8 @@ bool measure_cuda_link_rates(int device, CudaLinkRates* rates) {
 
 namespace moeflux {
 
-Result<std::unique_ptr<ExpertStore>> make_gpu_expert_cache(Backend&, std::unique_ptr<ExpertStore>, uint64_t, const GpuExpertCacheOptions&) {
+Result<std::unique_ptr<ExpertStore>> make_gpu_expert_cache(Backend&, std::unique_ptr<ExpertStore>, uint64_t, int64_t, const std::vector<int>&,
+                                                           const GpuExpertCacheOptions&) {
   return make_error(ErrorCode::unsupported, "moeflux was built without CUDA: no GPU expert cache");
 }
 std::shared_ptr<HostAllocator> make_pinned_host_allocator() { return nullptr; }

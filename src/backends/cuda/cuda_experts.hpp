@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "core/status.hpp"
 #include "experts/expert_store.hpp"
@@ -27,11 +28,13 @@ struct GpuExpertCacheOptions {
   uint64_t headroom_bytes = uint64_t(2) << 30;
 };
 
-// The GPU tier over `host` (which it owns and reports as lower_tier()). `backend` must be a CUDA
-// backend: its device and compute stream are used. Errors: not a CUDA backend, a budget below one
-// expert, an unknown policy (the host store's options().policy is used).
+// The GPU tier over `host` (which it owns and reports as lower_tier()), for experts of expert_bytes in
+// `layers` (n_expert each); it keeps the device table of ExpertStore::expert_table.
+// `backend` must be a CUDA backend: its device and compute stream are used. Errors: not a CUDA backend,
+// a budget below one expert, an unknown policy (the host store's options().policy is used).
 Result<std::unique_ptr<ExpertStore>> make_gpu_expert_cache(Backend& backend, std::unique_ptr<ExpertStore> host,
-                                                           uint64_t expert_bytes, const GpuExpertCacheOptions& options);
+                                                           uint64_t expert_bytes, int64_t n_expert, const std::vector<int>& layers,
+                                                           const GpuExpertCacheOptions& options);
 
 // Pinned (page-locked) host memory for the host store's blob buffers, on the current device's context:
 // blocks of one size are carved from 256 MiB slabs and kept on a free list (pinning is slow; the store
