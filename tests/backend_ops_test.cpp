@@ -158,10 +158,11 @@ void expect_matmul_close(const QuantizedMatrix& m, const std::vector<float>& x, 
 
 TEST_P(BackendOps, MatmulMatchesReference) {
   // {37, 12288, 2}: rows long enough that the CUDA q8/q4 kernels read x directly rather than staging it
-  // in shared memory (x > 48 KiB), with the columns split across warps.
+  // in shared memory (x > 48 KiB), with the columns split across warps; {1100, 2048, 2}: enough rows that
+  // the CUDA f32/bf16 kernel does not split them.
   const std::vector<MatmulShape> shapes = {
       {1, 64, 1},   {7, 128, 3},   {33, 256, 17},  {1000, 4096, 1}, {257, 1024, 17}, {64, 4160, 5},
-      {5, 1536, 1}, {96, 2048, 7}, {1000, 512, 3}, {1, 4096, 17},   {37, 12288, 2},
+      {5, 1536, 1}, {96, 2048, 7}, {1000, 512, 3}, {1, 4096, 17},   {37, 12288, 2},  {1100, 2048, 2},
   };
   for (WeightFormat format : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
     std::vector<MatmulShape> all = shapes;

@@ -6,7 +6,8 @@
 //   staged_x (q8, q4 with x ≤ 48 KiB, i.e. cols ≤ ~9800): x copied once per block into shared memory,
 //            8 warps × 4 rows, each lane one 16-byte chunk of 4 rows per step, all loads issued first (v23).
 //   direct   (f32, bf16; q8/q4 with longer rows): the lane's x chunk read through L1, R rows per warp
-//            (f32/bf16 2, q8 2, q4 8), loads of U chunks issued first, short rows split across warps (v11).
+//            (f32/bf16 2, q8 2, q4 8), loads of U chunks issued first; a row's chunks split across up to
+//            4 warps where the matrix has < 1024 rows or > 8192 columns (v11; unsplit as v8/v10 otherwise).
 //   plain    (rows or x not 16-byte aligned, cols not a multiple of a chunk): one row at a time.
 // Exact dequantization: q8 and bf16 weights are exact in fp32; q4 nibbles are read as 2 + q/64 (exact) and
 // the group sum recovered as (64·s)·Σ(2 + q/64)·x + (b − 128·s)·Σx, which costs about 20× the rounding of
