@@ -357,7 +357,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 // The path of one job, from its own format, shape and pointers alone.
 Path path_of(const MatmulJob& job) {
   const WeightView& w = job.w;
-  const bool vectors = w.cols % chunk_cols(w.format) == 0 && aligned16(w.data) && aligned16(job.x);
+  const bool vectors = w.cols > 0 && w.cols % chunk_cols(w.format) == 0 && aligned16(w.data) && aligned16(job.x);
   if (!vectors) return Path::plain;
   if ((w.format == WeightFormat::q8 || w.format == WeightFormat::q4) && staged_x_bytes(w.format, w.cols) <= staged_x_max_bytes)
     return Path::staged_x;
