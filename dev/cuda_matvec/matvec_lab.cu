@@ -937,7 +937,8 @@ __global__ void __launch_bounds__(32 * W) matvec_v16(const __grid_constant__ Fla
 __device__ __forceinline__ uint32_t nibble_pair_bf16(uint32_t w, int j) {
   const uint32_t v = ((w >> (4 * j)) & 0x000F000Fu) | 0x43004300u;  // (128 + q_j, 128 + q_{j+4}) as bf16x2
   uint32_t out;
-  asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(out) : "r"(v), "r"(0x43004300u));
+  // v·1 − 128 (fma: sm_80; a bf16x2 sub needs sm_90).
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out) : "r"(v), "r"(0x3F803F80u), "r"(0xC300C300u));
   return out;
 }
 
