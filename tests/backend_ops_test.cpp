@@ -145,8 +145,10 @@ void expect_matmul_close(const QuantizedMatrix& m, const std::vector<float>& x, 
       double abs_sum = 0;
       for (int64_t c = 0; c < m.cols; ++c) abs_sum += std::fabs(double(row[c]) * x[t * m.cols + c]);
       // Both sides sum the same exactly-decoded products in fp32 in different orders; the error of
-      // each is ~√n·2^-24·Σ|w·x| in practice (≤ n·2^-24·Σ|w·x| in the worst case). 2e-5·Σ|w·x| is ~5×
-      // the typical difference at n = 4096 and far below any real decode or indexing bug (O(Σ|w·x|/n)).
+      // each is ~√n·2^-24·Σ|w·x| in practice (≤ n·2^-24·Σ|w·x| in the worst case). The CUDA q4 kernels
+      // sum (2 + q/64)·x and remove 2·Σx per group, ~20× that rounding (≤ 9e-7·Σ|w·x| in the lab).
+      // 2e-5·Σ|w·x| is ~5× the typical fp32 difference at n = 4096, above the q4 kernels' error and far
+      // below any real decode or indexing bug (O(Σ|w·x|/n)).
       const double tol = 2e-5 * abs_sum + 1e-30;
       const size_t i = size_t(t * m.rows + r);
       bad.check(std::fabs(double(y[i]) - y_ref[i]) <= tol, i, y[i], y_ref[i], tol);
@@ -156,9 +158,12 @@ void expect_matmul_close(const QuantizedMatrix& m, const std::vector<float>& x, 
 }
 
 TEST_P(BackendOps, MatmulMatchesReference) {
+  // {37, 12288, 2}: rows long enough that the CUDA q8/q4 kernels read x directly rather than staging it
+  // in shared memory (x > 48 KiB), with the columns split across warps; {1100, 2048, 2}: enough rows that
+  // the CUDA f32/bf16 kernel does not split them.
   const std::vector<MatmulShape> shapes = {
       {1, 64, 1},   {7, 128, 3},   {33, 256, 17},  {1000, 4096, 1}, {257, 1024, 17}, {64, 4160, 5},
-      {5, 1536, 1}, {96, 2048, 7}, {1000, 512, 3}, {1, 4096, 17},
+      {5, 1536, 1}, {96, 2048, 7}, {1000, 512, 3}, {1, 4096, 17},   {37, 12288, 2},  {1100, 2048, 2},
   };
   for (WeightFormat format : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
     std::vector<MatmulShape> all = shapes;
@@ -182,6 +187,30 @@ TEST_P(BackendOps, MatmulMatchesReference) {
   }
 }
 
+// A weight whose rows sit off 16-byte boundaries (a pack's tensor at an odd offset): the CUDA kernels'
+// vector loads do not apply, and the plain path must give the same products.
+TEST_P(BackendOps, MatmulUnalignedWeightMatchesReference) {
+  for (WeightFormat format : {WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
+    const int64_t rows = 37, cols = 512, n_tokens = 3;
+    SCOPED_TRACE(weight_format_name(format));
+    const auto w = gaussian(size_t(rows * cols), rng_, 0.05f);
+    const auto x = gaussian(size_t(n_tokens * cols), rng_);
+    const QuantizedMatrix m = quantize_matrix(w.data(), rows, cols, format);
+    std::vector<float> y_ref(size_t(n_tokens * rows));
+    ref_->matmul(m.view(), x.data(), y_ref.data(), n_tokens);
+    // 8 bytes keeps every element naturally aligned (q4 words are 4 bytes) but not the 16-byte chunks.
+    constexpr size_t shift = 8;
+    DeviceBuffer data(but(), *be_, m.data.size() + shift);
+    but().upload(static_cast<char*>(data.raw()) + shift, m.data.data(), m.data.size());
+    DeviceBuffer scales(but(), *be_, m.scales), biases(but(), *be_, m.biases);
+    const WeightView view{format, rows, cols, static_cast<char*>(data.raw()) + shift, m.scales.empty() ? nullptr : scales.raw(),
+                          m.biases.empty() ? nullptr : biases.raw()};
+    DeviceBuffer dx(but(), *be_, x), dy(but(), *be_, y_ref.size() * 4);
+    be_->matmul(view, dx.f(), dy.f(), n_tokens);
+    expect_matmul_close(m, x, n_tokens, dy.read(), y_ref);
+  }
+}
+
 // Jobs of mixed formats, shapes and token counts, some sharing their input (gate and up of an expert)
 // and one empty: each job's y is bit-identical to matmul alone on the same backend, and within the
 // matmul tolerance of the reference.
@@ -192,6 +221,7 @@ TEST_P(BackendOps, MatmulManyMatchesMatmulAndReference) {
       {WeightFormat::q8, 33, 256, 17, -1}, {WeightFormat::bf16, 1000, 512, 3, -1}, {WeightFormat::f32, 7, 128, 3, -1},
       {WeightFormat::q4, 257, 1024, 17, -1}, {WeightFormat::q4, 64, 1024, 17, 6}, {WeightFormat::q8, 5, 1536, 0, -1},
       {WeightFormat::bf16, 1, 64, 1, -1},   {WeightFormat::q4, 3000, 4096, 1, -1}, {WeightFormat::f32, 9, 100, 2, -1},
+      {WeightFormat::q4, 40, 12288, 2, -1}, {WeightFormat::q8, 40, 12288, 1, -1},
   };
   std::vector<QuantizedMatrix> mats;
   std::vector<std::vector<float>> xs;

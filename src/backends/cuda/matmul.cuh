@@ -1,11 +1,20 @@
-// CUDA matmul and matmul_many (Backend::matmul, Backend::matmul_many): y = x · Wᵀ for a table of jobs in
-// one launch per 40 jobs. Each warp computes R rows of one token with the lab's v6 dot products
-// (dev/cuda_matvec, docs/BENCHMARKS.md "CUDA kernel lab"): 16-byte weight loads, the lane's x chunk held
-// in registers and applied to R rows, q4 factored as Σ s·Σq·x + b·Σx; one launch per format present. T > 1 runs the same dot products
-// once per token (grid z), re-reading the weights from L2: correct, not yet a prefill kernel.
-// Rows whose bytes are not 16-byte aligned (f32/bf16 with cols not a multiple of 4/8, odd pointers) take
-// a plain warp-per-row loop. Every job's y depends only on its own (w, x), so matmul_many is
-// bit-identical to matmul. Reference: ReferenceBackend::matmul; tolerance 2e-5·Σ|w·x| (op test).
+// CUDA matmul and matmul_many (Backend::matmul, Backend::matmul_many): y = x · Wᵀ for a table of jobs,
+// one launch per format and path (per 40 jobs), a flat grid over every job's row tiles; the table is the
+// kernel's parameter, so a launch copies nothing to the device first. Each job takes one of three paths,
+// chosen from its own format, shape and alignment (dev/cuda_matvec lab versions; docs/BENCHMARKS.md
+// "CUDA kernel lab" for the measurements):
+//   staged_x (q8, q4 with x ≤ 48 KiB, i.e. cols ≤ ~9800): x copied once per block into shared memory,
+//            8 warps × 4 rows, each lane one 16-byte chunk of 4 rows per step, all loads issued first (v23).
+//   direct   (f32, bf16; q8/q4 with longer rows): the lane's x chunk read through L1, R rows per warp
+//            (f32/bf16 2, q8 2, q4 8), loads of U chunks issued first; a row's chunks split across up to
+//            4 warps where the matrix has < 1024 rows or > 8192 columns (v11; unsplit as v8/v10 otherwise).
+//   plain    (rows or x not 16-byte aligned, cols not a multiple of a chunk): one row at a time.
+// Exact dequantization: q8 and bf16 weights are exact in fp32; q4 nibbles are read as 2 + q/64 (exact) and
+// the group sum recovered as (64·s)·Σ(2 + q/64)·x + (b − 128·s)·Σx, which costs about 20× the rounding of
+// fp32 dot products (lab: ≤ 9e-7·Σ|w·x|). T > 1 runs the matvec once per token (grid z), re-reading the
+// weights from L2: correct, not a prefill kernel. Every job's y depends only on its own (w, x) and its path,
+// so matmul_many is bit-identical to matmul. Reference: ReferenceBackend::matmul; tolerance 2e-5·Σ|w·x|
+// (op test).
 #pragma once
 
 #include <cuda_runtime_api.h>
