@@ -1,8 +1,22 @@
 // CUDA causal softmax attention over a KV cache (Backend::attention, any AttentionLayout: GQA, MLA's
-// expanded and latent forms). One block per (query head, token); its 4 warps take every 4th key, each
-// keeping an online softmax (running max, sum, and the weighted sum of values in shared memory), merged
-// at the end. Simple, not yet a flash-decoding split over keys: a long context runs n_head · T blocks.
-// Reference: ReferenceBackend::attention; tolerance 1e-5·max|v| (op test).
+// expanded and latent forms). Two kernels:
+//  - tiled (the default): one block per (KV head, tile of up to 32 query rows, slice of keys). A row is
+//    a (token, query head) pair of the KV head, so the tile is the GQA group of a decode token, a few
+//    prefill tokens, or a slice of MLA's heads. Each tile of 32 keys is read from device memory once per
+//    block into shared memory (K once for all of the block's rows; in the latent layout the value tile
+//    is the key tile's prefix, not read again) and every row's scores and weighted sum read it there,
+//    with an online softmax per row in registers. When the (row tile, KV head) blocks alone would leave
+//    multiprocessors idle (decode), the keys are split across blocks (flash-decoding): each writes its
+//    unnormalized sum and (max, sum of exponentials) to a scratch buffer (stream_scratch,
+//    device_common.cuh: n_split · T · n_head · (v_dim + 2) floats) and a combine kernel merges them.
+//    Needs 16-byte aligned q, caches and out, k_dim, v_dim and strides multiples of 4, v_dim ≤ 1024 and
+//    (rows · k_dim + 32 · (k_dim + v_dim) + padding) floats of shared memory for ≥ 4 rows.
+//  - simple (the fallback for other shapes): one block per (query head, token), 4 warps taking every 4th
+//    key, merged at the end.
+// Bytes moved (tiled): K and V of the visible keys once per (KV head, row tile), q and out once, plus
+// the partials twice when split. Measurements: docs/BENCHMARKS.md ("CUDA attention and delta rule").
+// Reference: ReferenceBackend::attention; tolerance 1e-5·max|v| (op test): scores round differently
+// (q pre-scaled by scale·log2 e, exp2) and sums run in another order, ~1e-6 relative per probability.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,7 +27,16 @@
 
 namespace moeflux::cuda {
 
+// Which kernel runs: automatic picks the tiled kernel where its requirements hold; the others are for
+// labs and tests (tiled still falls back to simple where it cannot run).
+enum class AttentionPath { automatic, simple, tiled };
+
 void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
-               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream);
+               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream,
+               AttentionPath path = AttentionPath::automatic);
+
+// Whether the tiled kernel's alignment and shape requirements hold (shared memory is checked at launch).
+bool attention_tiled_supported(const float* q, const float* k_cache, const float* v_cache, const AttentionLayout& layout,
+                               const float* out);
 
 }  // namespace moeflux::cuda

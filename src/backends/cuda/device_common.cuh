@@ -1,13 +1,17 @@
-// Device helpers shared by the CUDA backend's kernels: warp/block sums and the exact decode of one weight
-// of each format (quant/weight_format.hpp). Included by .cu files only.
+// Device helpers shared by the CUDA backend's kernels: warp/block sums, the exact decode of one weight
+// of each format (quant/weight_format.hpp) and the per-stream scratch buffer. Included by .cu files only.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
+#include "backends/cuda/cuda_check.hpp"
 #include "quant/weight_format.hpp"
 
 namespace moeflux::cuda {
@@ -28,6 +32,11 @@ __device__ __forceinline__ float block_sum(float v) {
   float total = 0.f;
   for (int w = 0; w < n_warps; ++w) total += partial[w];
   return total;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
 }
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
@@ -60,6 +69,42 @@ __device__ __forceinline__ float weight_at(WeightFormat format, int64_t cols, co
 inline unsigned grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return unsigned(blocks < 1 ? 1 : blocks > 65535 * 16 ? 65535 * 16 : blocks);
+}
+
+// Device memory for an op's temporaries (attention's split partials, the delta rule's chunk matrices),
+// at least `bytes`, 256-byte aligned, valid for kernels queued on `stream` until the next call for that
+// stream. One grow-only buffer per (device, stream), kept for the life of the process: ops on one stream
+// run in order, so they share it. Growing waits for the stream (its queued kernels may use the old buffer)
+// and then frees and allocates, so it must not happen while the stream is being captured into a graph: a
+// graph's first, uncaptured run sizes it. Host-only.
+inline void* stream_scratch(cudaStream_t stream, size_t bytes) {
+  struct Buffer {
+    int device;
+    cudaStream_t stream;
+    void* data;
+    size_t bytes;
+  };
+  static std::mutex mutex;
+  static std::vector<Buffer> buffers;  // one per (device, stream) seen; a handful in any process
+  int device = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  Buffer* found = nullptr;
+  for (Buffer& b : buffers)
+    if (b.device == device && b.stream == stream) found = &b;
+  if (!found) found = &buffers.emplace_back(Buffer{device, stream, nullptr, 0});
+  if (found->bytes < bytes) {
+    if (found->data) {
+      MF_CUDA_CHECK(cudaStreamSynchronize(stream));
+      MF_CUDA_CHECK(cudaFree(found->data));
+    }
+    const size_t grown = std::max(bytes, found->bytes + found->bytes / 2);  // fewer regrowths as contexts lengthen
+    found->data = nullptr;
+    found->bytes = 0;
+    MF_CUDA_CHECK(cudaMalloc(&found->data, grown));
+    found->bytes = grown;
+  }
+  return found->data;
 }
 
 }  // namespace moeflux::cuda
