@@ -114,11 +114,15 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   const int64_t row0 = row_tile * rows;
   const int64_t k4 = a.l.k_dim / 4, v4 = a.l.v_dim / 4, kp4 = a.k_pitch / 4, vp4 = a.v_pitch / 4;
   float4* qs = shared4;                                  // [rows, k_dim], pre-scaled
-  float4* ks = qs + rows * k4;                           // [tile_keys, k_pitch]
-  float4* vs = a.latent ? ks : ks + tile_keys * kp4;     // [tile_keys, v_pitch]
+  // Two buffers of [K tile [tile_keys, k_pitch], V tile [tile_keys, v_pitch] (none when latent)]: one
+  // is read while cp.async fills the other with the next tile.
+  float4* tiles = qs + rows * k4;
+  const int tile4 = tile_keys * int(kp4) + (a.latent ? 0 : tile_keys * int(vp4));
 
-  for (int64_t i = threadIdx.x; i < rows * k4; i += blockDim.x) {
-    const int64_t r = i / k4, c = i % k4, row = row0 + r;
+  const int k4i = int(k4), v4i = int(v4);
+  for (int i = threadIdx.x; i < rows * k4i; i += blockDim.x) {
+    const int r = i / k4i, c = i - r * k4i;
+    const int64_t row = row0 + r;
     float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row < a.rows_per_kv) {
       const int64_t t = row / a.group, h = kv * a.group + row % a.group;
@@ -149,66 +153,93 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   const float4* v_base = reinterpret_cast<const float4*>(a.v_cache) + kv * v4;
   const int64_t k_stride4 = a.l.k_stride / 4, v_stride4 = a.l.v_stride / 4;
 
-  for (int64_t kb = key_begin; kb < key_end; kb += tile_keys) {
+  auto issue = [&](int64_t kb, int buf) {
     const int nk = key_end - kb < tile_keys ? int(key_end - kb) : tile_keys;
-    __syncthreads();  // the previous tile has been read (and, the first time, qs written)
-    for (int64_t i = threadIdx.x; i < nk * k4; i += blockDim.x) {
-      const int64_t j = i / k4, c = i % k4;
-      ks[j * kp4 + c] = k_base[(kb + j) * k_stride4 + c];
+    float4* kd = tiles + buf * tile4;
+    for (int i = threadIdx.x; i < nk * k4i; i += blockDim.x) {
+      const int j = i / k4i, c = i - j * k4i;
+      cp_async16(kd + j * kp4 + c, k_base + (kb + j) * k_stride4 + c);
     }
-    if (!a.latent)
-      for (int64_t i = threadIdx.x; i < nk * v4; i += blockDim.x) {
-        const int64_t j = i / v4, c = i % v4;
-        vs[j * vp4 + c] = v_base[(kb + j) * v_stride4 + c];
-      }
-    __syncthreads();
-    if (!warp_busy) continue;
-
-    // Scores of key kb + lane for the warp's rows. Lanes past nk read stale rows; they are masked.
-    float s[RW];
-    for (int r = 0; r < RW; ++r) s[r] = 0.f;
-    const float4* k_row = ks + lane * kp4;
-    const float4* q_rows = qs + warp * RW * k4;
-    for (int64_t c = 0; c < k4; ++c) {
-      const float4 kk = k_row[c];
-      for (int r = 0; r < RW; ++r) {
-        const float4 qq = q_rows[r * k4 + c];
-        s[r] = fmaf(qq.x, kk.x, fmaf(qq.y, kk.y, fmaf(qq.z, kk.z, fmaf(qq.w, kk.w, s[r]))));
+    if (!a.latent) {
+      float4* vd = kd + tile_keys * kp4;
+      for (int i = threadIdx.x; i < nk * v4i; i += blockDim.x) {
+        const int j = i / v4i, c = i - j * v4i;
+        cp_async16(vd + j * vp4 + c, v_base + (kb + j) * v_stride4 + c);
       }
     }
-    float p[RW];
-    for (int r = 0; r < RW; ++r) {
-      const int64_t key = kb + lane;
-      const float sr = lane < nk && key < row_key_end[r] ? s[r] : -INFINITY;
-      const float m_new = fmaxf(m[r], warp_max(sr));
-      float correction = 1.f;
-      p[r] = 0.f;
-      if (m_new != -INFINITY) {  // uniform across the warp: no key of this row seen yet otherwise
-        p[r] = exp2f(sr - m_new);
-        correction = exp2f(m[r] - m_new);  // 0 when m was −inf
-      }
-      l[r] = l[r] * correction + warp_sum(p[r]);
-      m[r] = m_new;
-      for (int c = 0; c < VPL; ++c)
-        for (int e = 0; e < 4; ++e) acc[r][c][e] *= correction;
-    }
-    for (int j = 0; j < nk; ++j) {
-      float pj[RW];
-      for (int r = 0; r < RW; ++r) pj[r] = __shfl_sync(0xffffffffu, p[r], j);
-      const float4* v_row = vs + j * vp4;
-      for (int c = 0; c < VPL; ++c) {
-        const int col = lane + 32 * c;
-        if (col < v4) {
-          const float4 vv = v_row[col];
-          for (int r = 0; r < RW; ++r) {
-            acc[r][c][0] = fmaf(pj[r], vv.x, acc[r][c][0]);
-            acc[r][c][1] = fmaf(pj[r], vv.y, acc[r][c][1]);
-            acc[r][c][2] = fmaf(pj[r], vv.z, acc[r][c][2]);
-            acc[r][c][3] = fmaf(pj[r], vv.w, acc[r][c][3]);
-          }
+  };
+  if (key_begin < key_end) issue(key_begin, 0);
+  cp_async_commit();
+  int buf = 0;
+  for (int64_t kb = key_begin; kb < key_end; kb += tile_keys, buf ^= 1) {
+    const int nk = key_end - kb < tile_keys ? int(key_end - kb) : tile_keys;
+    if (kb + tile_keys < key_end) issue(kb + tile_keys, buf ^ 1);
+    cp_async_commit();  // possibly empty: the wait below counts groups
+    cp_async_wait<1>();
+    __syncthreads();    // this tile (and, the first time, qs) is in shared memory for every thread
+    const float4* ks = tiles + buf * tile4;
+    const float4* vs = a.latent ? ks : ks + tile_keys * kp4;
+    if (warp_busy) {
+      // Scores of the warp's rows: lane (kg, dp) = (lane / 4, lane % 4) takes keys 4·kg … 4·kg + 3 over
+      // the float4 columns ≡ dp (mod 4), then the 4 lanes of a key group add up. Each 16-byte K read
+      // serves RW rows and each q read 4 keys. Lanes past nk read stale rows; they are masked.
+      const int kg = lane >> 2, dp = lane & 3;
+      float s[RW][4];
+      for (int r = 0; r < RW; ++r) s[r][0] = s[r][1] = s[r][2] = s[r][3] = 0.f;
+      const float4* q_rows = qs + warp * RW * k4i;
+      for (int c = dp; c < k4i; c += 4) {
+        float4 kk[4];
+        for (int k = 0; k < 4; ++k) kk[k] = ks[(4 * kg + k) * kp4 + c];
+        for (int r = 0; r < RW; ++r) {
+          const float4 qq = q_rows[r * k4i + c];
+          for (int k = 0; k < 4; ++k) s[r][k] = fmaf(qq.x, kk[k].x, fmaf(qq.y, kk[k].y, fmaf(qq.z, kk[k].z, fmaf(qq.w, kk[k].w, s[r][k]))));
         }
       }
+      float p[RW][4];
+      for (int r = 0; r < RW; ++r) {
+        float row_max = -INFINITY;
+        for (int k = 0; k < 4; ++k) {
+          s[r][k] += __shfl_xor_sync(0xffffffffu, s[r][k], 1);
+          s[r][k] += __shfl_xor_sync(0xffffffffu, s[r][k], 2);
+          const int j = 4 * kg + k;
+          s[r][k] = j < nk && kb + j < row_key_end[r] ? s[r][k] : -INFINITY;
+          row_max = fmaxf(row_max, s[r][k]);
+        }
+        const float m_new = fmaxf(m[r], warp_max(row_max));
+        float correction = 1.f, p_sum = 0.f;
+        for (int k = 0; k < 4; ++k) p[r][k] = 0.f;
+        if (m_new != -INFINITY) {  // uniform across the warp: no key of this row seen yet otherwise
+          for (int k = 0; k < 4; ++k) p_sum += p[r][k] = exp2f(s[r][k] - m_new);
+          correction = exp2f(m[r] - m_new);  // 0 when m was −inf
+        }
+        l[r] = l[r] * correction + warp_sum(dp == 0 ? p_sum : 0.f);  // each key's p is held by its group's 4 lanes
+        m[r] = m_new;
+        for (int c = 0; c < VPL; ++c)
+          for (int e = 0; e < 4; ++e) acc[r][c][e] *= correction;
+      }
+      // Weighted sum: lane i takes value columns 4·(i + 32·c); key j's p comes from lane 4·(j / 4).
+      for (int jg = 0; 4 * jg < nk; ++jg)
+        for (int k = 0; k < 4; ++k) {
+          float pj[RW];
+          for (int r = 0; r < RW; ++r) pj[r] = __shfl_sync(0xffffffffu, p[r][k], 4 * jg);
+          const int j = 4 * jg + k;
+          if (j >= nk) break;  // uniform; a stale row times p = 0 could still be NaN
+          const float4* v_row = vs + j * vp4;
+          for (int c = 0; c < VPL; ++c) {
+            const int col = lane + 32 * c;
+            if (col < v4i) {
+              const float4 vv = v_row[col];
+              for (int r = 0; r < RW; ++r) {
+                acc[r][c][0] = fmaf(pj[r], vv.x, acc[r][c][0]);
+                acc[r][c][1] = fmaf(pj[r], vv.y, acc[r][c][1]);
+                acc[r][c][2] = fmaf(pj[r], vv.z, acc[r][c][2]);
+                acc[r][c][3] = fmaf(pj[r], vv.w, acc[r][c][3]);
+              }
+            }
+          }
+        }
     }
+    __syncthreads();  // the buffer is refilled by the next iteration's issue
   }
 
   for (int r = 0; r < RW; ++r) {
@@ -263,21 +294,43 @@ constexpr int max_splits = 256;  // attention_combine_kernel's weight[]
 // consecutive rows (one phase of a 16-byte shared load) hit 8 distinct groups of 4 banks.
 int key_pitch(int64_t dim) { return int(dim + (36 - dim % 32) % 32); }
 
+// Splits the keys when the (row tile, KV head) blocks alone would not fill one wave of resident blocks
+// (decode): as many splits as fill it, each at least one key tile. Then launches the kernel, and the
+// combine when split.
 template <int RW, int VPL>
-void launch_tiled(const TiledArgs& a, dim3 grid, int threads, size_t shared, cudaStream_t stream) {
-  if (shared > 48 * 1024)
-    MF_CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<RW, VPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
-  attention_tiled_kernel<RW, VPL><<<grid, threads, shared, stream>>>(a);
+void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int64_t n_keys, float* out, cudaStream_t stream) {
+  const auto kernel = attention_tiled_kernel<RW, VPL>;
+  if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+  int resident = 0;
+  MF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, 32 * warps, shared));
+  const int64_t blocks = a.n_row_tiles * a.l.n_head_kv, wave = int64_t(std::max(resident, 1)) * n_sm;
+  int64_t n_split = 1;
+  if (blocks < wave) n_split = std::min<int64_t>({wave / blocks, (n_keys + tile_keys - 1) / tile_keys, int64_t(max_splits)});
+  a.keys_per_split = ((n_keys + n_split - 1) / n_split + tile_keys - 1) / tile_keys * tile_keys;
+  n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
+  if (n_split > 1) {
+    const size_t part_o_floats = size_t(n_split * a.rows_out * a.l.v_dim);
+    float* scratch = static_cast<float*>(stream_scratch(stream, (part_o_floats + size_t(n_split * a.rows_out * 2)) * sizeof(float)));
+    a.part_o = scratch;
+    a.part_ml = scratch + part_o_floats;
+  } else {
+    a.out = out;
+  }
+  kernel<<<dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, shared, stream>>>(a);
   MF_CUDA_CHECK_LAUNCH();
+  if (n_split > 1) {
+    attention_combine_kernel<<<unsigned(a.rows_out), 128, 0, stream>>>(a.part_o, a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
+    MF_CUDA_CHECK_LAUNCH();
+  }
 }
 
 template <int RW>
-void launch_tiled_rw(const TiledArgs& a, int vpl, dim3 grid, int threads, size_t shared, cudaStream_t stream) {
+void launch_tiled_rw(const TiledArgs& a, int vpl, int warps, size_t shared, int n_sm, int64_t n_keys, float* out, cudaStream_t stream) {
   switch (vpl) {
-    case 1: return launch_tiled<RW, 1>(a, grid, threads, shared, stream);
-    case 2: return launch_tiled<RW, 2>(a, grid, threads, shared, stream);
-    case 4: return launch_tiled<RW, 4>(a, grid, threads, shared, stream);
-    default: return launch_tiled<RW, 8>(a, grid, threads, shared, stream);
+    case 1: return launch_tiled<RW, 1>(a, warps, shared, n_sm, n_keys, out, stream);
+    case 2: return launch_tiled<RW, 2>(a, warps, shared, n_sm, n_keys, out, stream);
+    case 4: return launch_tiled<RW, 4>(a, warps, shared, n_sm, n_keys, out, stream);
+    default: return launch_tiled<RW, 8>(a, warps, shared, n_sm, n_keys, out, stream);
   }
 }
 
@@ -301,7 +354,11 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
   // The latent layout: each value row is the prefix of its key row, so the key tile serves as both.
   const bool latent = v_cache == k_cache && layout.v_stride == layout.k_stride && layout.v_dim <= layout.k_dim &&
                       (layout.n_head_kv == 1 || layout.v_dim == layout.k_dim);
-  if (path == AttentionPath::simple || !attention_tiled_supported(q, k_cache, v_cache, layout, out))
+  // A decode step over a few dozen keys: the simple kernel's one launch beats the tiled kernel's setup
+  // (attention_lab: 9 against 15 µs at 33 keys, H200).
+  const bool short_decode = n_tokens == 1 && n_past + 1 <= 64;
+  if (path == AttentionPath::simple || (path == AttentionPath::automatic && short_decode) ||
+      !attention_tiled_supported(q, k_cache, v_cache, layout, out))
     return attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
 
   int device = 0, n_sm = 0, shared_max = 0;
@@ -324,7 +381,7 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
   int rw = a.rows_per_kv <= 4 ? 1 : a.rows_per_kv <= 16 ? 2 : 4;
   int warps = a.rows_per_kv <= 4 ? 4 : a.rows_per_kv <= 8 ? 4 : 8;
   auto shared_for = [&](int rows) {
-    return size_t(rows * layout.k_dim + tile_keys * a.k_pitch + (latent ? 0 : tile_keys * a.v_pitch)) * sizeof(float);
+    return size_t(rows * layout.k_dim + 2 * tile_keys * (a.k_pitch + (latent ? 0 : a.v_pitch))) * sizeof(float);
   };
   while (shared_for(rw * warps) > size_t(shared_max) && rw * warps > 4) rw > 1 ? void(rw /= 2) : void(warps /= 2);
   const size_t shared = shared_for(rw * warps);
@@ -332,32 +389,13 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
   const int rows = rw * warps;
   a.n_row_tiles = (a.rows_per_kv + rows - 1) / rows;
 
-  // Split the keys when the (row tile, KV head) blocks alone would leave the GPU idle: aim at two
-  // blocks per multiprocessor, each split at least one key tile.
-  const int64_t blocks = a.n_row_tiles * layout.n_head_kv, n_keys = n_past + n_tokens;
-  int64_t n_split = 1;
-  if (blocks < 2 * n_sm) n_split = std::min<int64_t>({(2 * n_sm + blocks - 1) / blocks, (n_keys + tile_keys - 1) / tile_keys, int64_t(max_splits)});
-  a.keys_per_split = ((n_keys + n_split - 1) / n_split + tile_keys - 1) / tile_keys * tile_keys;
-  n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
-  if (n_split > 1) {
-    const size_t part_o_floats = size_t(n_split * a.rows_out * layout.v_dim);
-    float* scratch = static_cast<float*>(stream_scratch(stream, (part_o_floats + size_t(n_split * a.rows_out * 2)) * sizeof(float)));
-    a.part_o = scratch;
-    a.part_ml = scratch + part_o_floats;
-  } else {
-    a.out = out;
-  }
   const int64_t v4 = layout.v_dim / 4, vpl_needed = (v4 + 31) / 32;
   const int vpl = vpl_needed <= 1 ? 1 : vpl_needed <= 2 ? 2 : vpl_needed <= 4 ? 4 : 8;
-  const dim3 grid{unsigned(blocks), unsigned(n_split)};
+  const int64_t n_keys = n_past + n_tokens;
   switch (rw) {
-    case 1: launch_tiled_rw<1>(a, vpl, grid, 32 * warps, shared, stream); break;
-    case 2: launch_tiled_rw<2>(a, vpl, grid, 32 * warps, shared, stream); break;
-    default: launch_tiled_rw<4>(a, vpl, grid, 32 * warps, shared, stream); break;
-  }
-  if (n_split > 1) {
-    attention_combine_kernel<<<unsigned(a.rows_out), 128, 0, stream>>>(a.part_o, a.part_ml, int(n_split), a.rows_out, layout.v_dim, out);
-    MF_CUDA_CHECK_LAUNCH();
+    case 1: launch_tiled_rw<1>(a, vpl, warps, shared, n_sm, n_keys, out, stream); break;
+    case 2: launch_tiled_rw<2>(a, vpl, warps, shared, n_sm, n_keys, out, stream); break;
+    default: launch_tiled_rw<4>(a, vpl, warps, shared, n_sm, n_keys, out, stream); break;
   }
 }
 

@@ -166,9 +166,11 @@ __device__ __forceinline__ ChunkUnit chunk_unit(const ChunkArgs& a, int64_t chun
   return unit;
 }
 
+// q̂ [64, DKP + 4] shares its space with β⊙V [64, v_dim], staged once q̂ is used.
 template <int DKP>
-constexpr size_t chunk_prepare_shared_floats() {
-  return 2 * chunk_tokens * (DKP + 4) + chunk_tokens * (chunk_tokens + 1) + chunk_tokens * transposed_pitch + 3 * chunk_tokens;
+size_t chunk_prepare_shared_floats(int64_t v_dim) {
+  return chunk_tokens * (DKP + 4) + chunk_tokens * std::max<int64_t>(DKP + 4, v_dim) + chunk_tokens * (chunk_tokens + 1) +
+         chunk_tokens * transposed_pitch + 3 * chunk_tokens;
 }
 
 // Block (chunk of the pass, value head). DKP: k_dim rounded up to a multiple of 32 (zeros past k_dim).
@@ -176,14 +178,15 @@ template <int DKP>
 __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_prepare_kernel(ChunkArgs a) {
   constexpr int kp = DKP + 4, n_warps = chunk_threads / 32;
   extern __shared__ float4 shared4[];
+  const DeltaArgs& d = a.d;
   float* kh = reinterpret_cast<float*>(shared4);  // [64, kp] k̂
-  float* qh = kh + chunk_tokens * kp;             // [64, kp] q̂ (times q_scale)
-  float* am = qh + chunk_tokens * kp;             // [64, 65] −A
+  float* qh = kh + chunk_tokens * kp;             // [64, kp] q̂ (times q_scale), later β⊙V [64, v_dim]
+  float* bv = qh;
+  float* am = qh + chunk_tokens * (kp > d.v_dim ? kp : d.v_dim);  // [64, 65] −A
   float* tt = am + chunk_tokens * (chunk_tokens + 1);  // [64, transposed_pitch] Tᵀ
   float* cum = tt + chunk_tokens * transposed_pitch;   // [64] G
   float* exp_cum = cum + chunk_tokens;                 // [64] e^G
   float* bet = exp_cum + chunk_tokens;                 // [64] β
-  const DeltaArgs& d = a.d;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t chunk = blockIdx.x, h = blockIdx.y, j = h / d.ratio;
   const int64_t t0 = a.t_begin + chunk * chunk_tokens;
@@ -191,6 +194,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_prepare_kerne
   const ChunkUnit unit = chunk_unit(a, chunk, h);
 
   // q̂, k̂: a warp per token.
+#pragma unroll 4
   for (int i = warp; i < chunk_tokens; i += n_warps) {
     float qv[DKP / 32], kv[DKP / 32], qq = 0.f, kk = 0.f;
     for (int e = 0; e < DKP / 32; ++e) {
@@ -252,12 +256,19 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_prepare_kerne
   }
   __syncthreads();
 
+  // β⊙V over q̂, which the products above were the last to read.
+  for (int idx = tid; idx < chunk_tokens * int(d.v_dim); idx += chunk_threads) {
+    const int i = idx / int(d.v_dim), c = idx - i * int(d.v_dim);
+    bv[idx] = i < n ? bet[i] * d.v[(t0 + i) * d.stride + h * d.v_dim + c] : 0.f;
+  }
+
   // T = (I + A)⁻¹ by forward substitution, T_i = e_i − Σ_{j<i} A_ij T_j, column by column: 4 lanes
   // per column share the sum; a column's rows are written and read by one warp only.
   {
     const int part = lane & 3, c = tid >> 2;
+    for (int i = n + part; i < chunk_tokens; i += 4) tt[c * transposed_pitch + i] = c == i ? 1.f : 0.f;  // padding rows: e_i
     if (part == 0) tt[c * transposed_pitch] = c == 0 ? 1.f : 0.f;
-    for (int i = 1; i < chunk_tokens; ++i) {
+    for (int i = 1; i < n; ++i) {
       __syncwarp();
       float sum = 0.f;
       for (int jj = c + part; jj < i; jj += 4) sum = fmaf(am[i * (chunk_tokens + 1) + jj], tt[c * transposed_pitch + jj], sum);
@@ -272,8 +283,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_prepare_kerne
   for (int64_t col = tid; col < d.v_dim + d.k_dim; col += chunk_threads) {
     float acc[chunk_tokens] = {};
     for (int kk = 0; kk < n; ++kk) {
-      const float x = col < d.v_dim ? bet[kk] * d.v[(t0 + kk) * d.stride + h * d.v_dim + col]
-                                     : bet[kk] * exp_cum[kk] * kh[kk * kp + (col - d.v_dim)];
+      const float x = col < d.v_dim ? bv[kk * d.v_dim + col] : bet[kk] * exp_cum[kk] * kh[kk * kp + (col - d.v_dim)];
       const float4* t_col = reinterpret_cast<const float4*>(tt + kk * transposed_pitch);  // T[·][kk]
       for (int m4 = 0; m4 < chunk_tokens / 4; ++m4) {
         const float4 tv = t_col[m4];
@@ -327,6 +337,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
       exp_rest[tid] = expf(unit.g[chunk_tokens - 1] - unit.g[tid]);
     }
     __syncthreads();
+#pragma unroll 8
     for (int idx = tid; idx < chunk_tokens * DKP; idx += chunk_threads) {
       const int i = idx / DKP, c = idx % DKP;
       float qv = 0.f, kv = 0.f, wv = 0.f;
@@ -349,6 +360,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
     // V_new = U − W S: lane = column, warp w rows 8w … 8w + 7.
     {
       float acc[8] = {};
+#pragma unroll 4
       for (int c = 0; c < DKP; ++c) {
         const float sv = st[c * 32 + lane];
         const float4 w0 = *reinterpret_cast<const float4*>(wt + c * transposed_pitch + 8 * warp);
@@ -363,6 +375,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
     // O = (e^G⊙Q̂) S + P V_new, same layout.
     {
       float acc[8] = {};
+#pragma unroll 4
       for (int c = 0; c < DKP; ++c) {
         const float sv = st[c * 32 + lane];
         const float4 q0 = *reinterpret_cast<const float4*>(qgt + c * transposed_pitch + 8 * warp);
@@ -370,6 +383,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
         acc[0] = fmaf(q0.x, sv, acc[0]), acc[1] = fmaf(q0.y, sv, acc[1]), acc[2] = fmaf(q0.z, sv, acc[2]), acc[3] = fmaf(q0.w, sv, acc[3]);
         acc[4] = fmaf(q1.x, sv, acc[4]), acc[5] = fmaf(q1.y, sv, acc[5]), acc[6] = fmaf(q1.z, sv, acc[6]), acc[7] = fmaf(q1.w, sv, acc[7]);
       }
+#pragma unroll 4
       for (int jj = 0; jj < n; ++jj) {
         const float vv = vn[jj * 32 + lane];
         const float4 p0 = *reinterpret_cast<const float4*>(pt + jj * chunk_tokens + 8 * warp);
@@ -387,6 +401,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
     // S ← e^(G_last) S + (e^(G_last − G)⊙K̂)ᵀ V_new: lane = column, warp w rows rows_update·w + r.
     {
       float acc[rows_update] = {};
+#pragma unroll 2
       for (int i = 0; i < n; ++i) {
         const float vv = vn[i * 32 + lane];
         for (int r4 = 0; r4 < rows_update; r4 += 4) {
@@ -444,7 +459,7 @@ bool run_chunked(const DeltaArgs& d, cudaStream_t stream) {
   int device = 0, shared_max = 0;
   MF_CUDA_CHECK(cudaGetDevice(&device));
   MF_CUDA_CHECK(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t shared_prepare = chunk_prepare_shared_floats<DKP>() * sizeof(float);
+  const size_t shared_prepare = chunk_prepare_shared_floats<DKP>(d.v_dim) * sizeof(float);
   const size_t shared_state = chunk_state_shared_floats<DKP>() * sizeof(float);
   if (std::max(shared_prepare, shared_state) > size_t(shared_max)) return false;
   MF_CUDA_CHECK(cudaFuncSetAttribute(gated_delta_chunk_prepare_kernel<DKP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_prepare)));

@@ -39,6 +39,19 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Asynchronous 16-byte copies from device to shared memory (sm_80+): issued, grouped by commit, and
+// waited for until at most N groups of this thread remain in flight. A barrier must follow the wait
+// before other threads read what this thread copied.
+__device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
 
 // Element (row, col) of a weight matrix as fp32, with the arithmetic of dequantize_row (quantize.cpp):
