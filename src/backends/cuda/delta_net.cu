@@ -193,24 +193,35 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_prepare_kerne
   const int n = int(d.n_tokens - t0 < chunk_tokens ? d.n_tokens - t0 : chunk_tokens);
   const ChunkUnit unit = chunk_unit(a, chunk, h);
 
-  // q̂, k̂: a warp per token.
-#pragma unroll 4
-  for (int i = warp; i < chunk_tokens; i += n_warps) {
-    float qv[DKP / 32], kv[DKP / 32], qq = 0.f, kk = 0.f;
-    for (int e = 0; e < DKP / 32; ++e) {
-      const int64_t c = lane + 32 * e;
-      const bool ok = i < n && c < d.k_dim;
-      qv[e] = ok ? d.q[(t0 + i) * d.stride + j * d.k_dim + c] : 0.f;
-      kv[e] = ok ? d.k[(t0 + i) * d.stride + j * d.k_dim + c] : 0.f;
-      qq = fmaf(qv[e], qv[e], qq);
-      kk = fmaf(kv[e], kv[e], kk);
+  // q̂, k̂: a warp per token, 8 tokens a warp, every load issued before the first is used.
+  {
+    constexpr int rows_per_warp = chunk_tokens / n_warps, per_lane = DKP / 32;
+    float qv[rows_per_warp][per_lane], kv[rows_per_warp][per_lane];
+#pragma unroll
+    for (int rr = 0; rr < rows_per_warp; ++rr) {
+      const int i = warp + n_warps * rr;
+#pragma unroll
+      for (int e = 0; e < per_lane; ++e) {
+        const int64_t c = lane + 32 * e;
+        const bool ok = i < n && c < d.k_dim;
+        qv[rr][e] = ok ? d.q[(t0 + i) * d.stride + j * d.k_dim + c] : 0.f;
+        kv[rr][e] = ok ? d.k[(t0 + i) * d.stride + j * d.k_dim + c] : 0.f;
+      }
     }
-    const float inv_q = d.q_scale / sqrtf(warp_sum(qq) + 1e-6f), inv_k = 1.0f / sqrtf(warp_sum(kk) + 1e-6f);
-    for (int e = 0; e < DKP / 32; ++e) {
-      qh[i * kp + lane + 32 * e] = qv[e] * inv_q;
-      kh[i * kp + lane + 32 * e] = kv[e] * inv_k;
+#pragma unroll
+    for (int rr = 0; rr < rows_per_warp; ++rr) {
+      const int i = warp + n_warps * rr;
+      float qq = 0.f, kk = 0.f;
+#pragma unroll
+      for (int e = 0; e < per_lane; ++e) qq = fmaf(qv[rr][e], qv[rr][e], qq), kk = fmaf(kv[rr][e], kv[rr][e], kk);
+      const float inv_q = d.q_scale / sqrtf(warp_sum(qq) + 1e-6f), inv_k = 1.0f / sqrtf(warp_sum(kk) + 1e-6f);
+#pragma unroll
+      for (int e = 0; e < per_lane; ++e) {
+        qh[i * kp + lane + 32 * e] = qv[rr][e] * inv_q;
+        kh[i * kp + lane + 32 * e] = kv[rr][e] * inv_k;
+      }
+      if (lane == 0) unit.inv_q[i] = inv_q, unit.inv_k[i] = inv_k;
     }
-    if (lane == 0) unit.inv_q[i] = inv_q, unit.inv_k[i] = inv_k;
   }
   if (tid < chunk_tokens) {
     bet[tid] = tid < n ? d.beta[(t0 + tid) * d.n_v_heads + h] : 0.f;
@@ -257,9 +268,22 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_prepare_kerne
   __syncthreads();
 
   // β⊙V over q̂, which the products above were the last to read.
-  for (int idx = tid; idx < chunk_tokens * int(d.v_dim); idx += chunk_threads) {
-    const int i = idx / int(d.v_dim), c = idx - i * int(d.v_dim);
-    bv[idx] = i < n ? bet[i] * d.v[(t0 + i) * d.stride + h * d.v_dim + c] : 0.f;
+  {
+    constexpr int batch = 8;  // loads in flight per thread
+    const int total = chunk_tokens * int(d.v_dim), dv = int(d.v_dim);
+    for (int b0 = 0; b0 < total; b0 += batch * chunk_threads) {
+      float x[batch];
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        const int idx = b0 + u * chunk_threads + tid, i = idx / dv, c = idx - i * dv;
+        x[u] = idx < total && i < n ? d.v[(t0 + i) * d.stride + h * d.v_dim + c] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        const int idx = b0 + u * chunk_threads + tid, i = idx / dv;
+        if (idx < total) bv[idx] = bet[i] * x[u];
+      }
+    }
   }
 
   // T = (I + A)⁻¹ by forward substitution, T_i = e_i − Σ_{j<i} A_ij T_j, column by column: 4 lanes
@@ -323,9 +347,17 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
   const int64_t h = blockIdx.y, j = h / d.ratio, c0 = int64_t(blockIdx.x) * 32, col = c0 + lane;
   const bool col_ok = col < d.v_dim;
   float* state = d.state + h * d.k_dim * d.v_dim;
-  for (int idx = tid; idx < DKP * 32; idx += chunk_threads) {
-    const int64_t i = idx / 32, c = c0 + idx % 32;
-    st[idx] = i < d.k_dim && c < d.v_dim ? state[i * d.v_dim + c] : 0.f;
+  {
+    constexpr int per_thread = DKP * 32 / chunk_threads;
+    float sv[per_thread];
+#pragma unroll
+    for (int u = 0; u < per_thread; ++u) {
+      const int idx = tid + u * chunk_threads, i = idx / 32;
+      const int64_t c = c0 + idx % 32;
+      sv[u] = i < d.k_dim && c < d.v_dim ? state[i * d.v_dim + c] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < per_thread; ++u) st[tid + u * chunk_threads] = sv[u];
   }
   for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
     const int64_t t0 = a.t_begin + chunk * chunk_tokens;
@@ -337,23 +369,45 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
       exp_rest[tid] = expf(unit.g[chunk_tokens - 1] - unit.g[tid]);
     }
     __syncthreads();
-#pragma unroll 8
-    for (int idx = tid; idx < chunk_tokens * DKP; idx += chunk_threads) {
-      const int i = idx / DKP, c = idx % DKP;
-      float qv = 0.f, kv = 0.f, wv = 0.f;
-      if (i < n && c < d.k_dim) {
-        qv = d.q[(t0 + i) * d.stride + j * d.k_dim + c] * unit.inv_q[i];
-        kv = d.k[(t0 + i) * d.stride + j * d.k_dim + c] * unit.inv_k[i];
-        wv = unit.w[i * d.k_dim + c];
+    // Every load of a batch is issued before the first store, so their latencies overlap.
+    constexpr int batch = 8;
+    static_assert(chunk_tokens * DKP % (batch * chunk_threads) == 0, "whole batches");
+    for (int b0 = 0; b0 < chunk_tokens * DKP; b0 += batch * chunk_threads) {
+      float qv[batch], kv[batch], wv[batch], iq[batch], ik[batch];
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        const int idx = b0 + u * chunk_threads + tid, i = idx / DKP, c = idx % DKP;
+        const bool ok = i < n && c < d.k_dim;
+        const int64_t at = (t0 + i) * d.stride + j * d.k_dim + c;
+        qv[u] = ok ? d.q[at] : 0.f;
+        kv[u] = ok ? d.k[at] : 0.f;
+        wv[u] = ok ? unit.w[i * d.k_dim + c] : 0.f;
+        iq[u] = unit.inv_q[i];
+        ik[u] = unit.inv_k[i];
       }
-      qgt[c * transposed_pitch + i] = exp_cum[i] * qv;
-      wt[c * transposed_pitch + i] = wv;
-      kd[i * DKP + c] = exp_rest[i] * kv;
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        const int idx = b0 + u * chunk_threads + tid, i = idx / DKP, c = idx % DKP;
+        qgt[c * transposed_pitch + i] = exp_cum[i] * (qv[u] * iq[u]);
+        wt[c * transposed_pitch + i] = wv[u];
+        kd[i * DKP + c] = exp_rest[i] * (kv[u] * ik[u]);
+      }
     }
-    for (int idx = tid; idx < chunk_tokens * chunk_tokens; idx += chunk_threads) pt[idx] = unit.pt[idx];
-    for (int idx = tid; idx < chunk_tokens * 32; idx += chunk_threads) {
-      const int64_t c = c0 + idx % 32;
-      vn[idx] = c < d.v_dim ? unit.u[(idx / 32) * d.v_dim + c] : 0.f;
+    {
+      constexpr int p_per_thread = chunk_tokens * chunk_tokens / chunk_threads, u_per_thread = chunk_tokens * 32 / chunk_threads;
+      float pv[p_per_thread], uv[u_per_thread];
+#pragma unroll
+      for (int u = 0; u < p_per_thread; ++u) pv[u] = unit.pt[tid + u * chunk_threads];
+#pragma unroll
+      for (int u = 0; u < u_per_thread; ++u) {
+        const int idx = tid + u * chunk_threads;
+        const int64_t c = c0 + idx % 32;
+        uv[u] = c < d.v_dim ? unit.u[(idx / 32) * d.v_dim + c] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < p_per_thread; ++u) pt[tid + u * chunk_threads] = pv[u];
+#pragma unroll
+      for (int u = 0; u < u_per_thread; ++u) vn[tid + u * chunk_threads] = uv[u];
     }
     __syncthreads();
 
@@ -450,8 +504,8 @@ void launch_recurrent(const DeltaArgs& a, cudaStream_t stream) {
   MF_CUDA_CHECK_LAUNCH();
 }
 
-// Scratch bounded by passes of at most this many bytes of chunk units; 512 tokens of Qwen3.5-397B's
-// 64 heads take 42 MiB.
+// Scratch bounded by passes of at most this many bytes of chunk units: a chunk of Qwen3.5-397B's 64
+// heads takes 5.3 MB, so a pass holds 12 chunks (768 tokens).
 constexpr size_t chunk_pass_bytes = size_t(64) << 20;
 
 template <int DKP>
