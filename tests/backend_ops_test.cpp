@@ -800,10 +800,11 @@ TEST_P(BackendOps, AttentionOverLongContextsMatchesReference) {
   }
 }
 
-// Token counts around the chunk size (64) of the chunked form, which the CUDA backend runs from
-// cuda::gated_delta_chunked_min_tokens tokens on (the token-by-token kernel below it), in one sequence
-// whose state carries from call to call: a single token, one short of a chunk, exactly one, one past,
-// several chunks and a partial one, at Qwen3.5's head size.
+// Token counts around the chunk size (64) in one sequence whose state carries from call to call: a
+// single token, one short of a chunk, exactly one, one past, several chunks and a partial one, at
+// Qwen3.5's head size. The CUDA backend runs the chunked form from 128 tokens on
+// (cuda::gated_delta_chunked_min_tokens) and token by token below, so both forms and the passage
+// between them are covered (attention_lab also checks the chunked form alone at 1 … 2048 tokens).
 TEST_P(BackendOps, GatedDeltaRuleAcrossChunkBoundariesMatchesReference) {
   const std::vector<GatedDeltaCase> cases = {
       {2, 4, 128, 128, 0, {1, 63, 64, 65, 200, 1}, false},

@@ -77,12 +77,13 @@ void attention_simple(const float* q, const float* k_cache, const float* v_cache
 //
 // The query rows of KV head kv are its (token, head) pairs, row = t·group + (h − kv·group), so a tile
 // of rows is the GQA group of one token or of a few tokens (prefill), or a slice of MLA's 128 heads. A
-// block takes rows_per_block of them and the keys of one split, tile_keys at a time: the tile of K (and
-// V) goes to shared memory once and every row of the block reads it there. Warp w owns rows
-// w·RW … w·RW + RW − 1 throughout: for the scores lane j takes key j of the tile (q broadcast from
-// shared memory, k rows padded so the lanes' 16-byte reads hit distinct banks); for the weighted sum
-// lane i takes value columns 4·(i + 32·c), c < VPL. The online softmax state (max, sum) is per row,
-// replicated across the warp's lanes, in base 2 (q is pre-scaled by scale·log2 e).
+// block takes rows (= warps · RW) of them and the keys of one split, tile_keys at a time: each tile of
+// K (and V) is copied to shared memory once (cp.async, two buffers) and every row of the block reads it
+// there. Warp w owns rows w·RW … w·RW + RW − 1 throughout: for the scores lane (kg, dp) takes keys
+// 4·kg … 4·kg + 3 over the float4 columns ≡ dp (mod 4) (key rows padded so that 16-byte reads of 8
+// lanes hit distinct banks) and the 4 lanes of a key group sum up; for the weighted sum lane i takes
+// value columns 4·(i + 32·c), c < VPL. The online softmax state (max, sum) is per row, replicated
+// across the warp's lanes, in base 2 (q is pre-scaled by scale·log2 e).
 
 constexpr int tile_keys = 32;
 constexpr int tiled_threads_max = 256;
