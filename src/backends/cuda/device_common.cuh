@@ -1,5 +1,6 @@
-// Device helpers shared by the CUDA backend's kernels: warp/block sums, the exact decode of one weight
-// of each format (quant/weight_format.hpp) and the per-stream scratch buffer. Included by .cu files only.
+// Device helpers shared by the CUDA backend's kernels: warp/block sums and the exact decode of one weight
+// of each format (quant/weight_format.hpp). Included by .cu files only.
+// Also: warp_max, cp.async helpers and the per-stream scratch buffer (stream_scratch).
 #pragma once
 
 #include <cuda_bf16.h>
