@@ -18,9 +18,9 @@
 //    for other shapes and for a single token over ≤ 64 keys, where its one launch is faster.
 // Bytes moved (tiled): K and V of the visible keys once per (KV head, row tile), q and out once, plus
 // the partials twice when split. On an H200 (attention_lab, docs/BENCHMARKS.md "CUDA attention and
-// delta rule") decode at 32K keys reads the cache at 1601 GB/s (Qwen3-30B, 38% of the copy bandwidth)
-// and 1004 GB/s (Qwen3.5-397B, 24%); MLA's latent decode is fp32-arithmetic bound (128 heads × 1088
-// multiply-adds per 2.3 KB key row: ~17 TFLOP/s). 35–111× the simple kernel at 8K–32K keys.
+// delta rule") decode at 32K keys reads the cache at 1691 GB/s (Qwen3-30B, 40% of the copy bandwidth)
+// and 1063 GB/s (Qwen3.5-397B, 25%); MLA's latent decode is fp32-arithmetic bound (128 heads × 1088
+// multiply-adds per 2.3 KB key row: ~17 TFLOP/s). 36–117× the simple kernel at 8K–32K keys.
 // Reference: ReferenceBackend::attention; tolerance 1e-5·max|v| (op test): scores round differently
 // (q pre-scaled by scale·log2 e, exp2) and sums run in another order, ~1e-7 relative measured.
 #pragma once

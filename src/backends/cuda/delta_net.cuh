@@ -18,16 +18,16 @@ void gated_delta_gates(const float* a, const float* b, const float* a_log, const
                        int64_t n_heads, float* g, float* beta, cudaStream_t stream);
 
 // Tokens from which gated_delta_rule runs the chunked form. attention_lab on an H200 (docs/BENCHMARKS.md,
-// "CUDA attention and delta rule"), Qwen3.5-397B's 64 heads of 128 × 128: token by token 116 / 153 /
-// 610 µs at 96 / 128 / 512 tokens, chunked 133 / 141 / 577 µs.
+// "CUDA attention and delta rule"), Qwen3.5-397B's 64 heads of 128 × 128: token by token 117 / 153 /
+// 609 µs at 96 / 128 / 512 tokens, chunked 134 / 142 / 578 µs.
 constexpr int64_t gated_delta_chunked_min_tokens = 128;
 
 // The gated delta rule of backend.hpp, in one of two forms:
 //  - token by token (T < chunked_min_tokens, decode included): block (32 state columns, value head),
 //    the columns' state in registers, one cross-warp reduction per token that also yields the l2 norms.
 //    The state is read and written once per call: 2·n_v_heads·k_dim·v_dim·4 bytes (8 MiB per
-//    Qwen3.5-397B layer), plus q, k, v. A decode step: 7.1 µs per call on an H200, of which 4.1 µs is
-//    the launch floor of back-to-back calls (~2.8 TB/s over the difference, an estimate).
+//    Qwen3.5-397B layer), plus q, k, v. A decode step: 6.9 µs per call on an H200, of which 3.5 µs is
+//    the launch floor of back-to-back calls (~2.4 TB/s over the difference, an estimate).
 //  - chunked (WY) form, 64 tokens a chunk (T ≥ chunked_min_tokens, k_dim ≤ 128, ~144 KiB of shared
 //    memory for the state kernel, else token by token): a prepare kernel per (chunk, value head)
 //    computes the chunk's state-independent matrices (T = (I + A)⁻¹ by forward substitution, U, W,
