@@ -176,6 +176,65 @@ void attention_table(double copy_gbs) {
   }
 }
 
+// The tiled kernel's shape (rows per warp × warps, waves of splits) swept at a few shapes; every
+// variant's output is checked against v1 like the default's.
+void attention_sweep(double copy_gbs) {
+  const AttentionModel models[] = {
+      {"Qwen3-30B-A3B", AttentionLayout::gqa(32, 4, 128), false},
+      {"Qwen3.5-397B", AttentionLayout::gqa(32, 2, 256), false},
+      {"DeepSeek-V3 latent", {128, 1, 576, 512, 576, 576}, true},
+  };
+  struct Shape { int64_t n_tokens, n_past; };
+  std::printf("\ntiled attention shapes (rows per warp x warps, waves; 0 = default): us, GB/s, %% copy, diff to v1\n");
+  for (const AttentionModel& m : models) {
+    const AttentionLayout& l = m.layout;
+    const int64_t ctx = 32768 + 512;
+    float* k = device_random(size_t(ctx * l.k_stride), 31);
+    float* v = m.latent ? k : device_random(size_t(ctx * l.v_stride), 32);
+    for (const Shape& s : {Shape{1, 32768}, Shape{512, 0}}) {
+      const int64_t n_keys = s.n_past + s.n_tokens;
+      const size_t q_floats = size_t(s.n_tokens * l.n_head * l.k_dim), o_floats = size_t(s.n_tokens * l.n_head * l.v_dim);
+      float* q = device_random(q_floats, 33, -0.6f, 0.6f);
+      float *o1 = nullptr, *o2 = nullptr;
+      CHECK(cudaMalloc(&o1, o_floats * 4));
+      CHECK(cudaMalloc(&o2, o_floats * 4));
+      const float scale = 1.0f / std::sqrt(float(l.k_dim));
+      cuda::attention(q, k, v, s.n_tokens, s.n_past, l, scale, o1, nullptr, cuda::AttentionPath::simple);
+      CHECK(cudaDeviceSynchronize());
+      const auto h1 = to_host(o1, o_floats);
+      std::printf("%-20s T=%lld n_past=%lld:", m.name, (long long)s.n_tokens, (long long)s.n_past);
+      struct Variant { int rw, warps, waves; };
+      std::vector<Variant> variants = {{0, 0, 0}};
+      for (int rw : {1, 2, 4})
+        for (int warps : {2, 4, 8})
+          for (int waves : {1, 2})
+            if (rw * warps >= 4 && (s.n_tokens == 1 || waves == 1)) variants.push_back({rw, warps, waves});
+      double best = 1e30;
+      Variant best_v{};
+      for (const Variant& var : variants) {
+        const cuda::AttentionTuning tuning{var.rw, var.warps, var.waves};
+        const double us = time_us([&](int) {
+          cuda::attention(q, k, v, s.n_tokens, s.n_past, l, scale, o2, nullptr, cuda::AttentionPath::tiled, tuning);
+        });
+        CHECK(cudaDeviceSynchronize());
+        const double diff = max_diff(h1, to_host(o2, o_floats)) / 1.7;
+        const double gbs = double(n_keys) * l.n_head_kv * (l.k_dim + (m.latent ? 0 : l.v_dim)) * 4 / us / 1e3;
+        std::printf(" [%dx%d,%d] %.1f%s", var.rw, var.warps, var.waves, us, diff > 1e-5 ? "(WRONG)" : "");
+        if (us < best) best = us, best_v = var;
+        (void)gbs;
+      }
+      const double best_gbs = double(n_keys) * l.n_head_kv * (l.k_dim + (m.latent ? 0 : l.v_dim)) * 4 / best / 1e3;
+      std::printf("\n    best [%dx%d,%d] %.1f us, %.0f GB/s (%.0f%% copy)\n", best_v.rw, best_v.warps, best_v.waves, best, best_gbs,
+                  100.0 * best_gbs / copy_gbs);
+      CHECK(cudaFree(q));
+      CHECK(cudaFree(o1));
+      CHECK(cudaFree(o2));
+    }
+    CHECK(cudaFree(k));
+    if (!m.latent) CHECK(cudaFree(v));
+  }
+}
+
 // --- gated delta rule -----------------------------------------------------------------------------
 
 // v1: the kernel this lab's v2/v3 replaced (one block per value head, state in shared memory).
@@ -292,5 +351,6 @@ int main() {
               prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_gbs, empty_us);
   attention_table(copy_gbs);
   delta_table(copy_gbs);
+  attention_sweep(copy_gbs);
   return 0;
 }

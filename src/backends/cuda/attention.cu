@@ -301,12 +301,12 @@ int key_pitch(int64_t dim) { return int(dim + (36 - dim % 32) % 32); }
 // (decode): as many splits as fill it, each at least one key tile. Then launches the kernel, and the
 // combine when split.
 template <int RW, int VPL>
-void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int64_t n_keys, float* out, cudaStream_t stream) {
+void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, int64_t n_keys, float* out, cudaStream_t stream) {
   const auto kernel = attention_tiled_kernel<RW, VPL>;
   if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
   int resident = 0;
   MF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, 32 * warps, shared));
-  const int64_t blocks = a.n_row_tiles * a.l.n_head_kv, wave = int64_t(std::max(resident, 1)) * n_sm;
+  const int64_t blocks = a.n_row_tiles * a.l.n_head_kv, wave = int64_t(std::max(resident, 1)) * n_sm * waves;
   int64_t n_split = 1;
   if (blocks < wave) n_split = std::min<int64_t>({wave / blocks, (n_keys + tile_keys - 1) / tile_keys, int64_t(max_splits)});
   a.keys_per_split = ((n_keys + n_split - 1) / n_split + tile_keys - 1) / tile_keys * tile_keys;
@@ -328,12 +328,13 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int64_t n_key
 }
 
 template <int RW>
-void launch_tiled_rw(const TiledArgs& a, int vpl, int warps, size_t shared, int n_sm, int64_t n_keys, float* out, cudaStream_t stream) {
+void launch_tiled_rw(const TiledArgs& a, int vpl, int warps, size_t shared, int n_sm, int waves, int64_t n_keys, float* out,
+                     cudaStream_t stream) {
   switch (vpl) {
-    case 1: return launch_tiled<RW, 1>(a, warps, shared, n_sm, n_keys, out, stream);
-    case 2: return launch_tiled<RW, 2>(a, warps, shared, n_sm, n_keys, out, stream);
-    case 4: return launch_tiled<RW, 4>(a, warps, shared, n_sm, n_keys, out, stream);
-    default: return launch_tiled<RW, 8>(a, warps, shared, n_sm, n_keys, out, stream);
+    case 1: return launch_tiled<RW, 1>(a, warps, shared, n_sm, waves, n_keys, out, stream);
+    case 2: return launch_tiled<RW, 2>(a, warps, shared, n_sm, waves, n_keys, out, stream);
+    case 4: return launch_tiled<RW, 4>(a, warps, shared, n_sm, waves, n_keys, out, stream);
+    default: return launch_tiled<RW, 8>(a, warps, shared, n_sm, waves, n_keys, out, stream);
   }
 }
 
@@ -347,7 +348,8 @@ bool attention_tiled_supported(const float* q, const float* k_cache, const float
 }
 
 void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
-               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream, AttentionPath path) {
+               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream, AttentionPath path,
+               const AttentionTuning& tuning) {
   if (n_tokens <= 0 || layout.n_head <= 0) return;
   if (layout.n_head_kv <= 0 || layout.n_head % layout.n_head_kv != 0) {
     std::fprintf(stderr, "%s:%d: attention: n_head %lld is not a multiple of n_head_kv %lld\n", __FILE__, __LINE__,
@@ -383,6 +385,8 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
   // rows), and no more warps than rows need; smaller when shared memory is short (consumer GPUs, MLA).
   int rw = a.rows_per_kv <= 4 ? 1 : a.rows_per_kv <= 16 ? 2 : 4;
   int warps = a.rows_per_kv <= 4 ? 4 : a.rows_per_kv <= 8 ? 4 : 8;
+  if (tuning.rows_per_warp == 1 || tuning.rows_per_warp == 2 || tuning.rows_per_warp == 4) rw = tuning.rows_per_warp;
+  if (tuning.warps >= 1 && tuning.warps <= tiled_threads_max / 32) warps = tuning.warps;
   auto shared_for = [&](int rows) {
     return size_t(rows * layout.k_dim + 2 * tile_keys * (a.k_pitch + (latent ? 0 : a.v_pitch))) * sizeof(float);
   };
@@ -395,10 +399,11 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
   const int64_t v4 = layout.v_dim / 4, vpl_needed = (v4 + 31) / 32;
   const int vpl = vpl_needed <= 1 ? 1 : vpl_needed <= 2 ? 2 : vpl_needed <= 4 ? 4 : 8;
   const int64_t n_keys = n_past + n_tokens;
+  const int waves = tuning.waves >= 1 ? tuning.waves : 1;
   switch (rw) {
-    case 1: launch_tiled_rw<1>(a, vpl, warps, shared, n_sm, n_keys, out, stream); break;
-    case 2: launch_tiled_rw<2>(a, vpl, warps, shared, n_sm, n_keys, out, stream); break;
-    default: launch_tiled_rw<4>(a, vpl, warps, shared, n_sm, n_keys, out, stream); break;
+    case 1: launch_tiled_rw<1>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
+    case 2: launch_tiled_rw<2>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
+    default: launch_tiled_rw<4>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
   }
 }
 
