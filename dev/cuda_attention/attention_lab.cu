@@ -9,6 +9,8 @@
 //   delta rule v1  one block per value head, the state in shared memory, tokens in order (copied below)
 //              v2  token by token, block per (32 state columns, value head), state in registers
 //              v3  chunked (WY) form, 64-token chunks: prepare kernel + state kernel
+// Last, a sweep of the tiled kernel's shape (cuda::AttentionTuning) at 32K-key decode and 512-token
+// prefill.
 // Outputs of each new version are compared with v1's (already checked against the CPU reference by
 // the op tests). Build: ninja -C build attention_lab. Run: build/dev/attention_lab (one table per op).
 #include <cuda_runtime.h>
@@ -218,10 +220,8 @@ void attention_sweep(double copy_gbs) {
         });
         CHECK(cudaDeviceSynchronize());
         const double diff = max_diff(h1, to_host(o2, o_floats)) / 1.7;
-        const double gbs = double(n_keys) * l.n_head_kv * (l.k_dim + (m.latent ? 0 : l.v_dim)) * 4 / us / 1e3;
         std::printf(" [%dx%d,%d] %.1f%s", var.rw, var.warps, var.waves, us, diff > 1e-5 ? "(WRONG)" : "");
         if (us < best) best = us, best_v = var;
-        (void)gbs;
       }
       const double best_gbs = double(n_keys) * l.n_head_kv * (l.k_dim + (m.latent ? 0 : l.v_dim)) * 4 / best / 1e3;
       std::printf("\n    best [%dx%d,%d] %.1f us, %.0f GB/s (%.0f%% copy)\n", best_v.rw, best_v.warps, best_v.waves, best, best_gbs,
