@@ -788,6 +788,87 @@ TEST_P(BackendOps, GatedDeltaRuleMatchesReference) {
   }
 }
 
+// Long contexts with few query rows: the CUDA backend splits the keys across blocks (flash-decoding)
+// when a context's (KV head, row tile) blocks cannot fill the GPU, which holds for every case here
+// (≤ 8 KV heads, ≤ 4 row tiles each, ≥ 700 keys): GQA at decode and with a few tokens, MLA's latent
+// layout at its real widths (576/512) with 128 and 16 heads, and prefill rows crossing row tiles.
+TEST_P(BackendOps, AttentionOverLongContextsMatchesReference) {
+  struct Case { int64_t n_tokens, n_past; AttentionLayout layout; bool latent; };
+  const std::vector<Case> cases = {
+      {1, 3000, AttentionLayout::gqa(8, 2, 128), false},      // Qwen3-30B's group of 4, one decode token
+      {1, 5000, AttentionLayout::gqa(16, 1, 64), false},      // group 16, a split's last tile partial
+      {3, 2000, AttentionLayout::gqa(8, 4, 64), false},       // several tokens: each split masks causally
+      {40, 700, AttentionLayout::gqa(4, 1, 128), false},      // prefill: 160 rows over five row tiles
+      {1, 2200, AttentionLayout::gqa(4, 4, 256), false},      // no grouping, Qwen3.5's head_dim
+      {1, 1500, {128, 1, 576, 512, 576, 576}, true},          // DeepSeek-V3's latent decode, all heads
+      {2, 2500, {16, 1, 576, 512, 576, 576}, true},           // latent, two tokens
+  };
+  for (const Case& c : cases) {
+    const AttentionLayout& l = c.layout;
+    const int64_t n_ctx = c.n_past + c.n_tokens;
+    const auto q = gaussian(size_t(c.n_tokens * l.n_head * l.k_dim), rng_);
+    const auto k = gaussian(size_t(n_ctx * l.k_stride), rng_);
+    const auto v = c.latent ? k : gaussian(size_t(n_ctx * l.v_stride), rng_);
+    // Scores of a few units, as trained models have: a flat softmax over thousands of keys would hide
+    // a wrong split merge as well as the right one.
+    const float scale = 3.0f / std::sqrt(float(l.k_dim));
+    std::vector<float> out_ref(size_t(c.n_tokens * l.n_head * l.v_dim));
+    ref_->attention(q.data(), k.data(), v.data(), c.n_tokens, c.n_past, l, scale, out_ref.data());
+    DeviceBuffer dq(but(), *be_, q), dk(but(), *be_, k), dout(but(), *be_, out_ref.size() * 4);
+    DeviceBuffer dv(but(), *be_, v);
+    be_->attention(dq.f(), dk.f(), c.latent ? dk.f() : dv.f(), c.n_tokens, c.n_past, l, scale, dout.f());
+    const auto got = dout.read();
+    const float v_max = std::fabs(*std::max_element(v.begin(), v.end(), [](float a, float b) { return std::fabs(a) < std::fabs(b); }));
+    Mismatches bad;
+    for (size_t i = 0; i < got.size(); ++i) {
+      // A convex combination of values, as above: rounding of scores and of sums over up to 5000 keys
+      // stays ~1e-6·max|v|; a split merged with a wrong weight or a missed key tile is off by ≥ 1e-3.
+      const double tol = 1e-5 * v_max;
+      bad.check(std::fabs(got[i] - out_ref[i]) <= tol, i, got[i], out_ref[i], tol);
+    }
+    EXPECT_EQ(bad.count, 0) << "T=" << c.n_tokens << " n_past=" << c.n_past << " heads " << l.n_head << "/" << l.n_head_kv
+                            << " k_dim " << l.k_dim << " v_dim " << l.v_dim << " latent " << c.latent << bad.first;
+  }
+}
+
+// Token counts around the chunk size (64) in one sequence whose state carries from call to call: a
+// single token, one short of a chunk, exactly one, one past, several chunks and a partial one, at
+// Qwen3.5's head size. The CUDA backend runs the chunked form from 128 tokens on
+// (cuda::gated_delta_chunked_min_tokens) and token by token below, so both forms and the passage
+// between them are covered (attention_lab also checks the chunked form alone at 1 … 2048 tokens).
+TEST_P(BackendOps, GatedDeltaRuleAcrossChunkBoundariesMatchesReference) {
+  const std::vector<GatedDeltaCase> cases = {
+      {2, 4, 128, 128, 0, {1, 63, 64, 65, 200, 1}, false},
+      {2, 4, 128, 128, 7, {129, 128, 127}, true, 0.9f},  // near-parallel keys, padded rows
+      {1, 2, 64, 96, 0, {100, 1, 31}, false},             // other widths: k_dim 64, v_dim three column tiles
+  };
+  for (const GatedDeltaCase& c : cases) {
+    SCOPED_TRACE(c.label());
+    std::vector<GatedDeltaInputs> inputs;
+    for (int64_t n_tokens : c.calls) inputs.push_back(gated_delta_inputs(c, n_tokens, rng_));
+    const size_t state_floats = size_t(c.n_v_heads * c.k_dim * c.v_dim);
+    const std::vector<float> state0 = c.zero_state ? std::vector<float>(state_floats, 0.0f) : gaussian(state_floats, rng_, 0.5f);
+    const GatedDeltaRun want = run_gated_delta(*ref_, c, inputs, state0);
+    GatedDeltaRun got;
+    DeviceBuffer dstate(but(), *be_, state0);
+    const float q_scale = 1.0f / std::sqrt(float(c.k_dim));
+    for (size_t call = 0; call < c.calls.size(); ++call) {
+      const int64_t n_tokens = c.calls[call];
+      DeviceBuffer dqkv(but(), *be_, inputs[call].qkv), dg(but(), *be_, inputs[call].g), dbeta(but(), *be_, inputs[call].beta);
+      DeviceBuffer dout(but(), *be_, size_t(n_tokens * c.n_v_heads * c.v_dim) * 4);
+      const float* q = dqkv.f();
+      be_->gated_delta_rule(q, q + c.n_k_heads * c.k_dim, q + 2 * c.n_k_heads * c.k_dim, c.stride(), dg.f(), dbeta.f(), dstate.f(),
+                            n_tokens, c.n_k_heads, c.n_v_heads, c.k_dim, c.v_dim, q_scale, dout.f());
+      got.outs.push_back(dout.read());
+      got.states.push_back(dstate.read());
+    }
+    // The tolerances of GatedDeltaRuleMatchesReference: both forms are fp32 reorderings of the same sums.
+    const GatedDeltaError e = gated_delta_error(got, want);
+    EXPECT_LE(e.out, gated_delta_out_tolerance) << "outputs";
+    EXPECT_LE(e.state, gated_delta_state_tolerance) << "state";
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(All, BackendOps, ::testing::ValuesIn(backends_under_test()),
                          [](const ::testing::TestParamInfo<BackendUnderTest>& info) { return info.param.label; });
 

@@ -1,4 +1,5 @@
-// The kernel of attention.cuh.
+// The kernels of attention.cuh: the simple kernel (one block per query head and token), the tiled
+// kernel (one block per KV head, tile of query rows and slice of keys) and the combine of split partials.
 #include <algorithm>
 #include <cmath>
 
@@ -9,6 +10,8 @@
 namespace moeflux::cuda {
 namespace {
 
+// --- The simple kernel ------------------------------------------------------------------------------
+
 constexpr int attention_warps = 4;
 
 // Shared memory: q [k_dim], then each warp's weighted value sum [attention_warps, v_dim].
@@ -16,7 +19,7 @@ __global__ void __launch_bounds__(32 * attention_warps)
     attention_kernel(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
                      int64_t n_past, AttentionLayout l, int64_t group, float scale, float* __restrict__ out) {
   extern __shared__ float shared[];
-  __shared__ float warp_max[attention_warps], warp_sum_p[attention_warps];
+  __shared__ float warp_max_s[attention_warps], warp_sum_p[attention_warps];
   const int64_t h = blockIdx.x, t = blockIdx.y, kv = h / group;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* qs = shared;
@@ -39,13 +42,13 @@ __global__ void __launch_bounds__(32 * attention_warps)
     for (int64_t d = lane; d < l.v_dim; d += 32) acc[d] = acc[d] * correction + p * vj[d];
     m = m_new;
   }
-  if (lane == 0) warp_max[warp] = m, warp_sum_p[warp] = sum;
+  if (lane == 0) warp_max_s[warp] = m, warp_sum_p[warp] = sum;
   __syncthreads();
   float m_all = -INFINITY;
-  for (int w = 0; w < attention_warps; ++w) m_all = fmaxf(m_all, warp_max[w]);
+  for (int w = 0; w < attention_warps; ++w) m_all = fmaxf(m_all, warp_max_s[w]);
   float weight[attention_warps], total = 0.f;
   for (int w = 0; w < attention_warps; ++w) {
-    weight[w] = warp_max[w] == -INFINITY ? 0.f : expf(warp_max[w] - m_all);  // a warp that saw no key weighs 0
+    weight[w] = warp_max_s[w] == -INFINITY ? 0.f : expf(warp_max_s[w] - m_all);  // a warp that saw no key weighs 0
     total += warp_sum_p[w] * weight[w];
   }
   float* oh = out + (t * l.n_head + h) * l.v_dim;
@@ -56,16 +59,8 @@ __global__ void __launch_bounds__(32 * attention_warps)
   }
 }
 
-}  // namespace
-
-void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
-               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream) {
-  if (n_tokens <= 0 || layout.n_head <= 0) return;
-  if (layout.n_head_kv <= 0 || layout.n_head % layout.n_head_kv != 0) {
-    std::fprintf(stderr, "%s:%d: attention: n_head %lld is not a multiple of n_head_kv %lld\n", __FILE__, __LINE__,
-                 (long long)layout.n_head, (long long)layout.n_head_kv);
-    std::abort();
-  }
+void attention_simple(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+                      const AttentionLayout& layout, float scale, float* out, cudaStream_t stream) {
   const size_t shared = size_t(layout.k_dim + attention_warps * layout.v_dim) * sizeof(float);
   if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
   // Tokens beyond grid.y's 65535 go in further launches, each a later slice of queries.
@@ -75,6 +70,340 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
                                                                       layout, layout.n_head / layout.n_head_kv, scale,
                                                                       out + t0 * layout.n_head * layout.v_dim);
     MF_CUDA_CHECK_LAUNCH();
+  }
+}
+
+// --- The tiled kernel -------------------------------------------------------------------------------
+//
+// The query rows of KV head kv are its (token, head) pairs, row = t·group + (h − kv·group), so a tile
+// of rows is the GQA group of one token or of a few tokens (prefill), or a slice of MLA's 128 heads. A
+// block takes rows (= warps · RW) of them and the keys of one split, tile_keys at a time: each tile of
+// K (and V) is copied to shared memory once (cp.async, two buffers) and every row of the block reads it
+// there. Warp w owns rows w·RW … w·RW + RW − 1 throughout: for the scores lane (kg, dp) takes keys
+// 4·kg … 4·kg + 3 over the float4 columns ≡ dp (mod 4) (key rows padded so that 16-byte reads of 8
+// lanes hit distinct banks) and the 4 lanes of a key group sum up; for the weighted sum lane i takes
+// value columns 4·(i + 32·c), c < VPL. The online softmax state (max, sum) is per row, replicated
+// across the warp's lanes, in base 2 (q is pre-scaled by scale·log2 e).
+
+constexpr int tile_keys = 32;
+constexpr int tiled_threads_max = 256;
+
+struct TiledArgs {
+  const float* q;
+  const float* k_cache;
+  const float* v_cache;  // == k_cache in the latent layout: the value tile is the key tile's prefix
+  AttentionLayout l;
+  int64_t n_past, group;
+  int64_t rows_per_kv;     // n_tokens · group
+  int64_t n_row_tiles;     // per KV head
+  int64_t keys_per_split;  // a multiple of tile_keys
+  int64_t rows_out;        // n_tokens · n_head: rows of out, and of each split's partials
+  int k_pitch, v_pitch;    // floats per key row of the shared K and V tiles
+  bool latent;
+  float q_scale;           // scale · log2 e
+  float* out;              // the result, when there is one split
+  float* part_o;           // else [n_split, rows_out, v_dim] unnormalized sums
+  float* part_ml;          // and  [n_split, rows_out, 2] (max, sum) in base 2
+};
+
+template <int RW, int VPL>
+__global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(TiledArgs a) {
+  extern __shared__ float4 shared4[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  const int rows = n_warps * RW;
+  const int64_t row_tile = blockIdx.x % a.n_row_tiles, kv = blockIdx.x / a.n_row_tiles, split = blockIdx.y;
+  const int64_t row0 = row_tile * rows;
+  const int64_t k4 = a.l.k_dim / 4, v4 = a.l.v_dim / 4, kp4 = a.k_pitch / 4, vp4 = a.v_pitch / 4;
+  float4* qs = shared4;                                  // [rows, k_dim], pre-scaled
+  // Two buffers of [K tile [tile_keys, k_pitch], V tile [tile_keys, v_pitch] (none when latent)]: one
+  // is read while cp.async fills the other with the next tile.
+  float4* tiles = qs + rows * k4;
+  const int tile4 = tile_keys * int(kp4) + (a.latent ? 0 : tile_keys * int(vp4));
+
+  const int k4i = int(k4), v4i = int(v4);
+  for (int i = threadIdx.x; i < rows * k4i; i += blockDim.x) {
+    const int r = i / k4i, c = i - r * k4i;
+    const int64_t row = row0 + r;
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row < a.rows_per_kv) {
+      const int64_t t = row / a.group, h = kv * a.group + row % a.group;
+      x = reinterpret_cast<const float4*>(a.q + (t * a.l.n_head + h) * a.l.k_dim)[c];
+      x.x *= a.q_scale, x.y *= a.q_scale, x.z *= a.q_scale, x.w *= a.q_scale;
+    }
+    qs[i] = x;
+  }
+
+  // Keys of this block: its split, up to the last key its last row sees (causal).
+  const int64_t last_row = (row0 + rows < a.rows_per_kv ? row0 + rows : a.rows_per_kv) - 1;
+  const int64_t key_begin = split * a.keys_per_split;
+  const int64_t rows_key_end = a.n_past + last_row / a.group + 1;
+  const int64_t key_end = key_begin + a.keys_per_split < rows_key_end ? key_begin + a.keys_per_split : rows_key_end;
+  int64_t row_key_end[RW];  // keys [0, row_key_end) are visible to the row; 0 for rows past the end
+  for (int r = 0; r < RW; ++r) {
+    const int64_t row = row0 + warp * RW + r;
+    row_key_end[r] = row < a.rows_per_kv ? a.n_past + row / a.group + 1 : 0;
+  }
+  const bool warp_busy = row0 + warp * RW < a.rows_per_kv;
+
+  float m[RW], l[RW], acc[RW][VPL][4];
+  for (int r = 0; r < RW; ++r) {
+    m[r] = -INFINITY, l[r] = 0.f;
+    for (int c = 0; c < VPL; ++c) acc[r][c][0] = acc[r][c][1] = acc[r][c][2] = acc[r][c][3] = 0.f;
+  }
+  const float4* k_base = reinterpret_cast<const float4*>(a.k_cache) + kv * k4;
+  const float4* v_base = reinterpret_cast<const float4*>(a.v_cache) + kv * v4;
+  const int64_t k_stride4 = a.l.k_stride / 4, v_stride4 = a.l.v_stride / 4;
+
+  // Tile loads: element i = j·dim4 + c of a tile goes to the thread i mod blockDim; a thread walks its
+  // elements by fixed steps instead of dividing (the division cost as much as the copies).
+  auto issue_rows = [&](float4* dst, int pitch4, const float4* src, int64_t stride4, int dim4, int nk) {
+    const int j_step = int(blockDim.x) / dim4, c_step = int(blockDim.x) - j_step * dim4;
+    int j = int(threadIdx.x) / dim4, c = int(threadIdx.x) - j * dim4;
+    while (j < nk) {
+      cp_async16(dst + j * pitch4 + c, src + j * stride4 + c);
+      j += j_step, c += c_step;
+      if (c >= dim4) c -= dim4, ++j;
+    }
+  };
+  auto issue = [&](int64_t kb, int buf) {
+    const int nk = key_end - kb < tile_keys ? int(key_end - kb) : tile_keys;
+    float4* kd = tiles + buf * tile4;
+    issue_rows(kd, int(kp4), k_base + kb * k_stride4, k_stride4, k4i, nk);
+    if (!a.latent) issue_rows(kd + tile_keys * kp4, int(vp4), v_base + kb * v_stride4, v_stride4, v4i, nk);
+  };
+  if (key_begin < key_end) issue(key_begin, 0);
+  cp_async_commit();
+  int buf = 0;
+  for (int64_t kb = key_begin; kb < key_end; kb += tile_keys, buf ^= 1) {
+    const int nk = key_end - kb < tile_keys ? int(key_end - kb) : tile_keys;
+    if (kb + tile_keys < key_end) issue(kb + tile_keys, buf ^ 1);
+    cp_async_commit();  // possibly empty: the wait below counts groups
+    cp_async_wait<1>();
+    __syncthreads();    // this tile (and, the first time, qs) is in shared memory for every thread
+    const float4* ks = tiles + buf * tile4;
+    const float4* vs = a.latent ? ks : ks + tile_keys * kp4;
+    if (warp_busy) {
+      // Scores of the warp's rows: lane (kg, dp) = (lane / 4, lane % 4) takes keys 4·kg … 4·kg + 3 over
+      // the float4 columns ≡ dp (mod 4), then the 4 lanes of a key group add up. Each 16-byte K read
+      // serves RW rows and each q read 4 keys. Lanes past nk read stale rows; they are masked.
+      const int kg = lane >> 2, dp = lane & 3;
+      float s[RW][4];
+      for (int r = 0; r < RW; ++r) s[r][0] = s[r][1] = s[r][2] = s[r][3] = 0.f;
+      const float4* q_rows = qs + warp * RW * k4i;
+      for (int c = dp; c < k4i; c += 4) {
+        float4 kk[4];
+        for (int k = 0; k < 4; ++k) kk[k] = ks[(4 * kg + k) * kp4 + c];
+        for (int r = 0; r < RW; ++r) {
+          const float4 qq = q_rows[r * k4i + c];
+          for (int k = 0; k < 4; ++k) s[r][k] = fmaf(qq.x, kk[k].x, fmaf(qq.y, kk[k].y, fmaf(qq.z, kk[k].z, fmaf(qq.w, kk[k].w, s[r][k]))));
+        }
+      }
+      float p[RW][4];
+      for (int r = 0; r < RW; ++r) {
+        float row_max = -INFINITY;
+        for (int k = 0; k < 4; ++k) {
+          s[r][k] += __shfl_xor_sync(0xffffffffu, s[r][k], 1);
+          s[r][k] += __shfl_xor_sync(0xffffffffu, s[r][k], 2);
+          const int j = 4 * kg + k;
+          s[r][k] = j < nk && kb + j < row_key_end[r] ? s[r][k] : -INFINITY;
+          row_max = fmaxf(row_max, s[r][k]);
+        }
+        const float m_new = fmaxf(m[r], warp_max(row_max));
+        float correction = 1.f, p_sum = 0.f;
+        for (int k = 0; k < 4; ++k) p[r][k] = 0.f;
+        if (m_new != -INFINITY) {  // uniform across the warp: no key of this row seen yet otherwise
+          for (int k = 0; k < 4; ++k) p_sum += p[r][k] = exp2f(s[r][k] - m_new);
+          correction = exp2f(m[r] - m_new);  // 0 when m was −inf
+        }
+        l[r] = l[r] * correction + warp_sum(dp == 0 ? p_sum : 0.f);  // each key's p is held by its group's 4 lanes
+        m[r] = m_new;
+        for (int c = 0; c < VPL; ++c)
+          for (int e = 0; e < 4; ++e) acc[r][c][e] *= correction;
+      }
+      // Weighted sum: lane i takes value columns 4·(i + 32·c); key j's p comes from lane 4·(j / 4).
+      for (int jg = 0; 4 * jg < nk; ++jg)
+        for (int k = 0; k < 4; ++k) {
+          float pj[RW];
+          for (int r = 0; r < RW; ++r) pj[r] = __shfl_sync(0xffffffffu, p[r][k], 4 * jg);
+          const int j = 4 * jg + k;
+          if (j >= nk) break;  // uniform; a stale row times p = 0 could still be NaN
+          const float4* v_row = vs + j * vp4;
+          for (int c = 0; c < VPL; ++c) {
+            const int col = lane + 32 * c;
+            if (col < v4i) {
+              const float4 vv = v_row[col];
+              for (int r = 0; r < RW; ++r) {
+                acc[r][c][0] = fmaf(pj[r], vv.x, acc[r][c][0]);
+                acc[r][c][1] = fmaf(pj[r], vv.y, acc[r][c][1]);
+                acc[r][c][2] = fmaf(pj[r], vv.z, acc[r][c][2]);
+                acc[r][c][3] = fmaf(pj[r], vv.w, acc[r][c][3]);
+              }
+            }
+          }
+        }
+    }
+    __syncthreads();  // the buffer is refilled by the next iteration's issue
+  }
+
+  for (int r = 0; r < RW; ++r) {
+    const int64_t row = row0 + warp * RW + r;
+    if (row >= a.rows_per_kv) break;
+    const int64_t t = row / a.group, h = kv * a.group + row % a.group, orow = t * a.l.n_head + h;
+    const bool direct = a.part_o == nullptr;
+    const float inv = direct ? 1.f / l[r] : 1.f;  // direct: one split, which holds key 0, so l ≥ 1
+    float4* o = reinterpret_cast<float4*>(direct ? a.out + orow * a.l.v_dim : a.part_o + (split * a.rows_out + orow) * a.l.v_dim);
+    for (int c = 0; c < VPL; ++c) {
+      const int col = lane + 32 * c;
+      if (col < v4) o[col] = make_float4(acc[r][c][0] * inv, acc[r][c][1] * inv, acc[r][c][2] * inv, acc[r][c][3] * inv);
+    }
+    if (!direct && lane == 0) {
+      a.part_ml[(split * a.rows_out + orow) * 2] = m[r];
+      a.part_ml[(split * a.rows_out + orow) * 2 + 1] = l[r];
+    }
+  }
+}
+
+// out[row] = Σ_s e^(m_s − M) o_s / Σ_s e^(m_s − M) l_s, M = max_s m_s; a split that saw no key of the
+// row (m = −inf) weighs 0. One block per output row.
+__global__ void attention_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, int n_split,
+                                         int64_t rows_out, int64_t v_dim, float* __restrict__ out) {
+  __shared__ float weight[256];
+  __shared__ float inv_total;
+  const int64_t row = blockIdx.x;
+  if (threadIdx.x < 32) {
+    float m_max = -INFINITY;
+    for (int s = threadIdx.x; s < n_split; s += 32) m_max = fmaxf(m_max, part_ml[(s * rows_out + row) * 2]);
+    m_max = warp_max(m_max);
+    float total = 0.f;
+    for (int s = threadIdx.x; s < n_split; s += 32) {
+      const float m = part_ml[(s * rows_out + row) * 2], w = m == -INFINITY ? 0.f : exp2f(m - m_max);
+      weight[s] = w;
+      total += w * part_ml[(s * rows_out + row) * 2 + 1];
+    }
+    total = warp_sum(total);
+    if (threadIdx.x == 0) inv_total = 1.f / total;
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < v_dim; c += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < n_split; ++s) o = fmaf(weight[s], part_o[(s * rows_out + row) * v_dim + c], o);
+    out[row * v_dim + c] = o * inv_total;
+  }
+}
+
+constexpr int max_splits = 256;  // attention_combine_kernel's weight[]
+
+// A key row's pitch in shared memory: ≡ 4 (mod 32) floats, so lanes reading 16 bytes each from 8
+// consecutive rows (one phase of a 16-byte shared load) hit 8 distinct groups of 4 banks.
+int key_pitch(int64_t dim) { return int(dim + (36 - dim % 32) % 32); }
+
+// Splits the keys when the (row tile, KV head) blocks alone would not fill one wave of resident blocks
+// (decode): as many splits as fill it, each at least one key tile. Then launches the kernel, and the
+// combine when split.
+template <int RW, int VPL>
+void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, int64_t n_keys, float* out, cudaStream_t stream) {
+  const auto kernel = attention_tiled_kernel<RW, VPL>;
+  if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+  int resident = 0;
+  MF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, 32 * warps, shared));
+  const int64_t blocks = a.n_row_tiles * a.l.n_head_kv, wave = int64_t(std::max(resident, 1)) * n_sm * waves;
+  int64_t n_split = 1;
+  if (blocks < wave) n_split = std::min<int64_t>({wave / blocks, (n_keys + tile_keys - 1) / tile_keys, int64_t(max_splits)});
+  a.keys_per_split = ((n_keys + n_split - 1) / n_split + tile_keys - 1) / tile_keys * tile_keys;
+  n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
+  if (n_split > 1) {
+    const size_t part_o_floats = size_t(n_split * a.rows_out * a.l.v_dim);
+    float* scratch = static_cast<float*>(stream_scratch(stream, (part_o_floats + size_t(n_split * a.rows_out * 2)) * sizeof(float)));
+    a.part_o = scratch;
+    a.part_ml = scratch + part_o_floats;
+  } else {
+    a.out = out;
+  }
+  kernel<<<dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, shared, stream>>>(a);
+  MF_CUDA_CHECK_LAUNCH();
+  if (n_split > 1) {
+    attention_combine_kernel<<<unsigned(a.rows_out), 128, 0, stream>>>(a.part_o, a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
+    MF_CUDA_CHECK_LAUNCH();
+  }
+}
+
+template <int RW>
+void launch_tiled_rw(const TiledArgs& a, int vpl, int warps, size_t shared, int n_sm, int waves, int64_t n_keys, float* out,
+                     cudaStream_t stream) {
+  switch (vpl) {
+    case 1: return launch_tiled<RW, 1>(a, warps, shared, n_sm, waves, n_keys, out, stream);
+    case 2: return launch_tiled<RW, 2>(a, warps, shared, n_sm, waves, n_keys, out, stream);
+    case 4: return launch_tiled<RW, 4>(a, warps, shared, n_sm, waves, n_keys, out, stream);
+    default: return launch_tiled<RW, 8>(a, warps, shared, n_sm, waves, n_keys, out, stream);
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+bool attention_tiled_supported(const float* q, const float* k_cache, const float* v_cache, const AttentionLayout& l, const float* out) {
+  return l.k_dim % 4 == 0 && l.v_dim % 4 == 0 && l.k_stride % 4 == 0 && l.v_stride % 4 == 0 && l.v_dim <= 1024 && aligned16(q) &&
+         aligned16(k_cache) && aligned16(v_cache) && aligned16(out);
+}
+
+void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream, AttentionPath path,
+               const AttentionTuning& tuning) {
+  if (n_tokens <= 0 || layout.n_head <= 0) return;
+  if (layout.n_head_kv <= 0 || layout.n_head % layout.n_head_kv != 0) {
+    std::fprintf(stderr, "%s:%d: attention: n_head %lld is not a multiple of n_head_kv %lld\n", __FILE__, __LINE__,
+                 (long long)layout.n_head, (long long)layout.n_head_kv);
+    std::abort();
+  }
+  // The latent layout: each value row is the prefix of its key row, so the key tile serves as both.
+  const bool latent = v_cache == k_cache && layout.v_stride == layout.k_stride && layout.v_dim <= layout.k_dim &&
+                      (layout.n_head_kv == 1 || layout.v_dim == layout.k_dim);
+  // A decode step over a few dozen keys: the simple kernel's one launch beats the tiled kernel's setup
+  // (attention_lab, H200: 9.0 against 11.0 µs at 33 keys, 14.8 against 11.1 at 65).
+  const bool short_decode = n_tokens == 1 && n_past + 1 <= 64;
+  if (path == AttentionPath::simple || (path == AttentionPath::automatic && short_decode) ||
+      !attention_tiled_supported(q, k_cache, v_cache, layout, out))
+    return attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
+
+  int device = 0, n_sm = 0, shared_max = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  MF_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+  MF_CUDA_CHECK(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+
+  TiledArgs a{};
+  a.q = q, a.k_cache = k_cache, a.v_cache = v_cache, a.l = layout, a.n_past = n_past;
+  a.group = layout.n_head / layout.n_head_kv;
+  a.rows_per_kv = n_tokens * a.group;
+  a.rows_out = n_tokens * layout.n_head;
+  a.k_pitch = key_pitch(layout.k_dim);
+  a.v_pitch = latent ? a.k_pitch : key_pitch(layout.v_dim);
+  a.latent = latent;
+  a.q_scale = scale * 1.4426950408889634f;
+
+  // Rows per warp and warps per block: enough rows to share each K/V tile among (the GQA group, or 32
+  // rows), and no more warps than rows need; smaller when shared memory is short (consumer GPUs, MLA).
+  int rw = a.rows_per_kv <= 4 ? 1 : a.rows_per_kv <= 16 ? 2 : 4;
+  int warps = a.rows_per_kv <= 4 ? 4 : a.rows_per_kv <= 8 ? 4 : 8;
+  if (tuning.rows_per_warp == 1 || tuning.rows_per_warp == 2 || tuning.rows_per_warp == 4) rw = tuning.rows_per_warp;
+  if (tuning.warps >= 1 && tuning.warps <= tiled_threads_max / 32) warps = tuning.warps;
+  auto shared_for = [&](int rows) {
+    return size_t(rows * layout.k_dim + 2 * tile_keys * (a.k_pitch + (latent ? 0 : a.v_pitch))) * sizeof(float);
+  };
+  while (shared_for(rw * warps) > size_t(shared_max) && rw * warps > 4) rw > 1 ? void(rw /= 2) : void(warps /= 2);
+  const size_t shared = shared_for(rw * warps);
+  if (shared > size_t(shared_max)) return attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
+  const int rows = rw * warps;
+  a.n_row_tiles = (a.rows_per_kv + rows - 1) / rows;
+
+  const int64_t v4 = layout.v_dim / 4, vpl_needed = (v4 + 31) / 32;
+  const int vpl = vpl_needed <= 1 ? 1 : vpl_needed <= 2 ? 2 : vpl_needed <= 4 ? 4 : 8;
+  const int64_t n_keys = n_past + n_tokens;
+  const int waves = tuning.waves >= 1 ? tuning.waves : 1;
+  switch (rw) {
+    case 1: launch_tiled_rw<1>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
+    case 2: launch_tiled_rw<2>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
+    default: launch_tiled_rw<4>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
   }
 }
 

@@ -1,8 +1,28 @@
 // CUDA causal softmax attention over a KV cache (Backend::attention, any AttentionLayout: GQA, MLA's
-// expanded and latent forms). One block per (query head, token); its 4 warps take every 4th key, each
-// keeping an online softmax (running max, sum, and the weighted sum of values in shared memory), merged
-// at the end. Simple, not yet a flash-decoding split over keys: a long context runs n_head · T blocks.
-// Reference: ReferenceBackend::attention; tolerance 1e-5·max|v| (op test).
+// expanded and latent forms). Two kernels:
+//  - tiled (the default): one block per (KV head, tile of up to 32 query rows, slice of keys). A row is
+//    a (token, query head) pair of the KV head, so the tile is the GQA group of a decode token, a few
+//    prefill tokens, or a slice of MLA's heads. Tiles of 32 keys are copied from device memory once per
+//    block into shared memory (cp.async, double-buffered: the next tile loads while this one is used;
+//    in the latent layout the value tile is the key tile's prefix, not read again), and each warp's
+//    rows read them there: scores with each lane on 4 keys × its warp's rows, then an online softmax
+//    per row in registers and the weighted sum with each lane on 4-float column groups. When the (row
+//    tile, KV head) blocks alone do not fill one wave of resident blocks (decode), the keys are split
+//    across blocks (flash-decoding): each writes its unnormalized sum and (max, sum of exponentials)
+//    to a scratch buffer (stream_scratch, device_common.cuh: n_split · T · n_head · (v_dim + 2)
+//    floats, n_split ≤ 256) and a combine kernel merges them.
+//    Needs 16-byte aligned q, caches and out, k_dim, v_dim and strides multiples of 4, v_dim ≤ 1024 and
+//    (rows · k_dim + 64 · (k_dim + v_dim) + padding) floats of shared memory for ≥ 4 rows (222 KiB for
+//    MLA's 32 rows of 576: Hopper's 227 KiB opt-in; fewer rows on smaller GPUs).
+//  - simple: one block per (query head, token), 4 warps taking every 4th key, merged at the end. Used
+//    for other shapes and for a single token over ≤ 64 keys, where its one launch is faster.
+// Bytes moved (tiled): K and V of the visible keys once per (KV head, row tile), q and out once, plus
+// the partials twice when split. On an H200 (attention_lab, docs/BENCHMARKS.md "CUDA attention and
+// delta rule") decode at 32K keys reads the cache at 1691 GB/s (Qwen3-30B, 40% of the copy bandwidth)
+// and 1063 GB/s (Qwen3.5-397B, 25%); MLA's latent decode is fp32-arithmetic bound (128 heads × 1088
+// multiply-adds per 2.3 KB key row: ~17 TFLOP/s). 36–117× the simple kernel at 8K–32K keys.
+// Reference: ReferenceBackend::attention; tolerance 1e-5·max|v| (op test): scores round differently
+// (q pre-scaled by scale·log2 e, exp2) and sums run in another order, ~1e-7 relative measured.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,7 +33,22 @@
 
 namespace moeflux::cuda {
 
+// Which kernel runs: automatic picks the tiled kernel where its requirements hold; the others are for
+// labs and tests (tiled still falls back to simple where it cannot run).
+enum class AttentionPath { automatic, simple, tiled };
+
+// The tiled kernel's shape, for labs: rows per warp (1, 2 or 4), warps per block (1 … 8) and how many
+// waves of resident blocks a split decode aims at; 0 keeps the measured choice.
+struct AttentionTuning {
+  int rows_per_warp = 0, warps = 0, waves = 0;
+};
+
 void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
-               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream);
+               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream,
+               AttentionPath path = AttentionPath::automatic, const AttentionTuning& tuning = {});
+
+// Whether the tiled kernel's alignment and shape requirements hold (shared memory is checked at launch).
+bool attention_tiled_supported(const float* q, const float* k_cache, const float* v_cache, const AttentionLayout& layout,
+                               const float* out);
 
 }  // namespace moeflux::cuda

@@ -1,13 +1,18 @@
 // Device helpers shared by the CUDA backend's kernels: warp/block sums and the exact decode of one weight
 // of each format (quant/weight_format.hpp). Included by .cu files only.
+// Also: warp_max, cp.async helpers and the per-stream scratch buffer (stream_scratch).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
+#include "backends/cuda/cuda_check.hpp"
 #include "quant/weight_format.hpp"
 
 namespace moeflux::cuda {
@@ -28,6 +33,24 @@ __device__ __forceinline__ float block_sum(float v) {
   float total = 0.f;
   for (int w = 0; w < n_warps; ++w) total += partial[w];
   return total;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Asynchronous 16-byte copies from device to shared memory (sm_80+): issued, grouped by commit, and
+// waited for until at most N groups of this thread remain in flight. A barrier must follow the wait
+// before other threads read what this thread copied.
+__device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
@@ -60,6 +83,42 @@ __device__ __forceinline__ float weight_at(WeightFormat format, int64_t cols, co
 inline unsigned grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return unsigned(blocks < 1 ? 1 : blocks > 65535 * 16 ? 65535 * 16 : blocks);
+}
+
+// Device memory for an op's temporaries (attention's split partials, the delta rule's chunk matrices),
+// at least `bytes`, 256-byte aligned, valid for kernels queued on `stream` until the next call for that
+// stream. One grow-only buffer per (device, stream), kept for the life of the process: ops on one stream
+// run in order, so they share it. Growing waits for the stream (its queued kernels may use the old buffer)
+// and then frees and allocates, so it must not happen while the stream is being captured into a graph: a
+// graph's first, uncaptured run sizes it. Host-only.
+inline void* stream_scratch(cudaStream_t stream, size_t bytes) {
+  struct Buffer {
+    int device;
+    cudaStream_t stream;
+    void* data;
+    size_t bytes;
+  };
+  static std::mutex mutex;
+  static std::vector<Buffer> buffers;  // one per (device, stream) seen; a handful in any process
+  int device = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  Buffer* found = nullptr;
+  for (Buffer& b : buffers)
+    if (b.device == device && b.stream == stream) found = &b;
+  if (!found) found = &buffers.emplace_back(Buffer{device, stream, nullptr, 0});
+  if (found->bytes < bytes) {
+    if (found->data) {
+      MF_CUDA_CHECK(cudaStreamSynchronize(stream));
+      MF_CUDA_CHECK(cudaFree(found->data));
+    }
+    const size_t grown = std::max(bytes, found->bytes + found->bytes / 2);  // fewer regrowths as contexts lengthen
+    found->data = nullptr;
+    found->bytes = 0;
+    MF_CUDA_CHECK(cudaMalloc(&found->data, grown));
+    found->bytes = grown;
+  }
+  return found->data;
 }
 
 }  // namespace moeflux::cuda
