@@ -817,6 +817,40 @@ TEST_P(Cuda, SaveLoadAndRewindAreBitIdentical) {
   EXPECT_EQ(logits_row(*straight, V), end);
 }
 
+// Every expert preloaded onto the GPU: decode steps run as recorded CUDA graphs, which must give the bits
+// the same steps give op by op, and those of a model that streams its experts.
+TEST_P(Cuda, PreloadedGraphStepsMatchOpByOpAndStreaming) {
+  SKIP_WITHOUT_GPU();
+  const Fixture f = load_fixture(reference_of(GetParam()));
+  const std::string pack = pack_for(GetParam(), WeightFormat::q4, WeightFormat::q8);
+  ModelOptions o = model_options(pack);
+  o.device = Device::cuda;
+  o.gpu_cache.preload = true;
+  auto preloaded = open_model(o);
+  auto streaming = open_cuda_model(pack);
+  ASSERT_TRUE(preloaded && streaming);
+  EXPECT_TRUE(preloaded->experts().holds_everything());
+  const int64_t V = preloaded->n_vocab();
+  auto graphed = new_session(*preloaded);
+  auto plain = Session::create(*preloaded, SessionOptions{256, 512, 2, /*graphs=*/false});
+  auto streamed = new_session(*streaming);
+  ASSERT_TRUE(plain.is_ok());
+  for (size_t t = 0; t < 24 && t < f.tokens.size(); ++t) {
+    ASSERT_TRUE(graphed->eval_token(f.tokens[t]).is_ok());
+    ASSERT_TRUE((*plain)->eval_token(f.tokens[t]).is_ok());
+    ASSERT_TRUE(streamed->eval_token(f.tokens[t]).is_ok());
+    ASSERT_EQ(logits_row(*graphed, V), logits_row(**plain, V)) << "position " << t;
+    ASSERT_EQ(logits_row(*graphed, V), logits_row(*streamed, V)) << "position " << t;
+  }
+  // A budget too small for every expert: preloading is refused at open with the reason.
+  auto probe = Pack::open(pack);
+  ASSERT_TRUE(probe.is_ok());
+  o.gpu_cache.budget_bytes = 2 * (((*probe)->manifest().expert_bytes + 255) / 256 * 256);
+  auto refused = Model::open(o);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_NE(refused.status().message().find("do not fit"), std::string::npos) << refused.status().to_string();
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, Cuda, testing::Values("tied_dense_gqa", "tied_dense_gqa_other_layout", "untied_sparse_step", "wide_mha",
                                                          "qwen3_next", "qwen3_5", "qwen3_5_moe_multimodal", "deepseek_v3",
                                                          "deepseek_v3_fp8"));

@@ -130,6 +130,9 @@ class ExpertStore {
   virtual bool holds_layer(int layer) { return false; }
   // holds_layer for every layer with experts: a one-token step needs nothing from the host.
   virtual bool holds_everything() { return false; }
+  // Brings every expert into this tier now (reading what the tiers below lack), so decoding never waits
+  // for one. An error when they do not all fit in this tier's budget (nothing is evicted to try).
+  virtual Status preload() { return make_error(ErrorCode::unsupported, "the {} expert store does not preload", tier_name()); }
   virtual void record_held_uses(int layer, int n) {}
 
   // Tiers: a store may sit on another and fetch its misses from it (the GPU cache on the host store).

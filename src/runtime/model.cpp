@@ -50,6 +50,7 @@ Status Model::open_cuda(const ModelOptions& options) {
   std::vector<int> layers;
   for (const ExpertLayerFile& l : m.expert_layers) layers.push_back(l.layer);
   MF_ASSIGN_OR_RETURN(experts_, make_gpu_expert_cache(*backend_, std::move(host), m.expert_bytes, m.n_expert, layers, options.gpu_cache));
+  if (options.gpu_cache.preload) MF_TRY(experts_->preload().with_context("preloading the experts onto the GPU"));
   return Status::ok();
 }
 

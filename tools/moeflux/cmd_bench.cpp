@@ -35,6 +35,7 @@ struct BenchArgs {
   bool json_output = false;
   bool probe = true;
   std::string split = "auto";  // time split per part: on, off, auto (on for the CPU, off for CUDA)
+  bool graphs = true;
 };
 
 struct TierResult {
@@ -235,6 +236,7 @@ int run_bench(const BenchArgs& a) {
 
   SessionOptions so;
   so.n_ctx = int64_t(a.n_prompt) + a.n_gen;
+  so.graphs = a.graphs;
   auto session_result = Session::create(model, so);
   if (!session_result) return report_error("bench", session_result.status());
   Session& session = **session_result;
@@ -302,6 +304,7 @@ int run_bench(const BenchArgs& a) {
                 {"gpu_cache_bytes", on_gpu ? json(o.gpu_cache.budget_bytes) : json(nullptr)},
                 {"io", o.experts.io_mode == IoMode::direct ? "direct" : "page-cache"},
                 {"io_threads", o.experts.n_readers},
+                {"graphs", a.graphs},
                 {"open_seconds", open_seconds},
                 {"prompt_tokens", a.n_prompt},
                 {"gen_tokens", a.n_gen},
@@ -382,6 +385,7 @@ void register_bench(CLI::App& app, Action& action) {
                   "GPU at every part and slows what it measures)")
       ->check(CLI::IsMember({"on", "off", "auto"}))
       ->capture_default_str();
+  sub->add_flag("!--no-graphs", args->graphs, "launch every op of a decode step on its own instead of replaying it as a CUDA graph");
   sub->add_flag("!--no-probe", args->probe, "skip measuring the storage / host→device / device rates (no bound is reported)");
   sub->add_option("--seed", args->seed, "seed of the random prompt");
   sub->add_flag("--json", args->json_output, "print one JSON object instead of text");

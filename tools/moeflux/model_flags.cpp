@@ -13,6 +13,9 @@ void ModelFlags::add_to(CLI::App* app) {
   app->add_option("--gpu-cache", gpu_cache,
                   "GPU memory for cached experts, e.g. 20G, or auto: grow while 2 GiB of the device stay free (with --device cuda)")
       ->capture_default_str();
+  app->add_flag("--preload-experts", preload_experts,
+                "with --device cuda: load every expert onto the GPU at open (fails if they do not fit in --gpu-cache); decoding then "
+                "never waits for an expert and runs as CUDA graphs");
   app->add_option("--threads,-t", n_threads, "compute threads (0 = all cores)")->check(CLI::NonNegativeNumber);
   app->add_option("--expert-cache", expert_cache, "host memory for cached experts, e.g. 8G (0 = none); pinned with --device cuda");
   app->add_option("--io", io, "expert reads: direct (O_DIRECT) or page-cache")->check(CLI::IsMember({"direct", "page-cache"}));
@@ -32,8 +35,9 @@ Result<ModelOptions> ModelFlags::options() const {
     if (o.gpu_cache.budget_bytes == 0)
       return make_error(ErrorCode::invalid_argument, "--gpu-cache 0: the GPU cache must hold at least the experts of one layer (or use auto)");
   }
-  if (o.device != Device::cuda && (gpu != 0 || gpu_cache != "auto"))
-    return make_error(ErrorCode::invalid_argument, "--gpu and --gpu-cache apply to --device cuda");
+  o.gpu_cache.preload = preload_experts;
+  if (o.device != Device::cuda && (gpu != 0 || gpu_cache != "auto" || preload_experts))
+    return make_error(ErrorCode::invalid_argument, "--gpu, --gpu-cache and --preload-experts apply to --device cuda");
   if (o.device == Device::cuda && reference) return make_error(ErrorCode::invalid_argument, "--reference runs on the CPU (not with --device cuda)");
   o.n_threads = n_threads;
   o.reference_backend = reference;

@@ -19,6 +19,7 @@ struct ModelFlags {
   std::string device = "cpu";      // cpu | cuda
   int gpu = 0;
   std::string gpu_cache = "auto";  // bytes, or auto (free device memory less a headroom)
+  bool preload_experts = false;
   int n_threads = 0;
   std::string expert_cache = "0";  // bytes, with an optional K/M/G/T suffix (powers of 1024)
   std::string io = "direct";       // direct | page-cache

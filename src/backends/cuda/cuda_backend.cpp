@@ -14,6 +14,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <initializer_list>
 #include <vector>
@@ -109,6 +110,7 @@ class CudaBackend final : public Backend {
     if (ring_at_ > ring_bytes / 2) {
       MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
       ring_at_ = 0;
+      ++ring_epoch_;
     }
     if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
       cudaGetLastError();
@@ -318,6 +320,10 @@ class CudaBackend final : public Backend {
   // waits for the queue; when the ring is full the queue is drained once and it starts over. While a
   // graph records, the ring never wraps (begin_graph leaves room for a step), so what the recorded
   // copies read stays in place until the graph has run.
+  //
+  // Every layer of a step stages the same small arrays (positions and inv_freq for rotary, the row
+  // pattern of a gather): a staging whose bytes equal one of the last few still in the ring (the ring has
+  // not started over since) reuses its device copy instead of queueing another copy.
   std::vector<void*> stage(std::initializer_list<HostPart> parts) {
     size_t total = 0;
     for (const HostPart& p : parts) total += (p.bytes + 15) / 16 * 16;
@@ -326,22 +332,39 @@ class CudaBackend final : public Backend {
       return stage_pageable(parts, total);
     }
     ensure_ring();
-    if (ring_at_ + total > ring_bytes) {
-      MF_CHECK_MSG(!recording_, "the staging ring ran out while a graph records");
-      MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      ring_at_ = 0;
+    packed_.assign(total, 0);
+    {
+      size_t at = 0;
+      for (const HostPart& p : parts) {
+        if (p.bytes) std::memcpy(packed_.data() + at, p.data, p.bytes);
+        at += (p.bytes + 15) / 16 * 16;
+      }
     }
-    char* host = ring_host_ + ring_at_;
-    char* device = static_cast<char*>(ring_device_) + ring_at_;
-    ring_at_ += total;
+    size_t where = SIZE_MAX;
+    if (total <= memo_max_bytes)
+      for (const Memo& m : memo_)
+        if (m.epoch == ring_epoch_ && m.bytes == total && std::memcmp(ring_host_ + m.at, packed_.data(), total) == 0) where = m.at;
+    if (where == SIZE_MAX) {
+      if (ring_at_ + total > ring_bytes) {
+        MF_CHECK_MSG(!recording_, "the staging ring ran out while a graph records");
+        MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        ring_at_ = 0;
+        ++ring_epoch_;
+      }
+      where = ring_at_;
+      ring_at_ += total;
+      if (total) {
+        std::memcpy(ring_host_ + where, packed_.data(), total);
+        MF_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(ring_device_) + where, ring_host_ + where, total, cudaMemcpyHostToDevice, stream_));
+      }
+      if (total <= memo_max_bytes) memo_[memo_next_++ % memo_.size()] = {ring_epoch_, where, total};
+    }
     std::vector<void*> out;
     size_t at = 0;
     for (const HostPart& p : parts) {
-      if (p.bytes) std::memcpy(host + at, p.data, p.bytes);
-      out.push_back(device + at);
+      out.push_back(static_cast<char*>(ring_device_) + where + at);
       at += (p.bytes + 15) / 16 * 16;
     }
-    if (total) MF_CUDA_CHECK(cudaMemcpyAsync(device, host, total, cudaMemcpyHostToDevice, stream_));
     return out;
   }
 
@@ -387,6 +410,15 @@ class CudaBackend final : public Backend {
   char* ring_host_ = nullptr;     // [ring_bytes] pinned
   void* ring_device_ = nullptr;   // [ring_bytes] device
   size_t ring_at_ = 0;            // next free byte of the ring
+  uint64_t ring_epoch_ = 0;       // times the ring started over
+  struct Memo {
+    uint64_t epoch = UINT64_MAX;
+    size_t at = 0, bytes = 0;
+  };
+  static constexpr size_t memo_max_bytes = 4096;
+  std::array<Memo, 8> memo_{};    // the last small stagings, reusable while their epoch is current
+  size_t memo_next_ = 0;
+  std::vector<char> packed_;      // the staging being made, packed as in the ring
 
   // Graphs (begin_graph / end_graph).
   struct DeferredCopy {

@@ -174,6 +174,33 @@ class GpuExpertCache final : public ExpertStore {
     return true;
   }
 
+  Status preload() override {
+    // Room for every expert first: within the budget, and (auto budget) while the device keeps its headroom.
+    const uint64_t needed = uint64_t(layers_.size()) * uint64_t(n_expert_);
+    {
+      std::lock_guard lock(mutex_);
+      while (uint64_t(slots_.size()) < needed && grow()) {
+      }
+      if (uint64_t(slots_.size()) < needed)
+        return make_error(ErrorCode::out_of_memory, "GPU expert cache: {} experts of {} bytes do not fit ({} slots: budget {})", needed,
+                          slot_bytes_, slots_.size(),
+                          options_.budget_bytes ? fmt::format("{} bytes", options_.budget_bytes) : std::string("free memory"));
+    }
+    std::vector<int32_t> ids;
+    std::vector<const void*> blobs;
+    const int group = max_acquire();
+    for (int layer : layers_)
+      for (int64_t e0 = 0; e0 < n_expert_; e0 += group) {
+        const int n = int(std::min<int64_t>(group, n_expert_ - e0));
+        ids.resize(size_t(n));
+        blobs.resize(size_t(n));
+        for (int i = 0; i < n; ++i) ids[size_t(i)] = int32_t(e0 + i);
+        MF_TRY(acquire(layer, ids.data(), n, blobs.data()));
+        release(layer, ids.data(), n);
+      }
+    return Status::ok();
+  }
+
   void record_held_uses(int layer, int n) override {
     std::lock_guard lock(mutex_);
     stats_.hits += uint64_t(n);

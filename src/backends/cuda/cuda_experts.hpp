@@ -26,6 +26,9 @@ struct GpuExpertCacheOptions {
   // KV caches and scratch.
   uint64_t budget_bytes = 0;
   uint64_t headroom_bytes = uint64_t(2) << 30;
+  // At open, bring every expert onto the device (ExpertStore::preload): decode then never waits for one
+  // and runs as CUDA graphs. An error at open when they do not fit.
+  bool preload = false;
 };
 
 // The GPU tier over `host` (which it owns and reports as lower_tier()), for experts of expert_bytes in

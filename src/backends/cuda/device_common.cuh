@@ -89,8 +89,9 @@ inline unsigned grid_for(int64_t n, int threads) {
 // at least `bytes`, 256-byte aligned, valid for kernels queued on `stream` until the next call for that
 // stream. One grow-only buffer per (device, stream), kept for the life of the process: ops on one stream
 // run in order, so they share it. Growing waits for the stream (its queued kernels may use the old buffer)
-// and then frees and allocates, so it must not happen while the stream is being captured into a graph: a
-// graph's first, uncaptured run sizes it. Host-only.
+// and then frees and allocates — except while the stream is being recorded into a graph, where nothing may
+// wait: the old buffer is then kept (ops recorded before still name it) and freed at a later growth
+// outside a recording. Host-only.
 inline void* stream_scratch(cudaStream_t stream, size_t bytes) {
   struct Buffer {
     int device;
@@ -100,6 +101,7 @@ inline void* stream_scratch(cudaStream_t stream, size_t bytes) {
   };
   static std::mutex mutex;
   static std::vector<Buffer> buffers;  // one per (device, stream) seen; a handful in any process
+  static std::vector<Buffer> retired;  // replaced while recording; freed once their stream has drained
   int device = 0;
   MF_CUDA_CHECK(cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(mutex);
@@ -108,9 +110,21 @@ inline void* stream_scratch(cudaStream_t stream, size_t bytes) {
     if (b.device == device && b.stream == stream) found = &b;
   if (!found) found = &buffers.emplace_back(Buffer{device, stream, nullptr, 0});
   if (found->bytes < bytes) {
-    if (found->data) {
-      MF_CUDA_CHECK(cudaStreamSynchronize(stream));
-      MF_CUDA_CHECK(cudaFree(found->data));
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    MF_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
+      if (found->data) retired.push_back(*found);
+    } else {
+      if (found->data || !retired.empty()) MF_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (found->data) MF_CUDA_CHECK(cudaFree(found->data));
+      for (auto it = retired.begin(); it != retired.end();) {
+        if (it->device == device && it->stream == stream) {
+          MF_CUDA_CHECK(cudaFree(it->data));
+          it = retired.erase(it);
+        } else {
+          ++it;
+        }
+      }
     }
     const size_t grown = std::max(bytes, found->bytes + found->bytes / 2);  // fewer regrowths as contexts lengthen
     found->data = nullptr;
