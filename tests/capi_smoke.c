@@ -33,6 +33,10 @@ int main(int argc, char** argv) {
   EXPECT(strstr(moeflux_last_error(), "/nonexistent/pack") != NULL);
 
   params.pack_dir = argv[1];
+  params.device = 7; /* neither CPU nor CUDA */
+  EXPECT(moeflux_model_open(&params, &model) == MOEFLUX_ERR_INVALID_ARGUMENT);
+  EXPECT(strstr(moeflux_last_error(), "device 7") != NULL);
+  params.device = MOEFLUX_DEVICE_CPU;
   EXPECT(moeflux_model_open(&params, &model) == MOEFLUX_OK);
   if (!model) return 1;
   const int64_t n_vocab = moeflux_model_n_vocab(model);

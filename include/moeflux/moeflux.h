@@ -37,7 +37,14 @@ typedef struct moeflux_model_params {
   int32_t n_io_threads;          /* expert reader threads; 0 = default (8) */
   int32_t io_direct;             /* 1: O_DIRECT reads (default), 0: page cache */
   int32_t verify_resident_hash;  /* 1: hash resident.bin at open (default) */
+  int32_t device;                /* MOEFLUX_DEVICE_CPU (default) or MOEFLUX_DEVICE_CUDA: dense weights on the
+                                    GPU, experts through a GPU cache over the host cache above */
+  int32_t gpu;                   /* CUDA device index */
+  uint64_t gpu_cache_bytes;      /* GPU expert cache budget; 0 = grow while 2 GiB of the device stay free */
+  int32_t preload_experts;       /* 1: every expert onto the GPU at open (an error if they do not fit) */
 } moeflux_model_params;
+
+enum { MOEFLUX_DEVICE_CPU = 0, MOEFLUX_DEVICE_CUDA = 1 };
 
 typedef struct moeflux_session_params {
   int64_t n_ctx;          /* context positions; 0 = 4096 (clamped to the model's maximum) */
@@ -59,6 +66,7 @@ void moeflux_model_close(moeflux_model* model);
 int64_t moeflux_model_n_vocab(const moeflux_model* model);
 /* model_type of the pack ("qwen3_moe"); owned by the model. */
 const char* moeflux_model_type(const moeflux_model* model);
+/* The top expert tier's counters (the GPU cache with MOEFLUX_DEVICE_CUDA, else the host store). */
 moeflux_status moeflux_model_expert_stats(const moeflux_model* model, moeflux_expert_stats* out_stats);
 
 moeflux_session_params moeflux_session_default_params(void);

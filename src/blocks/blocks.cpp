@@ -139,8 +139,9 @@ Status run_routed_experts(Backend& be, ExpertStore& store, const Pack& pack, int
   std::vector<const void*> blobs;
   std::vector<int64_t> first_row;  // [n + 1] the group's experts' rows in the scratch
   std::vector<MatmulJob> jobs;
-  const size_t batch = size_t(std::max(1, store.max_acquire()));
-  for (size_t first = 0; first < touched.size(); first += batch) {
+  for (size_t first = 0; first < touched.size();) {
+    // Asked each time: a store may find it can hold fewer at once than it thought (a full GPU).
+    const size_t batch = size_t(std::max(1, store.max_acquire()));
     const int n = int(std::min(batch, touched.size() - first));
     blobs.assign(size_t(n), nullptr);
     MF_TRY(store.acquire(layer, touched.data() + first, n, blobs.data()));
@@ -192,6 +193,7 @@ Status run_routed_experts(Backend& be, ExpertStore& store, const Pack& pack, int
       g0 = g1;
     }
     store.release(layer, touched.data() + first, n);
+    first += size_t(n);
   }
   return Status::ok();
 }

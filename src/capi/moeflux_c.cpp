@@ -58,6 +58,12 @@ moeflux_status moeflux_model_open(const moeflux_model_params* params, moeflux_mo
     o.experts.cache_bytes = params->expert_cache_bytes;
     if (params->n_io_threads > 0) o.experts.n_readers = params->n_io_threads;
     o.experts.io_mode = params->io_direct ? moeflux::IoMode::direct : moeflux::IoMode::page_cache;
+    if (params->device != MOEFLUX_DEVICE_CPU && params->device != MOEFLUX_DEVICE_CUDA)
+      return fail(MOEFLUX_ERR_INVALID_ARGUMENT, fmt::format("model_open: device {} (MOEFLUX_DEVICE_CPU or MOEFLUX_DEVICE_CUDA)", params->device).c_str());
+    o.device = params->device == MOEFLUX_DEVICE_CUDA ? moeflux::Device::cuda : moeflux::Device::cpu;
+    o.gpu = params->gpu;
+    o.gpu_cache.budget_bytes = params->gpu_cache_bytes;
+    o.gpu_cache.preload = params->preload_experts != 0;
     auto model = moeflux::Model::open(o);
     if (!model) return fail(model.status());
     *out_model = new moeflux_model{std::move(model).value()};

@@ -16,7 +16,10 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <cstdlib>
 #include <initializer_list>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "backends/cpu/router_ops.hpp"
@@ -32,10 +35,41 @@
 namespace moeflux {
 namespace {
 
+class CudaBackend;
+
+// MOEFLUX_CUDA_OP_TIMES=1 (a developer's switch): every op waits for its kernels and adds its GPU time
+// (events around it) to a table printed to stderr when the backend goes; off, an op pays one branch.
+class OpTimer {
+ public:
+  OpTimer(CudaBackend& be, const char* op);
+  ~OpTimer();
+  OpTimer(const OpTimer&) = delete;
+  OpTimer& operator=(const OpTimer&) = delete;
+
+ private:
+  CudaBackend* be_ = nullptr;  // null when timing is off
+  const char* op_;
+};
+
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  CudaBackend(int device, cudaStream_t stream) : device_(device), stream_(stream) {
+    const char* times = std::getenv("MOEFLUX_CUDA_OP_TIMES");
+    timing_ = times && *times && *times != '0';
+    if (timing_) {
+      MF_CUDA_CHECK(cudaEventCreate(&time_start_));
+      MF_CUDA_CHECK(cudaEventCreate(&time_stop_));
+    }
+  }
   ~CudaBackend() override {
+    if (timing_) {
+      std::fprintf(stderr, "moeflux: CUDA op times (GPU time between events around each op, summed):\n");
+      double total = 0;
+      for (const auto& [op, t] : op_times_) total += t.first;
+      for (const auto& [op, t] : op_times_)
+        std::fprintf(stderr, "  %-36s %9lld calls %10.3f ms %7.2f us/call %5.1f%%\n", op.c_str(), (long long)t.second, t.first,
+                     1e3 * t.first / double(t.second), 100.0 * t.first / total);
+    }
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
     if (scratch_) cudaFree(scratch_);
@@ -72,12 +106,11 @@ class CudaBackend final : public Backend {
     if (!bytes) return;
     bind();
     if (recording_) {
-      // Into pinned memory by the graph, then to host_dst once it has run.
+      // Into pinned memory by the graph, then to host_dst once it has run. More than begin_graph set
+      // aside fails the recording (the step then runs op by op).
       if (graph_out_at_ + bytes > graph_out_bytes_) {
-        MF_CHECK_MSG(graph_out_at_ == 0, "copy_to_host of {} more bytes while a graph records", bytes);
-        if (graph_out_) MF_CUDA_CHECK(cudaFreeHost(graph_out_));
-        graph_out_bytes_ = std::max(bytes, size_t(1) << 20);
-        MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&graph_out_), graph_out_bytes_, cudaHostAllocDefault));
+        record_failed_ = true;
+        return;
       }
       MF_CUDA_CHECK(cudaMemcpyAsync(graph_out_ + graph_out_at_, src, bytes, cudaMemcpyDeviceToHost, stream_));
       deferred_.push_back({host_dst, graph_out_at_, bytes});
@@ -112,11 +145,18 @@ class CudaBackend final : public Backend {
       ring_at_ = 0;
       ++ring_epoch_;
     }
+    // Pinned room for the results a step copies out (a row of logits of the largest vocabularies).
+    if (graph_out_bytes_ < graph_out_min_bytes) {
+      if (graph_out_) MF_CUDA_CHECK(cudaFreeHost(graph_out_));
+      graph_out_bytes_ = graph_out_min_bytes;
+      MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&graph_out_), graph_out_bytes_, cudaHostAllocDefault));
+    }
     if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
     recording_ = true;
+    record_failed_ = false;
     graph_out_at_ = 0;
     deferred_.clear();
     return true;
@@ -128,13 +168,18 @@ class CudaBackend final : public Backend {
     recording_ = false;
     cudaGraph_t graph = nullptr;
     const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
-    if (ended != cudaSuccess || !graph) {
+    // Stagings made while recording were copied only if the graph runs: the memo must not offer them.
+    const auto discard = [this] { ++ring_epoch_; };
+    if (ended != cudaSuccess || !graph || record_failed_) {
       cudaGetLastError();
       if (graph) cudaGraphDestroy(graph);
-      return make_error(ErrorCode::internal, "recording the step as a CUDA graph failed: {}", cudaGetErrorString(ended));
+      discard();
+      return make_error(ErrorCode::internal, "recording the step as a CUDA graph failed: {}",
+                        record_failed_ ? "results larger than the graph's output buffer" : cudaGetErrorString(ended));
     }
     if (!run) {
       cudaGraphDestroy(graph);
+      discard();
       return Status::ok();
     }
     // The same kernels with other arguments (a new position, another context length) update the last
@@ -151,6 +196,7 @@ class CudaBackend final : public Backend {
       cudaGetLastError();
       graph_exec_ = nullptr;
       cudaGraphDestroy(graph);
+      discard();
       return make_error(ErrorCode::internal, "instantiating the step's CUDA graph failed");
     }
     cudaGraphDestroy(graph);
@@ -176,6 +222,7 @@ class CudaBackend final : public Backend {
   }
 
   void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) override {
+    const OpTimer timer(*this, "matmul");
     MF_CHECK(n_tokens >= 0);
     bind();
     const MatmulJob job{w, x, y, n_tokens};
@@ -183,11 +230,13 @@ class CudaBackend final : public Backend {
   }
 
   void matmul_many(const MatmulJob* jobs, int64_t n_jobs) override {
+    const OpTimer timer(*this, "matmul_many");
     bind();
     cuda::matmul_jobs(jobs, n_jobs, stream_);
   }
 
   void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) override {
+    const OpTimer timer(*this, "embed_rows");
     for (int64_t t = 0; t < n_tokens; ++t) MF_CHECK_MSG(ids[t] >= 0 && ids[t] < w.rows, "token id {} outside [0, {})", ids[t], w.rows);
     bind();
     const auto* d_ids = static_cast<const int32_t*>(stage({{ids, size_t(n_tokens) * 4}})[0]);
@@ -195,12 +244,14 @@ class CudaBackend final : public Backend {
   }
 
   void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) override {
+    const OpTimer timer(*this, "rms_norm");
     bind();
     cuda::rms_norm(x, weight, eps, n_rows, dim, out, stream_);
   }
 
   void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim, const int32_t* positions,
                  const float* inv_freq, float scale, int64_t row_stride) override {
+    const OpTimer timer(*this, "rope_neox");
     MF_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim);
     if (n_tokens <= 0 || rot_dim == 0) return;
     bind();
@@ -211,6 +262,7 @@ class CudaBackend final : public Backend {
 
   void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
                  const AttentionLayout& layout, float scale, float* out) override {
+    const OpTimer timer(*this, "attention");
     MF_CHECK(layout.n_head_kv > 0 && layout.n_head % layout.n_head_kv == 0);
     bind();
     cuda::attention(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream_);
@@ -235,6 +287,7 @@ class CudaBackend final : public Backend {
 
   void router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                                   float* weights) override {
+    const OpTimer timer(*this, "router_softmax_topk_device");
     bind();
     cuda::router_softmax_topk(logits, n_tokens, n_expert, k, normalize, ids, weights, stream_);
   }
@@ -242,6 +295,7 @@ class CudaBackend final : public Backend {
   void router_sigmoid_grouped_topk_device(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert, int64_t n_group,
                                           int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids,
                                           float* weights) override {
+    const OpTimer timer(*this, "router_sigmoid_grouped_topk_device");
     MF_CHECK(k > 0 && k <= n_expert && n_group > 0 && n_expert % n_group == 0 && topk_group > 0 && topk_group <= n_group);
     bind();
     cuda::router_sigmoid_grouped_topk(logits, bias, n_tokens, n_expert, n_group, topk_group, k, normalize, scaling, ids, weights, stream_);
@@ -249,26 +303,31 @@ class CudaBackend final : public Backend {
 
   void moe_decode(const ExpertLayout& layout, const void* const* table, const int32_t* ids, const float* weights, int64_t k,
                   const float* x, float* h, float* part, float* y, bool accumulate) override {
+    const OpTimer timer(*this, "moe_decode");
     bind();
     cuda::moe_decode(layout, table, ids, weights, k, x, h, part, y, accumulate, stream_);
   }
 
   void swiglu(const float* gate, const float* up, float* out, int64_t n) override {
+    const OpTimer timer(*this, "swiglu");
     bind();
     cuda::swiglu(gate, up, out, n, stream_);
   }
 
   void axpy(float* acc, const float* x, float a, int64_t n) override {
+    const OpTimer timer(*this, "axpy");
     bind();
     cuda::axpy(acc, x, a, n, stream_);
   }
 
   void fill(float* x, float value, int64_t n) override {
+    const OpTimer timer(*this, "fill");
     bind();
     cuda::fill(x, value, n, stream_);
   }
 
   void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) override {
+    const OpTimer timer(*this, "gather_rows");
     if (n_rows <= 0) return;
     bind();
     const auto* d_rows = static_cast<const int32_t*>(stage({{rows, size_t(n_rows) * 4}})[0]);
@@ -276,17 +335,20 @@ class CudaBackend final : public Backend {
   }
 
   void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim) override {
+    const OpTimer timer(*this, "copy_rows");
     bind();
     cuda::copy_rows(src, src_stride, dst, dst_stride, n_rows, dim, stream_);
   }
 
   void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row) override {
+    const OpTimer timer(*this, "sigmoid_mul");
     bind();
     cuda::sigmoid_mul(x, gate, n_rows, dim, per_row, stream_);
   }
 
   void causal_conv1d_silu(const float* x, float* conv_state, const float* weight, int64_t n_tokens, int64_t channels, int64_t kernel,
                           float* out) override {
+    const OpTimer timer(*this, "causal_conv1d_silu");
     MF_CHECK(kernel >= 1);
     bind();
     cuda::causal_conv1d_silu(x, conv_state, weight, n_tokens, channels, kernel, out, stream_);
@@ -294,6 +356,7 @@ class CudaBackend final : public Backend {
 
   void gated_delta_gates(const float* a, const float* b, const float* a_log, const float* dt_bias, int64_t n_tokens, int64_t n_heads,
                          float* g, float* beta) override {
+    const OpTimer timer(*this, "gated_delta_gates");
     bind();
     cuda::gated_delta_gates(a, b, a_log, dt_bias, n_tokens, n_heads, g, beta, stream_);
   }
@@ -301,6 +364,7 @@ class CudaBackend final : public Backend {
   void gated_delta_rule(const float* q, const float* k, const float* v, int64_t stride, const float* g, const float* beta, float* state,
                         int64_t n_tokens, int64_t n_k_heads, int64_t n_v_heads, int64_t k_dim, int64_t v_dim, float q_scale,
                         float* out) override {
+    const OpTimer timer(*this, "gated_delta_rule");
     MF_CHECK(n_k_heads > 0 && n_v_heads % n_k_heads == 0);
     bind();
     cuda::gated_delta_rule(q, k, v, stride, g, beta, state, n_tokens, n_k_heads, n_v_heads, k_dim, v_dim, q_scale, out, stream_);
@@ -403,6 +467,11 @@ class CudaBackend final : public Backend {
 
   static constexpr size_t ring_bytes = size_t(8) << 20;
 
+  friend class OpTimer;
+  bool timing_ = false;
+  cudaEvent_t time_start_ = nullptr, time_stop_ = nullptr;
+  std::map<std::string, std::pair<double, int64_t>> op_times_;  // op → (ms, calls)
+
   int device_;
   cudaStream_t stream_;
   void* scratch_ = nullptr;       // device bytes for large staged host arrays
@@ -425,7 +494,9 @@ class CudaBackend final : public Backend {
     void* host_dst;
     size_t at, bytes;  // in graph_out_
   };
+  static constexpr size_t graph_out_min_bytes = size_t(4) << 20;
   bool recording_ = false;
+  bool record_failed_ = false;    // the recording cannot be run (end_graph says so)
   cudaGraphExec_t graph_exec_ = nullptr;
   char* graph_out_ = nullptr;     // pinned: device results the recorded step copies out
   size_t graph_out_bytes_ = 0, graph_out_at_ = 0;
@@ -433,6 +504,21 @@ class CudaBackend final : public Backend {
   std::vector<float> logits_host_;  // [T, n_expert] of the last router call
   std::vector<void*> weights_;      // upload_weights' device copies
 };
+
+OpTimer::OpTimer(CudaBackend& be, const char* op) : be_(be.timing_ && !be.recording_ ? &be : nullptr), op_(op) {
+  if (be_) MF_CUDA_CHECK(cudaEventRecord(be_->time_start_, be_->stream_));
+}
+
+OpTimer::~OpTimer() {
+  if (!be_) return;
+  MF_CUDA_CHECK(cudaEventRecord(be_->time_stop_, be_->stream_));
+  MF_CUDA_CHECK(cudaEventSynchronize(be_->time_stop_));
+  float ms = 0;
+  MF_CUDA_CHECK(cudaEventElapsedTime(&ms, be_->time_start_, be_->time_stop_));
+  auto& t = be_->op_times_[op_];
+  t.first += ms;
+  ++t.second;
+}
 
 }  // namespace
 

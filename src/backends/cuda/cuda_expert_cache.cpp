@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -85,6 +86,9 @@ class GpuExpertCache final : public ExpertStore {
       }
       size_t s = 0;
       if (!take_slot(&s)) {
+        // The slots this call claimed were never filled: out of the cache, then this call's pins back.
+        for (const Miss& m : misses_) drop(m.slot);
+        misses_.clear();
         unpin(layer, experts, i);
         flush_table();
         return make_error(ErrorCode::out_of_memory,
@@ -139,7 +143,7 @@ class GpuExpertCache final : public ExpertStore {
   }
 
   int max_acquire() const override {
-    const uint64_t slots = std::min<uint64_t>(max_slots_, uint64_t(host_->max_acquire()));
+    const uint64_t slots = std::min<uint64_t>(max_slots_.load(), uint64_t(host_->max_acquire()));
     return int(std::max<uint64_t>(slots, 1));
   }
 
@@ -366,7 +370,7 @@ class GpuExpertCache final : public ExpertStore {
   const uint64_t slot_bytes_;
   const GpuExpertCacheOptions options_;
   const std::unique_ptr<CachePolicy> policy_;
-  uint64_t max_slots_ = 0;
+  std::atomic<uint64_t> max_slots_{0};  // lowered when the device runs out (read by max_acquire unlocked)
   cudaStream_t copy_ = nullptr;
   cudaEvent_t compute_done_ = nullptr, copied_ = nullptr;
 
@@ -392,6 +396,7 @@ class PinnedAllocator final : public HostAllocator {
  public:
   ~PinnedAllocator() override {
     for (void* s : slabs_) cudaFreeHost(s);
+    for (void* s : singles_) cudaFreeHost(s);
   }
 
   void* allocate(size_t bytes) override {

@@ -82,13 +82,19 @@ __global__ void softmax_topk_kernel(const float* __restrict__ logits, int n_expe
   float m = -FLT_MAX;
   for (int e = threadIdx.x; e < n_expert; e += blockDim.x) m = fmaxf(m, l[e]);
   m = block_max(m);
-  float local = 0.f;
   for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
     p[e] = expf(l[e] - m);
-    local += p[e];
     taken[e] = false;
   }
-  const float sum = block_sum(local);
+  // The sum in the host's order (expert by expert), so the probabilities match it as closely as expf allows.
+  __shared__ float sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float acc = 0.f;
+    for (int e = 0; e < n_expert; ++e) acc += p[e];
+    sum = acc;
+  }
+  __syncthreads();
   for (int e = threadIdx.x; e < n_expert; e += blockDim.x) p[e] /= sum;
   __syncthreads();
   top_k(p, taken, n_expert, k, chosen);
@@ -232,12 +238,20 @@ __device__ __forceinline__ float chunk_dot(const Matrix& m, int cols, int r, int
   }
 }
 
+// Copies n floats (n a multiple of 4, 16-byte aligned) into the block's shared memory.
+__device__ __forceinline__ void stage_vector(const float* __restrict__ src, int n, float* dst) {
+  for (int i = threadIdx.x; i < n / 4; i += blockDim.x) reinterpret_cast<float4*>(dst)[i] = __ldg(reinterpret_cast<const float4*>(src) + i);
+  __syncthreads();
+}
+
+// The lane's x chunk i from the block's staged copy (lab v23: each lane reading its own x from global
+// memory costs more cache traffic than the weights).
 template <WeightFormat F>
 __device__ __forceinline__ void load_chunk(const float* x, int i, float* xv, float* xsum) {
   constexpr int n = chunk_cols(F);
 #pragma unroll
   for (int k = 0; k < n / 4; ++k) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(x) + i * (n / 4) + k);
+    const float4 v = reinterpret_cast<const float4*>(x)[i * (n / 4) + k];
     xv[4 * k] = v.x, xv[4 * k + 1] = v.y, xv[4 * k + 2] = v.z, xv[4 * k + 3] = v.w;
   }
   *xsum = 0.f;
@@ -263,6 +277,9 @@ __global__ void __launch_bounds__(32 * warps_per_block)
     gate_up_kernel(const void* const* table, const int32_t* ids, Parts gate, Parts up, const float* __restrict__ x, int I, int H,
                    float* __restrict__ h) {
   constexpr int R = rows_per_warp<F>();
+  extern __shared__ float4 staged[];
+  float* xs = reinterpret_cast<float*>(staged);
+  stage_vector(x, H, xs);
   const int j = blockIdx.y;
   const int r0 = (blockIdx.x * warps_per_block + threadIdx.x / 32) * R;
   if (r0 >= I) return;
@@ -274,7 +291,7 @@ __global__ void __launch_bounds__(32 * warps_per_block)
   for (int q = 0; q < R; ++q) ag[q] = 0.f, au[q] = 0.f;
   for (int i = lane; i < n_chunks; i += 32) {
     float xv[chunk_cols(F)], xsum;
-    load_chunk<F>(x, i, xv, &xsum);
+    load_chunk<F>(xs, i, xv, &xsum);
 #pragma unroll
     for (int q = 0; q < R; ++q) {
       if (q >= rows) break;
@@ -295,11 +312,13 @@ __global__ void __launch_bounds__(32 * warps_per_block)
     down_kernel(const void* const* table, const int32_t* ids, Parts down, const float* __restrict__ h, int I, int H,
                 float* __restrict__ part) {
   constexpr int R = rows_per_warp<F>();
+  extern __shared__ float4 staged[];
+  float* hj = reinterpret_cast<float*>(staged);
   const int j = blockIdx.y;
+  stage_vector(h + size_t(j) * I, I, hj);
   const int r0 = (blockIdx.x * warps_per_block + threadIdx.x / 32) * R;
   if (r0 >= H) return;
   const Matrix d = matrix_at(blob_of(table, ids, j), down.data, down.scales, down.biases);
-  const float* hj = h + size_t(j) * I;
   const int lane = threadIdx.x & 31, rows = min(R, H - r0), n_chunks = I / chunk_cols(F);
   float acc[R];
 #pragma unroll
@@ -346,7 +365,8 @@ void launch_gate_up(const ExpertLayout& l, const void* const* table, const int32
   constexpr int rows_per_block = warps_per_block * rows_per_warp<F>();
   const int I = int(l.gate.rows), H = int(l.gate.cols);
   const dim3 grid(unsigned((I + rows_per_block - 1) / rows_per_block), unsigned(k));
-  gate_up_kernel<F><<<grid, 32 * warps_per_block, 0, stream>>>(table, ids, parts_of(l.gate), parts_of(l.up), x, I, H, h);
+  gate_up_kernel<F><<<grid, 32 * warps_per_block, size_t(H) * sizeof(float), stream>>>(table, ids, parts_of(l.gate), parts_of(l.up), x,
+                                                                                       I, H, h);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -356,7 +376,7 @@ void launch_down(const ExpertLayout& l, const void* const* table, const int32_t*
   constexpr int rows_per_block = warps_per_block * rows_per_warp<F>();
   const int H = int(l.down.rows), I = int(l.down.cols);
   const dim3 grid(unsigned((H + rows_per_block - 1) / rows_per_block), unsigned(k));
-  down_kernel<F><<<grid, 32 * warps_per_block, 0, stream>>>(table, ids, parts_of(l.down), h, I, H, part);
+  down_kernel<F><<<grid, 32 * warps_per_block, size_t(I) * sizeof(float), stream>>>(table, ids, parts_of(l.down), h, I, H, part);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -392,6 +412,8 @@ void moe_decode(const ExpertLayout& l, const void* const* table, const int32_t* 
   if (k <= 0) return;
   if (l.gate.format != l.up.format) unsupported("gate_proj and up_proj in different formats");
   if (!fits(l.gate) || !fits(l.up) || !fits(l.down)) unsupported("expert matrices not 16-byte aligned or cols not a multiple of the chunk");
+  // x (hidden) and one expert's h (intermediate) are staged whole in shared memory.
+  if (l.gate.cols * 4 > 48 * 1024 || l.down.cols * 4 > 48 * 1024) unsupported("hidden or intermediate size above 12288");
   switch (l.gate.format) {
     case WeightFormat::f32: launch_gate_up<WeightFormat::f32>(l, table, ids, int(k), x, h, stream); break;
     case WeightFormat::bf16: launch_gate_up<WeightFormat::bf16>(l, table, ids, int(k), x, h, stream); break;

@@ -4,7 +4,9 @@
 // sum, divide; top-k by (score desc, id asc)), so they choose the same experts. moe_decode takes the
 // expert blobs from a table indexed by the chosen ids, in three launches: gate and up of all k experts
 // with SwiGLU fused (h [k, I]); down of all k experts (part [k, H]); y = Σ_j w_j · part[j] in order j.
-// The dot products are the matmul's v6 form (16-byte weight loads, the lane's x chunk in registers).
+// The dot products are the matmul's v6 form (16-byte weight loads, the lane's x chunk in registers),
+// with x (or the expert's h) staged once per block in shared memory; hidden and intermediate sizes up to
+// 12288.
 // A result depends only on the blobs' bytes, so a streamed expert and a resident one give the same bits.
 // References: ReferenceBackend's routers and Backend::moe_decode; tolerances in the op tests.
 #pragma once
