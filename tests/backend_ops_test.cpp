@@ -301,6 +301,34 @@ TEST_P(BackendOps, RmsNormMatchesReference) {
   }
 }
 
+// x += y then RMSNorm: the same as axpy then rms_norm on this backend (bit for bit: the same float
+// operations), and the reference's within rms_norm's tolerance.
+TEST_P(BackendOps, AddRmsNormMatchesAxpyThenRmsNorm) {
+  for (int64_t dim : {64, 1000, 4096}) {
+    for (int64_t n_rows : {1, 5}) {
+      const auto x = gaussian(size_t(n_rows * dim), rng_, 3.0f), y = gaussian(size_t(n_rows * dim), rng_, 2.0f);
+      const auto weight = gaussian(size_t(dim), rng_);
+      std::vector<float> x_ref = x, out_ref(x.size());
+      ref_->add_rms_norm(x_ref.data(), y.data(), weight.data(), 1e-6f, n_rows, dim, out_ref.data());
+      DeviceBuffer dx(but(), *be_, x), dy(but(), *be_, y), dw(but(), *be_, weight), dout(but(), *be_, x.size() * 4);
+      be_->add_rms_norm(dx.f(), dy.f(), dw.f(), 1e-6f, n_rows, dim, dout.f());
+      DeviceBuffer dx2(but(), *be_, x), dout2(but(), *be_, x.size() * 4);
+      be_->axpy(dx2.f(), dy.f(), 1.0f, n_rows * dim);
+      be_->rms_norm(dx2.f(), dw.f(), 1e-6f, n_rows, dim, dout2.f());
+      const auto got_x = dx.read(), got = dout.read();
+      EXPECT_EQ(got_x, dx2.read()) << "dim=" << dim;
+      EXPECT_EQ(got, dout2.read()) << "dim=" << dim;
+      EXPECT_EQ(got_x, x_ref) << "dim=" << dim;  // one float addition per element, exact everywhere
+      Mismatches bad;
+      for (size_t i = 0; i < got.size(); ++i) {
+        const double tol = 1e-5 * std::fabs(out_ref[i]) + 1e-7;  // rms_norm's: only Σx² is reordered
+        bad.check(std::fabs(got[i] - out_ref[i]) <= tol, i, got[i], out_ref[i], tol);
+      }
+      EXPECT_EQ(bad.count, 0) << "dim=" << dim << " rows=" << n_rows << bad.first;
+    }
+  }
+}
+
 TEST_P(BackendOps, RopeNeoxMatchesReference) {
   struct Case { int64_t n_tokens, n_heads, head_dim, rot_dim; };
   for (const Case& c : {Case{1, 4, 64, 64}, Case{3, 8, 128, 128}, Case{17, 2, 128, 32}, Case{5, 3, 256, 64}}) {

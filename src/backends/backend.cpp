@@ -14,6 +14,11 @@ void Backend::copy_from_host(void* dst, const void* host_src, size_t bytes) {
   if (bytes) std::memcpy(dst, host_src, bytes);
 }
 
+void Backend::add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) {
+  axpy(x, y, 1.0f, n_rows * dim);
+  rms_norm(x, weight, eps, n_rows, dim, out);
+}
+
 void Backend::router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                                          float* weights) {
   router_softmax_topk(logits, n_tokens, n_expert, k, normalize, ids, weights);  // host memory is this backend's memory

@@ -99,6 +99,11 @@ class Backend {
   // out may alias x.
   virtual void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) = 0;
 
+  // The residual add and the norm after it, in one pass: x += y, then out = RMSNorm(x) as rms_norm computes
+  // it — the same results as axpy(x, y, 1, n_rows · dim) followed by rms_norm(x, …, out). out may alias x,
+  // not y.
+  virtual void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out);
+
   // Rotary embedding, rotate_half ("NeoX") layout, in place: for each head h of token t the pairs
   // (i, i + rot_dim/2), i < rot_dim/2, rotate by positions[t] · inv_freq[i], and the rotated dims are
   // multiplied by scale (YaRN's attention factor; 1 otherwise); dims ≥ rot_dim pass through.

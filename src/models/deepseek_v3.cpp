@@ -539,13 +539,16 @@ class DeepseekV3Graph final : public ModelGraph {
     const auto& buffers = state.buffers();
     for (int64_t l = 0; l < p_.n_layer; ++l) {
       const LayerWeights& w = layers_[size_t(l)];
-      be_.rms_norm(s.x, w.input_norm, eps, n_tokens, H, s.h);
+      // The previous layer's residual add goes with this layer's first norm.
+      if (l == 0)
+        be_.rms_norm(s.x, w.input_norm, eps, n_tokens, H, s.h);
+      else
+        be_.add_rms_norm(s.x, s.y, w.input_norm, eps, n_tokens, H, s.h);
       {
         ProfileScope scope(profile, ForwardProfile::attention);
         mla(w.attn, s, n_tokens, n_past, buffers[size_t(l)].data);
       }
-      be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
-      be_.rms_norm(s.x, w.post_norm, eps, n_tokens, H, s.h);
+      be_.add_rms_norm(s.x, s.y, w.post_norm, eps, n_tokens, H, s.h);
       if (w.moe) {
         {
           ProfileScope scope(profile, ForwardProfile::routed_experts);
@@ -563,8 +566,8 @@ class DeepseekV3Graph final : public ModelGraph {
         ProfileScope scope(profile, ForwardProfile::dense_mlp);
         swiglu_mlp(be_, w.gate, w.up, w.down, s.h, n_tokens, s.dense, s.y);
       }
-      be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
     }
+    if (p_.n_layer > 0) be_.axpy(s.x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
     if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
     return Status::ok();
   }

@@ -281,14 +281,17 @@ class Qwen3MoeGraph final : public ModelGraph {
     const auto& buffers = state.buffers();
     for (int64_t l = 0; l < p_.n_layer; ++l) {
       const LayerWeights& w = layers_[size_t(l)];
-      be_.rms_norm(s.x, w.input_norm, float(p_.rms_norm_eps), n_tokens, H, s.h);
+      // The previous layer's residual add goes with this layer's first norm.
+      if (l == 0)
+        be_.rms_norm(s.x, w.input_norm, float(p_.rms_norm_eps), n_tokens, H, s.h);
+      else
+        be_.add_rms_norm(s.x, s.y, w.input_norm, float(p_.rms_norm_eps), n_tokens, H, s.h);
       {
         ProfileScope scope(profile, ForwardProfile::attention);
         gqa_attention(be_, w.attn, shape, s.h, n_tokens, n_past, s.positions.data(), buffers[size_t(2 * l)].data,
                       buffers[size_t(2 * l + 1)].data, s.attn, s.y);
       }
-      be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
-      be_.rms_norm(s.x, w.post_norm, float(p_.rms_norm_eps), n_tokens, H, s.h);
+      be_.add_rms_norm(s.x, s.y, w.post_norm, float(p_.rms_norm_eps), n_tokens, H, s.h);
       if (w.moe) {
         ProfileScope scope(profile, ForwardProfile::routed_experts);
         MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y));
@@ -296,8 +299,8 @@ class Qwen3MoeGraph final : public ModelGraph {
         ProfileScope scope(profile, ForwardProfile::dense_mlp);
         swiglu_mlp(be_, w.gate, w.up, w.down, s.h, n_tokens, s.dense, s.y);
       }
-      be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
     }
+    if (p_.n_layer > 0) be_.axpy(s.x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
     if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
     return Status::ok();
   }

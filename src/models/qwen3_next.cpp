@@ -499,7 +499,11 @@ class Qwen3NextGraph final : public ModelGraph {
       const LayerWeights& w = layers_[size_t(l)];
       float* state0 = buffers[size_t(w.state_index)].data;
       float* state1 = buffers[size_t(w.state_index + 1)].data;
-      be_.rms_norm(s.x, w.input_norm, eps, n_tokens, H, s.h);
+      // The previous layer's residual add goes with this layer's first norm.
+      if (l == 0)
+        be_.rms_norm(s.x, w.input_norm, eps, n_tokens, H, s.h);
+      else
+        be_.add_rms_norm(s.x, s.y, w.input_norm, eps, n_tokens, H, s.h);
       if (w.linear) {
         ProfileScope scope(profile, ForwardProfile::delta_net);
         delta_net(w.lin, s, n_tokens, state0, state1);
@@ -507,8 +511,7 @@ class Qwen3NextGraph final : public ModelGraph {
         ProfileScope scope(profile, ForwardProfile::attention);
         gqa_attention(be_, w.attn, shape, s.h, n_tokens, n_past, s.positions.data(), state0, state1, s.attn, s.y);
       }
-      be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
-      be_.rms_norm(s.x, w.post_norm, eps, n_tokens, H, s.h);
+      be_.add_rms_norm(s.x, s.y, w.post_norm, eps, n_tokens, H, s.h);
       if (w.moe) {
         {
           ProfileScope scope(profile, ForwardProfile::routed_experts);
@@ -526,8 +529,8 @@ class Qwen3NextGraph final : public ModelGraph {
         ProfileScope scope(profile, ForwardProfile::dense_mlp);
         swiglu_mlp(be_, w.gate, w.up, w.down, s.h, n_tokens, s.dense, s.y);
       }
-      be_.axpy(s.x, s.y, 1.0f, n_tokens * H);
     }
+    if (p_.n_layer > 0) be_.axpy(s.x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
     if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
     return Status::ok();
   }

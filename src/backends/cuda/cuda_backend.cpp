@@ -249,6 +249,12 @@ class CudaBackend final : public Backend {
     cuda::rms_norm(x, weight, eps, n_rows, dim, out, stream_);
   }
 
+  void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) override {
+    const OpTimer timer(*this, "add_rms_norm");
+    bind();
+    cuda::add_rms_norm(x, y, weight, eps, n_rows, dim, out, stream_);
+  }
+
   void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim, const int32_t* positions,
                  const float* inv_freq, float scale, int64_t row_stride) override {
     const OpTimer timer(*this, "rope_neox");

@@ -16,6 +16,23 @@ __global__ void rms_norm_kernel(const float* x, const float* __restrict__ weight
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv_rms * weight[i];
 }
 
+// rms_norm_kernel after x += y, the sum the same float addition axpy makes (1 · y + x, exact product).
+__global__ void add_rms_norm_kernel(float* x, const float* __restrict__ y, const float* __restrict__ weight, float eps, int64_t dim,
+                                    float* out) {
+  float* xr = x + int64_t(blockIdx.x) * dim;
+  const float* yr = y + int64_t(blockIdx.x) * dim;
+  float sum_sq = 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = xr[i] + yr[i];
+    xr[i] = v;
+    sum_sq += v * v;
+  }
+  sum_sq = block_sum(sum_sq);  // each thread reads back only the elements it wrote
+  const float inv_rms = 1.0f / sqrtf(sum_sq / float(dim) + eps);
+  float* o = out + int64_t(blockIdx.x) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv_rms * weight[i];
+}
+
 // grid: (heads, tokens); threads over the rot_dim/2 pairs.
 __global__ void rope_neox_kernel(float* x, int64_t n_heads, int64_t head_dim, int64_t half, const int32_t* __restrict__ positions,
                                  const float* __restrict__ inv_freq, float scale, int64_t row_stride) {
@@ -32,6 +49,12 @@ __global__ void rope_neox_kernel(float* x, int64_t n_heads, int64_t head_dim, in
 }
 
 }  // namespace
+
+void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream) {
+  if (n_rows <= 0) return;
+  add_rms_norm_kernel<<<unsigned(n_rows), 256, 0, stream>>>(x, y, weight, eps, dim, out);
+  MF_CUDA_CHECK_LAUNCH();
+}
 
 void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream) {
   if (n_rows <= 0) return;

@@ -9,6 +9,8 @@
 namespace moeflux::cuda {
 
 // One block per row. x, weight, out: device; out may alias x.
+// x += y, then rms_norm of x (Backend::add_rms_norm): one block per row.
+void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream);
 void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream);
 
 // positions [n_tokens] and inv_freq [rot_dim/2]: device copies of the caller's host arrays.
