@@ -111,10 +111,15 @@ struct Mismatches {
   }
 };
 
+struct GatedDeltaCase;  // the gated-delta op tests' cases, below
+
 class BackendOps : public ::testing::TestWithParam<BackendUnderTest> {
  protected:
   void SetUp() override { be_ = GetParam().make(); }
   const BackendUnderTest& but() const { return GetParam(); }
+  // Defined with the gated-delta cases below.
+  void check_gated_delta_case(const GatedDeltaCase& c);
+
   std::unique_ptr<Backend> ref_ = make_reference_backend();
   std::unique_ptr<Backend> be_;
   std::mt19937 rng_{12345};
@@ -788,32 +793,36 @@ const std::vector<GatedDeltaCase>& gated_delta_cases() {
 constexpr double gated_delta_out_tolerance = 2e-6;
 constexpr double gated_delta_state_tolerance = 1e-5;
 
-TEST_P(BackendOps, GatedDeltaRuleMatchesReference) {
-  for (const GatedDeltaCase& c : gated_delta_cases()) {
-    SCOPED_TRACE(c.label());
-    std::vector<GatedDeltaInputs> inputs;
-    for (int64_t n_tokens : c.calls) inputs.push_back(gated_delta_inputs(c, n_tokens, rng_));
-    const size_t state_floats = size_t(c.n_v_heads * c.k_dim * c.v_dim);
-    const std::vector<float> state0 = c.zero_state ? std::vector<float>(state_floats, 0.0f) : gaussian(state_floats, rng_, 0.5f);
-    const GatedDeltaRun want = run_gated_delta(*ref_, c, inputs, state0);
+// One case on the backend under test against the reference: its calls in order on one state carried
+// from call to call, outputs and states within the gated-delta tolerances.
+void BackendOps::check_gated_delta_case(const GatedDeltaCase& c) {
+  SCOPED_TRACE(c.label());
+  std::vector<GatedDeltaInputs> inputs;
+  for (int64_t n_tokens : c.calls) inputs.push_back(gated_delta_inputs(c, n_tokens, rng_));
+  const size_t state_floats = size_t(c.n_v_heads * c.k_dim * c.v_dim);
+  const std::vector<float> state0 = c.zero_state ? std::vector<float>(state_floats, 0.0f) : gaussian(state_floats, rng_, 0.5f);
+  const GatedDeltaRun want = run_gated_delta(*ref_, c, inputs, state0);
 
-    GatedDeltaRun got;
-    DeviceBuffer dstate(but(), *be_, state0);
-    const float q_scale = 1.0f / std::sqrt(float(c.k_dim));
-    for (size_t call = 0; call < c.calls.size(); ++call) {
-      const int64_t n_tokens = c.calls[call];
-      DeviceBuffer dqkv(but(), *be_, inputs[call].qkv), dg(but(), *be_, inputs[call].g), dbeta(but(), *be_, inputs[call].beta);
-      DeviceBuffer dout(but(), *be_, size_t(n_tokens * c.n_v_heads * c.v_dim) * 4);
-      const float* q = dqkv.f();
-      be_->gated_delta_rule(q, q + c.n_k_heads * c.k_dim, q + 2 * c.n_k_heads * c.k_dim, c.stride(), dg.f(), dbeta.f(), dstate.f(),
-                            n_tokens, c.n_k_heads, c.n_v_heads, c.k_dim, c.v_dim, q_scale, dout.f());
-      got.outs.push_back(dout.read());
-      got.states.push_back(dstate.read());
-    }
-    const GatedDeltaError e = gated_delta_error(got, want);
-    EXPECT_LE(e.out, gated_delta_out_tolerance) << "outputs";
-    EXPECT_LE(e.state, gated_delta_state_tolerance) << "state";
+  GatedDeltaRun got;
+  DeviceBuffer dstate(but(), *be_, state0);
+  const float q_scale = 1.0f / std::sqrt(float(c.k_dim));
+  for (size_t call = 0; call < c.calls.size(); ++call) {
+    const int64_t n_tokens = c.calls[call];
+    DeviceBuffer dqkv(but(), *be_, inputs[call].qkv), dg(but(), *be_, inputs[call].g), dbeta(but(), *be_, inputs[call].beta);
+    DeviceBuffer dout(but(), *be_, size_t(n_tokens * c.n_v_heads * c.v_dim) * 4);
+    const float* q = dqkv.f();
+    be_->gated_delta_rule(q, q + c.n_k_heads * c.k_dim, q + 2 * c.n_k_heads * c.k_dim, c.stride(), dg.f(), dbeta.f(), dstate.f(),
+                          n_tokens, c.n_k_heads, c.n_v_heads, c.k_dim, c.v_dim, q_scale, dout.f());
+    got.outs.push_back(dout.read());
+    got.states.push_back(dstate.read());
   }
+  const GatedDeltaError e = gated_delta_error(got, want);
+  EXPECT_LE(e.out, gated_delta_out_tolerance) << "outputs";
+  EXPECT_LE(e.state, gated_delta_state_tolerance) << "state";
+}
+
+TEST_P(BackendOps, GatedDeltaRuleMatchesReference) {
+  for (const GatedDeltaCase& c : gated_delta_cases()) check_gated_delta_case(c);
 }
 
 // Long contexts with few query rows: the CUDA backend splits the keys across blocks (flash-decoding)
@@ -870,31 +879,8 @@ TEST_P(BackendOps, GatedDeltaRuleAcrossChunkBoundariesMatchesReference) {
       {2, 4, 128, 128, 7, {129, 128, 127}, true, 0.9f},  // near-parallel keys, padded rows
       {1, 2, 64, 96, 0, {100, 1, 31}, false},             // other widths: k_dim 64, v_dim three column tiles
   };
-  for (const GatedDeltaCase& c : cases) {
-    SCOPED_TRACE(c.label());
-    std::vector<GatedDeltaInputs> inputs;
-    for (int64_t n_tokens : c.calls) inputs.push_back(gated_delta_inputs(c, n_tokens, rng_));
-    const size_t state_floats = size_t(c.n_v_heads * c.k_dim * c.v_dim);
-    const std::vector<float> state0 = c.zero_state ? std::vector<float>(state_floats, 0.0f) : gaussian(state_floats, rng_, 0.5f);
-    const GatedDeltaRun want = run_gated_delta(*ref_, c, inputs, state0);
-    GatedDeltaRun got;
-    DeviceBuffer dstate(but(), *be_, state0);
-    const float q_scale = 1.0f / std::sqrt(float(c.k_dim));
-    for (size_t call = 0; call < c.calls.size(); ++call) {
-      const int64_t n_tokens = c.calls[call];
-      DeviceBuffer dqkv(but(), *be_, inputs[call].qkv), dg(but(), *be_, inputs[call].g), dbeta(but(), *be_, inputs[call].beta);
-      DeviceBuffer dout(but(), *be_, size_t(n_tokens * c.n_v_heads * c.v_dim) * 4);
-      const float* q = dqkv.f();
-      be_->gated_delta_rule(q, q + c.n_k_heads * c.k_dim, q + 2 * c.n_k_heads * c.k_dim, c.stride(), dg.f(), dbeta.f(), dstate.f(),
-                            n_tokens, c.n_k_heads, c.n_v_heads, c.k_dim, c.v_dim, q_scale, dout.f());
-      got.outs.push_back(dout.read());
-      got.states.push_back(dstate.read());
-    }
-    // The tolerances of GatedDeltaRuleMatchesReference: both forms are fp32 reorderings of the same sums.
-    const GatedDeltaError e = gated_delta_error(got, want);
-    EXPECT_LE(e.out, gated_delta_out_tolerance) << "outputs";
-    EXPECT_LE(e.state, gated_delta_state_tolerance) << "state";
-  }
+  // The tolerances of GatedDeltaRuleMatchesReference: both forms are fp32 reorderings of the same sums.
+  for (const GatedDeltaCase& c : cases) check_gated_delta_case(c);
 }
 
 INSTANTIATE_TEST_SUITE_P(All, BackendOps, ::testing::ValuesIn(backends_under_test()),

@@ -131,6 +131,43 @@ double kl_divergence(const float* ref, const float* ours, int64_t n) {
   return kl;
 }
 
+// Every position's logits against the fixture's reference: the acceptance bound (fp32 arithmetic over
+// the same bf16 weights differs only by summation order) and the same argmax; prints the worst.
+void expect_logits_match_reference(const Fixture& f, const std::vector<float>& ours, const char* tag, const std::string& name) {
+  const int64_t T = f.logits.shape[0], V = f.logits.shape[1];
+  ASSERT_EQ(ours.size(), size_t(T * V));
+  float worst_relative = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* ref = f.logits.data.data() + t * V;
+    const float* got = ours.data() + t * V;
+    float worst = 0;
+    for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::fabs(got[i] - ref[i]));
+    EXPECT_LE(worst, 2e-3f * max_abs(ref, V)) << "position " << t;
+    EXPECT_EQ(argmax(got, V), argmax(ref, V)) << "position " << t;
+    worst_relative = std::max(worst_relative, worst / max_abs(ref, V));
+  }
+  std::printf("[ %s ] %s: max |logit - ref| / max |ref| = %.2e over %lld positions\n", tag, name.c_str(), double(worst_relative),
+              (long long)T);
+}
+
+// The fixture's prompt, then as many greedy tokens as the fixture has.
+std::vector<int32_t> greedy_continuation(Model& model, const Fixture& f) {
+  auto session = new_session(model);
+  std::vector<int32_t> generated;
+  if (!session || !session->eval_prompt(f.tokens).is_ok()) {
+    ADD_FAILURE() << "prompt of " << f.tokens.size() << " tokens failed";
+    return generated;
+  }
+  for (size_t i = 0; i < f.greedy.size(); ++i) {
+    generated.push_back(argmax(session->logits(), model.n_vocab()));
+    if (!session->eval_token(generated.back()).is_ok()) {
+      ADD_FAILURE() << "decode step " << i << " failed";
+      break;
+    }
+  }
+  return generated;
+}
+
 class Parity : public testing::TestWithParam<std::string> {};
 
 // The fixtures: name of the checkpoint directory and the fixture whose reference outputs apply.
@@ -160,35 +197,14 @@ TEST_P(Parity, Bf16LogitsMatchTransformersAtEveryPosition) {
   const int64_t T = f.logits.shape[0], V = f.logits.shape[1];
   ASSERT_EQ(V, model->n_vocab());
   ASSERT_EQ(T, int64_t(f.tokens.size()));
-  const auto ours = prompt_logits(*model, f.tokens);
-  float worst_relative = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* ref = f.logits.data.data() + t * V;
-    const float* got = ours.data() + t * V;
-    float worst = 0;
-    for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::fabs(got[i] - ref[i]));
-    // The acceptance bound: fp32 arithmetic over the same bf16 weights differs only by summation order.
-    EXPECT_LE(worst, 2e-3f * max_abs(ref, V)) << "position " << t;
-    EXPECT_EQ(argmax(got, V), argmax(ref, V)) << "position " << t;
-    worst_relative = std::max(worst_relative, worst / max_abs(ref, V));
-  }
-  std::printf("[ parity   ] %s: max |logit - ref| / max |ref| = %.2e over %lld positions\n", GetParam().c_str(),
-              double(worst_relative), (long long)T);
+  expect_logits_match_reference(f, prompt_logits(*model, f.tokens), "parity  ", GetParam());
 }
 
 TEST_P(Parity, GreedyContinuationMatchesTransformers) {
   const Fixture f = load_fixture(reference_of(GetParam()));
   auto model = open_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
   ASSERT_TRUE(model);
-  auto session = new_session(*model);
-  ASSERT_TRUE(session->eval_prompt(f.tokens).is_ok());
-  std::vector<int32_t> generated;
-  for (size_t i = 0; i < f.greedy.size(); ++i) {
-    const int32_t next = argmax(session->logits(), model->n_vocab());
-    generated.push_back(next);
-    ASSERT_TRUE(session->eval_token(next).is_ok());
-  }
-  EXPECT_EQ(generated, f.greedy);
+  EXPECT_EQ(greedy_continuation(*model, f), f.greedy);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Parity, testing::Values("tied_dense_gqa", "tied_dense_gqa_other_layout", "untied_sparse_step", "wide_mha",
@@ -699,29 +715,9 @@ TEST_P(Cuda, LogitsAndGreedyMatchTransformers) {
   const Fixture f = load_fixture(reference_of(GetParam()));
   auto model = open_cuda_model(pack_for(GetParam(), WeightFormat::bf16, WeightFormat::bf16));
   ASSERT_TRUE(model);
-  const int64_t T = f.logits.shape[0], V = f.logits.shape[1];
-  ASSERT_EQ(V, model->n_vocab());
-  const auto ours = prompt_logits(*model, f.tokens);
-  float worst_relative = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* ref = f.logits.data.data() + t * V;
-    const float* got = ours.data() + t * V;
-    float worst = 0;
-    for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::fabs(got[i] - ref[i]));
-    EXPECT_LE(worst, 2e-3f * max_abs(ref, V)) << "position " << t;
-    EXPECT_EQ(argmax(got, V), argmax(ref, V)) << "position " << t;
-    worst_relative = std::max(worst_relative, worst / max_abs(ref, V));
-  }
-  std::printf("[ cuda     ] %s: max |logit - ref| / max |ref| = %.2e over %lld positions\n", GetParam().c_str(),
-              double(worst_relative), (long long)T);
-  auto session = new_session(*model);
-  ASSERT_TRUE(session->eval_prompt(f.tokens).is_ok());
-  std::vector<int32_t> generated;
-  for (size_t i = 0; i < f.greedy.size(); ++i) {
-    generated.push_back(argmax(session->logits(), V));
-    ASSERT_TRUE(session->eval_token(generated.back()).is_ok());
-  }
-  EXPECT_EQ(generated, f.greedy);
+  ASSERT_EQ(f.logits.shape[1], model->n_vocab());
+  expect_logits_match_reference(f, prompt_logits(*model, f.tokens), "cuda    ", GetParam());
+  EXPECT_EQ(greedy_continuation(*model, f), f.greedy);
 }
 
 // The same quantized pack on the CPU and the GPU: both fp32 over the same weights, so they differ by

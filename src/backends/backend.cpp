@@ -45,10 +45,10 @@ WeightView at_blob(const WeightView& offsets, const void* blob) {
 void Backend::moe_decode(const ExpertLayout& layout, const void* const* table, const int32_t* ids, const float* weights, int64_t k,
                          const float* x, float* h, float* part, float* y, bool accumulate) {
   const int64_t I = layout.gate.rows, H = layout.down.rows;
+  std::vector<float> up(static_cast<size_t>(I));
   for (int64_t j = 0; j < k; ++j) {
     const void* blob = table[ids[j]];
     float* hj = h + j * I;
-    std::vector<float> up(static_cast<size_t>(I));
     const MatmulJob gate_up[] = {{at_blob(layout.gate, blob), x, hj, 1}, {at_blob(layout.up, blob), x, up.data(), 1}};
     matmul_many(gate_up, 2);
     swiglu(hj, up.data(), hj, I);

@@ -324,6 +324,14 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_prepare_kerne
   }
 }
 
+// acc[r] = fmaf(m[r], s, acc[r]) for r < 8: eight consecutive floats of shared memory (16-byte aligned,
+// two float4 loads) times one scalar — the state kernel's inner step, rows 8w … 8w + 7 of a warp.
+__device__ __forceinline__ void fma8(float (&acc)[8], const float* m, float s) {
+  const float4 a = *reinterpret_cast<const float4*>(m), b = *reinterpret_cast<const float4*>(m + 4);
+  acc[0] = fmaf(a.x, s, acc[0]), acc[1] = fmaf(a.y, s, acc[1]), acc[2] = fmaf(a.z, s, acc[2]), acc[3] = fmaf(a.w, s, acc[3]);
+  acc[4] = fmaf(b.x, s, acc[4]), acc[5] = fmaf(b.y, s, acc[5]), acc[6] = fmaf(b.z, s, acc[6]), acc[7] = fmaf(b.w, s, acc[7]);
+}
+
 template <int DKP>
 constexpr size_t chunk_state_shared_floats() {
   return DKP * 32 + 2 * DKP * transposed_pitch + chunk_tokens * DKP + chunk_tokens * chunk_tokens + chunk_tokens * 32 + 2 * chunk_tokens;
@@ -417,10 +425,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
 #pragma unroll 4
       for (int c = 0; c < DKP; ++c) {
         const float sv = st[c * 32 + lane];
-        const float4 w0 = *reinterpret_cast<const float4*>(wt + c * transposed_pitch + 8 * warp);
-        const float4 w1 = *reinterpret_cast<const float4*>(wt + c * transposed_pitch + 8 * warp + 4);
-        acc[0] = fmaf(w0.x, sv, acc[0]), acc[1] = fmaf(w0.y, sv, acc[1]), acc[2] = fmaf(w0.z, sv, acc[2]), acc[3] = fmaf(w0.w, sv, acc[3]);
-        acc[4] = fmaf(w1.x, sv, acc[4]), acc[5] = fmaf(w1.y, sv, acc[5]), acc[6] = fmaf(w1.z, sv, acc[6]), acc[7] = fmaf(w1.w, sv, acc[7]);
+        fma8(acc, wt + c * transposed_pitch + 8 * warp, sv);
       }
       for (int r = 0; r < 8; ++r) vn[(8 * warp + r) * 32 + lane] -= acc[r];
     }
@@ -432,18 +437,12 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
 #pragma unroll 4
       for (int c = 0; c < DKP; ++c) {
         const float sv = st[c * 32 + lane];
-        const float4 q0 = *reinterpret_cast<const float4*>(qgt + c * transposed_pitch + 8 * warp);
-        const float4 q1 = *reinterpret_cast<const float4*>(qgt + c * transposed_pitch + 8 * warp + 4);
-        acc[0] = fmaf(q0.x, sv, acc[0]), acc[1] = fmaf(q0.y, sv, acc[1]), acc[2] = fmaf(q0.z, sv, acc[2]), acc[3] = fmaf(q0.w, sv, acc[3]);
-        acc[4] = fmaf(q1.x, sv, acc[4]), acc[5] = fmaf(q1.y, sv, acc[5]), acc[6] = fmaf(q1.z, sv, acc[6]), acc[7] = fmaf(q1.w, sv, acc[7]);
+        fma8(acc, qgt + c * transposed_pitch + 8 * warp, sv);
       }
 #pragma unroll 4
       for (int jj = 0; jj < n; ++jj) {
         const float vv = vn[jj * 32 + lane];
-        const float4 p0 = *reinterpret_cast<const float4*>(pt + jj * chunk_tokens + 8 * warp);
-        const float4 p1 = *reinterpret_cast<const float4*>(pt + jj * chunk_tokens + 8 * warp + 4);
-        acc[0] = fmaf(p0.x, vv, acc[0]), acc[1] = fmaf(p0.y, vv, acc[1]), acc[2] = fmaf(p0.z, vv, acc[2]), acc[3] = fmaf(p0.w, vv, acc[3]);
-        acc[4] = fmaf(p1.x, vv, acc[4]), acc[5] = fmaf(p1.y, vv, acc[5]), acc[6] = fmaf(p1.z, vv, acc[6]), acc[7] = fmaf(p1.w, vv, acc[7]);
+        fma8(acc, pt + jj * chunk_tokens + 8 * warp, vv);
       }
       for (int r = 0; r < 8; ++r) {
         const int i = 8 * warp + r;
