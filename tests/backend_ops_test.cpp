@@ -361,6 +361,42 @@ TEST_P(BackendOps, RopeNeoxMatchesReference) {
   }
 }
 
+// Qwen3's q/k head norms and rotary in one op: the reference's four ops (rms_norm on q and k heads, then
+// rope_neox on both) within their tolerances.
+TEST_P(BackendOps, QkNormRopeMatchesReference) {
+  struct Case { int64_t n_tokens, n_head, n_head_kv, head_dim, rot_dim; };
+  for (const Case& c : {Case{1, 32, 4, 128, 128}, Case{3, 8, 2, 64, 32}, Case{5, 4, 4, 256, 64}, Case{2, 6, 3, 96, 0}}) {
+    const auto q = gaussian(size_t(c.n_tokens * c.n_head * c.head_dim), rng_, 3.0f);
+    const auto k = gaussian(size_t(c.n_tokens * c.n_head_kv * c.head_dim), rng_, 3.0f);
+    const auto q_norm = gaussian(size_t(c.head_dim), rng_), k_norm = gaussian(size_t(c.head_dim), rng_);
+    std::vector<int32_t> positions(size_t(c.n_tokens));
+    for (auto& p : positions) p = int32_t(rng_() % 100000);
+    std::vector<float> inv_freq(size_t(c.rot_dim / 2));
+    for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = std::pow(1e6f, -2.0f * float(i) / float(std::max<int64_t>(c.rot_dim, 1)));
+    auto q_ref = q, k_ref = k;
+    ref_->qk_norm_rope(q_ref.data(), k_ref.data(), c.n_tokens, c.n_head, c.n_head_kv, c.head_dim, c.rot_dim, q_norm.data(), k_norm.data(),
+                       1e-6f, positions.data(), inv_freq.data());
+    DeviceBuffer dq(but(), *be_, q), dk(but(), *be_, k), dqn(but(), *be_, q_norm), dkn(but(), *be_, k_norm);
+    be_->qk_norm_rope(dq.f(), dk.f(), c.n_tokens, c.n_head, c.n_head_kv, c.head_dim, c.rot_dim, dqn.f(), dkn.f(), 1e-6f, positions.data(),
+                      inv_freq.data());
+    for (const auto& [got, want] : {std::pair{dq.read(), q_ref}, std::pair{dk.read(), k_ref}}) {
+      Mismatches bad;
+      for (size_t row = 0; row < got.size() / size_t(c.head_dim); ++row) {
+        double head_max = 0;
+        for (int64_t d = 0; d < c.head_dim; ++d) head_max = std::max(head_max, double(std::fabs(want[row * c.head_dim + d])));
+        for (int64_t d = 0; d < c.head_dim; ++d) {
+          const size_t i = row * size_t(c.head_dim) + size_t(d);
+          // The norm's 1e-5 relative (Σx² reordered) carried through a rotation mixing two dims, plus
+          // rope's few ulp of cos/sin: 2 · 1e-5 of the head's largest output, and an absolute floor.
+          const double tol = 2e-5 * head_max + 1e-6;
+          bad.check(std::fabs(got[i] - want[i]) <= tol, i, got[i], want[i], tol);
+        }
+      }
+      EXPECT_EQ(bad.count, 0) << "T=" << c.n_tokens << " head_dim=" << c.head_dim << " rot_dim=" << c.rot_dim << bad.first;
+    }
+  }
+}
+
 TEST_P(BackendOps, AttentionMatchesReference) {
   struct Case { int64_t n_tokens, n_past, n_head, n_head_kv, head_dim; };
   for (const Case& c : {Case{1, 0, 4, 4, 64}, Case{1, 37, 8, 2, 128}, Case{3, 5, 8, 4, 64}, Case{17, 40, 4, 1, 128},

@@ -19,6 +19,16 @@ void Backend::add_rms_norm(float* x, const float* y, const float* weight, float 
   rms_norm(x, weight, eps, n_rows, dim, out);
 }
 
+void Backend::qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim,
+                           const float* q_norm, const float* k_norm, float eps, const int32_t* positions, const float* inv_freq) {
+  rms_norm(q, q_norm, eps, n_tokens * n_head, head_dim, q);
+  rms_norm(k, k_norm, eps, n_tokens * n_head_kv, head_dim, k);
+  if (rot_dim > 0) {
+    rope_neox(q, n_tokens, n_head, head_dim, rot_dim, positions, inv_freq);
+    rope_neox(k, n_tokens, n_head_kv, head_dim, rot_dim, positions, inv_freq);
+  }
+}
+
 void Backend::router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                                          float* weights) {
   router_softmax_topk(logits, n_tokens, n_expert, k, normalize, ids, weights);  // host memory is this backend's memory

@@ -112,6 +112,13 @@ class Backend {
   virtual void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim,
                          const int32_t* positions, const float* inv_freq, float scale = 1.0f, int64_t row_stride = 0) = 0;
 
+  // Qwen3's per-head q/k norm and rotary in one op, in place: rms_norm over each head_dim row of q
+  // [T, n_head, head_dim] (weight q_norm) and of k [T, n_head_kv, head_dim] (weight k_norm), then rope_neox
+  // on both (scale 1). Equals those four calls up to the summation order of the norms' Σx².
+  virtual void qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                            int64_t rot_dim, const float* q_norm, const float* k_norm, float eps, const int32_t* positions,
+                            const float* inv_freq);
+
   // Causal softmax attention over a KV cache holding positions 0 .. n_past + T − 1 (layout above):
   // query t sits at position n_past + t and sees keys 0 .. n_past + t; scores are q·k · scale.
   virtual void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens,

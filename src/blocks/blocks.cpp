@@ -27,11 +27,16 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
     be.gather_rows(scratch.q_gate, scratch.rows.data(), n_rows, s.head_dim, scratch.gate);
   }
   // Per-head RMSNorm comes before rotary (qwen3: q_norm/k_norm shared by all heads).
-  if (w.q_norm) be.rms_norm(scratch.q, w.q_norm, s.norm_eps, n_tokens * s.n_head, s.head_dim, scratch.q);
-  if (w.k_norm) be.rms_norm(k_rows, w.k_norm, s.norm_eps, n_tokens * s.n_head_kv, s.head_dim, k_rows);
-  if (s.rot_dim > 0) {
-    be.rope_neox(scratch.q, n_tokens, s.n_head, s.head_dim, s.rot_dim, positions, s.inv_freq);
-    be.rope_neox(k_rows, n_tokens, s.n_head_kv, s.head_dim, s.rot_dim, positions, s.inv_freq);
+  if (w.q_norm && w.k_norm) {
+    be.qk_norm_rope(scratch.q, k_rows, n_tokens, s.n_head, s.n_head_kv, s.head_dim, s.rot_dim, w.q_norm, w.k_norm, s.norm_eps,
+                    positions, s.inv_freq);
+  } else {
+    if (w.q_norm) be.rms_norm(scratch.q, w.q_norm, s.norm_eps, n_tokens * s.n_head, s.head_dim, scratch.q);
+    if (w.k_norm) be.rms_norm(k_rows, w.k_norm, s.norm_eps, n_tokens * s.n_head_kv, s.head_dim, k_rows);
+    if (s.rot_dim > 0) {
+      be.rope_neox(scratch.q, n_tokens, s.n_head, s.head_dim, s.rot_dim, positions, s.inv_freq);
+      be.rope_neox(k_rows, n_tokens, s.n_head_kv, s.head_dim, s.rot_dim, positions, s.inv_freq);
+    }
   }
   be.attention(scratch.q, k_cache, v_cache, n_tokens, n_past, AttentionLayout::gqa(s.n_head, s.n_head_kv, s.head_dim), s.scale,
                scratch.out);

@@ -18,6 +18,7 @@ constexpr int attention_warps = 4;
 __global__ void __launch_bounds__(32 * attention_warps)
     attention_kernel(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
                      int64_t n_past, AttentionLayout l, int64_t group, float scale, float* __restrict__ out) {
+  dependent_launch_begin();
   extern __shared__ float shared[];
   __shared__ float warp_max_s[attention_warps], warp_sum_p[attention_warps];
   const int64_t h = blockIdx.x, t = blockIdx.y, kv = h / group;
@@ -66,9 +67,8 @@ void attention_simple(const float* q, const float* k_cache, const float* v_cache
   // Tokens beyond grid.y's 65535 go in further launches, each a later slice of queries.
   for (int64_t t0 = 0; t0 < n_tokens; t0 += 65535) {
     const dim3 grid(unsigned(layout.n_head), unsigned(std::min<int64_t>(n_tokens - t0, 65535)));
-    attention_kernel<<<grid, 32 * attention_warps, shared, stream>>>(q + t0 * layout.n_head * layout.k_dim, k_cache, v_cache, n_past + t0,
-                                                                      layout, layout.n_head / layout.n_head_kv, scale,
-                                                                      out + t0 * layout.n_head * layout.v_dim);
+    launch(attention_kernel, grid, 32 * attention_warps, shared, stream, q + t0 * layout.n_head * layout.k_dim, k_cache, v_cache,
+           n_past + t0, layout, layout.n_head / layout.n_head_kv, scale, out + t0 * layout.n_head * layout.v_dim);
     MF_CUDA_CHECK_LAUNCH();
   }
 }
@@ -108,6 +108,7 @@ struct TiledArgs {
 
 template <int RW, int VPL>
 __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(TiledArgs a) {
+  dependent_launch_begin();
   extern __shared__ float4 shared4[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   const int rows = n_warps * RW;
@@ -267,6 +268,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
 // row (m = −inf) weighs 0. One block per output row.
 __global__ void attention_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, int n_split,
                                          int64_t rows_out, int64_t v_dim, float* __restrict__ out) {
+  dependent_launch_begin();
   __shared__ float weight[256];
   __shared__ float inv_total;
   const int64_t row = blockIdx.x;
@@ -319,10 +321,10 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
   } else {
     a.out = out;
   }
-  kernel<<<dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, shared, stream>>>(a);
+  launch(kernel, dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, shared, stream, a);
   MF_CUDA_CHECK_LAUNCH();
   if (n_split > 1) {
-    attention_combine_kernel<<<unsigned(a.rows_out), 128, 0, stream>>>(a.part_o, a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
+    launch(attention_combine_kernel, unsigned(a.rows_out), 128, 0, stream, a.part_o, a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
     MF_CUDA_CHECK_LAUNCH();
   }
 }

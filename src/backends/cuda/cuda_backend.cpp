@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstring>
 #include <cstdlib>
 #include <initializer_list>
@@ -56,7 +57,9 @@ class CudaBackend final : public Backend {
   CudaBackend(int device, cudaStream_t stream) : device_(device), stream_(stream) {
     const char* times = std::getenv("MOEFLUX_CUDA_OP_TIMES");
     timing_ = times && *times && *times != '0';
-    if (timing_) {
+    const char* graph_times = std::getenv("MOEFLUX_CUDA_GRAPH_TIMES");
+    graph_times_ = graph_times && *graph_times && *graph_times != '0';
+    if (timing_ || graph_times_) {
       MF_CUDA_CHECK(cudaEventCreate(&time_start_));
       MF_CUDA_CHECK(cudaEventCreate(&time_stop_));
     }
@@ -72,6 +75,8 @@ class CudaBackend final : public Backend {
     }
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
+    if (time_start_) cudaEventDestroy(time_start_);
+    if (time_stop_) cudaEventDestroy(time_stop_);
     if (scratch_) cudaFree(scratch_);
     if (ring_host_) cudaFreeHost(ring_host_);
     if (ring_device_) cudaFree(ring_device_);
@@ -156,6 +161,7 @@ class CudaBackend final : public Backend {
       return false;
     }
     recording_ = true;
+    record_start_ = std::chrono::steady_clock::now();
     record_failed_ = false;
     graph_out_at_ = 0;
     deferred_.clear();
@@ -166,6 +172,7 @@ class CudaBackend final : public Backend {
     MF_CHECK_MSG(recording_, "end_graph without begin_graph");
     bind();
     recording_ = false;
+    const auto t1 = std::chrono::steady_clock::now();
     cudaGraph_t graph = nullptr;
     const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
     // Stagings made while recording were copied only if the graph runs: the memo must not offer them.
@@ -200,8 +207,11 @@ class CudaBackend final : public Backend {
       return make_error(ErrorCode::internal, "instantiating the step's CUDA graph failed");
     }
     cudaGraphDestroy(graph);
+    const auto t2 = std::chrono::steady_clock::now();
     MF_CUDA_CHECK(cudaGraphLaunch(graph_exec_, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const auto t3 = std::chrono::steady_clock::now();
+    if (graph_times_) time_graph(t1 - record_start_, t2 - t1, t3 - t2);
     for (const DeferredCopy& c : deferred_) std::memcpy(c.host_dst, graph_out_ + c.at, c.bytes);
     deferred_.clear();
     return Status::ok();
@@ -264,6 +274,17 @@ class CudaBackend final : public Backend {
     const auto d = stage({{positions, size_t(n_tokens) * 4}, {inv_freq, size_t(rot_dim / 2) * 4}});
     cuda::rope_neox(x, n_tokens, n_heads, head_dim, rot_dim, static_cast<const int32_t*>(d[0]), static_cast<const float*>(d[1]), scale,
                     row_stride == 0 ? n_heads * head_dim : row_stride, stream_);
+  }
+
+  void qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim,
+                    const float* q_norm, const float* k_norm, float eps, const int32_t* positions, const float* inv_freq) override {
+    const OpTimer timer(*this, "qk_norm_rope");
+    MF_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim);
+    if (n_tokens <= 0) return;
+    bind();
+    const auto d = stage({{positions, size_t(n_tokens) * 4}, {inv_freq, size_t(rot_dim / 2) * 4}});
+    cuda::qk_norm_rope(q, k, n_tokens, n_head, n_head_kv, head_dim, rot_dim, q_norm, k_norm, eps, static_cast<const int32_t*>(d[0]),
+                       static_cast<const float*>(d[1]), 1.0f, stream_);
   }
 
   void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
@@ -502,6 +523,35 @@ class CudaBackend final : public Backend {
   };
   static constexpr size_t graph_out_min_bytes = size_t(4) << 20;
   bool recording_ = false;
+  // MOEFLUX_CUDA_GRAPH_TIMES=1 (a developer's switch): after each recorded step, the host's recording,
+  // update and launch-to-finish times, and the GPU time of 10 more replays of it (the step starts from its
+  // token's embedding and rewrites the same cache row, so replays change nothing); means to stderr every
+  // 32 steps.
+  bool graph_times_ = false;
+  std::chrono::steady_clock::time_point record_start_;
+  double graph_ms_[4] = {};  // record, update, launch to finish, replay on the GPU
+  int64_t graph_steps_ = 0;
+
+  void time_graph(std::chrono::steady_clock::duration record, std::chrono::steady_clock::duration update,
+                  std::chrono::steady_clock::duration run) {
+    using ms = std::chrono::duration<double, std::milli>;
+    graph_ms_[0] += ms(record).count();
+    graph_ms_[1] += ms(update).count();
+    graph_ms_[2] += ms(run).count();
+    constexpr int replays = 10;
+    MF_CUDA_CHECK(cudaEventRecord(time_start_, stream_));
+    for (int i = 0; i < replays; ++i) MF_CUDA_CHECK(cudaGraphLaunch(graph_exec_, stream_));
+    MF_CUDA_CHECK(cudaEventRecord(time_stop_, stream_));
+    MF_CUDA_CHECK(cudaEventSynchronize(time_stop_));
+    float gpu = 0;
+    MF_CUDA_CHECK(cudaEventElapsedTime(&gpu, time_start_, time_stop_));
+    graph_ms_[3] += gpu / replays;
+    if (++graph_steps_ % 32 == 0) {
+      const double n = double(graph_steps_);
+      std::fprintf(stderr, "moeflux: graph step means: record %.3f ms, update %.3f ms, launch to finish %.3f ms; GPU replay %.3f ms\n",
+                   graph_ms_[0] / n, graph_ms_[1] / n, graph_ms_[2] / n, graph_ms_[3] / n);
+    }
+  }
   bool record_failed_ = false;    // the recording cannot be run (end_graph says so)
   cudaGraphExec_t graph_exec_ = nullptr;
   char* graph_out_ = nullptr;     // pinned: device results the recorded step copies out

@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <utility>
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -77,6 +79,54 @@ __device__ __forceinline__ float weight_at(WeightFormat format, int64_t cols, co
     }
   }
   return 0.f;
+}
+
+// Programmatic dependent launch (sm_90+): a kernel started by launch() below may be scheduled while the
+// kernel before it on the stream is still running, so its launch latency hides behind that kernel's last
+// wave. Every kernel launched so must call dependent_launch_begin() before its first read or write of
+// memory another kernel may touch (it waits until the previous kernel has finished and its writes are
+// visible); it also lets the next kernel be scheduled. Reads of memory no kernel writes (the weights) may
+// come before it. Elsewhere (older GPUs, plain <<<>>> launches) it does nothing.
+__device__ __forceinline__ void dependent_launch_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
+
+// Whether launch() asks for programmatic dependent launch on the current device: compute capability 9.0
+// or newer, unless MOEFLUX_CUDA_PDL=0 (a developer's switch for comparisons).
+inline bool dependent_launch_enabled() {
+  static int state[64] = {};  // per device: 0 unknown, 1 no, 2 yes
+  int device = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  int& s = state[device & 63];
+  if (s == 0) {
+    int major = 0;
+    MF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    const char* env = std::getenv("MOEFLUX_CUDA_PDL");
+    s = major >= 9 && !(env && env[0] == '0') ? 2 : 1;
+  }
+  return s == 2;
+}
+
+// kernel<<<grid, block, shared, stream>>>(args…) with programmatic dependent launch where enabled; the
+// kernel must call dependent_launch_begin() (above).
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  if (dependent_launch_enabled()) {
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  MF_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 // Grid size for n elements at `threads` per block, a grid-stride loop covering the rest.

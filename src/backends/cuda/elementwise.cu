@@ -13,12 +13,14 @@ __device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * b
 
 // grid.y = token (strided).
 __global__ void embed_rows_kernel(WeightView w, const int32_t* __restrict__ ids, int64_t n_tokens, float* __restrict__ out) {
+  dependent_launch_begin();
   for (int64_t t = blockIdx.y; t < n_tokens; t += gridDim.y)
     for (int64_t c = first_index(); c < w.cols; c += grid_stride())
       out[t * w.cols + c] = weight_at(w.format, w.cols, w.data, w.scales, w.biases, ids[t], c);
 }
 
 __global__ void swiglu_kernel(const float* gate, const float* up, float* out, int64_t n) {
+  dependent_launch_begin();
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     const float g = gate[i], u = up[i];  // both read before the write: out may alias either
     out[i] = g / (1.0f + expf(-g)) * u;
@@ -26,16 +28,19 @@ __global__ void swiglu_kernel(const float* gate, const float* up, float* out, in
 }
 
 __global__ void axpy_kernel(float* acc, const float* __restrict__ x, float a, int64_t n) {
+  dependent_launch_begin();
   for (int64_t i = first_index(); i < n; i += grid_stride()) acc[i] += a * x[i];
 }
 
 __global__ void fill_kernel(float* x, float value, int64_t n) {
+  dependent_launch_begin();
   for (int64_t i = first_index(); i < n; i += grid_stride()) x[i] = value;
 }
 
 // grid.y = destination row (strided); src_stride 0 repeats one row.
 __global__ void copy_rows_kernel(const float* __restrict__ src, int64_t src_stride, const int32_t* __restrict__ rows,
                                  float* __restrict__ dst, int64_t dst_stride, int64_t n_rows, int64_t dim) {
+  dependent_launch_begin();
   for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
     const float* s = src + (rows ? int64_t(rows[r]) : r) * src_stride;
     for (int64_t i = first_index(); i < dim; i += grid_stride()) dst[r * dst_stride + i] = s[i];
@@ -43,6 +48,7 @@ __global__ void copy_rows_kernel(const float* __restrict__ src, int64_t src_stri
 }
 
 __global__ void sigmoid_mul_kernel(float* x, const float* __restrict__ gate, int64_t n_rows, int64_t dim, bool per_row) {
+  dependent_launch_begin();
   for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y)
     for (int64_t i = first_index(); i < dim; i += grid_stride()) {
       const float g = per_row ? gate[r] : gate[r * dim + i];
@@ -60,43 +66,43 @@ dim3 rows_grid(int64_t n_rows, int64_t dim) {
 
 void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out, cudaStream_t stream) {
   if (n_tokens <= 0 || w.cols <= 0) return;
-  embed_rows_kernel<<<rows_grid(n_tokens, w.cols), threads, 0, stream>>>(w, ids, n_tokens, out);
+  launch(embed_rows_kernel, rows_grid(n_tokens, w.cols), threads, 0, stream, w, ids, n_tokens, out);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void swiglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  swiglu_kernel<<<grid_for(n, threads), threads, 0, stream>>>(gate, up, out, n);
+  launch(swiglu_kernel, grid_for(n, threads), threads, 0, stream, gate, up, out, n);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void axpy(float* acc, const float* x, float a, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  axpy_kernel<<<grid_for(n, threads), threads, 0, stream>>>(acc, x, a, n);
+  launch(axpy_kernel, grid_for(n, threads), threads, 0, stream, acc, x, a, n);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void fill(float* x, float value, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  fill_kernel<<<grid_for(n, threads), threads, 0, stream>>>(x, value, n);
+  launch(fill_kernel, grid_for(n, threads), threads, 0, stream, x, value, n);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst, cudaStream_t stream) {
   if (n_rows <= 0 || dim <= 0) return;
-  copy_rows_kernel<<<rows_grid(n_rows, dim), threads, 0, stream>>>(src, dim, rows, dst, dim, n_rows, dim);
+  launch(copy_rows_kernel, rows_grid(n_rows, dim), threads, 0, stream, src, dim, rows, dst, dim, n_rows, dim);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim, cudaStream_t stream) {
   if (n_rows <= 0 || dim <= 0) return;
-  copy_rows_kernel<<<rows_grid(n_rows, dim), threads, 0, stream>>>(src, src_stride, nullptr, dst, dst_stride, n_rows, dim);
+  launch(copy_rows_kernel, rows_grid(n_rows, dim), threads, 0, stream, src, src_stride, nullptr, dst, dst_stride, n_rows, dim);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row, cudaStream_t stream) {
   if (n_rows <= 0 || dim <= 0) return;
-  sigmoid_mul_kernel<<<rows_grid(n_rows, dim), threads, 0, stream>>>(x, gate, n_rows, dim, per_row);
+  launch(sigmoid_mul_kernel, rows_grid(n_rows, dim), threads, 0, stream, x, gate, n_rows, dim, per_row);
   MF_CUDA_CHECK_LAUNCH();
 }
 

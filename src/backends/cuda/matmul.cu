@@ -7,6 +7,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_common.cuh"
 #include "backends/cuda/matmul.cuh"
+#include "backends/cuda/matvec.cuh"
 
 namespace moeflux::cuda {
 namespace {
@@ -28,7 +29,7 @@ struct DeviceJob {
   int rows, cols;
   int64_t n_tokens;
   Path path;
-  int8_t n_split;  // direct path: warps sharing a row tile, each taking every n_split-th run of chunks
+  int8_t n_split;  // warps sharing a row tile, each taking every n_split-th run of chunks
 };
 
 // Passed by value as the kernel's parameter (≤ 4 KiB), so a launch needs no copy of the table;
@@ -48,142 +49,92 @@ __device__ __forceinline__ int job_of_block(const JobTable& t, int b) {
   return j;
 }
 
-// Columns covered by one 16-byte chunk of weights.
-__host__ __device__ constexpr int chunk_cols(WeightFormat f) {
-  return f == WeightFormat::f32 ? 4 : f == WeightFormat::bf16 ? 8 : f == WeightFormat::q8 ? 16 : 32;
-}
-__host__ __device__ constexpr int64_t row_bytes(WeightFormat f, int64_t cols) {
-  return f == WeightFormat::f32 ? cols * 4 : f == WeightFormat::bf16 ? cols * 2 : f == WeightFormat::q8 ? cols : cols / 2;
-}
-// Scale groups per row (q8: 32 columns, q4: 64); a chunk is half a group in both.
-__host__ __device__ constexpr int groups_per_row(WeightFormat f, int cols) { return f == WeightFormat::q8 ? cols / 32 : cols / 64; }
+// --- staged_x path (lab v23): 8 warps per block, x in shared memory -------------------------------------
+// A job's rows go in tiles of R rows (R per launch: fewer where a launch has few rows, so the GPU fills;
+// a row's sum does not depend on R); the n_split warps of a tile (per job, from its own width) take
+// every n_split-th run of 32 chunks and add their sums in a fixed order.
 
-// Byte k of w as the float 2^23 + byte (exact), via the exponent-bias trick (lab v4).
-__device__ __forceinline__ float byte_as_biased_float(uint32_t w, int k) {
-  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540u + unsigned(k)));
-}
-// Nibble k of a word masked to 0x0F0F0F0F as the float 2 + q/64 (exact): the nibble lands in mantissa
-// bits 16..19 of 2.0f, one byte_perm and no subtraction (lab v9).
-__device__ __forceinline__ float nibble_as_affine_float(uint32_t w, int k) {
-  return __uint_as_float(__byte_perm(w, 0x40000000u, 0x7054u | (unsigned(k) << 8)));
-}
-
-// q4's group sum from Σ f·x with f = 2 + q/64: s·Σq·x + b·Σx = (64·s)·Σf·x + (b − 128·s)·Σx.
-__device__ __forceinline__ float q4_affine_sum(float fx, float xsum, uint16_t scale, uint16_t bias) {
-  const float s = bf16_bits_to_float(scale), b = bf16_bits_to_float(bias);
-  return fmaf(64.f * s, fx, fmaf(-128.f, s, b) * xsum);
-}
-
-// --- staged_x path (lab v23): 8 warps × 4 rows per block, x in shared memory -------------------------
-
-constexpr int staged_warps = 4 * 2, staged_rows = 4;
-// float4s per chunk of x in shared memory, padded to an odd count so that the 8 lanes of a 128-bit
-// shared-memory phase, each reading its own chunk, hit different banks.
-__host__ __device__ constexpr int staged_pitch(WeightFormat f) { return chunk_cols(f) / 4 + 1; }
-__host__ __device__ constexpr int64_t staged_x_bytes(WeightFormat f, int64_t cols) { return cols / chunk_cols(f) * staged_pitch(f) * 16; }
+constexpr int staged_warps = 8;
+__host__ __device__ constexpr int64_t staged_x_bytes(WeightFormat f, int64_t cols) { return staged_bytes(f, cols); }
 constexpr int64_t staged_x_max_bytes = 48 * 1024;  // the default dynamic shared-memory limit
 
-// A warp's loads for one chunk of its rows: the weights, and the q8 scale / q4 scale and bias bits.
-template <WeightFormat F, int R>
-struct RowsLoad {
-  uint4 w[R];
-  uint16_t scale[R], bias[R];
-};
+// Warps sharing a row tile on the staged path: each lane then holds at most ~2 chunks of a row.
+int staged_splits(WeightFormat f, int64_t cols) {
+  const int64_t runs = cols / chunk_cols(f) / 64;
+  return runs >= 8 ? 8 : runs >= 4 ? 4 : runs >= 2 ? 2 : 1;
+}
 
+// Chunk `chunk` of rows r0 .. r0 + R − 1 (rows past the matrix re-read its last row, never stored).
 template <WeightFormat F, int R>
-__device__ __forceinline__ void load_rows(RowsLoad<F, R>& l, const DeviceJob& m, int r0, int rows, int chunk) {
+__device__ __forceinline__ void load_rows(Chunk (&c)[R], const DeviceJob& m, int r0, int rows, int chunk) {
   const int64_t stride = row_bytes(F, m.cols);
   const int groups = groups_per_row(F, m.cols);
 #pragma unroll
-  for (int j = 0; j < R; ++j) {
-    const int64_t r = r0 + min(j, rows - 1);  // rows past the matrix re-read its last row, never stored
-    l.w[j] = __ldg(reinterpret_cast<const uint4*>(static_cast<const char*>(m.data) + r * stride) + chunk);
-    l.scale[j] = __ldg(static_cast<const uint16_t*>(m.scales) + r * groups + chunk / 2);
-    l.bias[j] = F == WeightFormat::q4 ? __ldg(static_cast<const uint16_t*>(m.biases) + r * groups + chunk / 2) : 0;
+  for (int q = 0; q < R; ++q) {
+    const int64_t r = r0 + min(q, rows - 1);
+    c[q] = load_chunk<F>(static_cast<const uint8_t*>(m.data) + r * stride, static_cast<const uint16_t*>(m.scales) + r * groups,
+                         static_cast<const uint16_t*>(m.biases) + r * groups, chunk);
   }
 }
 
-// acc[j] += row j's chunk · x chunk, walking the chunk word by word so only 8 x values are live.
+// grid: x = every job's row tiles, z = tokens (strided). 4 blocks per SM requested: ≤ 64 registers, so
+// 32 warps' loads are in flight per SM (lab v23); each lane loads two chunks per row at once.
 template <WeightFormat F, int R>
-__device__ __forceinline__ void staged_chunk(const RowsLoad<F, R>& l, const float4* xc, float (&acc)[R]) {
-  float d[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) d[j] = 0.f;
-  float xsum = 0.f;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    if constexpr (F == WeightFormat::q4) {
-      const float4 a = xc[2 * k], c = xc[2 * k + 1];
-      const float xv[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-      xsum += ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        const uint32_t w = k == 0 ? l.w[j].x : k == 1 ? l.w[j].y : k == 2 ? l.w[j].z : l.w[j].w;
-        // Even elements in the low nibble of each byte, odd ones in the high nibble.
-        const uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;
-#pragma unroll
-        for (int n = 0; n < 4; ++n) {
-          d[j] = fmaf(nibble_as_affine_float(lo, n), xv[2 * n], d[j]);
-          d[j] = fmaf(nibble_as_affine_float(hi, n), xv[2 * n + 1], d[j]);
-        }
-      }
-    } else {
-      const float4 a = xc[k];
-      const float xv[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        const uint32_t u = (k == 0 ? l.w[j].x : k == 1 ? l.w[j].y : k == 2 ? l.w[j].z : l.w[j].w) ^ 0x80808080u;  // b → b + 128
-#pragma unroll
-        for (int n = 0; n < 4; ++n) d[j] = fmaf(byte_as_biased_float(u, n) - (8388608.f + 128.f), xv[n], d[j]);
-      }
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    if constexpr (F == WeightFormat::q4)
-      acc[j] += q4_affine_sum(d[j], xsum, l.scale[j], l.bias[j]);
-    else
-      acc[j] += __half2float(__ushort_as_half(l.scale[j])) * d[j];
-  }
-}
-
-// grid: x = every job's row tiles (staged_warps · staged_rows rows each), z = tokens (strided).
-// 4 blocks per SM requested: ≤ 64 registers, so 32 warps' loads are in flight per SM (lab v23).
-template <WeightFormat F>
 __global__ void __launch_bounds__(32 * staged_warps, 4) matmul_staged_kernel(const __grid_constant__ JobTable table) {
   extern __shared__ float4 x_staged[];
-  constexpr int R = staged_rows;
+  __shared__ float partial[staged_warps][R];
+  constexpr int U = 2;
   const int j = job_of_block(table, blockIdx.x);
   const DeviceJob& m = table.jobs[j];
-  const int lane = threadIdx.x & 31;
-  const int r0 = ((blockIdx.x - table.tile_start[j]) * staged_warps + threadIdx.x / 32) * R;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n_split = m.n_split, split = warp % n_split;
+  const int r0 = ((blockIdx.x - table.tile_start[j]) * (staged_warps / n_split) + warp / n_split) * R;
   const bool active = r0 < m.rows;
   const int rows = active ? min(R, m.rows - r0) : 1;
-  const int n_chunks = m.cols / chunk_cols(F), iters = (n_chunks + 31) / 32;
-  constexpr int per4 = chunk_cols(F) / 4;
+  const int n_chunks = m.cols / chunk_cols(F), step = 32 * n_split;
+  const int first = split * 32 + lane;
   for (int64_t t = blockIdx.z; t < m.n_tokens; t += gridDim.z) {
     const float* x = m.x + t * m.cols;
-    RowsLoad<F, R> l;
-    if (active) load_rows<F, R>(l, m, r0, rows, min(lane, n_chunks - 1));  // in flight while x is staged
-    __syncthreads();  // the previous token's x is no longer read
-    for (int f = threadIdx.x; f < m.cols / 4; f += blockDim.x)
-      x_staged[(f / per4) * staged_pitch(F) + f % per4] = __ldg(reinterpret_cast<const float4*>(x) + f);
+    Chunk c[U][R];
+    const auto load = [&](int i0) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) load_rows<F, R>(c[u], m, r0, rows, min(i0 + u * step, n_chunks - 1));
+    };
+    if (active) load(first);  // in flight while x is staged
+    if (t == blockIdx.z) dependent_launch_begin();  // the weights need no wait, x does
+    __syncthreads();  // the previous token's x and partial sums are no longer read
+    stage_chunked<F>(x, m.cols, x_staged);
     __syncthreads();
-    if (!active) continue;
     float acc[R];
 #pragma unroll
-    for (int k = 0; k < R; ++k) acc[k] = 0.f;
-    for (int it = 0; it < iters; ++it) {
-      const int chunk = it * 32 + lane;
-      if (it > 0) load_rows<F, R>(l, m, r0, rows, min(chunk, n_chunks - 1));
-      if (chunk < n_chunks) staged_chunk<F, R>(l, x_staged + chunk * staged_pitch(F), acc);
+    for (int q = 0; q < R; ++q) acc[q] = 0.f;
+    if (active) {
+      for (int i0 = first; i0 < n_chunks; i0 += U * step) {
+        if (i0 != first) load(i0);
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (i0 + u * step < n_chunks) chunk_dots<F, R>(c[u], x_staged + (i0 + u * step) * staged_pitch(F), acc);
+      }
     }
 #pragma unroll
-    for (int k = 0; k < R; ++k) acc[k] = warp_sum(acc[k]);
-    if (lane < rows) {
+    for (int q = 0; q < R; ++q) acc[q] = warp_sum(acc[q]);
+    if (n_split > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int q = 0; q < R; ++q) partial[warp][q] = acc[q];
+      }
+      __syncthreads();
+      if (split == 0 && lane < R) {
+        float v = 0.f;
+        for (int sp = 0; sp < n_split; ++sp) v += partial[warp + sp][lane];  // a fixed order
+#pragma unroll
+        for (int q = 0; q < R; ++q) acc[q] = lane == q ? v : acc[q];
+      }
+    }
+    if (active && split == 0 && lane < rows) {
       float v = acc[0];
 #pragma unroll
-      for (int k = 1; k < R; ++k) v = lane == k ? acc[k] : v;
+      for (int q = 1; q < R; ++q) v = lane == q ? acc[q] : v;
       m.y[t * m.rows + r0 + lane] = v;
     }
   }
@@ -336,6 +287,7 @@ __device__ void rows_plain(const DeviceJob& m, int r0, const float* __restrict__
 // grid: x = every job's row tiles (direct_warps / n_split tiles of R rows per block), z = tokens (strided).
 template <WeightFormat F>
 __global__ void __launch_bounds__(32 * direct_warps) matmul_direct_kernel(const __grid_constant__ JobTable table) {
+  dependent_launch_begin();
   constexpr int R = direct_rows<F>(), U = direct_unroll<F>();
   __shared__ float partial[direct_warps][R];
   const int j = job_of_block(table, blockIdx.x);
@@ -352,6 +304,16 @@ __global__ void __launch_bounds__(32 * direct_warps) matmul_direct_kernel(const 
   }
 }
 
+// Streaming multiprocessors of the current device (asked once per device).
+int multiprocessors() {
+  static int counts[64] = {};
+  int device = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  int& n = counts[device & 63];
+  if (n == 0) MF_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // The path of one job, from its own format, shape and pointers alone.
@@ -365,50 +327,68 @@ Path path_of(const MatmulJob& job) {
 }
 
 template <WeightFormat F>
-int rows_per_block(Path path, int n_split) {
-  return path == Path::staged_x ? staged_warps * staged_rows : direct_warps / n_split * direct_rows<F>();
+int rows_per_block(Path path, int n_split, int staged_rows) {
+  return path == Path::staged_x ? staged_warps / n_split * staged_rows : direct_warps / n_split * direct_rows<F>();
 }
 
 // Launches every job of format F on `path` (direct and plain share a kernel), 40 jobs per launch.
 template <WeightFormat F>
 void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_t stream) {
+  const auto takes = [&](const MatmulJob& job) {
+    return job.w.format == F && job.n_tokens > 0 && job.w.rows > 0 && (path_of(job) == Path::staged_x) == staged;
+  };
+  // Staged rows per tile: 4 where the launch has warps enough to fill the GPU with them, else fewer.
+  int staged_rows = 4;
+  if (staged) {
+    int64_t warps = 0;
+    for (int64_t i = 0; i < n_jobs; ++i)
+      if (takes(jobs[i])) warps += (jobs[i].w.rows + 3) / 4 * staged_splits(F, jobs[i].w.cols) * std::min<int64_t>(jobs[i].n_tokens, 65535);
+    const int64_t fill = 32 * int64_t(multiprocessors());
+    staged_rows = warps >= fill ? 4 : 2 * warps >= fill ? 2 : 1;
+  }
   JobTable table;
   int n = 0;
   int64_t max_tokens = 0, max_cols = 0;
-  auto launch = [&] {
+  auto flush = [&] {
     if (n == 0) return;
     table.n_jobs = n;
     const dim3 grid(unsigned(table.tile_start[n]), 1, unsigned(std::min<int64_t>(max_tokens, 65535)));
     if constexpr (F == WeightFormat::q8 || F == WeightFormat::q4) {
       if (staged) {
-        matmul_staged_kernel<F><<<grid, 32 * staged_warps, size_t(staged_x_bytes(F, max_cols)), stream>>>(table);
+        const size_t shared = size_t(staged_x_bytes(F, max_cols));
+        if (staged_rows == 4)
+          launch(matmul_staged_kernel<F, 4>, grid, 32 * staged_warps, shared, stream, table);
+        else if (staged_rows == 2)
+          launch(matmul_staged_kernel<F, 2>, grid, 32 * staged_warps, shared, stream, table);
+        else
+          launch(matmul_staged_kernel<F, 1>, grid, 32 * staged_warps, shared, stream, table);
         MF_CUDA_CHECK_LAUNCH();
         n = 0, max_tokens = 0, max_cols = 0;
         return;
       }
     }
-    matmul_direct_kernel<F><<<grid, 32 * direct_warps, 0, stream>>>(table);
+    launch(matmul_direct_kernel<F>, grid, 32 * direct_warps, 0, stream, table);
     MF_CUDA_CHECK_LAUNCH();
     n = 0, max_tokens = 0, max_cols = 0;
   };
   table.tile_start[0] = 0;
   for (int64_t i = 0; i < n_jobs; ++i) {
     const MatmulJob& job = jobs[i];
+    if (!takes(job)) continue;
     const WeightView& w = job.w;
-    if (w.format != F || job.n_tokens <= 0 || w.rows <= 0) continue;
     const Path path = path_of(job);
-    if ((path == Path::staged_x) != staged) continue;
-    const int n_split = path == Path::direct ? direct_splits<F>(w.rows, w.cols) : 1;
-    const int64_t tiles = (w.rows + rows_per_block<F>(path, n_split) - 1) / rows_per_block<F>(path, n_split);
-    if (n > 0 && int64_t(table.tile_start[n]) + tiles > INT_MAX) launch();
+    const int n_split = path == Path::direct ? direct_splits<F>(w.rows, w.cols) : path == Path::staged_x ? staged_splits(F, w.cols) : 1;
+    const int per_block = rows_per_block<F>(path, n_split, staged_rows);
+    const int64_t tiles = (w.rows + per_block - 1) / per_block;
+    if (n > 0 && int64_t(table.tile_start[n]) + tiles > INT_MAX) flush();
     table.jobs[n] = {w.data, w.scales, w.biases, job.x, job.y, int(w.rows), int(w.cols), job.n_tokens, path, int8_t(n_split)};
     table.tile_start[n + 1] = int(table.tile_start[n] + tiles);
     ++n;
     max_tokens = std::max(max_tokens, job.n_tokens);
     max_cols = std::max(max_cols, w.cols);
-    if (n == max_jobs_per_launch) launch();
+    if (n == max_jobs_per_launch) flush();
   }
-  launch();
+  flush();
 }
 
 }  // namespace

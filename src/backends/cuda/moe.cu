@@ -1,10 +1,13 @@
 // The kernels of moe.cuh.
 #include <cfloat>
+#include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_common.cuh"
+#include "backends/cuda/matvec.cuh"
 #include "backends/cuda/moe.cuh"
 
 namespace moeflux::cuda {
@@ -43,18 +46,6 @@ __device__ void block_best(float* score, int* id) {
   *score = v, *id = i;
 }
 
-__device__ float block_max(float v) {
-  __shared__ float partial[32];
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  float m = partial[0];
-  for (int w = 1; w < n_warps; ++w) m = fmaxf(m, partial[w]);
-  return m;
-}
-
 // k rounds of the block's best unchosen score; chosen scores are marked with id −1 in `taken`.
 __device__ void top_k(const float* score, bool* taken, int n, int k, int* chosen) {
   for (int j = 0; j < k; ++j) {
@@ -71,34 +62,71 @@ __device__ void top_k(const float* score, bool* taken, int n, int k, int* chosen
   }
 }
 
-// One block per token. Shared: p [E] floats, taken [E] bools.
+__device__ float block_max(float v) {
+  __shared__ float partial[32];
+  v = warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float m = partial[0];
+  for (int w = 1; w < n_warps; ++w) m = fmaxf(m, partial[w]);
+  return m;
+}
+
+// One block per token, a thread per expert (up to 1024; more loop). The k best are found by rank, not
+// by k rounds of a reduction: expert e's rank is the number of experts better than it (higher p, then
+// lower id), counted against every p at once; ranks below k name the choices in order.
+// Shared: p [E] floats, key [E] (p's bits above ~id: one integer comparison orders both), chosen [k].
 __global__ void softmax_topk_kernel(const float* __restrict__ logits, int n_expert, int k, bool normalize, int32_t* ids,
                                     float* weights) {
-  extern __shared__ float shared[];
-  float* p = shared;
-  bool* taken = reinterpret_cast<bool*>(p + n_expert);
+  dependent_launch_begin();
+  extern __shared__ unsigned long long keys[];
+  float* p = reinterpret_cast<float*>(keys + n_expert);
   __shared__ int chosen[max_router_k];
+  __shared__ float sum;
   const float* l = logits + size_t(blockIdx.x) * n_expert;
   float m = -FLT_MAX;
   for (int e = threadIdx.x; e < n_expert; e += blockDim.x) m = fmaxf(m, l[e]);
   m = block_max(m);
-  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
-    p[e] = expf(l[e] - m);
-    taken[e] = false;
-  }
-  // The sum in the host's order (expert by expert), so the probabilities match it as closely as expf allows.
-  __shared__ float sum;
+  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) p[e] = expf(l[e] - m);
+  if (threadIdx.x < k) chosen[threadIdx.x] = -1;
   __syncthreads();
+  // The sum in the host's order (expert by expert), so the probabilities match it as closely as expf allows.
   if (threadIdx.x == 0) {
     float acc = 0.f;
-    for (int e = 0; e < n_expert; ++e) acc += p[e];
+    int e = 0;
+    for (; e + 4 <= n_expert; e += 4) {
+      const float4 a = *reinterpret_cast<const float4*>(p + e);
+      acc = (((acc + a.x) + a.y) + a.z) + a.w;
+    }
+    for (; e < n_expert; ++e) acc += p[e];
     sum = acc;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) p[e] /= sum;
+  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
+    p[e] /= sum;
+    // p ≥ 0, so its bits order as its value (a NaN sorts above every number, as never chosen by the host).
+    keys[e] = (static_cast<unsigned long long>(__float_as_uint(p[e])) << 32) | (0xffffffffu - unsigned(e));
+  }
   __syncthreads();
-  top_k(p, taken, n_expert, k, chosen);
+  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
+    const unsigned long long mine = keys[e];
+    int rank = 0;
+    for (int i = 0; i < n_expert; ++i) rank += keys[i] > mine;
+    if (rank < k) chosen[rank] = e;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
+    // Slots left empty (only NaN probabilities do that) take the lowest unchosen ids: never an invalid expert.
+    for (int j = 0, next = 0; j < k; ++j)
+      if (chosen[j] < 0) {
+        for (bool used = true; used; ++next) {
+          used = false;
+          for (int i = 0; i < k; ++i) used |= chosen[i] == next;
+        }
+        chosen[j] = next - 1;
+      }
     float selected = 0.f;
     for (int j = 0; j < k; ++j) selected += p[chosen[j]];
     for (int j = 0; j < k; ++j) {
@@ -112,6 +140,7 @@ __global__ void softmax_topk_kernel(const float* __restrict__ logits, int n_expe
 __global__ void sigmoid_grouped_topk_kernel(const float* __restrict__ logits, const float* __restrict__ bias, int n_expert,
                                             int n_group, int topk_group, int k, bool normalize, float scaling, int32_t* ids,
                                             float* weights) {
+  dependent_launch_begin();
   extern __shared__ float shared[];
   float* s = shared;
   float* c = s + n_expert;
@@ -171,98 +200,29 @@ __global__ void sigmoid_grouped_topk_kernel(const float* __restrict__ logits, co
 
 // ---- experts ---------------------------------------------------------------------------------------
 
-constexpr int warps_per_block = 4;
-template <WeightFormat F> __host__ __device__ constexpr int rows_per_warp() {
-  return F == WeightFormat::q4 ? 8 : F == WeightFormat::q8 ? 4 : 2;
-}
-__host__ __device__ constexpr int chunk_cols(WeightFormat f) {
-  return f == WeightFormat::f32 ? 4 : f == WeightFormat::bf16 ? 8 : f == WeightFormat::q8 ? 16 : 32;
-}
-
-struct Matrix {
-  const uint8_t* data;
-  const uint8_t* scales;
-  const uint8_t* biases;
-};
-
-__device__ __forceinline__ Matrix matrix_at(const uint8_t* blob, uintptr_t data, uintptr_t scales, uintptr_t biases) {
-  return {blob + data, blob + scales, blob + biases};
-}
-
-__device__ __forceinline__ float byte_as_biased_float(uint32_t w, int k) {
-  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540u + unsigned(k)));
-}
-
-// The lane's share of row r's dot product over 16-byte chunk i (xv: the chunk's x, xsum: its sum for q4).
-template <WeightFormat F>
-__device__ __forceinline__ float chunk_dot(const Matrix& m, int cols, int r, int i, const float* xv, float xsum) {
-  if constexpr (F == WeightFormat::f32) {
-    const float4 w = __ldg(reinterpret_cast<const float4*>(m.data + size_t(r) * cols * 4) + i);
-    return w.x * xv[0] + w.y * xv[1] + w.z * xv[2] + w.w * xv[3];
-  } else if constexpr (F == WeightFormat::bf16) {
-    const uint4 p = __ldg(reinterpret_cast<const uint4*>(m.data + size_t(r) * cols * 2) + i);
-    const uint32_t w[4] = {p.x, p.y, p.z, p.w};
-    float d = 0.f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) d += __uint_as_float(w[k] << 16) * xv[2 * k] + __uint_as_float(w[k] & 0xffff0000u) * xv[2 * k + 1];
-    return d;
-  } else if constexpr (F == WeightFormat::q8) {
-    const uint4 p = __ldg(reinterpret_cast<const uint4*>(m.data + size_t(r) * cols) + i);
-    const uint32_t w[4] = {p.x, p.y, p.z, p.w};
-    const float sc = __half2float(__ldg(reinterpret_cast<const __half*>(m.scales) + size_t(r) * (cols / 32) + i / 2));
-    float d = 0.f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t u = w[k] ^ 0x80808080u;
-      constexpr float bias = 8388608.f + 128.f;
-#pragma unroll
-      for (int b = 0; b < 4; ++b) d += (byte_as_biased_float(u, b) - bias) * xv[4 * k + b];
-    }
-    return sc * d;
-  } else {
-    const uint4 p = __ldg(reinterpret_cast<const uint4*>(m.data + size_t(r) * cols / 2) + i);
-    const uint32_t w[4] = {p.x, p.y, p.z, p.w};
-    const size_t g = size_t(r) * (cols / 64) + i / 2;
-    const float sc = bf16_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(m.scales) + g));
-    const float bi = bf16_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(m.biases) + g));
-    float qx = 0.f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t lo = w[k] & 0x0F0F0F0Fu, hi = (w[k] >> 4) & 0x0F0F0F0Fu;
-      constexpr float bias = 8388608.f;
-#pragma unroll
-      for (int b = 0; b < 4; ++b)
-        qx += (byte_as_biased_float(lo, b) - bias) * xv[8 * k + 2 * b] + (byte_as_biased_float(hi, b) - bias) * xv[8 * k + 2 * b + 1];
-    }
-    return sc * qx + bi * xsum;
-  }
-}
-
-// Copies n floats (n a multiple of 4, 16-byte aligned) into the block's shared memory.
-__device__ __forceinline__ void stage_vector(const float* __restrict__ src, int n, float* dst) {
-  for (int i = threadIdx.x; i < n / 4; i += blockDim.x) reinterpret_cast<float4*>(dst)[i] = __ldg(reinterpret_cast<const float4*>(src) + i);
-  __syncthreads();
-}
-
-// The lane's x chunk i from the block's staged copy (lab v23: each lane reading its own x from global
-// memory costs more cache traffic than the weights).
-template <WeightFormat F>
-__device__ __forceinline__ void load_chunk(const float* x, int i, float* xv, float* xsum) {
-  constexpr int n = chunk_cols(F);
-#pragma unroll
-  for (int k = 0; k < n / 4; ++k) {
-    const float4 v = reinterpret_cast<const float4*>(x)[i * (n / 4) + k];
-    xv[4 * k] = v.x, xv[4 * k + 1] = v.y, xv[4 * k + 2] = v.z, xv[4 * k + 3] = v.w;
-  }
-  *xsum = 0.f;
-  if constexpr (F == WeightFormat::q4) {
-#pragma unroll
-    for (int k = 0; k < n; ++k) *xsum += xv[k];
-  }
-}
+constexpr int moe_warps = 8;
+constexpr int max_moe_k = 64;
+// gate/up: rows per warp (each a gate row and its up row) and chunks in flight per lane.
+// (Measured alike on Qwen3-30B's layer: R 1–2, U 1–2 within 3%; down R 1–2, C 2–8, G 4–16 likewise.)
+constexpr int gate_up_rows = 2, gate_up_unroll = 1;
+// down + combine: output rows per warp and chunks in flight per lane and row.
+constexpr int down_rows = 2, down_chunks = 4;
 
 struct Parts {
   uintptr_t data, scales, biases;
+};
+
+// Row r of one matrix of a blob: its bytes, and its scales' and biases' rows.
+template <WeightFormat F>
+struct Row {
+  const uint8_t* data;
+  const uint16_t* scales;
+  const uint16_t* biases;
+  __device__ __forceinline__ Row(const uint8_t* blob, const Parts& p, int r, int cols)
+      : data(blob + p.data + int64_t(r) * row_bytes(F, cols)),
+        scales(reinterpret_cast<const uint16_t*>(blob + p.scales) + int64_t(r) * groups_per_row(F, cols)),
+        biases(reinterpret_cast<const uint16_t*>(blob + p.biases) + int64_t(r) * groups_per_row(F, cols)) {}
+  __device__ __forceinline__ Chunk chunk(int i) const { return load_chunk<F>(data, scales, biases, i); }
 };
 
 __device__ __forceinline__ const uint8_t* blob_of(const void* const* table, const int32_t* ids, int j) {
@@ -271,81 +231,113 @@ __device__ __forceinline__ const uint8_t* blob_of(const void* const* table, cons
   return static_cast<const uint8_t*>(blob);
 }
 
-// grid: x = row blocks of I, y = expert slot j. h[j, r] = silu(gate_r · x) · (up_r · x).
-template <WeightFormat F>
-__global__ void __launch_bounds__(32 * warps_per_block)
-    gate_up_kernel(const void* const* table, const int32_t* ids, Parts gate, Parts up, const float* __restrict__ x, int I, int H,
-                   float* __restrict__ h) {
-  constexpr int R = rows_per_warp<F>();
-  extern __shared__ float4 staged[];
-  float* xs = reinterpret_cast<float*>(staged);
-  stage_vector(x, H, xs);
-  const int j = blockIdx.y;
-  const int r0 = (blockIdx.x * warps_per_block + threadIdx.x / 32) * R;
-  if (r0 >= I) return;
+// grid: x = tiles of moe_warps · gate_up_rows rows of I, y = expert slot j.
+// h[j, r] = silu(gate_r · x) · (up_r · x). x is staged once per block; a lane's first loads are in flight
+// while it is.
+template <WeightFormat F, int R, int U>
+__global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* const* table, const int32_t* ids, Parts gate, Parts up,
+                                                                 const float* __restrict__ x, int I, int H, float* __restrict__ h) {
+  dependent_launch_begin();
+  extern __shared__ float4 xs[];
+  const int j = blockIdx.y, lane = threadIdx.x & 31;
+  const int r0 = (blockIdx.x * moe_warps + (threadIdx.x >> 5)) * R;
+  const bool active = r0 < I;
+  const int rows = active ? min(R, I - r0) : 1, n_chunks = H / chunk_cols(F);
   const uint8_t* blob = blob_of(table, ids, j);
-  const Matrix g = matrix_at(blob, gate.data, gate.scales, gate.biases), u = matrix_at(blob, up.data, up.scales, up.biases);
-  const int lane = threadIdx.x & 31, rows = min(R, I - r0), n_chunks = H / chunk_cols(F);
-  float ag[R], au[R];
+  Chunk c[U][2 * R];  // gate rows, then up rows
+  const auto load = [&](int i0) {
 #pragma unroll
-  for (int q = 0; q < R; ++q) ag[q] = 0.f, au[q] = 0.f;
-  for (int i = lane; i < n_chunks; i += 32) {
-    float xv[chunk_cols(F)], xsum;
-    load_chunk<F>(xs, i, xv, &xsum);
+    for (int v = 0; v < U; ++v) {
+      const int i = min(i0 + 32 * v, n_chunks - 1);
 #pragma unroll
-    for (int q = 0; q < R; ++q) {
-      if (q >= rows) break;
-      ag[q] += chunk_dot<F>(g, H, r0 + q, i, xv, xsum);
-      au[q] += chunk_dot<F>(u, H, r0 + q, i, xv, xsum);
+      for (int q = 0; q < R; ++q) {
+        const int r = r0 + min(q, rows - 1);  // rows past the matrix re-read its last row, never stored
+        c[v][q] = Row<F>(blob, gate, r, H).chunk(i);
+        c[v][R + q] = Row<F>(blob, up, r, H).chunk(i);
+      }
+    }
+  };
+  if (active) load(lane);
+  stage_chunked<F>(x, H, xs);
+  __syncthreads();
+  if (!active) return;
+  float acc[2 * R];
+#pragma unroll
+  for (int q = 0; q < 2 * R; ++q) acc[q] = 0.f;
+  for (int i0 = lane; i0 < n_chunks; i0 += 32 * U) {
+    if (i0 != lane) load(i0);
+#pragma unroll
+    for (int v = 0; v < U; ++v) {
+      const int i = i0 + 32 * v;
+      if (i < n_chunks) chunk_dots<F, 2 * R>(c[v], xs + i * staged_pitch(F), acc);
     }
   }
 #pragma unroll
   for (int q = 0; q < R; ++q) {
-    const float gv = warp_sum(ag[q]), uv = warp_sum(au[q]);
+    const float gv = warp_sum(acc[q]), uv = warp_sum(acc[R + q]);
     if (lane == 0 && q < rows) h[size_t(j) * I + r0 + q] = gv / (1.0f + expf(-gv)) * uv;
   }
 }
 
-// grid: x = row blocks of H, y = expert slot j. part[j, r] = down_r · h[j].
-template <WeightFormat F>
-__global__ void __launch_bounds__(32 * warps_per_block)
-    down_kernel(const void* const* table, const int32_t* ids, Parts down, const float* __restrict__ h, int I, int H,
-                float* __restrict__ part) {
-  constexpr int R = rows_per_warp<F>();
-  extern __shared__ float4 staged[];
-  float* hj = reinterpret_cast<float*>(staged);
-  const int j = blockIdx.y;
-  stage_vector(h + size_t(j) * I, I, hj);
-  const int r0 = (blockIdx.x * warps_per_block + threadIdx.x / 32) * R;
-  if (r0 >= H) return;
-  const Matrix d = matrix_at(blob_of(table, ids, j), down.data, down.scales, down.biases);
-  const int lane = threadIdx.x & 31, rows = min(R, H - r0), n_chunks = I / chunk_cols(F);
-  float acc[R];
+// grid: x = tiles of moe_warps · down_rows rows of H. A warp takes down_rows output rows over every
+// expert: groups of G lanes take one expert each (32 / G experts per pass), then for each row r
+//   y[r] = (y[r] when accumulating, else 0) + Σ_j w[j] · (down_j · h[j])_r,  j in order.
+// Shared: every expert's h staged (while the first pass's loads are in flight), then the warps' dots.
+template <WeightFormat F, int R, int C>
+__global__ void __launch_bounds__(32 * moe_warps)
+    down_combine_kernel(const void* const* table, const int32_t* ids, const float* __restrict__ w, int k, Parts down,
+                        const float* __restrict__ h, int I, int H, int G, bool accumulate, float* __restrict__ y) {
+  dependent_launch_begin();
+  extern __shared__ float4 hs[];
+  __shared__ float dots[moe_warps][R][max_moe_k];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r0 = (blockIdx.x * moe_warps + warp) * R;
+  const bool active = r0 < H;
+  const int rows = active ? min(R, H - r0) : 1;
+  const int n_chunks = I / chunk_cols(F), per_expert = n_chunks * staged_pitch(F);
+  const int per_pass = 32 / G, slot = lane / G, g_lane = lane % G;
+  Chunk c[C][R];
+  const auto load = [&](const uint8_t* blob, int i0) {
 #pragma unroll
-  for (int q = 0; q < R; ++q) acc[q] = 0.f;
-  for (int i = lane; i < n_chunks; i += 32) {
-    float xv[chunk_cols(F)], xsum;
-    load_chunk<F>(hj, i, xv, &xsum);
+    for (int m = 0; m < C; ++m) {
+      const int i = min(i0 + G * m, n_chunks - 1);
+#pragma unroll
+      for (int q = 0; q < R; ++q) c[m][q] = Row<F>(blob, down, r0 + min(q, rows - 1), I).chunk(i);
+    }
+  };
+  const uint8_t* blob = active && slot < k ? blob_of(table, ids, slot) : nullptr;
+  if (blob) load(blob, g_lane);
+  for (int j = 0; j < k; ++j) stage_chunked<F>(h + size_t(j) * I, I, hs + j * per_expert);
+  __syncthreads();
+  if (!active) return;
+  for (int j0 = 0; j0 < k; j0 += per_pass) {
+    const int j = j0 + slot;
+    float acc[R];
+#pragma unroll
+    for (int q = 0; q < R; ++q) acc[q] = 0.f;
+    if (j < k) {
+      if (j0 > 0) blob = blob_of(table, ids, j);
+      const float4* hj = hs + j * per_expert;
+      for (int i0 = g_lane; i0 < n_chunks; i0 += G * C) {
+        if (j0 > 0 || i0 != g_lane) load(blob, i0);
+#pragma unroll
+        for (int m = 0; m < C; ++m) {
+          const int i = i0 + G * m;
+          if (i < n_chunks) chunk_dots<F, R>(c[m], hj + i * staged_pitch(F), acc);
+        }
+      }
+    }
 #pragma unroll
     for (int q = 0; q < R; ++q) {
-      if (q >= rows) break;
-      acc[q] += chunk_dot<F>(d, I, r0 + q, i, xv, xsum);
+      for (int o = G / 2; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
+      if (g_lane == 0 && j < k) dots[warp][q][j] = acc[q];
     }
   }
-#pragma unroll
-  for (int q = 0; q < R; ++q) {
-    const float v = warp_sum(acc[q]);
-    if (lane == 0 && q < rows) part[size_t(j) * H + r0 + q] = v;
-  }
-}
-
-// y[r] = (y[r] when accumulating, else 0) + Σ_j w[j] · part[j, r], j in order.
-__global__ void combine_kernel(const float* __restrict__ part, const float* __restrict__ w, int k, int H, bool accumulate,
-                               float* __restrict__ y) {
-  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < H; r += gridDim.x * blockDim.x) {
-    float acc = accumulate ? y[r] : 0.f;
-    for (int j = 0; j < k; ++j) acc += w[j] * part[size_t(j) * H + r];
-    y[r] = acc;
+  __syncwarp();
+  if (lane < rows) {
+    float acc = accumulate ? y[r0 + lane] : 0.f;
+    for (int j = 0; j < k; ++j) acc += w[j] * dots[warp][lane][j];
+    y[r0 + lane] = acc;
   }
 }
 
@@ -353,31 +345,72 @@ Parts parts_of(const WeightView& v) {
   return {reinterpret_cast<uintptr_t>(v.data), reinterpret_cast<uintptr_t>(v.scales), reinterpret_cast<uintptr_t>(v.biases)};
 }
 
-// The v6 dot products read 16-byte chunks of each row: rows must start 16-byte aligned (blobs sit at
-// 256-byte aligned slots, so the part's offset decides).
+// Rows are read in 16-byte chunks: they must start 16-byte aligned (blobs sit at 256-byte aligned
+// slots, so the part's offset decides).
 bool fits(const WeightView& v) {
   return v.cols % chunk_cols(v.format) == 0 && (reinterpret_cast<uintptr_t>(v.data) & 15u) == 0;
+}
+
+// Lanes per expert in down_combine: the fewest chunk loads per lane (passes × chunks per lane), then
+// the fewest passes (each pass waits for its loads).
+int lanes_per_expert(int n_chunks, int k) {
+  int best = 32;
+  int64_t best_cost = INT64_MAX;
+  for (int g = 4; g <= 32; g *= 2) {
+    const int64_t cost = int64_t((k + 32 / g - 1) / (32 / g)) * ((n_chunks + g - 1) / g);
+    if (cost < best_cost) best = g, best_cost = cost;
+  }
+  return best;
+}
+
+// Dynamic shared memory beyond the default 48 KiB must be asked for, per kernel.
+template <typename Kernel>
+void allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+template <WeightFormat F, int R, int U>
+void launch_gate_up_ru(const ExpertLayout& l, const void* const* table, const int32_t* ids, int k, const float* x, float* h,
+                       cudaStream_t stream) {
+  constexpr int rows_per_block = moe_warps * R;
+  const int I = int(l.gate.rows), H = int(l.gate.cols);
+  const dim3 grid(unsigned((I + rows_per_block - 1) / rows_per_block), unsigned(k));
+  const size_t shared = size_t(staged_bytes(F, H));
+  allow_shared(gate_up_kernel<F, R, U>, shared);
+  launch(gate_up_kernel<F, R, U>, grid, 32 * moe_warps, shared, stream, table, ids, parts_of(l.gate), parts_of(l.up), x, I, H, h);
+  MF_CUDA_CHECK_LAUNCH();
 }
 
 template <WeightFormat F>
 void launch_gate_up(const ExpertLayout& l, const void* const* table, const int32_t* ids, int k, const float* x, float* h,
                     cudaStream_t stream) {
-  constexpr int rows_per_block = warps_per_block * rows_per_warp<F>();
-  const int I = int(l.gate.rows), H = int(l.gate.cols);
-  const dim3 grid(unsigned((I + rows_per_block - 1) / rows_per_block), unsigned(k));
-  gate_up_kernel<F><<<grid, 32 * warps_per_block, size_t(H) * sizeof(float), stream>>>(table, ids, parts_of(l.gate), parts_of(l.up), x,
-                                                                                       I, H, h);
+  launch_gate_up_ru<F, gate_up_rows, gate_up_unroll>(l, table, ids, k, x, h, stream);
+}
+
+template <WeightFormat F, int R, int C>
+void launch_down_rc(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int k, const float* h,
+                    bool accumulate, float* y, cudaStream_t stream) {
+  const int H = int(l.down.rows), I = int(l.down.cols);
+  const size_t shared = size_t(k) * size_t(staged_bytes(F, I));
+  allow_shared(down_combine_kernel<F, R, C>, shared);
+  constexpr int rows_per_block = moe_warps * R;
+  const int G = lanes_per_expert(I / chunk_cols(F), k);
+  launch(down_combine_kernel<F, R, C>, unsigned((H + rows_per_block - 1) / rows_per_block), 32 * moe_warps, shared, stream,
+         table, ids, weights, k, parts_of(l.down), h, I, H, G, accumulate, y);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 template <WeightFormat F>
-void launch_down(const ExpertLayout& l, const void* const* table, const int32_t* ids, int k, const float* h, float* part,
-                 cudaStream_t stream) {
-  constexpr int rows_per_block = warps_per_block * rows_per_warp<F>();
-  const int H = int(l.down.rows), I = int(l.down.cols);
-  const dim3 grid(unsigned((H + rows_per_block - 1) / rows_per_block), unsigned(k));
-  down_kernel<F><<<grid, 32 * warps_per_block, size_t(I) * sizeof(float), stream>>>(table, ids, parts_of(l.down), h, I, H, part);
-  MF_CUDA_CHECK_LAUNCH();
+void launch_down(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int k, const float* h,
+                 bool accumulate, float* y, cudaStream_t stream) {
+  launch_down_rc<F, down_rows, down_chunks>(l, table, ids, weights, k, h, accumulate, y, stream);
+}
+
+size_t max_shared_per_block() {
+  int device = 0, bytes = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  MF_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return size_t(bytes);
 }
 
 [[noreturn]] void unsupported(const char* what) {
@@ -391,8 +424,9 @@ void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert
                          float* weights, cudaStream_t stream) {
   if (n_tokens <= 0) return;
   if (k < 1 || k > max_router_k || k > n_expert) unsupported("router k outside [1, 64] or above n_expert");
-  const size_t shared = size_t(n_expert) * (sizeof(float) + sizeof(bool));
-  softmax_topk_kernel<<<unsigned(n_tokens), router_threads, shared, stream>>>(logits, int(n_expert), int(k), normalize, ids, weights);
+  const size_t shared = size_t(n_expert) * (sizeof(unsigned long long) + sizeof(float));
+  const int threads = int(std::min<int64_t>(1024, (n_expert + 31) / 32 * 32));
+  launch(softmax_topk_kernel, unsigned(n_tokens), threads, shared, stream, logits, int(n_expert), int(k), normalize, ids, weights);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -402,18 +436,23 @@ void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t
   if (n_tokens <= 0) return;
   if (k < 1 || k > max_router_k || k > n_expert || n_group > 64) unsupported("grouped router: k outside [1, 64] or more than 64 groups");
   const size_t shared = size_t(n_expert) * (2 * sizeof(float) + sizeof(bool));
-  sigmoid_grouped_topk_kernel<<<unsigned(n_tokens), router_threads, shared, stream>>>(
-      logits, bias, int(n_expert), int(n_group), int(topk_group), int(k), normalize, scaling, ids, weights);
+  launch(sigmoid_grouped_topk_kernel, unsigned(n_tokens), router_threads, shared, stream,
+         logits, bias, int(n_expert), int(n_group), int(topk_group), int(k), normalize, scaling, ids, weights);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void moe_decode(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int64_t k, const float* x,
                 float* h, float* part, float* y, bool accumulate, cudaStream_t stream) {
+  (void)part;  // the down products are combined in registers
   if (k <= 0) return;
+  if (k > max_moe_k) unsupported("more than 64 experts per token");
   if (l.gate.format != l.up.format) unsupported("gate_proj and up_proj in different formats");
   if (!fits(l.gate) || !fits(l.up) || !fits(l.down)) unsupported("expert matrices not 16-byte aligned or cols not a multiple of the chunk");
-  // x (hidden) and one expert's h (intermediate) are staged whole in shared memory.
-  if (l.gate.cols * 4 > 48 * 1024 || l.down.cols * 4 > 48 * 1024) unsupported("hidden or intermediate size above 12288");
+  // x (hidden) and every expert's h (intermediate) are staged whole in shared memory.
+  const size_t shared_max = max_shared_per_block();
+  if (size_t(staged_bytes(l.gate.format, l.gate.cols)) > shared_max ||
+      size_t(k) * size_t(staged_bytes(l.down.format, l.down.cols)) + sizeof(float) * moe_warps * down_rows * max_moe_k > shared_max)
+    unsupported("hidden size or experts × intermediate size too large for shared memory");
   switch (l.gate.format) {
     case WeightFormat::f32: launch_gate_up<WeightFormat::f32>(l, table, ids, int(k), x, h, stream); break;
     case WeightFormat::bf16: launch_gate_up<WeightFormat::bf16>(l, table, ids, int(k), x, h, stream); break;
@@ -421,14 +460,11 @@ void moe_decode(const ExpertLayout& l, const void* const* table, const int32_t* 
     case WeightFormat::q4: launch_gate_up<WeightFormat::q4>(l, table, ids, int(k), x, h, stream); break;
   }
   switch (l.down.format) {
-    case WeightFormat::f32: launch_down<WeightFormat::f32>(l, table, ids, int(k), h, part, stream); break;
-    case WeightFormat::bf16: launch_down<WeightFormat::bf16>(l, table, ids, int(k), h, part, stream); break;
-    case WeightFormat::q8: launch_down<WeightFormat::q8>(l, table, ids, int(k), h, part, stream); break;
-    case WeightFormat::q4: launch_down<WeightFormat::q4>(l, table, ids, int(k), h, part, stream); break;
+    case WeightFormat::f32: launch_down<WeightFormat::f32>(l, table, ids, weights, int(k), h, accumulate, y, stream); break;
+    case WeightFormat::bf16: launch_down<WeightFormat::bf16>(l, table, ids, weights, int(k), h, accumulate, y, stream); break;
+    case WeightFormat::q8: launch_down<WeightFormat::q8>(l, table, ids, weights, int(k), h, accumulate, y, stream); break;
+    case WeightFormat::q4: launch_down<WeightFormat::q4>(l, table, ids, weights, int(k), h, accumulate, y, stream); break;
   }
-  const int H = int(l.down.rows);
-  combine_kernel<<<grid_for(H, 256), 256, 0, stream>>>(part, weights, int(k), H, accumulate, y);
-  MF_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace moeflux::cuda

@@ -3,39 +3,135 @@
 #include "backends/cuda/device_common.cuh"
 #include "backends/cuda/norm_rope.cuh"
 
+#include <algorithm>
+
 namespace moeflux::cuda {
 namespace {
 
-__global__ void rms_norm_kernel(const float* x, const float* __restrict__ weight, float eps, int64_t dim, float* out) {
-  const float* xr = x + int64_t(blockIdx.x) * dim;
+// One block per row: x (+ y) held in registers, V float4s per thread; out = x · rsqrt(mean(x²) + eps) · w.
+// With y, x += y first and is written back (the same float addition axpy makes: 1 · y + x, an exact product),
+// so add_rms_norm gives exactly axpy followed by rms_norm. out may alias x.
+template <int V, bool Add>
+__global__ void rms_norm_vec_kernel(float* x, const float* __restrict__ y, const float* __restrict__ weight, float eps, int dim,
+                                    float* out) {
+  dependent_launch_begin();
+  const int n4 = dim / 4;
+  float4* xr = reinterpret_cast<float4*>(x + int64_t(blockIdx.x) * dim);
+  float4 v[V];
   float sum_sq = 0.f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum_sq += xr[i] * xr[i];
-  sum_sq = block_sum(sum_sq);  // every read of xr happens before this barrier: out may alias x
+#pragma unroll
+  for (int q = 0; q < V; ++q) {
+    const int i = threadIdx.x + q * blockDim.x;
+    if (i >= n4) break;
+    v[q] = xr[i];
+    if constexpr (Add) {
+      const float4 a = reinterpret_cast<const float4*>(y + int64_t(blockIdx.x) * dim)[i];
+      v[q].x += a.x, v[q].y += a.y, v[q].z += a.z, v[q].w += a.w;
+      xr[i] = v[q];
+    }
+    sum_sq += v[q].x * v[q].x + v[q].y * v[q].y + v[q].z * v[q].z + v[q].w * v[q].w;
+  }
+  sum_sq = block_sum(sum_sq);
+  const float inv_rms = 1.0f / sqrtf(sum_sq / float(dim) + eps);
+  float4* o = reinterpret_cast<float4*>(out + int64_t(blockIdx.x) * dim);
+#pragma unroll
+  for (int q = 0; q < V; ++q) {
+    const int i = threadIdx.x + q * blockDim.x;
+    if (i >= n4) break;
+    const float4 w = reinterpret_cast<const float4*>(weight)[i];
+    o[i] = make_float4(v[q].x * inv_rms * w.x, v[q].y * inv_rms * w.y, v[q].z * inv_rms * w.z, v[q].w * inv_rms * w.w);
+  }
+}
+
+// Any dim and alignment: one block per row, a strided loop.
+template <bool Add>
+__global__ void rms_norm_kernel(float* x, const float* __restrict__ y, const float* __restrict__ weight, float eps, int64_t dim,
+                                float* out) {
+  dependent_launch_begin();
+  float* xr = x + int64_t(blockIdx.x) * dim;
+  float sum_sq = 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = xr[i];
+    if constexpr (Add) {
+      v += y[int64_t(blockIdx.x) * dim + i];
+      xr[i] = v;
+    }
+    sum_sq += v * v;
+  }
+  sum_sq = block_sum(sum_sq);  // each thread reads back only the elements it wrote, or nothing was written
   const float inv_rms = 1.0f / sqrtf(sum_sq / float(dim) + eps);
   float* o = out + int64_t(blockIdx.x) * dim;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv_rms * weight[i];
 }
 
-// rms_norm_kernel after x += y, the sum the same float addition axpy makes (1 · y + x, exact product).
-__global__ void add_rms_norm_kernel(float* x, const float* __restrict__ y, const float* __restrict__ weight, float eps, int64_t dim,
-                                    float* out) {
-  float* xr = x + int64_t(blockIdx.x) * dim;
-  const float* yr = y + int64_t(blockIdx.x) * dim;
-  float sum_sq = 0.f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = xr[i] + yr[i];
-    xr[i] = v;
-    sum_sq += v * v;
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <bool Add>
+void launch_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out,
+                     cudaStream_t stream) {
+  if (n_rows <= 0) return;
+  // n_rows ≤ 2^31 − 1 blocks.
+  const bool vec = dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight) && (!Add || aligned16(y));
+  if (!vec) {
+    launch(rms_norm_kernel<Add>, unsigned(n_rows), 256, 0, stream, x, y, weight, eps, dim, out);
+  } else {
+    // Enough threads that each holds at most 4 float4s (and as few as one warp for a 128-wide head).
+    const int n4 = int(dim / 4);
+    const int threads = std::min(1024, (std::max(n4 / 4, std::min(n4, 256)) + 31) / 32 * 32);
+    const int per = (n4 + threads - 1) / threads;
+    if (per <= 1)
+      launch(rms_norm_vec_kernel<1, Add>, unsigned(n_rows), threads, 0, stream, x, y, weight, eps, int(dim), out);
+    else if (per == 2)
+      launch(rms_norm_vec_kernel<2, Add>, unsigned(n_rows), threads, 0, stream, x, y, weight, eps, int(dim), out);
+    else
+      launch(rms_norm_vec_kernel<4, Add>, unsigned(n_rows), threads, 0, stream, x, y, weight, eps, int(dim), out);
   }
-  sum_sq = block_sum(sum_sq);  // each thread reads back only the elements it wrote
-  const float inv_rms = 1.0f / sqrtf(sum_sq / float(dim) + eps);
-  float* o = out + int64_t(blockIdx.x) * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv_rms * weight[i];
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+// Per-head RMSNorm then rotary (rope_neox_kernel's arithmetic), in place: one warp per head of a token,
+// the head staged in the warp's slice of shared memory. grid: (head groups, tokens); heads 0 .. n_q − 1
+// are q's, the rest k's. Shared: 4 warps × head_dim floats.
+__global__ void qk_norm_rope_kernel(float* q, float* k, int n_q, int n_k, int head_dim, int half, const float* __restrict__ q_norm,
+                                    const float* __restrict__ k_norm, float eps, const int32_t* __restrict__ positions,
+                                    const float* __restrict__ inv_freq, float scale) {
+  dependent_launch_begin();
+  extern __shared__ float heads[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int head = blockIdx.x * 4 + warp, t = blockIdx.y;
+  if (head >= n_q + n_k) return;
+  const bool is_q = head < n_q;
+  float* v = is_q ? q + (int64_t(t) * n_q + head) * head_dim : k + (int64_t(t) * n_k + (head - n_q)) * head_dim;
+  const float* w = is_q ? q_norm : k_norm;
+  float* s = heads + warp * head_dim;
+  float sum_sq = 0.f;
+  for (int i = lane; i < head_dim; i += 32) {
+    const float a = v[i];
+    s[i] = a;
+    sum_sq += a * a;
+  }
+  sum_sq = warp_sum(sum_sq);
+  const float inv_rms = 1.0f / sqrtf(sum_sq / float(head_dim) + eps);
+  for (int i = lane; i < head_dim; i += 32) s[i] = s[i] * inv_rms * w[i];
+  __syncwarp();
+  const float position = float(positions[t]);
+  for (int i = lane; i < head_dim; i += 32) {
+    if (i < half) {
+      const float angle = position * inv_freq[i];
+      const float c = cosf(angle) * scale, sn = sinf(angle) * scale;
+      const float x0 = s[i], x1 = s[i + half];
+      v[i] = x0 * c - x1 * sn;
+      v[i + half] = x1 * c + x0 * sn;
+    } else if (i >= 2 * half) {
+      v[i] = s[i];  // dims past the rotary pass through, normalized
+    }
+  }
 }
 
 // grid: (heads, tokens); threads over the rot_dim/2 pairs.
 __global__ void rope_neox_kernel(float* x, int64_t n_heads, int64_t head_dim, int64_t half, const int32_t* __restrict__ positions,
                                  const float* __restrict__ inv_freq, float scale, int64_t row_stride) {
+  dependent_launch_begin();
   const int64_t t = blockIdx.y, h = blockIdx.x;
   float* v = x + t * row_stride + h * head_dim;
   const float position = float(positions[t]);
@@ -51,15 +147,21 @@ __global__ void rope_neox_kernel(float* x, int64_t n_heads, int64_t head_dim, in
 }  // namespace
 
 void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream) {
-  if (n_rows <= 0) return;
-  add_rms_norm_kernel<<<unsigned(n_rows), 256, 0, stream>>>(x, y, weight, eps, dim, out);
-  MF_CUDA_CHECK_LAUNCH();
+  launch_rms_norm<true>(x, y, weight, eps, n_rows, dim, out, stream);
 }
 
 void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream) {
-  if (n_rows <= 0) return;
-  // n_rows ≤ 2^31 − 1 blocks.
-  rms_norm_kernel<<<unsigned(n_rows), 256, 0, stream>>>(x, weight, eps, dim, out);
+  launch_rms_norm<false>(const_cast<float*>(x), nullptr, weight, eps, n_rows, dim, out, stream);  // x is only read
+}
+
+void qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim,
+                  const float* q_norm, const float* k_norm, float eps, const int32_t* positions, const float* inv_freq, float scale,
+                  cudaStream_t stream) {
+  if (n_tokens <= 0) return;
+  const int64_t heads = n_head + n_head_kv;
+  const dim3 grid(unsigned((heads + 3) / 4), unsigned(n_tokens));
+  launch(qk_norm_rope_kernel, grid, 128, size_t(4 * head_dim) * sizeof(float), stream,
+         q, k, int(n_head), int(n_head_kv), int(head_dim), int(rot_dim / 2), q_norm, k_norm, eps, positions, inv_freq, scale);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -68,7 +170,7 @@ void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, in
   if (n_tokens <= 0 || n_heads <= 0 || rot_dim <= 0) return;
   const int64_t half = rot_dim / 2;
   const int threads = half >= 128 ? 128 : half >= 64 ? 64 : 32;
-  rope_neox_kernel<<<dim3(unsigned(n_heads), unsigned(n_tokens)), threads, 0, stream>>>(x, n_heads, head_dim, half, positions, inv_freq,
+  launch(rope_neox_kernel, dim3(unsigned(n_heads), unsigned(n_tokens)), threads, 0, stream, x, n_heads, head_dim, half, positions, inv_freq,
                                                                                         scale, row_stride);
   MF_CUDA_CHECK_LAUNCH();
 }
