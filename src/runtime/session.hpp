@@ -32,9 +32,11 @@ struct SessionOptions {
   // Qwen3.5-397B, 74 MB at Qwen3-Next-80B, none for attention-only models — plus one row of logits.
   int max_snapshots = 2;
   // One-token steps recorded and replayed as one GPU graph (Backend::begin_graph) when the expert store
-  // holds every expert on the device, so nothing in the step needs the host: far fewer launches per
-  // token. Off: every op launched on its own (for comparison).
-  bool graphs = true;
+  // holds every expert on the device, so nothing in the step needs the host. Off by default: a step is
+  // recorded anew each token, and that host time (with the graph's update) now costs more than launching
+  // op by op, where programmatic dependent launch overlaps the launches with the GPU's work (Qwen3-30B
+  // dimensions on an H200: 250 tok/s with graphs, 304 without; docs/BENCHMARKS.md).
+  bool graphs = false;
 };
 
 class Session {

@@ -35,7 +35,7 @@ struct BenchArgs {
   bool json_output = false;
   bool probe = true;
   std::string split = "auto";  // time split per part: on, off, auto (on for the CPU, off for CUDA)
-  bool graphs = true;
+  bool graphs = false;
 };
 
 struct TierResult {
@@ -388,7 +388,8 @@ void register_bench(CLI::App& app, Action& action) {
                   "GPU at every part and slows what it measures)")
       ->check(CLI::IsMember({"on", "off", "auto"}))
       ->capture_default_str();
-  sub->add_flag("!--no-graphs", args->graphs, "launch every op of a decode step on its own instead of replaying it as a CUDA graph");
+  sub->add_flag("--graphs,!--no-graphs", args->graphs,
+                "record each decode step as a CUDA graph and replay it (when every expert is on the GPU) instead of launching op by op");
   sub->add_flag("!--no-probe", args->probe, "skip measuring the storage / host→device / device rates (no bound is reported)");
   sub->add_option("--seed", args->seed, "seed of the random prompt");
   sub->add_flag("--json", args->json_output, "print one JSON object instead of text");
