@@ -351,22 +351,20 @@ bool fits(const WeightView& v) {
   return v.cols % chunk_cols(v.format) == 0 && (reinterpret_cast<uintptr_t>(v.data) & 15u) == 0;
 }
 
-// Lanes per expert in down_combine: the fewest chunk loads per lane (passes × chunks per lane), then
-// the fewest passes (each pass waits for its loads).
-int lanes_per_expert(int n_chunks, int k) {
-  int best = 32;
-  int64_t best_cost = INT64_MAX;
-  for (int g = 4; g <= 32; g *= 2) {
-    const int64_t cost = int64_t((k + 32 / g - 1) / (32 / g)) * ((n_chunks + g - 1) / g);
-    if (cost < best_cost) best = g, best_cost = cost;
-  }
-  return best;
+// Lanes per expert in down_combine, from the layout alone (never from k: a token's experts run in groups
+// when the GPU cannot hold them all, and each expert's sum must be the same in any group): enough that a
+// lane holds at most down_chunks chunks of a row, 4 to 32.
+int lanes_per_expert(int n_chunks) {
+  int g = 4;
+  while (g < 32 && (n_chunks + g - 1) / g > down_chunks) g *= 2;
+  return g;
 }
 
-// Dynamic shared memory beyond the default 48 KiB must be asked for, per kernel.
+// Shared memory beyond the default 48 KiB (dynamic `bytes` plus the kernel's static `fixed`) must be asked
+// for, per kernel.
 template <typename Kernel>
-void allow_shared(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+void allow_shared(Kernel kernel, size_t bytes, size_t fixed = 0) {
+  if (bytes + fixed > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
 template <WeightFormat F, int R, int U>
@@ -392,9 +390,9 @@ void launch_down_rc(const ExpertLayout& l, const void* const* table, const int32
                     bool accumulate, float* y, cudaStream_t stream) {
   const int H = int(l.down.rows), I = int(l.down.cols);
   const size_t shared = size_t(k) * size_t(staged_bytes(F, I));
-  allow_shared(down_combine_kernel<F, R, C>, shared);
+  allow_shared(down_combine_kernel<F, R, C>, shared, sizeof(float) * moe_warps * R * max_moe_k);  // + the dots
   constexpr int rows_per_block = moe_warps * R;
-  const int G = lanes_per_expert(I / chunk_cols(F), k);
+  const int G = lanes_per_expert(I / chunk_cols(F));
   launch(down_combine_kernel<F, R, C>, unsigned((H + rows_per_block - 1) / rows_per_block), 32 * moe_warps, shared, stream,
          table, ids, weights, k, parts_of(l.down), h, I, H, G, accumulate, y);
   MF_CUDA_CHECK_LAUNCH();
