@@ -283,7 +283,7 @@ TEST_P(BackendOps, EmbedRowsMatchesReference) {
 }
 
 TEST_P(BackendOps, RmsNormMatchesReference) {
-  for (int64_t dim : {64, 1000, 4096}) {
+  for (int64_t dim : {64, 1000, 4096, 4100}) {
     for (int64_t n_rows : {1, 3, 17}) {
       for (bool in_place : {false, true}) {
         const auto x = gaussian(size_t(n_rows * dim), rng_, 3.0f);
@@ -309,16 +309,19 @@ TEST_P(BackendOps, RmsNormMatchesReference) {
 // x += y then RMSNorm: the same as axpy then rms_norm on this backend (bit for bit: the same float
 // operations), and the reference's within rms_norm's tolerance.
 TEST_P(BackendOps, AddRmsNormMatchesAxpyThenRmsNorm) {
-  for (int64_t dim : {64, 1000, 4096}) {
+  // y one float past an aligned address too: the sum must not depend on where y sits.
+  for (int64_t dim : {64, 1000, 4096, 4100}) {
     for (int64_t n_rows : {1, 5}) {
+      const int64_t y_at = dim == 4096 ? 1 : 0;
       const auto x = gaussian(size_t(n_rows * dim), rng_, 3.0f), y = gaussian(size_t(n_rows * dim), rng_, 2.0f);
       const auto weight = gaussian(size_t(dim), rng_);
-      std::vector<float> x_ref = x, out_ref(x.size());
+      std::vector<float> x_ref = x, out_ref(x.size()), y_placed(static_cast<size_t>(y_at), 0.0f);
+      y_placed.insert(y_placed.end(), y.begin(), y.end());
       ref_->add_rms_norm(x_ref.data(), y.data(), weight.data(), 1e-6f, n_rows, dim, out_ref.data());
-      DeviceBuffer dx(but(), *be_, x), dy(but(), *be_, y), dw(but(), *be_, weight), dout(but(), *be_, x.size() * 4);
-      be_->add_rms_norm(dx.f(), dy.f(), dw.f(), 1e-6f, n_rows, dim, dout.f());
+      DeviceBuffer dx(but(), *be_, x), dy(but(), *be_, y_placed), dw(but(), *be_, weight), dout(but(), *be_, x.size() * 4);
+      be_->add_rms_norm(dx.f(), dy.f() + y_at, dw.f(), 1e-6f, n_rows, dim, dout.f());
       DeviceBuffer dx2(but(), *be_, x), dout2(but(), *be_, x.size() * 4);
-      be_->axpy(dx2.f(), dy.f(), 1.0f, n_rows * dim);
+      be_->axpy(dx2.f(), dy.f() + y_at, 1.0f, n_rows * dim);
       be_->rms_norm(dx2.f(), dw.f(), 1e-6f, n_rows, dim, dout2.f());
       const auto got_x = dx.read(), got = dout.read();
       EXPECT_EQ(got_x, dx2.read()) << "dim=" << dim;
@@ -944,7 +947,7 @@ struct HostWeight {  // a quantized matrix placed at a chosen byte offset from a
 
 // The device routers write ids and weights to backend memory; they must choose as the host routers do.
 TEST_P(BackendOps, DeviceRoutersMatchHostRouters) {
-  for (const auto& [T, E, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 128, 8}, {3, 512, 10}, {2, 64, 4}}) {
+  for (const auto& [T, E, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 128, 8}, {3, 512, 10}, {2, 64, 4}, {2, 61, 6}}) {
     const auto logits = gaussian(size_t(T * E), rng_, 2.0f);
     std::vector<int32_t> ids_ref(size_t(T * k));
     std::vector<float> w_ref(ids_ref.size());
@@ -977,11 +980,12 @@ TEST_P(BackendOps, DeviceRoutersMatchHostRouters) {
 
 // moe_decode against the reference's expert-by-expert loop, with blobs laid out as a pack lays them (gate,
 // up, down, each part 64-byte aligned) at scattered table entries, in every expert format; the second
-// shape has Qwen3.5-397B's 10 experts × 1024 intermediate (a GPU stages all their h at once).
+// shape has Qwen3.5-397B's 10 experts × 1024 intermediate (a GPU stages all their h at once), the third
+// more intermediate than a GPU block holds for 10 experts (it runs them in groups).
 TEST_P(BackendOps, MoeDecodeMatchesReference) {
   struct Shape { int64_t k, I, H; };
   const int64_t E = 12;
-  for (const Shape& shape : {Shape{4, 128, 256}, Shape{10, 1024, 128}})
+  for (const Shape& shape : {Shape{4, 128, 256}, Shape{10, 1024, 128}, Shape{10, 6144, 64}})
   for (WeightFormat f : {WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
     const int64_t k = shape.k, I = shape.I, H = shape.H;
     // One blob per expert: gate [I, H], up [I, H], down [H, I].

@@ -15,7 +15,7 @@ void ModelFlags::add_to(CLI::App* app) {
       ->capture_default_str();
   app->add_flag("--preload-experts", preload_experts,
                 "with --device cuda: load every expert onto the GPU at open (fails if they do not fit in --gpu-cache); decoding then "
-                "never waits for an expert and runs as CUDA graphs");
+                "never waits for an expert");
   app->add_option("--threads,-t", n_threads, "compute threads (0 = all cores)")->check(CLI::NonNegativeNumber);
   app->add_option("--expert-cache", expert_cache, "host memory for cached experts, e.g. 8G (0 = none); pinned with --device cuda");
   app->add_option("--io", io, "expert reads: direct (O_DIRECT) or page-cache")->check(CLI::IsMember({"direct", "page-cache"}));

@@ -27,7 +27,7 @@ struct GpuExpertCacheOptions {
   uint64_t budget_bytes = 0;
   uint64_t headroom_bytes = uint64_t(2) << 30;
   // At open, bring every expert onto the device (ExpertStore::preload): decode then never waits for one
-  // and runs as CUDA graphs. An error at open when they do not fit.
+  // (and may run as CUDA graphs, SessionOptions::graphs). An error at open when they do not fit.
   bool preload = false;
 };
 

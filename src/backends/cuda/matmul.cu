@@ -56,7 +56,8 @@ __device__ __forceinline__ int job_of_block(const JobTable& t, int b) {
 
 constexpr int staged_warps = 8;
 __host__ __device__ constexpr int64_t staged_x_bytes(WeightFormat f, int64_t cols) { return staged_bytes(f, cols); }
-constexpr int64_t staged_x_max_bytes = 48 * 1024;  // the default dynamic shared-memory limit
+// The default shared-memory limit, less the kernel's own partial sums (static, up to 4 rows per warp).
+constexpr int64_t staged_x_max_bytes = 48 * 1024 - sizeof(float) * staged_warps * 4;
 
 // Warps sharing a row tile on the staged path: each lane then holds at most ~2 chunks of a row.
 int staged_splits(WeightFormat f, int64_t cols) {

@@ -74,15 +74,19 @@ __device__ float block_max(float v) {
   return m;
 }
 
+// The order of the top-k: p's bits (p ≥ 0, so they order as its value; a NaN sorts above every number)
+// above ~id, so one integer comparison puts higher p first and, among equals, the lower id.
+__device__ __forceinline__ unsigned long long rank_key(float p, int e) {
+  return (static_cast<unsigned long long>(__float_as_uint(p)) << 32) | (0xffffffffu - unsigned(e));
+}
+
 // One block per token, a thread per expert (up to 1024; more loop). The k best are found by rank, not
-// by k rounds of a reduction: expert e's rank is the number of experts better than it (higher p, then
-// lower id), counted against every p at once; ranks below k name the choices in order.
-// Shared: p [E] floats, key [E] (p's bits above ~id: one integer comparison orders both), chosen [k].
+// by k rounds of a reduction: expert e's rank is the number of experts better than it, counted against
+// every p at once; ranks below k name the choices in order. Shared: p [E].
 __global__ void softmax_topk_kernel(const float* __restrict__ logits, int n_expert, int k, bool normalize, int32_t* ids,
                                     float* weights) {
   dependent_launch_begin();
-  extern __shared__ unsigned long long keys[];
-  float* p = reinterpret_cast<float*>(keys + n_expert);
+  extern __shared__ float p[];
   __shared__ int chosen[max_router_k];
   __shared__ float sum;
   const float* l = logits + size_t(blockIdx.x) * n_expert;
@@ -90,43 +94,30 @@ __global__ void softmax_topk_kernel(const float* __restrict__ logits, int n_expe
   for (int e = threadIdx.x; e < n_expert; e += blockDim.x) m = fmaxf(m, l[e]);
   m = block_max(m);
   for (int e = threadIdx.x; e < n_expert; e += blockDim.x) p[e] = expf(l[e] - m);
-  if (threadIdx.x < k) chosen[threadIdx.x] = -1;
   __syncthreads();
   // The sum in the host's order (expert by expert), so the probabilities match it as closely as expf allows.
   if (threadIdx.x == 0) {
     float acc = 0.f;
     int e = 0;
     for (; e + 4 <= n_expert; e += 4) {
-      const float4 a = *reinterpret_cast<const float4*>(p + e);
-      acc = (((acc + a.x) + a.y) + a.z) + a.w;
+      const float a = p[e], b = p[e + 1], c = p[e + 2], d = p[e + 3];
+      acc = (((acc + a) + b) + c) + d;
     }
     for (; e < n_expert; ++e) acc += p[e];
     sum = acc;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
-    p[e] /= sum;
-    // p ≥ 0, so its bits order as its value (a NaN sorts above every number, as never chosen by the host).
-    keys[e] = (static_cast<unsigned long long>(__float_as_uint(p[e])) << 32) | (0xffffffffu - unsigned(e));
-  }
+  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) p[e] /= sum;
   __syncthreads();
+  // Keys are distinct (the id is part of them), so ranks 0 .. k − 1 are each taken exactly once.
   for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
-    const unsigned long long mine = keys[e];
+    const unsigned long long mine = rank_key(p[e], e);
     int rank = 0;
-    for (int i = 0; i < n_expert; ++i) rank += keys[i] > mine;
+    for (int i = 0; i < n_expert; ++i) rank += rank_key(p[i], i) > mine;
     if (rank < k) chosen[rank] = e;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    // Slots left empty (only NaN probabilities do that) take the lowest unchosen ids: never an invalid expert.
-    for (int j = 0, next = 0; j < k; ++j)
-      if (chosen[j] < 0) {
-        for (bool used = true; used; ++next) {
-          used = false;
-          for (int i = 0; i < k; ++i) used |= chosen[i] == next;
-        }
-        chosen[j] = next - 1;
-      }
     float selected = 0.f;
     for (int j = 0; j < k; ++j) selected += p[chosen[j]];
     for (int j = 0; j < k; ++j) {
@@ -360,6 +351,14 @@ int lanes_per_expert(int n_chunks) {
   return g;
 }
 
+// The most shared memory a block of the current device may ask for.
+size_t max_shared_per_block() {
+  int device = 0, bytes = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  MF_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return size_t(bytes);
+}
+
 // Shared memory beyond the default 48 KiB (dynamic `bytes` plus the kernel's static `fixed`) must be asked
 // for, per kernel.
 template <typename Kernel>
@@ -389,26 +388,26 @@ template <WeightFormat F, int R, int C>
 void launch_down_rc(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int k, const float* h,
                     bool accumulate, float* y, cudaStream_t stream) {
   const int H = int(l.down.rows), I = int(l.down.cols);
-  const size_t shared = size_t(k) * size_t(staged_bytes(F, I));
-  allow_shared(down_combine_kernel<F, R, C>, shared, sizeof(float) * moe_warps * R * max_moe_k);  // + the dots
   constexpr int rows_per_block = moe_warps * R;
+  const size_t per_expert = size_t(staged_bytes(F, I)), dots = sizeof(float) * moe_warps * R * max_moe_k;
+  // As many experts per launch as their h fit in a block's shared memory (moe_decode checked that one
+  // does); each launch continues the last one's sums, which the accumulate contract makes the same bits.
+  const int fit = int(std::min<size_t>(size_t(k), (max_shared_per_block() - dots) / per_expert));
   const int G = lanes_per_expert(I / chunk_cols(F));
-  launch(down_combine_kernel<F, R, C>, unsigned((H + rows_per_block - 1) / rows_per_block), 32 * moe_warps, shared, stream,
-         table, ids, weights, k, parts_of(l.down), h, I, H, G, accumulate, y);
-  MF_CUDA_CHECK_LAUNCH();
+  for (int j0 = 0; j0 < k; j0 += fit) {
+    const int n = std::min(fit, k - j0);
+    const size_t shared = size_t(n) * per_expert;
+    allow_shared(down_combine_kernel<F, R, C>, shared, dots);
+    launch(down_combine_kernel<F, R, C>, unsigned((H + rows_per_block - 1) / rows_per_block), 32 * moe_warps, shared, stream, table,
+           ids + j0, weights + j0, n, parts_of(l.down), h + size_t(j0) * I, I, H, G, accumulate || j0 > 0, y);
+    MF_CUDA_CHECK_LAUNCH();
+  }
 }
 
 template <WeightFormat F>
 void launch_down(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int k, const float* h,
                  bool accumulate, float* y, cudaStream_t stream) {
   launch_down_rc<F, down_rows, down_chunks>(l, table, ids, weights, k, h, accumulate, y, stream);
-}
-
-size_t max_shared_per_block() {
-  int device = 0, bytes = 0;
-  MF_CUDA_CHECK(cudaGetDevice(&device));
-  MF_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return size_t(bytes);
 }
 
 [[noreturn]] void unsupported(const char* what) {
@@ -422,7 +421,8 @@ void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert
                          float* weights, cudaStream_t stream) {
   if (n_tokens <= 0) return;
   if (k < 1 || k > max_router_k || k > n_expert) unsupported("router k outside [1, 64] or above n_expert");
-  const size_t shared = size_t(n_expert) * (sizeof(unsigned long long) + sizeof(float));
+  const size_t shared = size_t(n_expert) * sizeof(float);
+  if (shared > 44 * 1024) unsupported("more than 11264 experts");
   const int threads = int(std::min<int64_t>(1024, (n_expert + 31) / 32 * 32));
   launch(softmax_topk_kernel, unsigned(n_tokens), threads, shared, stream, logits, int(n_expert), int(k), normalize, ids, weights);
   MF_CUDA_CHECK_LAUNCH();
@@ -446,11 +446,11 @@ void moe_decode(const ExpertLayout& l, const void* const* table, const int32_t* 
   if (k > max_moe_k) unsupported("more than 64 experts per token");
   if (l.gate.format != l.up.format) unsupported("gate_proj and up_proj in different formats");
   if (!fits(l.gate) || !fits(l.up) || !fits(l.down)) unsupported("expert matrices not 16-byte aligned or cols not a multiple of the chunk");
-  // x (hidden) and every expert's h (intermediate) are staged whole in shared memory.
+  // x (hidden) and at least one expert's h (intermediate) are staged whole in shared memory.
   const size_t shared_max = max_shared_per_block();
   if (size_t(staged_bytes(l.gate.format, l.gate.cols)) > shared_max ||
-      size_t(k) * size_t(staged_bytes(l.down.format, l.down.cols)) + sizeof(float) * moe_warps * down_rows * max_moe_k > shared_max)
-    unsupported("hidden size or experts × intermediate size too large for shared memory");
+      size_t(staged_bytes(l.down.format, l.down.cols)) + sizeof(float) * moe_warps * down_rows * max_moe_k > shared_max)
+    unsupported("hidden or intermediate size too large for shared memory");
   switch (l.gate.format) {
     case WeightFormat::f32: launch_gate_up<WeightFormat::f32>(l, table, ids, int(k), x, h, stream); break;
     case WeightFormat::bf16: launch_gate_up<WeightFormat::bf16>(l, table, ids, int(k), x, h, stream); break;

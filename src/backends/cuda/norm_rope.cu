@@ -25,7 +25,10 @@ __global__ void rms_norm_vec_kernel(float* x, const float* __restrict__ y, const
     if (i >= n4) break;
     v[q] = xr[i];
     if constexpr (Add) {
-      const float4 a = reinterpret_cast<const float4*>(y + int64_t(blockIdx.x) * dim)[i];
+      // y may sit anywhere (rms_norm on the same x must take this path too, for the same Σx²).
+      const float* yr = y + int64_t(blockIdx.x) * dim + 4 * int64_t(i);
+      const float4 a = (reinterpret_cast<uintptr_t>(yr) & 15u) == 0 ? *reinterpret_cast<const float4*>(yr)
+                                                                      : make_float4(yr[0], yr[1], yr[2], yr[3]);
       v[q].x += a.x, v[q].y += a.y, v[q].z += a.z, v[q].w += a.w;
       xr[i] = v[q];
     }
@@ -71,13 +74,14 @@ void launch_rms_norm(float* x, const float* y, const float* weight, float eps, i
                      cudaStream_t stream) {
   if (n_rows <= 0) return;
   // n_rows ≤ 2^31 − 1 blocks.
-  const bool vec = dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight) && (!Add || aligned16(y));
+  // The path depends on x, out and weight only, so add_rms_norm and rms_norm on the same x sum alike.
+  const bool vec = dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight);
   if (!vec) {
     launch(rms_norm_kernel<Add>, unsigned(n_rows), 256, 0, stream, x, y, weight, eps, dim, out);
   } else {
     // Enough threads that each holds at most 4 float4s (and as few as one warp for a 128-wide head).
     const int n4 = int(dim / 4);
-    const int threads = std::min(1024, (std::max(n4 / 4, std::min(n4, 256)) + 31) / 32 * 32);
+    const int threads = std::min(1024, (std::max((n4 + 3) / 4, std::min(n4, 256)) + 31) / 32 * 32);
     const int per = (n4 + threads - 1) / threads;
     if (per <= 1)
       launch(rms_norm_vec_kernel<1, Add>, unsigned(n_rows), threads, 0, stream, x, y, weight, eps, int(dim), out);
@@ -159,10 +163,14 @@ void qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head, int64_t 
                   cudaStream_t stream) {
   if (n_tokens <= 0) return;
   const int64_t heads = n_head + n_head_kv;
-  const dim3 grid(unsigned((heads + 3) / 4), unsigned(n_tokens));
-  launch(qk_norm_rope_kernel, grid, 128, size_t(4 * head_dim) * sizeof(float), stream,
-         q, k, int(n_head), int(n_head_kv), int(head_dim), int(rot_dim / 2), q_norm, k_norm, eps, positions, inv_freq, scale);
-  MF_CUDA_CHECK_LAUNCH();
+  // Tokens beyond grid.y's 65535 go in further launches.
+  for (int64_t t0 = 0; t0 < n_tokens; t0 += 65535) {
+    const dim3 grid(unsigned((heads + 3) / 4), unsigned(std::min<int64_t>(n_tokens - t0, 65535)));
+    launch(qk_norm_rope_kernel, grid, 128, size_t(4 * head_dim) * sizeof(float), stream, q + t0 * n_head * head_dim,
+           k + t0 * n_head_kv * head_dim, int(n_head), int(n_head_kv), int(head_dim), int(rot_dim / 2), q_norm, k_norm, eps,
+           positions + t0, inv_freq, scale);
+    MF_CUDA_CHECK_LAUNCH();
+  }
 }
 
 void rope_neox(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, int64_t rot_dim, const int32_t* positions,
