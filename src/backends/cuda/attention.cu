@@ -340,8 +340,6 @@ void launch_tiled_rw(const TiledArgs& a, int vpl, int warps, size_t shared, int 
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 bool attention_tiled_supported(const float* q, const float* k_cache, const float* v_cache, const AttentionLayout& l, const float* out) {

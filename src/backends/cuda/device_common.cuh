@@ -42,6 +42,19 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// max v over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial[32];
+  v = warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  __syncthreads();  // partial may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float m = partial[0];
+  for (int w = 1; w < n_warps; ++w) m = fmaxf(m, partial[w]);
+  return m;
+}
+
 // Asynchronous 16-byte copies from device to shared memory (sm_80+): issued, grouped by commit, and
 // waited for until at most N groups of this thread remain in flight. A barrier must follow the wait
 // before other threads read what this thread copied.
@@ -127,6 +140,20 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cud
     config.numAttrs = 1;
   }
   MF_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// An attribute of the current device, asked once per device and attribute (they do not change while a
+// process runs; a race only asks twice). Host-only.
+template <cudaDeviceAttr Attribute>
+int device_attribute() {
+  static int values[64] = {};  // per device; 0: not asked yet
+  int device = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  int& v = values[device & 63];
+  if (v == 0) MF_CUDA_CHECK(cudaDeviceGetAttribute(&v, Attribute, device));
+  return v;
 }
 
 // Grid size for n elements at `threads` per block, a grid-stride loop covering the rest.

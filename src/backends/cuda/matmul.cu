@@ -305,18 +305,6 @@ __global__ void __launch_bounds__(32 * direct_warps) matmul_direct_kernel(const 
   }
 }
 
-// Streaming multiprocessors of the current device (asked once per device).
-int multiprocessors() {
-  static int counts[64] = {};
-  int device = 0;
-  MF_CUDA_CHECK(cudaGetDevice(&device));
-  int& n = counts[device & 63];
-  if (n == 0) MF_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // The path of one job, from its own format, shape and pointers alone.
 Path path_of(const MatmulJob& job) {
   const WeightView& w = job.w;
@@ -344,7 +332,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     int64_t warps = 0;
     for (int64_t i = 0; i < n_jobs; ++i)
       if (takes(jobs[i])) warps += (jobs[i].w.rows + 3) / 4 * staged_splits(F, jobs[i].w.cols) * std::min<int64_t>(jobs[i].n_tokens, 65535);
-    const int64_t fill = 32 * int64_t(multiprocessors());
+    const int64_t fill = 32 * int64_t(device_attribute<cudaDevAttrMultiProcessorCount>());
     staged_rows = warps >= fill ? 4 : 2 * warps >= fill ? 2 : 1;
   }
   JobTable table;

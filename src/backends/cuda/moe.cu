@@ -62,18 +62,6 @@ __device__ void top_k(const float* score, bool* taken, int n, int k, int* chosen
   }
 }
 
-__device__ float block_max(float v) {
-  __shared__ float partial[32];
-  v = warp_max(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  float m = partial[0];
-  for (int w = 1; w < n_warps; ++w) m = fmaxf(m, partial[w]);
-  return m;
-}
-
 // The order of the top-k: p's bits (p ≥ 0, so they order as its value; a NaN sorts above every number)
 // above ~id, so one integer comparison puts higher p first and, among equals, the lower id.
 __device__ __forceinline__ unsigned long long rank_key(float p, int e) {
@@ -351,14 +339,6 @@ int lanes_per_expert(int n_chunks) {
   return g;
 }
 
-// The most shared memory a block of the current device may ask for.
-size_t max_shared_per_block() {
-  int device = 0, bytes = 0;
-  MF_CUDA_CHECK(cudaGetDevice(&device));
-  MF_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return size_t(bytes);
-}
-
 // Shared memory beyond the default 48 KiB (dynamic `bytes` plus the kernel's static `fixed`) must be asked
 // for, per kernel.
 template <typename Kernel>
@@ -366,9 +346,10 @@ void allow_shared(Kernel kernel, size_t bytes, size_t fixed = 0) {
   if (bytes + fixed > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
-template <WeightFormat F, int R, int U>
-void launch_gate_up_ru(const ExpertLayout& l, const void* const* table, const int32_t* ids, int k, const float* x, float* h,
-                       cudaStream_t stream) {
+template <WeightFormat F>
+void launch_gate_up(const ExpertLayout& l, const void* const* table, const int32_t* ids, int k, const float* x, float* h,
+                    cudaStream_t stream) {
+  constexpr int R = gate_up_rows, U = gate_up_unroll;
   constexpr int rows_per_block = moe_warps * R;
   const int I = int(l.gate.rows), H = int(l.gate.cols);
   const dim3 grid(unsigned((I + rows_per_block - 1) / rows_per_block), unsigned(k));
@@ -379,20 +360,15 @@ void launch_gate_up_ru(const ExpertLayout& l, const void* const* table, const in
 }
 
 template <WeightFormat F>
-void launch_gate_up(const ExpertLayout& l, const void* const* table, const int32_t* ids, int k, const float* x, float* h,
-                    cudaStream_t stream) {
-  launch_gate_up_ru<F, gate_up_rows, gate_up_unroll>(l, table, ids, k, x, h, stream);
-}
-
-template <WeightFormat F, int R, int C>
-void launch_down_rc(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int k, const float* h,
-                    bool accumulate, float* y, cudaStream_t stream) {
+void launch_down(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int k, const float* h,
+                 bool accumulate, float* y, cudaStream_t stream) {
+  constexpr int R = down_rows, C = down_chunks;
   const int H = int(l.down.rows), I = int(l.down.cols);
   constexpr int rows_per_block = moe_warps * R;
   const size_t per_expert = size_t(staged_bytes(F, I)), dots = sizeof(float) * moe_warps * R * max_moe_k;
   // As many experts per launch as their h fit in a block's shared memory (moe_decode checked that one
   // does); each launch continues the last one's sums, which the accumulate contract makes the same bits.
-  const int fit = int(std::min<size_t>(size_t(k), (max_shared_per_block() - dots) / per_expert));
+  const int fit = int(std::min<size_t>(size_t(k), (size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) - dots) / per_expert));
   const int G = lanes_per_expert(I / chunk_cols(F));
   for (int j0 = 0; j0 < k; j0 += fit) {
     const int n = std::min(fit, k - j0);
@@ -402,12 +378,6 @@ void launch_down_rc(const ExpertLayout& l, const void* const* table, const int32
            ids + j0, weights + j0, n, parts_of(l.down), h + size_t(j0) * I, I, H, G, accumulate || j0 > 0, y);
     MF_CUDA_CHECK_LAUNCH();
   }
-}
-
-template <WeightFormat F>
-void launch_down(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int k, const float* h,
-                 bool accumulate, float* y, cudaStream_t stream) {
-  launch_down_rc<F, down_rows, down_chunks>(l, table, ids, weights, k, h, accumulate, y, stream);
 }
 
 [[noreturn]] void unsupported(const char* what) {
@@ -447,7 +417,7 @@ void moe_decode(const ExpertLayout& l, const void* const* table, const int32_t* 
   if (l.gate.format != l.up.format) unsupported("gate_proj and up_proj in different formats");
   if (!fits(l.gate) || !fits(l.up) || !fits(l.down)) unsupported("expert matrices not 16-byte aligned or cols not a multiple of the chunk");
   // x (hidden) and at least one expert's h (intermediate) are staged whole in shared memory.
-  const size_t shared_max = max_shared_per_block();
+  const size_t shared_max = size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
   if (size_t(staged_bytes(l.gate.format, l.gate.cols)) > shared_max ||
       size_t(staged_bytes(l.down.format, l.down.cols)) + sizeof(float) * moe_warps * down_rows * max_moe_k > shared_max)
     unsupported("hidden or intermediate size too large for shared memory");

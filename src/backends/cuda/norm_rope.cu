@@ -67,8 +67,6 @@ __global__ void rms_norm_kernel(float* x, const float* __restrict__ y, const flo
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv_rms * weight[i];
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 template <bool Add>
 void launch_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out,
                      cudaStream_t stream) {
