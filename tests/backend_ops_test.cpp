@@ -169,6 +169,9 @@ TEST_P(BackendOps, MatmulMatchesReference) {
   const std::vector<MatmulShape> shapes = {
       {1, 64, 1},   {7, 128, 3},   {33, 256, 17},  {1000, 4096, 1}, {257, 1024, 17}, {64, 4160, 5},
       {5, 1536, 1}, {96, 2048, 7}, {1000, 512, 3}, {1, 4096, 17},   {37, 12288, 2},  {1100, 2048, 2},
+      // Batches (CUDA: the tensor-core path from 8 tokens): partial tiles of tokens and of rows, one
+      // whole tile, the smallest batch, a long row.
+      {130, 768, 70}, {64, 2048, 8},  {200, 4096, 129}, {128, 64, 64},  {3, 12288, 9},
   };
   for (WeightFormat format : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
     std::vector<MatmulShape> all = shapes;
@@ -226,7 +229,8 @@ TEST_P(BackendOps, MatmulManyMatchesMatmulAndReference) {
       {WeightFormat::q8, 33, 256, 17, -1}, {WeightFormat::bf16, 1000, 512, 3, -1}, {WeightFormat::f32, 7, 128, 3, -1},
       {WeightFormat::q4, 257, 1024, 17, -1}, {WeightFormat::q4, 64, 1024, 17, 6}, {WeightFormat::q8, 5, 1536, 0, -1},
       {WeightFormat::bf16, 1, 64, 1, -1},   {WeightFormat::q4, 3000, 4096, 1, -1}, {WeightFormat::f32, 9, 100, 2, -1},
-      {WeightFormat::q4, 40, 12288, 2, -1}, {WeightFormat::q8, 40, 12288, 1, -1},
+      {WeightFormat::q4, 40, 12288, 2, -1}, {WeightFormat::q8, 40, 12288, 1, -1}, {WeightFormat::bf16, 130, 768, 70, -1},
+      {WeightFormat::q8, 200, 1024, 9, -1},  {WeightFormat::q4, 65, 768, 70, 14},
   };
   std::vector<QuantizedMatrix> mats;
   std::vector<std::vector<float>> xs;
@@ -257,6 +261,29 @@ TEST_P(BackendOps, MatmulManyMatchesMatmulAndReference) {
     std::vector<float> y_ref(y_one.size());
     ref_->matmul(mats[j].view(), xs[j].data(), y_ref.data(), c.n_tokens);
     expect_matmul_close(mats[j], xs[j], c.n_tokens, y_many, y_ref);
+  }
+}
+
+// A token's products do not depend on the batch it came in: the first tokens of a batch give the same bits
+// as a batch of only those tokens (prefill split across calls, and experts that different numbers of
+// tokens chose, rely on it). On CUDA both batches take the tensor-core path, and one token alone the
+// matrix-vector path, which may sum in another order: it is held to the reference's tolerance only.
+TEST_P(BackendOps, MatmulRowsDoNotDependOnTheBatch) {
+  for (WeightFormat format : {WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
+    const int64_t rows = 96, cols = 1024, n_tokens = 70, first = 20;
+    SCOPED_TRACE(weight_format_name(format));
+    const auto w = gaussian(size_t(rows * cols), rng_, 0.05f);
+    const auto x = gaussian(size_t(n_tokens * cols), rng_);
+    const QuantizedMatrix m = quantize_matrix(w.data(), rows, cols, format);
+    DeviceWeight dw(but(), *be_, m);
+    DeviceBuffer dx(but(), *be_, x), dy_all(but(), *be_, size_t(n_tokens * rows) * 4), dy_first(but(), *be_, size_t(first * rows) * 4);
+    be_->matmul(dw.view, dx.f(), dy_all.f(), n_tokens);
+    be_->matmul(dw.view, dx.f(), dy_first.f(), first);
+    const auto all = dy_all.read(), part = dy_first.read();
+    EXPECT_EQ(std::memcmp(all.data(), part.data(), part.size() * 4), 0) << "the first tokens' rows changed with the batch";
+    std::vector<float> y_ref(all.size());
+    ref_->matmul(m.view(), x.data(), y_ref.data(), n_tokens);
+    expect_matmul_close(m, x, n_tokens, all, y_ref);
   }
 }
 
@@ -607,6 +634,41 @@ TEST_P(BackendOps, AxpyMatchesReference) {
       bad.check(std::fabs(got[i] - acc_ref[i]) <= tol, size_t(i), got[i], acc_ref[i], tol);
     }
     EXPECT_EQ(bad.count, 0) << "n=" << n << bad.first;
+  }
+}
+
+// The weighted combine of expert rows: bit-identical to the same backend's axpy calls in the same order
+// (a destination named several times, out of order), and within axpy's bound of the reference.
+TEST_P(BackendOps, ScatterAddRowsMatchesAxpyCalls) {
+  for (int64_t dim : {1, 100, 2048}) {
+    const int64_t n_dst = 9, n_rows = 40;
+    const auto dst = gaussian(size_t(n_dst * dim), rng_), src = gaussian(size_t(n_rows * dim), rng_);
+    std::vector<int32_t> rows(static_cast<size_t>(n_rows));
+    std::vector<float> weights(static_cast<size_t>(n_rows));
+    for (int64_t r = 0; r < n_rows; ++r) {
+      rows[size_t(r)] = int32_t(rng_() % (n_dst - 1));  // the last row receives nothing and must stay
+      weights[size_t(r)] = 0.1f + float(rng_() % 1000) / 1000.f;
+    }
+    DeviceBuffer dsrc(but(), *be_, src), fused(but(), *be_, dst), calls(but(), *be_, dst);
+    be_->scatter_add_rows(fused.f(), dsrc.f(), rows.data(), weights.data(), n_rows, dim);
+    for (int64_t r = 0; r < n_rows; ++r) be_->axpy(calls.f() + rows[size_t(r)] * dim, dsrc.f() + r * dim, weights[size_t(r)], dim);
+    const auto got = fused.read(), want = calls.read();
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << "dim=" << dim << ": differs from axpy calls";
+    auto ref = dst;
+    ref_->scatter_add_rows(ref.data(), src.data(), rows.data(), weights.data(), n_rows, dim);
+    std::vector<double> magnitude(ref.size());  // |dst| + Σ|w·src| per element
+    for (size_t i = 0; i < ref.size(); ++i) magnitude[i] = std::fabs(double(dst[i]));
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t i = 0; i < dim; ++i)
+        magnitude[size_t(rows[size_t(r)] * dim + i)] += std::fabs(double(weights[size_t(r)]) * src[size_t(r * dim + i)]);
+    Mismatches bad;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      // Each term may fuse its multiply-add (axpy's bound: one rounding of a·x, ≤ 2^-24 of the magnitude,
+      // apart per term, carried through the later additions): with ≤ 16 terms a row, 2^-20 of it.
+      const double tol = 0x1p-20 * magnitude[i] + 1e-30;
+      bad.check(std::fabs(got[i] - ref[i]) <= tol, i, got[i], ref[i], tol);
+    }
+    EXPECT_EQ(bad.count, 0) << "dim=" << dim << bad.first;
   }
 }
 

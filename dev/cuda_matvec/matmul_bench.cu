@@ -3,12 +3,14 @@
 // K experts of a layer (gate, up, down) in one call, with launches back to back over rotating copies of the
 // weights (each call reads from device memory, not from the L2 left warm by the previous one). GB/s are
 // weight bytes (data + scales + biases) per second against the measured device-to-device copy.
-// Build: with the project (CMake target matmul_bench, when CUDA is on). Run: ./build/dev/matmul_bench
+// Build: with the project (CMake target matmul_bench, when CUDA is on). Run: ./build/dev/matmul_bench, or
+// ./build/dev/matmul_bench --batches for the batch table alone (with MOEFLUX_CUDA_GEMM=0 to compare).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -87,7 +89,34 @@ float ms_per_call(Call&& call, int reps = 40) {
 
 }  // namespace
 
-int main() {
+// Batches of tokens (prefill): the engine's matmul at T tokens, as TFLOP/s (2·rows·cols·T per call) and
+// µs per call. Which path runs is the engine's choice; MOEFLUX_CUDA_GEMM=0 keeps the matrix-vector kernels.
+void batch_table(float* x, float* y) {
+  std::printf("\n| batch (engine%s) | format | T=1 | 4 | 8 | 16 | 32 | 64 | 256 | 512 |\n|---|---|---|---|---|---|---|---|---|---|\n",
+              std::getenv("MOEFLUX_CUDA_GEMM") && std::getenv("MOEFLUX_CUDA_GEMM")[0] == '0' ? ", matrix-vector only" : "");
+  struct Shape { const char* what; int64_t rows, cols; };
+  const Shape shapes[] = {{"expert gate Qwen3-30B [768, 2048]", 768, 2048}, {"expert down Qwen3-30B [2048, 768]", 2048, 768},
+                          {"attn q_proj Qwen3-30B [4096, 2048]", 4096, 2048}, {"attn q_proj Qwen3.5-397B [16384, 4096]", 16384, 4096}};
+  uint64_t seed = 99;
+  for (const Shape& s : shapes)
+    for (WeightFormat f : {WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
+      const size_t bytes = moeflux::weight_part_bytes(f, s.rows, s.cols).total();
+      Copies c(f, s.rows, s.cols, std::min(copies_for(bytes), 16), seed += 7);
+      std::printf("| %s | %s |", s.what, moeflux::weight_format_name(f));
+      for (int64_t T : {1, 4, 8, 16, 32, 64, 256, 512}) {
+        const float ms = ms_per_call([&](int i) {
+          const MatmulJob job{c.views[size_t(i) % c.views.size()], x, y, T};
+          moeflux::cuda::matmul_jobs(&job, 1, nullptr);
+        }, 20);
+        std::printf(" %.1f TF/s %.0f µs |", 2.0 * double(s.rows * s.cols * T) / (ms * 1e-3) / 1e12, double(ms) * 1e3);
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+}
+
+int main(int argc, char** argv) {
+  const bool batches_only = argc > 1 && std::strcmp(argv[1], "--batches") == 0;
   cudaDeviceProp prop;
   MF_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const size_t big = size_t(1) << 30;
@@ -105,6 +134,12 @@ int main() {
   MF_CUDA_CHECK(cudaMalloc(&y, size_t(64) << 20));
   MF_CUDA_CHECK(cudaMemset(x, 0x3c, size_t(64) << 20));  // 0.0115 everywhere: finite, nonzero
 
+  if (batches_only) {
+    batch_table(x, y);
+    MF_CUDA_CHECK(cudaFree(x));
+    MF_CUDA_CHECK(cudaFree(y));
+    return 0;
+  }
   std::printf("\n| matrix-vector (engine) | MB | bf16 GB/s | q8 GB/s | q4 GB/s | bf16 / q8 / q4 %% of copy |\n|---|---|---|---|---|---|\n");
   struct Shape { const char* what; int64_t rows, cols; };
   const Shape shapes[] = {

@@ -14,6 +14,11 @@ void Backend::copy_from_host(void* dst, const void* host_src, size_t bytes) {
   if (bytes) std::memcpy(dst, host_src, bytes);
 }
 
+void Backend::scatter_add_rows(float* dst, const float* src, const int32_t* rows, const float* weights, int64_t n_rows,
+                               int64_t dim) {
+  for (int64_t r = 0; r < n_rows; ++r) axpy(dst + int64_t(rows[r]) * dim, src + r * dim, weights[r], dim);
+}
+
 void Backend::add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) {
   axpy(x, y, 1.0f, n_rows * dim);
   rms_norm(x, weight, eps, n_rows, dim, out);

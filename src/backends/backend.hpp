@@ -168,6 +168,13 @@ class Backend {
   // x[i] = value for i < n.
   virtual void fill(float* x, float value, int64_t n) = 0;
 
+  // The weighted combine of expert outputs, as one op: for r = 0, 1, …, n_rows − 1 in that order,
+  // axpy(dst + rows[r]·dim, src + r·dim, weights[r], dim) — a row of dst named several times receives its
+  // terms in the order given. src: [n_rows, dim]; rows, weights: [n_rows] (host). The default is that
+  // sequence of axpy calls (the reference); a backend may do it in one pass with the same arithmetic.
+  virtual void scatter_add_rows(float* dst, const float* src, const int32_t* rows, const float* weights, int64_t n_rows,
+                                int64_t dim);
+
   // dst[i, :] = src[rows[i], :].   src: [*, dim]; rows: [n_rows] (host); dst: [n_rows, dim]
   virtual void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst) = 0;
 

@@ -141,6 +141,7 @@ Status run_routed_experts(Backend& be, ExpertStore& store, const Pack& pack, int
   // matmul_many, one swiglu over all its rows, down in one matmul_many; then the weighted sums in
   // ascending expert id, as one expert at a time would add them.
   std::vector<int32_t> rows;
+  std::vector<float> row_weights;
   std::vector<const void*> blobs;
   std::vector<int64_t> first_row;  // [n + 1] the group's experts' rows in the scratch
   std::vector<MatmulJob> jobs;
@@ -163,24 +164,23 @@ Status run_routed_experts(Backend& be, ExpertStore& store, const Pack& pack, int
         return make_error(ErrorCode::internal, "{} tokens routed to one expert, scratch holds {} rows", pairs_of(g0).size(), scratch.max_rows);
       }
       const int64_t inter = pack.expert_view(blobs[size_t(g0)], 0).rows;
+      const int64_t n_rows = first_row.back();
+      // The group's routed rows, expert after expert: their tokens (one gather for the group) and weights.
+      rows.clear();
+      row_weights.clear();
+      for (int i = g0; i < g1; ++i)
+        for (const auto& [token, weight] : pairs_of(i)) rows.push_back(token), row_weights.push_back(weight);
+      const bool one_token = n_tokens == 1;  // its x is every row already
+      if (!one_token) be.gather_rows(x, rows.data(), n_rows, s.hidden, scratch.x_rows);
       jobs.clear();
       for (int i = g0; i < g1; ++i) {
-        const auto& pairs = pairs_of(i);
-        const int64_t m = int64_t(pairs.size()), row0 = first_row[size_t(i - g0)];
-        const float* xin = x;
-        if (!(m == n_tokens && n_tokens == 1)) {
-          rows.resize(pairs.size());
-          for (size_t r = 0; r < pairs.size(); ++r) rows[r] = pairs[r].first;
-          float* x_rows = scratch.x_rows + row0 * s.hidden;
-          be.gather_rows(x, rows.data(), m, s.hidden, x_rows);
-          xin = x_rows;
-        }
+        const int64_t m = int64_t(pairs_of(i).size()), row0 = first_row[size_t(i - g0)];
+        const float* xin = one_token ? x : scratch.x_rows + row0 * s.hidden;
         const void* blob = blobs[size_t(i)];
         jobs.push_back({pack.expert_view(blob, 0), xin, scratch.mlp.gate + row0 * inter, m});
         jobs.push_back({pack.expert_view(blob, 1), xin, scratch.mlp.up + row0 * inter, m});
       }
       be.matmul_many(jobs.data(), int64_t(jobs.size()));
-      const int64_t n_rows = first_row.back();
       be.swiglu(scratch.mlp.gate, scratch.mlp.up, scratch.mlp.gate, n_rows * inter);
       jobs.clear();
       for (int i = g0; i < g1; ++i) {
@@ -189,12 +189,8 @@ Status run_routed_experts(Backend& be, ExpertStore& store, const Pack& pack, int
                         scratch.y_rows + row0 * s.hidden, int64_t(pairs_of(i).size())});
       }
       be.matmul_many(jobs.data(), int64_t(jobs.size()));
-      for (int i = g0; i < g1; ++i) {
-        const auto& pairs = pairs_of(i);
-        const float* y_rows = scratch.y_rows + first_row[size_t(i - g0)] * s.hidden;
-        for (size_t r = 0; r < pairs.size(); ++r)
-          be.axpy(y + int64_t(pairs[r].first) * s.hidden, y_rows + int64_t(r) * s.hidden, pairs[r].second, s.hidden);
-      }
+      // y[token] += weight · expert output, row after row: each token's terms in ascending expert id.
+      be.scatter_add_rows(y, scratch.y_rows, rows.data(), row_weights.data(), n_rows, s.hidden);
       g0 = g1;
     }
     store.release(layer, touched.data() + first, n);

@@ -363,6 +363,36 @@ class CudaBackend final : public Backend {
     cuda::gather_rows(src, d_rows, n_rows, dim, dst, stream_);
   }
 
+  void scatter_add_rows(float* dst, const float* src, const int32_t* rows, const float* weights, int64_t n_rows,
+                        int64_t dim) override {
+    const OpTimer timer(*this, "scatter_add_rows");
+    if (n_rows <= 0 || dim <= 0) return;
+    bind();
+    // Group the terms by destination, each destination's in the order given (a stable sort by row).
+    scatter_order_.resize(size_t(n_rows));
+    for (int64_t r = 0; r < n_rows; ++r) scatter_order_[size_t(r)] = int32_t(r);
+    std::stable_sort(scatter_order_.begin(), scatter_order_.end(), [&](int32_t a, int32_t b) { return rows[a] < rows[b]; });
+    scatter_targets_.clear();
+    scatter_start_.clear();
+    scatter_weights_.resize(size_t(n_rows));
+    for (int64_t j = 0; j < n_rows; ++j) {
+      const int32_t r = scatter_order_[size_t(j)];
+      if (j == 0 || rows[r] != scatter_targets_.back()) {
+        scatter_targets_.push_back(rows[r]);
+        scatter_start_.push_back(int32_t(j));
+      }
+      scatter_weights_[size_t(j)] = weights[r];
+    }
+    scatter_start_.push_back(int32_t(n_rows));
+    const int64_t n_targets = int64_t(scatter_targets_.size());
+    const auto d = stage({{scatter_targets_.data(), size_t(n_targets) * 4},
+                          {scatter_start_.data(), size_t(n_targets + 1) * 4},
+                          {scatter_order_.data(), size_t(n_rows) * 4},
+                          {scatter_weights_.data(), size_t(n_rows) * 4}});
+    cuda::scatter_add_rows(dst, src, static_cast<const int32_t*>(d[0]), static_cast<const int32_t*>(d[1]),
+                           static_cast<const int32_t*>(d[2]), static_cast<const float*>(d[3]), n_targets, dim, stream_);
+  }
+
   void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim) override {
     const OpTimer timer(*this, "copy_rows");
     bind();
@@ -548,6 +578,8 @@ class CudaBackend final : public Backend {
                    graph_ms_[0] / n, graph_ms_[1] / n, graph_ms_[2] / n, graph_ms_[3] / n);
     }
   }
+  std::vector<int32_t> scatter_order_, scatter_targets_, scatter_start_;  // scatter_add_rows' grouping
+  std::vector<float> scatter_weights_;
   bool record_failed_ = false;    // the recording cannot be run (end_graph says so)
   cudaGraphExec_t graph_exec_ = nullptr;
   char* graph_out_ = nullptr;     // pinned: device results the recorded step copies out

@@ -56,6 +56,25 @@ __global__ void sigmoid_mul_kernel(float* x, const float* __restrict__ gate, int
     }
 }
 
+// grid.y = destination (strided): its terms added in order, each as axpy_kernel computes acc += a · x.
+__global__ void scatter_add_rows_kernel(float* dst, const float* __restrict__ src, const int32_t* __restrict__ targets,
+                                        const int32_t* __restrict__ start, const int32_t* __restrict__ order,
+                                        const float* __restrict__ weights, int64_t n_targets, int64_t dim) {
+  dependent_launch_begin();
+  for (int64_t t = blockIdx.y; t < n_targets; t += gridDim.y) {
+    float* out = dst + int64_t(targets[t]) * dim;
+    const int j0 = start[t], j1 = start[t + 1];
+    for (int64_t i = first_index(); i < dim; i += grid_stride()) {
+      float acc = out[i];
+      for (int j = j0; j < j1; ++j) {
+        const float a = weights[j];
+        acc += a * src[int64_t(order[j]) * dim + i];
+      }
+      out[i] = acc;
+    }
+  }
+}
+
 // Blocks over columns (x) and rows (y) for a [n_rows, dim] loop.
 dim3 rows_grid(int64_t n_rows, int64_t dim) {
   const int64_t x = (dim + threads - 1) / threads;
@@ -103,6 +122,14 @@ void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_str
 void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row, cudaStream_t stream) {
   if (n_rows <= 0 || dim <= 0) return;
   launch(sigmoid_mul_kernel, rows_grid(n_rows, dim), threads, 0, stream, x, gate, n_rows, dim, per_row);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void scatter_add_rows(float* dst, const float* src, const int32_t* targets, const int32_t* start, const int32_t* order,
+                      const float* weights, int64_t n_targets, int64_t dim, cudaStream_t stream) {
+  if (n_targets <= 0 || dim <= 0) return;
+  launch(scatter_add_rows_kernel, rows_grid(n_targets, dim), threads, 0, stream, dst, src, targets, start, order, weights,
+         n_targets, dim);
   MF_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,7 +1,9 @@
-// CUDA elementwise and copy ops: embed_rows, swiglu, axpy, fill, gather_rows, copy_rows, sigmoid_mul
+// CUDA elementwise and copy ops: embed_rows, swiglu, axpy, fill, gather_rows, copy_rows, sigmoid_mul,
+// scatter_add_rows
 // (Backend's, same contracts). References: ReferenceBackend's. embed_rows, fill, gather_rows and
 // copy_rows are exact; swiglu and sigmoid_mul use expf and an IEEE division (≤ 2 ulp from the host's
-// exp: 1e-6 relative in the op tests); axpy may fuse its multiply-add (one rounding of a·x apart).
+// exp: 1e-6 relative in the op tests); axpy and scatter_add_rows may fuse
+// their multiply-add (one rounding of a·x apart; the two alike, so scatter_add_rows is bit-identical to axpy calls).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,5 +23,10 @@ void fill(float* x, float value, int64_t n, cudaStream_t stream);
 void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst, cudaStream_t stream);
 void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t n_rows, int64_t dim, cudaStream_t stream);
 void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool per_row, cudaStream_t stream);
+// Backend::scatter_add_rows with its rows grouped by destination: destination row targets[i] receives
+// weights[j]·src[order[j]] for j = start[i] .. start[i + 1] − 1 in that order (the caller keeps each
+// destination's rows in the order given), as axpy computes each term. Device arrays.
+void scatter_add_rows(float* dst, const float* src, const int32_t* targets, const int32_t* start, const int32_t* order,
+                      const float* weights, int64_t n_targets, int64_t dim, cudaStream_t stream);
 
 }  // namespace moeflux::cuda

@@ -6,6 +6,7 @@
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_common.cuh"
+#include "backends/cuda/gemm.cuh"
 #include "backends/cuda/matmul.cuh"
 #include "backends/cuda/matvec.cuh"
 
@@ -324,7 +325,7 @@ int rows_per_block(Path path, int n_split, int staged_rows) {
 template <WeightFormat F>
 void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_t stream) {
   const auto takes = [&](const MatmulJob& job) {
-    return job.w.format == F && job.n_tokens > 0 && job.w.rows > 0 && (path_of(job) == Path::staged_x) == staged;
+    return job.w.format == F && job.n_tokens > 0 && job.w.rows > 0 && !gemm_takes(job) && (path_of(job) == Path::staged_x) == staged;
   };
   // Staged rows per tile: 4 where the launch has warps enough to fill the GPU with them, else fewer.
   int staged_rows = 4;
@@ -398,7 +399,9 @@ void matmul_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
       std::abort();
     }
   }
-  // Per format, one launch (per 40 jobs) for each path present.
+  // Batches on the tensor cores where the job qualifies; per format, one launch (per 40 jobs) for each
+  // matrix-vector path present.
+  gemm_jobs(jobs, n_jobs, stream);
   launch_path<WeightFormat::f32>(jobs, n_jobs, false, stream);
   launch_path<WeightFormat::bf16>(jobs, n_jobs, false, stream);
   launch_path<WeightFormat::q8>(jobs, n_jobs, true, stream);
