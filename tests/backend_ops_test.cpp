@@ -264,6 +264,26 @@ TEST_P(BackendOps, MatmulManyMatchesMatmulAndReference) {
   }
 }
 
+// Inputs spanning twelve decades within one row (and past fp16's range): the batch path scales x per
+// token and 64 columns before splitting it, and must keep the matrix-vector path's precision.
+TEST_P(BackendOps, MatmulBatchOfWideRangeInputsMatchesReference) {
+  for (WeightFormat format : {WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
+    const int64_t rows = 80, cols = 512, n_tokens = 40;
+    SCOPED_TRACE(weight_format_name(format));
+    const auto w = gaussian(size_t(rows * cols), rng_, 0.05f);
+    auto x = gaussian(size_t(n_tokens * cols), rng_);
+    for (size_t i = 0; i < x.size(); ++i) x[i] *= std::pow(10.f, float(int(rng_() % 13) - 6));  // 1e-6 .. 1e6
+    for (int64_t c = 0; c < cols; ++c) x[size_t(3 * cols + c)] = 0.f;                               // a zero row
+    const QuantizedMatrix m = quantize_matrix(w.data(), rows, cols, format);
+    std::vector<float> y_ref(size_t(n_tokens * rows));
+    ref_->matmul(m.view(), x.data(), y_ref.data(), n_tokens);
+    DeviceWeight dw(but(), *be_, m);
+    DeviceBuffer dx(but(), *be_, x), dy(but(), *be_, y_ref.size() * 4);
+    be_->matmul(dw.view, dx.f(), dy.f(), n_tokens);
+    expect_matmul_close(m, x, n_tokens, dy.read(), y_ref);
+  }
+}
+
 // A token's products do not depend on the batch it came in: the first tokens of a batch give the same bits
 // as a batch of only those tokens (prefill split across calls, and experts that different numbers of
 // tokens chose, rely on it). On CUDA both batches take the tensor-core path, and one token alone the
@@ -640,8 +660,9 @@ TEST_P(BackendOps, AxpyMatchesReference) {
 // The weighted combine of expert rows: bit-identical to the same backend's axpy calls in the same order
 // (a destination named several times, out of order), and within axpy's bound of the reference.
 TEST_P(BackendOps, ScatterAddRowsMatchesAxpyCalls) {
-  for (int64_t dim : {1, 100, 2048}) {
-    const int64_t n_dst = 9, n_rows = 40;
+  // Destinations few (rows of a batch) and spread wide (another grouping on CUDA).
+  for (const auto& [dim, n_dst] : {std::pair<int64_t, int64_t>{1, 9}, {100, 9}, {2048, 9}, {1, 300000}}) {
+    const int64_t n_rows = 40;
     const auto dst = gaussian(size_t(n_dst * dim), rng_), src = gaussian(size_t(n_rows * dim), rng_);
     std::vector<int32_t> rows(static_cast<size_t>(n_rows));
     std::vector<float> weights(static_cast<size_t>(n_rows));

@@ -368,10 +368,19 @@ class CudaBackend final : public Backend {
     const OpTimer timer(*this, "scatter_add_rows");
     if (n_rows <= 0 || dim <= 0) return;
     bind();
-    // Group the terms by destination, each destination's in the order given (a stable sort by row).
+    // Group the terms by destination, each destination's in the order given: a counting sort by row (rows
+    // are token indices of a batch), a stable sort where they spread wider.
     scatter_order_.resize(size_t(n_rows));
-    for (int64_t r = 0; r < n_rows; ++r) scatter_order_[size_t(r)] = int32_t(r);
-    std::stable_sort(scatter_order_.begin(), scatter_order_.end(), [&](int32_t a, int32_t b) { return rows[a] < rows[b]; });
+    const auto [lo, hi] = std::minmax_element(rows, rows + n_rows);
+    if (*lo >= 0 && int64_t(*hi) < 4 * n_rows + 4096) {
+      scatter_start_.assign(size_t(*hi) + 2, 0);
+      for (int64_t r = 0; r < n_rows; ++r) ++scatter_start_[size_t(rows[r]) + 1];
+      for (size_t i = 1; i < scatter_start_.size(); ++i) scatter_start_[i] += scatter_start_[i - 1];
+      for (int64_t r = 0; r < n_rows; ++r) scatter_order_[size_t(scatter_start_[size_t(rows[r])]++)] = int32_t(r);
+    } else {
+      for (int64_t r = 0; r < n_rows; ++r) scatter_order_[size_t(r)] = int32_t(r);
+      std::stable_sort(scatter_order_.begin(), scatter_order_.end(), [&](int32_t a, int32_t b) { return rows[a] < rows[b]; });
+    }
     scatter_targets_.clear();
     scatter_start_.clear();
     scatter_weights_.resize(size_t(n_rows));

@@ -1,8 +1,9 @@
-// The tensor-core path of gemm.cuh. A block computes a tile of 64 tokens × 64 weight rows, 64 columns
-// per step: every thread loads its share of the next step's x (32 floats of one token) and weights (32
-// columns of one row) into registers while the tensor cores work on the current step, then writes them
-// to shared memory as bf16 — x split in three parts, weights decoded to integers — where ldmatrix feeds
-// four warps, each 32 tokens × 32 rows: per 16 columns 2 × 4 tiles × 3 parts = 24 mma.sync.
+// The tensor-core path of gemm.cuh. A block computes a tile of TM tokens (64, or 32 for jobs of ≤ 32
+// tokens) × 128 weight rows, 64 columns per step: every thread loads its share of the next step's x (32
+// floats of one token) and weights (32 columns of one row) into registers while the tensor cores work on
+// the current step, then writes them to shared memory — x in parts, weights decoded to integers — where
+// ldmatrix feeds eight warps (2 × 4 of 32 tokens × 32 rows, or 1 × 8 of 32 × 16). 128 rows per block
+// halve the re-reads of x (from L2) that 64 cost; two blocks per SM (≤ 128 registers).
 #include <climits>
 #include <cstdlib>
 
@@ -15,9 +16,9 @@ namespace moeflux::cuda {
 namespace {
 
 constexpr int tile_m = 64;          // tokens per block
-constexpr int tile_n = 64;          // weight rows per block
+constexpr int tile_n = 128;         // weight rows per block
 constexpr int tile_k = 64;          // columns per step: one q4 group, two q8 groups
-constexpr int gemm_threads = 128;   // 4 warps in 2 × 2, each 32 tokens × 32 rows
+constexpr int gemm_threads = 256;   // 8 warps in 2 × 4, each 32 tokens × 32 rows (or 1 × 8 of 32 × 16)
 constexpr int pitch = tile_k + 8;   // bf16 per shared row (144 bytes): ldmatrix's 8 rows hit distinct banks
 
 struct GemmJob {
@@ -62,6 +63,14 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
 // (v0, v1) as three bf16 pairs whose sums are v0 and v1 exactly: each part is its remainder rounded to
@@ -76,22 +85,41 @@ __device__ __forceinline__ void split3(float v0, float v1, uint32_t& hi, uint32_
   hi = bf16x2_bits(h), mid = bf16x2_bits(m), lo = bf16x2_bits(l);
 }
 
-// Byte k of w (a q4 byte: two nibbles, low first) as the bf16 pair (low, high) of its integers.
-__device__ __forceinline__ uint32_t nibbles_as_bf16x2(uint32_t w, int k) {
-  const uint32_t b = (w >> (8 * k)) & 0xFFu;
-  // bf16 0x4300 | q is 128 + q (q < 128): subtract 128 from both halves, exactly.
-  const uint32_t biased = ((b & 0x0Fu) | ((b & 0xF0u) << 12)) | 0x43004300u;
-  const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased), __floats2bfloat162_rn(128.f, 128.f));
-  return bf16x2_bits(v);
+__device__ __forceinline__ uint32_t half2_bits(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+
+// (v0, v1), already scaled so |v| < 1, as two fp16 pairs whose sums are v0 and v1 to within 2^-22
+// (the second part's rounding, or fp16's subnormal step 2^-24 where the remainder is that small).
+__device__ __forceinline__ void split2(float v0, float v1, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(v0, v1);
+  const float2 hf = __half22float2(h);
+  hi = half2_bits(h), lo = half2_bits(__floats2half2_rn(v0 - hf.x, v1 - hf.y));
 }
 
-// Bytes 2k and 2k + 1 of w (int8) as a bf16 pair, exactly (through fp32: 2^23 + 128 + b − (2^23 + 128)).
-__device__ __forceinline__ uint32_t bytes_as_bf16x2(uint32_t w, int k) {
-  const uint32_t u = w ^ 0x80808080u;
-  const float f0 = byte_as_biased_float(u, 2 * k) - (8388608.f + 128.f);
-  const float f1 = byte_as_biased_float(u, 2 * k + 1) - (8388608.f + 128.f);
-  return bf16x2_bits(__floats2bfloat162_rn(f0, f1));
+// A power of two 2^e with max·2^-e in [0.5, 1) (1 for max = 0), as the pair (2^-e, 2^e); e within
+// fp32's normal range.
+__device__ __forceinline__ float2 power_of_two_scale(float max_abs) {
+  if (!(max_abs > 0.f)) return make_float2(1.f, 1.f);
+  const int biased = min(int(__float_as_uint(max_abs) >> 23), 252);  // max in [2^(biased−127), 2^(biased−126))
+  return make_float2(__uint_as_float(uint32_t(253 - biased) << 23), __uint_as_float(uint32_t(biased + 1) << 23));
 }
+
+// Byte k of w (a q4 byte: two nibbles, low first) as the fp16 pair (low, high) of its integers:
+// fp16 0x6400 | q is 1024 + q; 1024 comes off both halves exactly.
+__device__ __forceinline__ uint32_t nibbles_as_half2(uint32_t w, int k) {
+  const uint32_t b = (w >> (8 * k)) & 0xFFu;
+  const uint32_t biased = ((b & 0x0Fu) | ((b & 0xF0u) << 12)) | 0x64006400u;
+  return half2_bits(__hsub2(*reinterpret_cast<const __half2*>(&biased), __floats2half2_rn(1024.f, 1024.f)));
+}
+
+// Bytes 2k and 2k + 1 of w (int8) as an fp16 pair, exactly: 0x6400 | (b + 128) is 1152 + b.
+__device__ __forceinline__ uint32_t bytes_as_half2(uint32_t w, int k) {
+  const uint32_t biased = __byte_perm(w ^ 0x80808080u, 0x64u, k == 0 ? 0x4140u : 0x4342u);
+  return half2_bits(__hsub2(*reinterpret_cast<const __half2*>(&biased), __floats2half2_rn(1152.f, 1152.f)));
+}
+
+// x enters as three bf16 parts with bf16 weights (exact), as two fp16 parts of x·2^-e with the integer
+// weights of q8 and q4 (e per token and step, so |x·2^-e| < 1: within 2^-22 of x's step maximum).
+template <WeightFormat F> __host__ __device__ constexpr int x_parts() { return F == WeightFormat::bf16 ? 3 : 2; }
 
 // One step's share of a thread, loaded ahead into registers: 32 floats of x of one token, 32 columns of
 // one weight row (bf16 4 chunks, q8 2, q4 1) and that row's scale(s) and bias.
@@ -101,16 +129,18 @@ struct Ahead {
   float scale, bias;
 };
 
-template <WeightFormat F>
+// Thread tid stages token tid/2 (if tid/2 < TM: whole warps) and weight row tid/2, columns 32·(tid%2) .. + 31.
+template <WeightFormat F, int TM>
 __device__ __forceinline__ void load_ahead(Ahead& a, const GemmJob& m, int t0, int n0, int k0) {
-  const int tid = threadIdx.x;
-  const int half = tid & 1;
-  const int t = min(t0 + (tid >> 1), m.n_tokens - 1);  // tokens past the batch re-read its last (never stored)
-  const int r = min(n0 + (tid >> 1), m.rows - 1);      // likewise rows past the matrix
-  const float4* x = reinterpret_cast<const float4*>(m.x + int64_t(t) * m.cols + k0 + 32 * half);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) a.x[i] = x[i];
+  const int tid = threadIdx.x, half = tid & 1;
   const int col = k0 + 32 * half;
+  if (tid < 2 * TM) {
+    const int t = min(t0 + (tid >> 1), m.n_tokens - 1);  // tokens past the batch re-read its last (never stored)
+    const float4* x = reinterpret_cast<const float4*>(m.x + int64_t(t) * m.cols + col);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a.x[i] = x[i];
+  }
+  const int r = min(n0 + (tid >> 1), m.rows - 1);  // likewise rows past the matrix
   if constexpr (F == WeightFormat::bf16) {
     const uint4* w = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(m.data) + int64_t(r) * m.cols + col);
 #pragma unroll
@@ -129,37 +159,58 @@ __device__ __forceinline__ void load_ahead(Ahead& a, const GemmJob& m, int t0, i
 }
 
 struct Shared {
-  alignas(16) uint16_t a[3][tile_m][pitch];  // x of the step, three bf16 parts
-  alignas(16) uint16_t b[tile_n][pitch];     // weights of the step as bf16
+  alignas(16) uint16_t a[3][tile_m][pitch];  // x of the step in parts (bf16 or fp16)
+  alignas(16) uint16_t b[tile_n][pitch];     // weights of the step (bf16, or fp16 integers)
   float scale[2][tile_n];                    // q8: the step's two groups; q4: [0]
   float bias[tile_n];                        // q4
   float xsum[tile_m];                        // q4: Σx of the step's group per token
+  float xscale[tile_m];                      // q8, q4: 2^e of the token's step
 };
 
-template <WeightFormat F>
+template <WeightFormat F, int TM>
 __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
   const int tid = threadIdx.x, row = tid >> 1, c0 = 32 * (tid & 1);
-  // x: three parts, 32 columns = 4 × 16 bytes each.
+  if (tid < 2 * TM) {
+    if constexpr (F == WeightFormat::bf16) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t hi[4], mid[4], lo[4];
-    const float4 u = a.x[2 * i], v = a.x[2 * i + 1];
-    split3(u.x, u.y, hi[0], mid[0], lo[0]);
-    split3(u.z, u.w, hi[1], mid[1], lo[1]);
-    split3(v.x, v.y, hi[2], mid[2], lo[2]);
-    split3(v.z, v.w, hi[3], mid[3], lo[3]);
-    *reinterpret_cast<uint4*>(&s.a[0][row][c0 + 8 * i]) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-    *reinterpret_cast<uint4*>(&s.a[1][row][c0 + 8 * i]) = make_uint4(mid[0], mid[1], mid[2], mid[3]);
-    *reinterpret_cast<uint4*>(&s.a[2][row][c0 + 8 * i]) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-  }
-  if constexpr (F == WeightFormat::q4) {
-    // Σx of the token's 64 columns: this thread's 32 in a fixed tree, then the pair in column order.
-    float p[8];
+      for (int i = 0; i < 4; ++i) {
+        uint32_t hi[4], mid[4], lo[4];
+        const float4 u = a.x[2 * i], v = a.x[2 * i + 1];
+        split3(u.x, u.y, hi[0], mid[0], lo[0]);
+        split3(u.z, u.w, hi[1], mid[1], lo[1]);
+        split3(v.x, v.y, hi[2], mid[2], lo[2]);
+        split3(v.z, v.w, hi[3], mid[3], lo[3]);
+        *reinterpret_cast<uint4*>(&s.a[0][row][c0 + 8 * i]) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        *reinterpret_cast<uint4*>(&s.a[1][row][c0 + 8 * i]) = make_uint4(mid[0], mid[1], mid[2], mid[3]);
+        *reinterpret_cast<uint4*>(&s.a[2][row][c0 + 8 * i]) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      }
+    } else {
+      float mx = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) p[i] = (a.x[i].x + a.x[i].y) + (a.x[i].z + a.x[i].w);
-    const float mine = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-    const float other = __shfl_xor_sync(0xffffffffu, mine, 1);
-    if ((tid & 1) == 0) s.xsum[row] = mine + other;
+      for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fmaxf(fmaxf(fabsf(a.x[i].x), fabsf(a.x[i].y)), fmaxf(fabsf(a.x[i].z), fabsf(a.x[i].w))));
+      const float2 scale = power_of_two_scale(fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint32_t hi[4], lo[4];
+        const float4 u = a.x[2 * i], v = a.x[2 * i + 1];
+        split2(u.x * scale.x, u.y * scale.x, hi[0], lo[0]);
+        split2(u.z * scale.x, u.w * scale.x, hi[1], lo[1]);
+        split2(v.x * scale.x, v.y * scale.x, hi[2], lo[2]);
+        split2(v.z * scale.x, v.w * scale.x, hi[3], lo[3]);
+        *reinterpret_cast<uint4*>(&s.a[0][row][c0 + 8 * i]) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        *reinterpret_cast<uint4*>(&s.a[1][row][c0 + 8 * i]) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      }
+      if ((tid & 1) == 0) s.xscale[row] = scale.y;
+    }
+    if constexpr (F == WeightFormat::q4) {
+      // Σx of the token's 64 columns: this thread's 32 in a fixed tree, then the pair in column order.
+      float p[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) p[i] = (a.x[i].x + a.x[i].y) + (a.x[i].z + a.x[i].w);
+      const float mine = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+      const float other = __shfl_xor_sync(0xffffffffu, mine, 1);
+      if ((tid & 1) == 0) s.xsum[row] = mine + other;
+    }
   }
   if constexpr (F == WeightFormat::bf16) {
 #pragma unroll
@@ -170,7 +221,7 @@ __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
       const uint32_t w[4] = {a.w[i].x, a.w[i].y, a.w[i].z, a.w[i].w};
       uint32_t o[8];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) o[2 * k] = bytes_as_bf16x2(w[k], 0), o[2 * k + 1] = bytes_as_bf16x2(w[k], 1);
+      for (int k = 0; k < 4; ++k) o[2 * k] = bytes_as_half2(w[k], 0), o[2 * k + 1] = bytes_as_half2(w[k], 1);
       *reinterpret_cast<uint4*>(&s.b[row][c0 + 16 * i]) = make_uint4(o[0], o[1], o[2], o[3]);
       *reinterpret_cast<uint4*>(&s.b[row][c0 + 16 * i + 8]) = make_uint4(o[4], o[5], o[6], o[7]);
     }
@@ -179,72 +230,74 @@ __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
     const uint32_t w[4] = {a.w[0].x, a.w[0].y, a.w[0].z, a.w[0].w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const uint4 o = make_uint4(nibbles_as_bf16x2(w[k], 0), nibbles_as_bf16x2(w[k], 1), nibbles_as_bf16x2(w[k], 2),
-                                 nibbles_as_bf16x2(w[k], 3));
+      const uint4 o = make_uint4(nibbles_as_half2(w[k], 0), nibbles_as_half2(w[k], 1), nibbles_as_half2(w[k], 2),
+                                 nibbles_as_half2(w[k], 3));
       *reinterpret_cast<uint4*>(&s.b[row][c0 + 8 * k]) = o;
     }
     if ((tid & 1) == 0) s.scale[0][row] = a.scale, s.bias[row] = a.bias;
   }
 }
 
-// grid.x: every job's tiles (row tiles fastest, so neighbouring blocks share a token tile).
-template <WeightFormat F>
-__global__ void __launch_bounds__(gemm_threads) gemm_kernel(const __grid_constant__ GemmTable table) {
+// grid.x: every job's tiles (row tiles fastest, so neighbouring blocks share a token tile). An element's
+// sum takes the same steps, parts and folds in the same order whatever TM and the batch.
+template <WeightFormat F, int TM>
+__global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_constant__ GemmTable table) {
+  constexpr int NI = TM == 64 ? 4 : 2;  // 8-row tiles per warp
+  constexpr int P = x_parts<F>();
   __shared__ Shared s;
   const int j = job_of(table, blockIdx.x);
   const GemmJob& m = table.jobs[j];
   const int local = blockIdx.x - table.block_start[j];
-  const int n0 = (local % m.n_tiles) * tile_n, t0 = (local / m.n_tiles) * tile_m;
+  const int n0 = (local % m.n_tiles) * tile_n, t0 = (local / m.n_tiles) * TM;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;  // the warp's tokens and rows in the tile
+  const int wm = TM == 64 ? (warp >> 2) * 32 : 0, wn = TM == 64 ? (warp & 3) * 32 : warp * 16;  // the warp's tokens, rows
 
-  float y[2][4][4], p[2][4][4];  // [token tile][row tile][fragment]: the sums, and the group's sums
+  float y[2][NI][4], p[2][NI][4];  // [token tile][row tile][fragment]: the sums, and the group's sums
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
       for (int c = 0; c < 4; ++c) y[mi][ni][c] = 0.f, p[mi][ni][c] = 0.f;
 
-  // Scale a group's sums into y: fragment element c of tile (mi, ni) is token wm + 16mi + lane/4 (+8 for
-  // c ≥ 2), row wn + 8ni + 2(lane%4) (+1 for odd c).
+  // A group's sums into y, scaled: fragment element c of tile (mi, ni) is token wm + 16mi + lane/4 (+8
+  // for c ≥ 2), row wn + 8ni + 2(lane%4) (+1 for odd c).
   const auto fold = [&](int group) {
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
+      for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int n = wn + 8 * ni + 2 * (lane & 3) + (c & 1);
-          if constexpr (F == WeightFormat::q8) {
-            y[mi][ni][c] = fmaf(s.scale[group][n], p[mi][ni][c], y[mi][ni][c]);
-          } else {
-            const int t = wm + 16 * mi + (lane >> 2) + 8 * (c >> 1);
-            y[mi][ni][c] += fmaf(s.scale[0][n], p[mi][ni][c], s.bias[n] * s.xsum[t]);
-          }
+          const int n = wn + 8 * ni + 2 * (lane & 3) + (c & 1), t = wm + 16 * mi + (lane >> 2) + 8 * (c >> 1);
+          const float sum = p[mi][ni][c] * s.xscale[t];  // exact: a power of two
+          if constexpr (F == WeightFormat::q8)
+            y[mi][ni][c] = fmaf(s.scale[group][n], sum, y[mi][ni][c]);
+          else
+            y[mi][ni][c] += fmaf(s.scale[0][n], sum, s.bias[n] * s.xsum[t]);
           p[mi][ni][c] = 0.f;
         }
   };
 
   dependent_launch_begin();
   Ahead ahead;
-  load_ahead<F>(ahead, m, t0, n0, 0);
+  load_ahead<F, TM>(ahead, m, t0, n0, 0);
   const int n_steps = m.cols / tile_k;
   for (int step = 0; step < n_steps; ++step) {
     __syncthreads();  // the previous step's tiles are no longer read
-    store_ahead<F>(ahead, s);
+    store_ahead<F, TM>(ahead, s);
     __syncthreads();
-    if (step + 1 < n_steps) load_ahead<F>(ahead, m, t0, n0, (step + 1) * tile_k);  // in flight meanwhile
+    if (step + 1 < n_steps) load_ahead<F, TM>(ahead, m, t0, n0, (step + 1) * tile_k);  // in flight meanwhile
 #pragma unroll
     for (int ks = 0; ks < tile_k / 16; ++ks) {
-      uint32_t a[3][2][4];
+      uint32_t a[P][2][4];
 #pragma unroll
-      for (int part = 0; part < 3; ++part)
+      for (int part = 0; part < P; ++part)
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(a[part][mi], &s.a[part][wm + 16 * mi + (lane & 15)][16 * ks + 8 * (lane >> 4)]);
-      uint32_t b[4][2];
+      uint32_t b[NI][2];
 #pragma unroll
-      for (int np = 0; np < 2; ++np) {
+      for (int np = 0; np < NI / 2; ++np) {
         uint32_t r[4];
         ldmatrix_x4(r, &s.b[wn + 16 * np + (lane & 7) + 8 * (lane >> 4)][16 * ks + 8 * ((lane >> 3) & 1)]);
         b[2 * np][0] = r[0], b[2 * np][1] = r[1], b[2 * np + 1][0] = r[2], b[2 * np + 1][1] = r[3];
@@ -252,13 +305,13 @@ __global__ void __launch_bounds__(gemm_threads) gemm_kernel(const __grid_constan
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-          for (int part = 0; part < 3; ++part) {
+          for (int part = 0; part < P; ++part) {
             if constexpr (F == WeightFormat::bf16)
               mma_bf16(y[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
             else
-              mma_bf16(p[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
+              mma_f16(p[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
           }
       if constexpr (F == WeightFormat::q8) {
         if (ks % 2 == 1) fold(ks / 2);
@@ -271,7 +324,7 @@ __global__ void __launch_bounds__(gemm_threads) gemm_kernel(const __grid_constan
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int t = t0 + wm + 16 * mi + (lane >> 2) + 8 * (c >> 1);
@@ -280,37 +333,43 @@ __global__ void __launch_bounds__(gemm_threads) gemm_kernel(const __grid_constan
       }
 }
 
-bool gemm_enabled() {
-  static const bool enabled = [] {
+// Tokens from which a job takes this path: gemm_min_tokens, or MOEFLUX_CUDA_GEMM (0: never).
+int64_t min_tokens() {
+  static const int64_t n = [] {
     const char* env = std::getenv("MOEFLUX_CUDA_GEMM");
-    return !(env && env[0] == '0');
+    if (!env || !*env) return gemm_min_tokens;
+    const long long v = std::atoll(env);
+    return v <= 0 ? int64_t(INT64_MAX) : int64_t(v);
   }();
-  return enabled;
+  return n;
 }
 
-template <WeightFormat F>
+// Token tile of a job: 32 where the batch fits one, else 64.
+int token_tile(int64_t n_tokens) { return n_tokens <= 32 ? 32 : 64; }
+
+template <WeightFormat F, int TM>
 void launch_format(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
   GemmTable table;
   int n = 0;
   const auto flush = [&] {
     if (n == 0) return;
     table.n_jobs = n;
-    launch(gemm_kernel<F>, dim3(unsigned(table.block_start[n])), dim3(gemm_threads), 0, stream, table);
+    launch(gemm_kernel<F, TM>, dim3(unsigned(table.block_start[n])), dim3(gemm_threads), 0, stream, table);
     MF_CUDA_CHECK_LAUNCH();
     n = 0;
   };
   table.block_start[0] = 0;
   for (int64_t i = 0; i < n_jobs; ++i) {
     const MatmulJob& job = jobs[i];
-    if (job.w.format != F || !gemm_takes(job)) continue;
-    const int64_t n_tiles = (job.w.rows + tile_n - 1) / tile_n, m_tiles = (job.n_tokens + tile_m - 1) / tile_m;
+    if (job.w.format != F || !gemm_takes(job) || token_tile(job.n_tokens) != TM) continue;
+    const int64_t n_tiles = (job.w.rows + tile_n - 1) / tile_n, m_tiles = (job.n_tokens + TM - 1) / TM;
     const int64_t blocks = n_tiles * m_tiles;
-    if (n > 0 && int64_t(table.block_start[n]) + blocks > INT_MAX) flush();
     if (blocks > INT_MAX) {
       std::fprintf(stderr, "%s:%d: matmul: %lld tokens × [%lld, %lld] is too large for one launch\n", __FILE__, __LINE__,
                    (long long)job.n_tokens, (long long)job.w.rows, (long long)job.w.cols);
       std::abort();
     }
+    if (n > 0 && int64_t(table.block_start[n]) + blocks > INT_MAX) flush();
     table.jobs[n] = {job.w.data, job.w.scales, job.w.biases, job.x, job.y, int(job.w.rows), int(job.w.cols),
                      int(job.n_tokens), int(n_tiles)};
     table.block_start[n + 1] = int(table.block_start[n] + blocks);
@@ -324,14 +383,17 @@ void launch_format(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
 bool gemm_takes(const MatmulJob& job) {
   const WeightView& w = job.w;
   const bool format = w.format == WeightFormat::bf16 || w.format == WeightFormat::q8 || w.format == WeightFormat::q4;
-  return format && job.n_tokens >= gemm_min_tokens && job.n_tokens <= INT_MAX && w.rows > 0 && w.cols > 0 &&
-         w.cols % tile_k == 0 && aligned16(w.data) && aligned16(job.x) && gemm_enabled();
+  return format && job.n_tokens <= INT_MAX && w.rows > 0 && w.cols > 0 &&
+         w.cols % tile_k == 0 && aligned16(w.data) && aligned16(job.x) && job.n_tokens >= min_tokens();
 }
 
 void gemm_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
-  launch_format<WeightFormat::bf16>(jobs, n_jobs, stream);
-  launch_format<WeightFormat::q8>(jobs, n_jobs, stream);
-  launch_format<WeightFormat::q4>(jobs, n_jobs, stream);
+  launch_format<WeightFormat::bf16, 64>(jobs, n_jobs, stream);
+  launch_format<WeightFormat::bf16, 32>(jobs, n_jobs, stream);
+  launch_format<WeightFormat::q8, 64>(jobs, n_jobs, stream);
+  launch_format<WeightFormat::q8, 32>(jobs, n_jobs, stream);
+  launch_format<WeightFormat::q4, 64>(jobs, n_jobs, stream);
+  launch_format<WeightFormat::q4, 32>(jobs, n_jobs, stream);
 }
 
 }  // namespace moeflux::cuda

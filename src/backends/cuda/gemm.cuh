@@ -2,14 +2,16 @@
 // y = x · Wᵀ for the jobs of a matmul_many whose own shape qualifies (gemm_takes): bf16, q8 or q4
 // weights, cols a multiple of 64, at least gemm_min_tokens tokens, 16-byte aligned weights and x.
 //
-// Exact products: the weights enter the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate) as
-// values bf16 holds exactly — bf16 weights as they are, q8 bytes and q4 nibbles as the integers they
-// store — and each x is split into three bf16 parts whose sum is x exactly (8 + 8 + 8 significant bits
-// cover fp32's 24), so every product w·x is exact and only the order of the fp32 additions differs from
-// the reference. Scales come in per group in fp32: q8 y += s·Σq·x per 32 columns; q4
-// y += s·Σq·x + b·Σx per 64 columns (Σx of the group summed once per token tile). Each y element depends
-// on its own row of W and row of x only, so a job's result does not depend on the launch or the batch.
-// Reference: ReferenceBackend::matmul; tolerance as the matrix-vector path (op test: 2e-5 · Σ|w·x|).
+// Precision: the weights enter the tensor cores (mma.sync m16n8k16, fp32 accumulate) as values the
+// inputs hold exactly — bf16 weights as they are, q8 bytes and q4 nibbles as the integers they store, in
+// fp16 — and x as parts: with bf16 weights three bf16 parts whose sum is x exactly (8 + 8 + 8 significant
+// bits cover fp32's 24), so every product is exact; with q8/q4 two fp16 parts of x·2^-e, e per token and
+// 64 columns so that |x·2^-e| < 1, which hold x to within 2^-22 of that maximum (two mma instead of
+// three: the tensor cores are this kernel's limit). Scales come in per group in fp32: q8 y += s·Σq·x per
+// 32 columns; q4 y += s·Σq·x + b·Σx per 64 (Σx of the group summed once per token). Each y element
+// takes the same steps in the same order whatever the launch and the batch, so a token's result does not
+// depend on the tokens beside it. Reference: ReferenceBackend::matmul; tolerance as the matrix-vector
+// path (op test: 2e-5 · Σ|w·x|; these kernels' error is of the q4 matrix-vector kernels' order).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -24,8 +26,9 @@ namespace moeflux::cuda {
 // "Tensor-core prefill" has the crossover).
 constexpr int64_t gemm_min_tokens = 8;
 
-// Whether the job takes the tensor-core path: decided from the job alone. MOEFLUX_CUDA_GEMM=0 (a
-// developer's switch for comparisons) sends every job to the matrix-vector kernels.
+// Whether the job takes the tensor-core path: decided from the job alone. MOEFLUX_CUDA_GEMM=N (a
+// developer's switch for comparisons) moves the threshold to N tokens; 0 sends every job to the
+// matrix-vector kernels.
 bool gemm_takes(const MatmulJob& job);
 
 // Runs the jobs that gemm_takes, skipping the others (their weights, x and y are device memory).
