@@ -11,9 +11,10 @@
 //   plain    (rows or x not 16-byte aligned, cols not a multiple of a chunk): one row at a time.
 // Exact dequantization: q8 and bf16 weights are exact in fp32; q4 nibbles are read as 2 + q/64 (exact) and
 // the group sum recovered as (64·s)·Σ(2 + q/64)·x + (b − 128·s)·Σx, which costs about 20× the rounding of
-// fp32 dot products (lab: ≤ 9e-7·Σ|w·x|). T > 1 runs the matvec once per token (grid z), re-reading the
-// weights from L2: correct, not a prefill kernel. Every job's y depends only on its own (w, x) and its path,
-// so matmul_many is bit-identical to matmul. Reference: ReferenceBackend::matmul; tolerance 2e-5·Σ|w·x|
+// fp32 dot products (lab: ≤ 9e-7·Σ|w·x|). Jobs of ≥ gemm_min_tokens tokens
+// in bf16/q8/q4 (cols a multiple of 64) run on the tensor cores instead (gemm.cuh); smaller batches run the
+// matvec once per token (grid z), re-reading the weights from L2. Every job's y depends only on its own
+// (w, x) and its path, so matmul_many is bit-identical to matmul. Reference: ReferenceBackend::matmul; tolerance 2e-5·Σ|w·x|
 // (op test).
 #pragma once
 
