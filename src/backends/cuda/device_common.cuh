@@ -142,6 +142,24 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cud
   MF_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
+// A table of jobs passed by value as a kernel's parameter (≤ 4 KiB, __grid_constant__: read in place, no
+// copy before the launch), the grid a flat run of every job's blocks: job j owns blocks block_start[j] ..
+// block_start[j + 1] − 1.
+template <typename Job, int N>
+struct LaunchTable {
+  Job jobs[N];
+  int block_start[N + 1];
+  int n_jobs;
+};
+
+// The job of block b (a uniform scan of at most N entries).
+template <typename Job, int N>
+__device__ __forceinline__ int job_of_block(const LaunchTable<Job, N>& t, int b) {
+  int j = 0;
+  while (j + 1 < t.n_jobs && b >= t.block_start[j + 1]) ++j;
+  return j;
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // An attribute of the current device, asked once per device and attribute (they do not change while a

@@ -31,20 +31,9 @@ struct GemmJob {
   int n_tiles;     // row tiles of tile_n
 };
 
-// The kernel's parameter (≤ 4 KiB): a launch copies nothing first.
 constexpr int max_gemm_jobs = 48;
-struct GemmTable {
-  GemmJob jobs[max_gemm_jobs];
-  int block_start[max_gemm_jobs + 1];  // job j owns blocks block_start[j] .. block_start[j+1] − 1
-  int n_jobs;
-};
+using GemmTable = LaunchTable<GemmJob, max_gemm_jobs>;
 static_assert(sizeof(GemmTable) <= 4096, "kernel parameters are limited to 4 KiB");
-
-__device__ __forceinline__ int job_of(const GemmTable& t, int b) {
-  int j = 0;
-  while (j + 1 < t.n_jobs && b >= t.block_start[j + 1]) ++j;
-  return j;
-}
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
@@ -54,21 +43,19 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(shared_address(p)));
 }
 
-// d += a · b for one 16 × 8 tile over 16 columns (bf16 in, fp32 accumulate).
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// d += a · b for one 16 × 8 tile over 16 columns (bf16 or, with Half, fp16 in; fp32 accumulate).
+template <bool Half>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#define MF_MMA(T)                                                                                                 \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." T "." T ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, " \
+               "{%0, %1, %2, %3};\n"                                                                              \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+  if constexpr (Half)
+    MF_MMA("f16");
+  else
+    MF_MMA("bf16");
+#undef MF_MMA
 }
 
 __device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
@@ -245,7 +232,7 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
   constexpr int NI = TM == 64 ? 4 : 2;  // 8-row tiles per warp
   constexpr int P = x_parts<F>();
   __shared__ Shared s;
-  const int j = job_of(table, blockIdx.x);
+  const int j = job_of_block(table, blockIdx.x);
   const GemmJob& m = table.jobs[j];
   const int local = blockIdx.x - table.block_start[j];
   const int n0 = (local % m.n_tiles) * tile_n, t0 = (local / m.n_tiles) * TM;
@@ -309,9 +296,9 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
 #pragma unroll
           for (int part = 0; part < P; ++part) {
             if constexpr (F == WeightFormat::bf16)
-              mma_bf16(y[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
+              mma_16x8x16<false>(y[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
             else
-              mma_f16(p[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
+              mma_16x8x16<true>(p[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
           }
       if constexpr (F == WeightFormat::q8) {
         if (ks % 2 == 1) fold(ks / 2);

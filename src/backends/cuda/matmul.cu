@@ -33,22 +33,9 @@ struct DeviceJob {
   int8_t n_split;  // warps sharing a row tile, each taking every n_split-th run of chunks
 };
 
-// Passed by value as the kernel's parameter (≤ 4 KiB), so a launch needs no copy of the table;
-// __grid_constant__ lets a block read it in place from the parameter bank.
 constexpr int max_jobs_per_launch = 40;
-struct JobTable {
-  DeviceJob jobs[max_jobs_per_launch];
-  int tile_start[max_jobs_per_launch + 1];  // job j owns blocks tile_start[j] .. tile_start[j+1] − 1
-  int n_jobs;
-};
+using JobTable = LaunchTable<DeviceJob, max_jobs_per_launch>;
 static_assert(sizeof(JobTable) <= 4096, "kernel parameters are limited to 4 KiB");
-
-// The job of block b (a uniform scan of at most 40 entries).
-__device__ __forceinline__ int job_of_block(const JobTable& t, int b) {
-  int j = 0;
-  while (j + 1 < t.n_jobs && b >= t.tile_start[j + 1]) ++j;
-  return j;
-}
 
 // --- staged_x path (lab v23): 8 warps per block, x in shared memory -------------------------------------
 // A job's rows go in tiles of R rows (R per launch: fewer where a launch has few rows, so the GPU fills;
@@ -90,7 +77,7 @@ __global__ void __launch_bounds__(32 * staged_warps, 4) matmul_staged_kernel(con
   const DeviceJob& m = table.jobs[j];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n_split = m.n_split, split = warp % n_split;
-  const int r0 = ((blockIdx.x - table.tile_start[j]) * (staged_warps / n_split) + warp / n_split) * R;
+  const int r0 = ((blockIdx.x - table.block_start[j]) * (staged_warps / n_split) + warp / n_split) * R;
   const bool active = r0 < m.rows;
   const int rows = active ? min(R, m.rows - r0) : 1;
   const int n_chunks = m.cols / chunk_cols(F), step = 32 * n_split;
@@ -295,7 +282,7 @@ __global__ void __launch_bounds__(32 * direct_warps) matmul_direct_kernel(const 
   const int j = job_of_block(table, blockIdx.x);
   const DeviceJob& m = table.jobs[j];
   const int warp = threadIdx.x >> 5, n_split = m.n_split, tiles = direct_warps / n_split;
-  const int r0 = ((blockIdx.x - table.tile_start[j]) * tiles + warp / n_split) * R;
+  const int r0 = ((blockIdx.x - table.block_start[j]) * tiles + warp / n_split) * R;
   for (int64_t t = blockIdx.z; t < m.n_tokens; t += gridDim.z) {
     const float* x = m.x + t * m.cols;
     float* y = m.y + t * m.rows;
@@ -342,7 +329,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
   auto flush = [&] {
     if (n == 0) return;
     table.n_jobs = n;
-    const dim3 grid(unsigned(table.tile_start[n]), 1, unsigned(std::min<int64_t>(max_tokens, 65535)));
+    const dim3 grid(unsigned(table.block_start[n]), 1, unsigned(std::min<int64_t>(max_tokens, 65535)));
     if constexpr (F == WeightFormat::q8 || F == WeightFormat::q4) {
       if (staged) {
         const size_t shared = size_t(staged_x_bytes(F, max_cols));
@@ -361,7 +348,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     MF_CUDA_CHECK_LAUNCH();
     n = 0, max_tokens = 0, max_cols = 0;
   };
-  table.tile_start[0] = 0;
+  table.block_start[0] = 0;
   for (int64_t i = 0; i < n_jobs; ++i) {
     const MatmulJob& job = jobs[i];
     if (!takes(job)) continue;
@@ -370,9 +357,9 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     const int n_split = path == Path::direct ? direct_splits<F>(w.rows, w.cols) : path == Path::staged_x ? staged_splits(F, w.cols) : 1;
     const int per_block = rows_per_block<F>(path, n_split, staged_rows);
     const int64_t tiles = (w.rows + per_block - 1) / per_block;
-    if (n > 0 && int64_t(table.tile_start[n]) + tiles > INT_MAX) flush();
+    if (n > 0 && int64_t(table.block_start[n]) + tiles > INT_MAX) flush();
     table.jobs[n] = {w.data, w.scales, w.biases, job.x, job.y, int(w.rows), int(w.cols), job.n_tokens, path, int8_t(n_split)};
-    table.tile_start[n + 1] = int(table.tile_start[n] + tiles);
+    table.block_start[n + 1] = int(table.block_start[n] + tiles);
     ++n;
     max_tokens = std::max(max_tokens, job.n_tokens);
     max_cols = std::max(max_cols, w.cols);
