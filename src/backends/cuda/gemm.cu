@@ -1,11 +1,13 @@
-// The tensor-core path of gemm.cuh. A block computes a tile of TM tokens (64, or 32 for jobs of ≤ 32
-// tokens) × 128 weight rows, 64 columns per step: every thread loads its share of the next step's x (32
-// floats of one token) and weights (32 columns of one row) into registers while the tensor cores work on
-// the current step, then writes them to shared memory — x in parts, weights decoded to integers — where
-// ldmatrix feeds eight warps (2 × 4 of 32 tokens × 32 rows, or 1 × 8 of 32 × 16). 128 rows per block
-// halve the re-reads of x (from L2) that 64 cost; two blocks per SM (≤ 128 registers).
+// The tensor-core path of gemm.cuh. First each distinct x of a launch is split into its parts once
+// (prepare_kernel: a warp per token and 64 columns). Then a block computes a tile of TM tokens (64, or 32
+// for jobs of ≤ 32 tokens) × 128 weight rows, 64 columns per step: every thread loads its share of the
+// next step's x parts (32 columns of one token) and weights (32 columns of one row) into registers while
+// the tensor cores work on the current step, then writes them to shared memory — the weights decoded to
+// integers — where ldmatrix feeds eight warps (2 × 4 of 32 tokens × 32 rows, or 1 × 8 of 32 × 16).
+// 128 rows per block halve the re-reads of x (from L2) that 64 cost; two blocks per SM (≤ 128 registers).
 #include <climits>
 #include <cstdlib>
+#include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_common.cuh"
@@ -25,15 +27,32 @@ struct GemmJob {
   const void* data;
   const void* scales;
   const void* biases;
-  const float* x;  // [n_tokens, cols]
-  float* y;        // [n_tokens, rows]
+  const uint16_t* x;      // x prepared: parts [x_parts][n_tokens, cols] (prepare_kernel)
+  const float* x_scale;   // q8/q4: [n_tokens, cols / 64] the 2^e of each token's step
+  const float* x_sum;     // q8/q4: [n_tokens, cols / 64] Σx of each token's step
+  float* y;               // [n_tokens, rows]
   int rows, cols, n_tokens;
-  int n_tiles;     // row tiles of tile_n
+  int n_tiles;            // row tiles of tile_n
 };
 
-constexpr int max_gemm_jobs = 48;
+// One distinct input of a launch to prepare: x [n_tokens, cols] into parts (and per-step scales and sums
+// where half) at `parts`, `scale`, `sum`.
+struct PrepareJob {
+  const float* x;
+  uint16_t* parts;
+  float* scale;
+  float* sum;
+  int n_tokens, cols;
+  bool half;
+};
+
+constexpr int max_gemm_jobs = 40;
 using GemmTable = LaunchTable<GemmJob, max_gemm_jobs>;
 static_assert(sizeof(GemmTable) <= 4096, "kernel parameters are limited to 4 KiB");
+constexpr int max_prepare_jobs = 64;
+using PrepareTable = LaunchTable<PrepareJob, max_prepare_jobs>;
+static_assert(sizeof(PrepareTable) <= 4096, "kernel parameters are limited to 4 KiB");
+constexpr int prepare_warps = 8;  // a warp per (token, step of 64 columns)
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
@@ -104,6 +123,34 @@ __device__ __forceinline__ uint32_t bytes_as_half2(uint32_t w, int k) {
   return half2_bits(__hsub2(*reinterpret_cast<const __half2*>(&biased), __floats2half2_rn(1152.f, 1152.f)));
 }
 
+// Each warp takes one token's 64 columns of a step, two per lane: the parts (three bf16, or two fp16 of
+// x·2^-e with e from the step's largest |x|) and, for fp16, 2^e and Σx (a fixed tree: the same sums
+// whatever the batch). Prepared once per distinct x of a launch, not once per block of rows.
+__global__ void __launch_bounds__(32 * prepare_warps) prepare_kernel(const __grid_constant__ PrepareTable table) {
+  const int j = job_of_block(table, blockIdx.x);
+  const PrepareJob& m = table.jobs[j];
+  const int steps = m.cols / tile_k, lane = threadIdx.x & 31;
+  const int64_t unit = int64_t(blockIdx.x - table.block_start[j]) * prepare_warps + (threadIdx.x >> 5);
+  dependent_launch_begin();
+  if (unit >= int64_t(m.n_tokens) * steps) return;
+  const int64_t t = unit / steps, col = (unit % steps) * tile_k + 2 * lane;
+  const float2 v = *reinterpret_cast<const float2*>(m.x + t * m.cols + col);
+  const int64_t plane = int64_t(m.n_tokens) * m.cols, at = t * m.cols + col;
+  uint32_t* parts = reinterpret_cast<uint32_t*>(m.parts);
+  if (!m.half) {
+    uint32_t hi, mid, lo;
+    split3(v.x, v.y, hi, mid, lo);
+    parts[at / 2] = hi, parts[(plane + at) / 2] = mid, parts[(2 * plane + at) / 2] = lo;
+    return;
+  }
+  const float2 scale = power_of_two_scale(warp_max(fmaxf(fabsf(v.x), fabsf(v.y))));
+  uint32_t hi, lo;
+  split2(v.x * scale.x, v.y * scale.x, hi, lo);
+  parts[at / 2] = hi, parts[(plane + at) / 2] = lo;
+  const float sum = warp_sum(v.x + v.y);
+  if (lane == 0) m.scale[unit] = scale.y, m.sum[unit] = sum;
+}
+
 // x enters as three bf16 parts with bf16 weights (exact), as two fp16 parts of x·2^-e with the integer
 // weights of q8 and q4 (e per token and step, so |x·2^-e| < 1: within 2^-22 of x's step maximum).
 template <WeightFormat F> __host__ __device__ constexpr int x_parts() { return F == WeightFormat::bf16 ? 3 : 2; }
@@ -111,7 +158,8 @@ template <WeightFormat F> __host__ __device__ constexpr int x_parts() { return F
 // One step's share of a thread, loaded ahead into registers: 32 floats of x of one token, 32 columns of
 // one weight row (bf16 4 chunks, q8 2, q4 1) and that row's scale(s) and bias.
 struct Ahead {
-  float4 x[8];
+  uint4 x[3][4];  // the token's 32 columns of each part
+  float x_scale, x_sum;
   uint4 w[4];
   float scale, bias;
 };
@@ -123,9 +171,17 @@ __device__ __forceinline__ void load_ahead(Ahead& a, const GemmJob& m, int t0, i
   const int col = k0 + 32 * half;
   if (tid < 2 * TM) {
     const int t = min(t0 + (tid >> 1), m.n_tokens - 1);  // tokens past the batch re-read its last (never stored)
-    const float4* x = reinterpret_cast<const float4*>(m.x + int64_t(t) * m.cols + col);
+    const int64_t plane = int64_t(m.n_tokens) * m.cols;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) a.x[i] = x[i];
+    for (int p = 0; p < x_parts<F>(); ++p) {
+      const uint4* x = reinterpret_cast<const uint4*>(m.x + p * plane + int64_t(t) * m.cols + col);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a.x[p][i] = x[i];
+    }
+    if constexpr (F != WeightFormat::bf16) {
+      const int64_t unit = int64_t(t) * (m.cols / tile_k) + k0 / tile_k;
+      a.x_scale = m.x_scale[unit], a.x_sum = m.x_sum[unit];
+    }
   }
   const int r = min(n0 + (tid >> 1), m.rows - 1);  // likewise rows past the matrix
   if constexpr (F == WeightFormat::bf16) {
@@ -158,45 +214,12 @@ template <WeightFormat F, int TM>
 __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
   const int tid = threadIdx.x, row = tid >> 1, c0 = 32 * (tid & 1);
   if (tid < 2 * TM) {
-    if constexpr (F == WeightFormat::bf16) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        uint32_t hi[4], mid[4], lo[4];
-        const float4 u = a.x[2 * i], v = a.x[2 * i + 1];
-        split3(u.x, u.y, hi[0], mid[0], lo[0]);
-        split3(u.z, u.w, hi[1], mid[1], lo[1]);
-        split3(v.x, v.y, hi[2], mid[2], lo[2]);
-        split3(v.z, v.w, hi[3], mid[3], lo[3]);
-        *reinterpret_cast<uint4*>(&s.a[0][row][c0 + 8 * i]) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-        *reinterpret_cast<uint4*>(&s.a[1][row][c0 + 8 * i]) = make_uint4(mid[0], mid[1], mid[2], mid[3]);
-        *reinterpret_cast<uint4*>(&s.a[2][row][c0 + 8 * i]) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-      }
-    } else {
-      float mx = 0.f;
+    for (int p = 0; p < x_parts<F>(); ++p)
 #pragma unroll
-      for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fmaxf(fmaxf(fabsf(a.x[i].x), fabsf(a.x[i].y)), fmaxf(fabsf(a.x[i].z), fabsf(a.x[i].w))));
-      const float2 scale = power_of_two_scale(fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        uint32_t hi[4], lo[4];
-        const float4 u = a.x[2 * i], v = a.x[2 * i + 1];
-        split2(u.x * scale.x, u.y * scale.x, hi[0], lo[0]);
-        split2(u.z * scale.x, u.w * scale.x, hi[1], lo[1]);
-        split2(v.x * scale.x, v.y * scale.x, hi[2], lo[2]);
-        split2(v.z * scale.x, v.w * scale.x, hi[3], lo[3]);
-        *reinterpret_cast<uint4*>(&s.a[0][row][c0 + 8 * i]) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-        *reinterpret_cast<uint4*>(&s.a[1][row][c0 + 8 * i]) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-      }
-      if ((tid & 1) == 0) s.xscale[row] = scale.y;
-    }
-    if constexpr (F == WeightFormat::q4) {
-      // Σx of the token's 64 columns: this thread's 32 in a fixed tree, then the pair in column order.
-      float p[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) p[i] = (a.x[i].x + a.x[i].y) + (a.x[i].z + a.x[i].w);
-      const float mine = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-      const float other = __shfl_xor_sync(0xffffffffu, mine, 1);
-      if ((tid & 1) == 0) s.xsum[row] = mine + other;
+      for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(&s.a[p][row][c0 + 8 * i]) = a.x[p][i];
+    if constexpr (F != WeightFormat::bf16) {
+      if ((tid & 1) == 0) s.xscale[row] = a.x_scale, s.xsum[row] = a.x_sum;
     }
   }
   if constexpr (F == WeightFormat::bf16) {
@@ -334,8 +357,15 @@ int64_t min_tokens() {
 // Token tile of a job: 32 where the batch fits one, else 64.
 int token_tile(int64_t n_tokens) { return n_tokens <= 32 ? 32 : 64; }
 
+// Where a job's x was prepared.
+struct Prepared {
+  const uint16_t* x;
+  const float* scale;
+  const float* sum;
+};
+
 template <WeightFormat F, int TM>
-void launch_format(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
+void launch_format(const MatmulJob* jobs, int64_t n_jobs, const std::vector<Prepared>& prepared, cudaStream_t stream) {
   GemmTable table;
   int n = 0;
   const auto flush = [&] {
@@ -357,12 +387,75 @@ void launch_format(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
       std::abort();
     }
     if (n > 0 && int64_t(table.block_start[n]) + blocks > INT_MAX) flush();
-    table.jobs[n] = {job.w.data, job.w.scales, job.w.biases, job.x, job.y, int(job.w.rows), int(job.w.cols),
+    const Prepared& x = prepared[size_t(i)];
+    table.jobs[n] = {job.w.data, job.w.scales, job.w.biases, x.x, x.scale, x.sum, job.y, int(job.w.rows), int(job.w.cols),
                      int(job.n_tokens), int(n_tiles)};
     table.block_start[n + 1] = int(table.block_start[n] + blocks);
     if (++n == max_gemm_jobs) flush();
   }
   flush();
+}
+
+// Prepares each distinct x of the jobs that take this path (gate and up of an expert share theirs) in
+// the stream's scratch memory; prepared[i] says where job i's is.
+void prepare_inputs(const MatmulJob* jobs, int64_t n_jobs, std::vector<Prepared>& prepared, cudaStream_t stream) {
+  struct Input {
+    const float* x;
+    int64_t n_tokens, cols;
+    bool half;
+    size_t at;  // bytes into the scratch
+  };
+  std::vector<Input> inputs;
+  std::vector<int> input_of(size_t(n_jobs), -1);
+  size_t bytes = 0;
+  const auto align = [](size_t b) { return (b + 255) / 256 * 256; };
+  for (int64_t i = 0; i < n_jobs; ++i) {
+    const MatmulJob& job = jobs[i];
+    if (!gemm_takes(job)) continue;
+    const bool half = job.w.format != WeightFormat::bf16;
+    int found = -1;
+    for (size_t k = 0; k < inputs.size() && found < 0; ++k)
+      if (inputs[k].x == job.x && inputs[k].n_tokens == job.n_tokens && inputs[k].cols == job.w.cols && inputs[k].half == half)
+        found = int(k);
+    if (found < 0) {
+      found = int(inputs.size());
+      inputs.push_back({job.x, job.n_tokens, job.w.cols, half, bytes});
+      const size_t values = size_t(job.n_tokens) * size_t(job.w.cols);
+      bytes += align(values * 2 * (half ? 2 : 3)) + (half ? 2 * align(values / tile_k * 4) : 0);
+    }
+    input_of[size_t(i)] = found;
+  }
+  prepared.assign(size_t(n_jobs), Prepared{});
+  if (inputs.empty()) return;
+  char* scratch = static_cast<char*>(stream_scratch(stream, bytes));
+  PrepareTable table;
+  int n = 0;
+  const auto flush = [&] {
+    if (n == 0) return;
+    table.n_jobs = n;
+    launch(prepare_kernel, dim3(unsigned(table.block_start[n])), dim3(32 * prepare_warps), 0, stream, table);
+    MF_CUDA_CHECK_LAUNCH();
+    n = 0;
+  };
+  table.block_start[0] = 0;
+  std::vector<Prepared> where(inputs.size());
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    const Input& in = inputs[k];
+    const size_t values = size_t(in.n_tokens) * size_t(in.cols);
+    char* base = scratch + in.at;
+    const size_t parts_bytes = align(values * 2 * (in.half ? 2 : 3)), unit_bytes = align(values / tile_k * 4);
+    float* scale = in.half ? reinterpret_cast<float*>(base + parts_bytes) : nullptr;
+    float* sum = in.half ? reinterpret_cast<float*>(base + parts_bytes + unit_bytes) : nullptr;
+    where[k] = {reinterpret_cast<const uint16_t*>(base), scale, sum};
+    const int64_t blocks = (int64_t(values / tile_k) + prepare_warps - 1) / prepare_warps;
+    if (n > 0 && int64_t(table.block_start[n]) + blocks > INT_MAX) flush();
+    table.jobs[n] = {in.x, reinterpret_cast<uint16_t*>(base), scale, sum, int(in.n_tokens), int(in.cols), in.half};
+    table.block_start[n + 1] = int(table.block_start[n] + blocks);
+    if (++n == max_prepare_jobs) flush();
+  }
+  flush();
+  for (int64_t i = 0; i < n_jobs; ++i)
+    if (input_of[size_t(i)] >= 0) prepared[size_t(i)] = where[size_t(input_of[size_t(i)])];
 }
 
 }  // namespace
@@ -375,12 +468,14 @@ bool gemm_takes(const MatmulJob& job) {
 }
 
 void gemm_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
-  launch_format<WeightFormat::bf16, 64>(jobs, n_jobs, stream);
-  launch_format<WeightFormat::bf16, 32>(jobs, n_jobs, stream);
-  launch_format<WeightFormat::q8, 64>(jobs, n_jobs, stream);
-  launch_format<WeightFormat::q8, 32>(jobs, n_jobs, stream);
-  launch_format<WeightFormat::q4, 64>(jobs, n_jobs, stream);
-  launch_format<WeightFormat::q4, 32>(jobs, n_jobs, stream);
+  std::vector<Prepared> prepared;
+  prepare_inputs(jobs, n_jobs, prepared, stream);
+  launch_format<WeightFormat::bf16, 64>(jobs, n_jobs, prepared, stream);
+  launch_format<WeightFormat::bf16, 32>(jobs, n_jobs, prepared, stream);
+  launch_format<WeightFormat::q8, 64>(jobs, n_jobs, prepared, stream);
+  launch_format<WeightFormat::q8, 32>(jobs, n_jobs, prepared, stream);
+  launch_format<WeightFormat::q4, 64>(jobs, n_jobs, prepared, stream);
+  launch_format<WeightFormat::q4, 32>(jobs, n_jobs, prepared, stream);
 }
 
 }  // namespace moeflux::cuda
