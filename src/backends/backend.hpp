@@ -170,7 +170,8 @@ class Backend {
 
   // The weighted combine of expert outputs, as one op: for r = 0, 1, …, n_rows − 1 in that order,
   // axpy(dst + rows[r]·dim, src + r·dim, weights[r], dim) — a row of dst named several times receives its
-  // terms in the order given. src: [n_rows, dim]; rows, weights: [n_rows] (host). The default is that
+  // terms in the order given. src: [n_rows, dim]; rows, weights: [n_rows] (host), each row ≥ 0 and within
+  // dst (a caller's error otherwise, as for gather_rows). The default is that
   // sequence of axpy calls (the reference); a backend may do it in one pass with the same arithmetic.
   virtual void scatter_add_rows(float* dst, const float* src, const int32_t* rows, const float* weights, int64_t n_rows,
                                 int64_t dim);

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <cstdlib>
 #include <initializer_list>
@@ -370,9 +371,11 @@ class CudaBackend final : public Backend {
     bind();
     // Group the terms by destination, each destination's in the order given: a counting sort by row (rows
     // are token indices of a batch), a stable sort where they spread wider.
+    MF_CHECK_MSG(n_rows < INT32_MAX, "scatter_add_rows: {} rows", n_rows);
     scatter_order_.resize(size_t(n_rows));
     const auto [lo, hi] = std::minmax_element(rows, rows + n_rows);
-    if (*lo >= 0 && int64_t(*hi) < 4 * n_rows + 4096) {
+    MF_CHECK_MSG(*lo >= 0, "scatter_add_rows: destination row {}", *lo);
+    if (int64_t(*hi) < 4 * n_rows + 4096) {
       scatter_start_.assign(size_t(*hi) + 2, 0);
       for (int64_t r = 0; r < n_rows; ++r) ++scatter_start_[size_t(rows[r]) + 1];
       for (size_t i = 1; i < scatter_start_.size(); ++i) scatter_start_[i] += scatter_start_[i - 1];

@@ -1,10 +1,11 @@
-// The tensor-core path of gemm.cuh. First each distinct x of a launch is split into its parts once
-// (prepare_kernel: a warp per token and 64 columns). Then a block computes a tile of TM tokens (64, or 32
-// for jobs of ≤ 32 tokens) × 128 weight rows, 64 columns per step: every thread loads its share of the
-// next step's x parts (32 columns of one token) and weights (32 columns of one row) into registers while
-// the tensor cores work on the current step, then writes them to shared memory — the weights decoded to
-// integers — where ldmatrix feeds eight warps (2 × 4 of 32 tokens × 32 rows, or 1 × 8 of 32 × 16).
-// 128 rows per block halve the re-reads of x (from L2) that 64 cost; two blocks per SM (≤ 128 registers).
+// The tensor-core path of gemm.cuh. First each distinct x of a launch is split into its three bf16 parts
+// once (prepare_kernel: a warp per token and 64 columns, with the columns' Σx). Then a block computes a
+// tile of TM tokens (64, or 32 for jobs of ≤ 32 tokens) × 128 weight rows, 64 columns per step: every
+// thread loads its share of the next step's x parts (32 columns of one token) and weights (32 columns of
+// one row) into registers while the tensor cores work on the current step, then writes them to shared
+// memory — the weights decoded to integers — where ldmatrix feeds eight warps (2 × 4 of 32 tokens × 32
+// rows, or 1 × 8 of 32 × 16). 128 rows per block halve the re-reads of x (from L2) that 64 cost. Two
+// blocks per SM (≤ 128 registers: the q8/q4 kernels of 64-token tiles spill ~200 bytes a thread).
 #include <climits>
 #include <cstdlib>
 #include <vector>
@@ -27,23 +28,20 @@ struct GemmJob {
   const void* data;
   const void* scales;
   const void* biases;
-  const uint16_t* x;      // x prepared: parts [x_parts][n_tokens, cols] (prepare_kernel)
-  const float* x_scale;   // q8/q4: [n_tokens, cols / 64] the 2^e of each token's step
-  const float* x_sum;     // q8/q4: [n_tokens, cols / 64] Σx of each token's step
+  const uint16_t* x;      // x prepared: three bf16 parts [3][n_tokens, cols] (prepare_kernel)
+  const float* x_sum;     // [n_tokens, cols / 64] Σx of each token's step (q4)
   float* y;               // [n_tokens, rows]
   int rows, cols, n_tokens;
   int n_tiles;            // row tiles of tile_n
 };
 
-// One distinct input of a launch to prepare: x [n_tokens, cols] into parts (and per-step scales and sums
-// where half) at `parts`, `scale`, `sum`.
+// One distinct input of a launch to prepare: x [n_tokens, cols] into its parts at `parts` and the sums of
+// its steps at `sum`.
 struct PrepareJob {
   const float* x;
   uint16_t* parts;
-  float* scale;
   float* sum;
   int n_tokens, cols;
-  bool half;
 };
 
 constexpr int max_gemm_jobs = 40;
@@ -62,19 +60,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(shared_address(p)));
 }
 
-// d += a · b for one 16 × 8 tile over 16 columns (bf16 or, with Half, fp16 in; fp32 accumulate).
-template <bool Half>
-__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#define MF_MMA(T)                                                                                                 \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." T "." T ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, " \
-               "{%0, %1, %2, %3};\n"                                                                              \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                   \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-  if constexpr (Half)
-    MF_MMA("f16");
-  else
-    MF_MMA("bf16");
-#undef MF_MMA
+// d += a · b for one 16 × 8 tile over 16 columns (bf16 in, fp32 accumulate).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
@@ -91,41 +83,24 @@ __device__ __forceinline__ void split3(float v0, float v1, uint32_t& hi, uint32_
   hi = bf16x2_bits(h), mid = bf16x2_bits(m), lo = bf16x2_bits(l);
 }
 
-__device__ __forceinline__ uint32_t half2_bits(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
-
-// (v0, v1), already scaled so |v| < 1, as two fp16 pairs whose sums are v0 and v1 to within 2^-22
-// (the second part's rounding, or fp16's subnormal step 2^-24 where the remainder is that small).
-__device__ __forceinline__ void split2(float v0, float v1, uint32_t& hi, uint32_t& lo) {
-  const __half2 h = __floats2half2_rn(v0, v1);
-  const float2 hf = __half22float2(h);
-  hi = half2_bits(h), lo = half2_bits(__floats2half2_rn(v0 - hf.x, v1 - hf.y));
-}
-
-// A power of two 2^e with max·2^-e in [0.5, 1) (1 for max = 0), as the pair (2^-e, 2^e); e within
-// fp32's normal range.
-__device__ __forceinline__ float2 power_of_two_scale(float max_abs) {
-  if (!(max_abs > 0.f)) return make_float2(1.f, 1.f);
-  const int biased = min(int(__float_as_uint(max_abs) >> 23), 252);  // max in [2^(biased−127), 2^(biased−126))
-  return make_float2(__uint_as_float(uint32_t(253 - biased) << 23), __uint_as_float(uint32_t(biased + 1) << 23));
-}
-
-// Byte k of w (a q4 byte: two nibbles, low first) as the fp16 pair (low, high) of its integers:
-// fp16 0x6400 | q is 1024 + q; 1024 comes off both halves exactly.
-__device__ __forceinline__ uint32_t nibbles_as_half2(uint32_t w, int k) {
+// Byte k of w (a q4 byte: two nibbles, low first) as the bf16 pair (low, high) of its integers: bf16
+// 0x4300 | q is 128 + q (q < 128); 128 comes off both halves exactly.
+__device__ __forceinline__ uint32_t nibbles_as_bf16x2(uint32_t w, int k) {
   const uint32_t b = (w >> (8 * k)) & 0xFFu;
-  const uint32_t biased = ((b & 0x0Fu) | ((b & 0xF0u) << 12)) | 0x64006400u;
-  return half2_bits(__hsub2(*reinterpret_cast<const __half2*>(&biased), __floats2half2_rn(1024.f, 1024.f)));
+  const uint32_t biased = ((b & 0x0Fu) | ((b & 0xF0u) << 12)) | 0x43004300u;
+  return bf16x2_bits(__hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased), __floats2bfloat162_rn(128.f, 128.f)));
 }
 
-// Bytes 2k and 2k + 1 of w (int8) as an fp16 pair, exactly: 0x6400 | (b + 128) is 1152 + b.
-__device__ __forceinline__ uint32_t bytes_as_half2(uint32_t w, int k) {
-  const uint32_t biased = __byte_perm(w ^ 0x80808080u, 0x64u, k == 0 ? 0x4140u : 0x4342u);
-  return half2_bits(__hsub2(*reinterpret_cast<const __half2*>(&biased), __floats2half2_rn(1152.f, 1152.f)));
+// Bytes 2k and 2k + 1 of w (int8) as a bf16 pair, exactly (through fp32: 2^23 + 128 + b − (2^23 + 128)).
+__device__ __forceinline__ uint32_t bytes_as_bf16x2(uint32_t w, int k) {
+  const uint32_t u = w ^ 0x80808080u;
+  const float f0 = byte_as_biased_float(u, 2 * k) - (8388608.f + 128.f);
+  const float f1 = byte_as_biased_float(u, 2 * k + 1) - (8388608.f + 128.f);
+  return bf16x2_bits(__floats2bfloat162_rn(f0, f1));
 }
 
-// Each warp takes one token's 64 columns of a step, two per lane: the parts (three bf16, or two fp16 of
-// x·2^-e with e from the step's largest |x|) and, for fp16, 2^e and Σx (a fixed tree: the same sums
-// whatever the batch). Prepared once per distinct x of a launch, not once per block of rows.
+// Each warp takes one token's 64 columns of a step, two per lane: the three parts and Σx (a fixed tree:
+// the same sums whatever the batch). Prepared once per distinct x of a launch, not once per block of rows.
 __global__ void __launch_bounds__(32 * prepare_warps) prepare_kernel(const __grid_constant__ PrepareTable table) {
   const int j = job_of_block(table, blockIdx.x);
   const PrepareJob& m = table.jobs[j];
@@ -137,29 +112,18 @@ __global__ void __launch_bounds__(32 * prepare_warps) prepare_kernel(const __gri
   const float2 v = *reinterpret_cast<const float2*>(m.x + t * m.cols + col);
   const int64_t plane = int64_t(m.n_tokens) * m.cols, at = t * m.cols + col;
   uint32_t* parts = reinterpret_cast<uint32_t*>(m.parts);
-  if (!m.half) {
-    uint32_t hi, mid, lo;
-    split3(v.x, v.y, hi, mid, lo);
-    parts[at / 2] = hi, parts[(plane + at) / 2] = mid, parts[(2 * plane + at) / 2] = lo;
-    return;
-  }
-  const float2 scale = power_of_two_scale(warp_max(fmaxf(fabsf(v.x), fabsf(v.y))));
-  uint32_t hi, lo;
-  split2(v.x * scale.x, v.y * scale.x, hi, lo);
-  parts[at / 2] = hi, parts[(plane + at) / 2] = lo;
+  uint32_t hi, mid, lo;
+  split3(v.x, v.y, hi, mid, lo);
+  parts[at / 2] = hi, parts[(plane + at) / 2] = mid, parts[(2 * plane + at) / 2] = lo;
   const float sum = warp_sum(v.x + v.y);
-  if (lane == 0) m.scale[unit] = scale.y, m.sum[unit] = sum;
+  if (lane == 0) m.sum[unit] = sum;
 }
-
-// x enters as three bf16 parts with bf16 weights (exact), as two fp16 parts of x·2^-e with the integer
-// weights of q8 and q4 (e per token and step, so |x·2^-e| < 1: within 2^-22 of x's step maximum).
-template <WeightFormat F> __host__ __device__ constexpr int x_parts() { return F == WeightFormat::bf16 ? 3 : 2; }
 
 // One step's share of a thread, loaded ahead into registers: 32 floats of x of one token, 32 columns of
 // one weight row (bf16 4 chunks, q8 2, q4 1) and that row's scale(s) and bias.
 struct Ahead {
   uint4 x[3][4];  // the token's 32 columns of each part
-  float x_scale, x_sum;
+  float x_sum;
   uint4 w[4];
   float scale, bias;
 };
@@ -173,15 +137,12 @@ __device__ __forceinline__ void load_ahead(Ahead& a, const GemmJob& m, int t0, i
     const int t = min(t0 + (tid >> 1), m.n_tokens - 1);  // tokens past the batch re-read its last (never stored)
     const int64_t plane = int64_t(m.n_tokens) * m.cols;
 #pragma unroll
-    for (int p = 0; p < x_parts<F>(); ++p) {
+    for (int p = 0; p < 3; ++p) {
       const uint4* x = reinterpret_cast<const uint4*>(m.x + p * plane + int64_t(t) * m.cols + col);
 #pragma unroll
       for (int i = 0; i < 4; ++i) a.x[p][i] = x[i];
     }
-    if constexpr (F != WeightFormat::bf16) {
-      const int64_t unit = int64_t(t) * (m.cols / tile_k) + k0 / tile_k;
-      a.x_scale = m.x_scale[unit], a.x_sum = m.x_sum[unit];
-    }
+    if constexpr (F == WeightFormat::q4) a.x_sum = m.x_sum[int64_t(t) * (m.cols / tile_k) + k0 / tile_k];
   }
   const int r = min(n0 + (tid >> 1), m.rows - 1);  // likewise rows past the matrix
   if constexpr (F == WeightFormat::bf16) {
@@ -202,12 +163,11 @@ __device__ __forceinline__ void load_ahead(Ahead& a, const GemmJob& m, int t0, i
 }
 
 struct Shared {
-  alignas(16) uint16_t a[3][tile_m][pitch];  // x of the step in parts (bf16 or fp16)
-  alignas(16) uint16_t b[tile_n][pitch];     // weights of the step (bf16, or fp16 integers)
+  alignas(16) uint16_t a[3][tile_m][pitch];  // x of the step, three bf16 parts
+  alignas(16) uint16_t b[tile_n][pitch];     // weights of the step as bf16 (q8/q4: their integers)
   float scale[2][tile_n];                    // q8: the step's two groups; q4: [0]
   float bias[tile_n];                        // q4
   float xsum[tile_m];                        // q4: Σx of the step's group per token
-  float xscale[tile_m];                      // q8, q4: 2^e of the token's step
 };
 
 template <WeightFormat F, int TM>
@@ -215,11 +175,11 @@ __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
   const int tid = threadIdx.x, row = tid >> 1, c0 = 32 * (tid & 1);
   if (tid < 2 * TM) {
 #pragma unroll
-    for (int p = 0; p < x_parts<F>(); ++p)
+    for (int p = 0; p < 3; ++p)
 #pragma unroll
       for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(&s.a[p][row][c0 + 8 * i]) = a.x[p][i];
-    if constexpr (F != WeightFormat::bf16) {
-      if ((tid & 1) == 0) s.xscale[row] = a.x_scale, s.xsum[row] = a.x_sum;
+    if constexpr (F == WeightFormat::q4) {
+      if ((tid & 1) == 0) s.xsum[row] = a.x_sum;
     }
   }
   if constexpr (F == WeightFormat::bf16) {
@@ -231,7 +191,7 @@ __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
       const uint32_t w[4] = {a.w[i].x, a.w[i].y, a.w[i].z, a.w[i].w};
       uint32_t o[8];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) o[2 * k] = bytes_as_half2(w[k], 0), o[2 * k + 1] = bytes_as_half2(w[k], 1);
+      for (int k = 0; k < 4; ++k) o[2 * k] = bytes_as_bf16x2(w[k], 0), o[2 * k + 1] = bytes_as_bf16x2(w[k], 1);
       *reinterpret_cast<uint4*>(&s.b[row][c0 + 16 * i]) = make_uint4(o[0], o[1], o[2], o[3]);
       *reinterpret_cast<uint4*>(&s.b[row][c0 + 16 * i + 8]) = make_uint4(o[4], o[5], o[6], o[7]);
     }
@@ -240,8 +200,8 @@ __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
     const uint32_t w[4] = {a.w[0].x, a.w[0].y, a.w[0].z, a.w[0].w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const uint4 o = make_uint4(nibbles_as_half2(w[k], 0), nibbles_as_half2(w[k], 1), nibbles_as_half2(w[k], 2),
-                                 nibbles_as_half2(w[k], 3));
+      const uint4 o = make_uint4(nibbles_as_bf16x2(w[k], 0), nibbles_as_bf16x2(w[k], 1), nibbles_as_bf16x2(w[k], 2),
+                                 nibbles_as_bf16x2(w[k], 3));
       *reinterpret_cast<uint4*>(&s.b[row][c0 + 8 * k]) = o;
     }
     if ((tid & 1) == 0) s.scale[0][row] = a.scale, s.bias[row] = a.bias;
@@ -253,7 +213,6 @@ __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
 template <WeightFormat F, int TM>
 __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_constant__ GemmTable table) {
   constexpr int NI = TM == 64 ? 4 : 2;  // 8-row tiles per warp
-  constexpr int P = x_parts<F>();
   __shared__ Shared s;
   const int j = job_of_block(table, blockIdx.x);
   const GemmJob& m = table.jobs[j];
@@ -280,11 +239,10 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int n = wn + 8 * ni + 2 * (lane & 3) + (c & 1), t = wm + 16 * mi + (lane >> 2) + 8 * (c >> 1);
-          const float sum = p[mi][ni][c] * s.xscale[t];  // exact: a power of two
           if constexpr (F == WeightFormat::q8)
-            y[mi][ni][c] = fmaf(s.scale[group][n], sum, y[mi][ni][c]);
+            y[mi][ni][c] = fmaf(s.scale[group][n], p[mi][ni][c], y[mi][ni][c]);
           else
-            y[mi][ni][c] += fmaf(s.scale[0][n], sum, s.bias[n] * s.xsum[t]);
+            y[mi][ni][c] += fmaf(s.scale[0][n], p[mi][ni][c], s.bias[n] * s.xsum[t]);
           p[mi][ni][c] = 0.f;
         }
   };
@@ -300,11 +258,6 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
     if (step + 1 < n_steps) load_ahead<F, TM>(ahead, m, t0, n0, (step + 1) * tile_k);  // in flight meanwhile
 #pragma unroll
     for (int ks = 0; ks < tile_k / 16; ++ks) {
-      uint32_t a[P][2][4];
-#pragma unroll
-      for (int part = 0; part < P; ++part)
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(a[part][mi], &s.a[part][wm + 16 * mi + (lane & 15)][16 * ks + 8 * (lane >> 4)]);
       uint32_t b[NI][2];
 #pragma unroll
       for (int np = 0; np < NI / 2; ++np) {
@@ -312,17 +265,17 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
         ldmatrix_x4(r, &s.b[wn + 16 * np + (lane & 7) + 8 * (lane >> 4)][16 * ks + 8 * ((lane >> 3) & 1)]);
         b[2 * np][0] = r[0], b[2 * np][1] = r[1], b[2 * np + 1][0] = r[2], b[2 * np + 1][1] = r[3];
       }
+      // Part by part (few live fragments): each sum still takes hi, mid, lo of this step in that order.
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int part = 0; part < 3; ++part) {
+        uint32_t a[2][4];
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
+        for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(a[mi], &s.a[part][wm + 16 * mi + (lane & 15)][16 * ks + 8 * (lane >> 4)]);
 #pragma unroll
-          for (int part = 0; part < P; ++part) {
-            if constexpr (F == WeightFormat::bf16)
-              mma_16x8x16<false>(y[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
-            else
-              mma_16x8x16<true>(p[mi][ni], a[part][mi], b[ni][0], b[ni][1]);
-          }
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) mma_bf16(F == WeightFormat::bf16 ? y[mi][ni] : p[mi][ni], a[mi], b[ni][0], b[ni][1]);
+      }
       if constexpr (F == WeightFormat::q8) {
         if (ks % 2 == 1) fold(ks / 2);
       } else if constexpr (F == WeightFormat::q4) {
@@ -360,7 +313,6 @@ int token_tile(int64_t n_tokens) { return n_tokens <= 32 ? 32 : 64; }
 // Where a job's x was prepared.
 struct Prepared {
   const uint16_t* x;
-  const float* scale;
   const float* sum;
 };
 
@@ -388,7 +340,7 @@ void launch_format(const MatmulJob* jobs, int64_t n_jobs, const std::vector<Prep
     }
     if (n > 0 && int64_t(table.block_start[n]) + blocks > INT_MAX) flush();
     const Prepared& x = prepared[size_t(i)];
-    table.jobs[n] = {job.w.data, job.w.scales, job.w.biases, x.x, x.scale, x.sum, job.y, int(job.w.rows), int(job.w.cols),
+    table.jobs[n] = {job.w.data, job.w.scales, job.w.biases, x.x, x.sum, job.y, int(job.w.rows), int(job.w.cols),
                      int(job.n_tokens), int(n_tiles)};
     table.block_start[n + 1] = int(table.block_start[n] + blocks);
     if (++n == max_gemm_jobs) flush();
@@ -402,26 +354,24 @@ void prepare_inputs(const MatmulJob* jobs, int64_t n_jobs, std::vector<Prepared>
   struct Input {
     const float* x;
     int64_t n_tokens, cols;
-    bool half;
     size_t at;  // bytes into the scratch
   };
+  const auto align = [](size_t b) { return (b + 255) / 256 * 256; };
+  const auto parts_bytes = [&](const Input& in) { return align(size_t(in.n_tokens) * size_t(in.cols) * 2 * 3); };
+  const auto sum_bytes = [&](const Input& in) { return align(size_t(in.n_tokens) * size_t(in.cols / tile_k) * 4); };
   std::vector<Input> inputs;
   std::vector<int> input_of(size_t(n_jobs), -1);
   size_t bytes = 0;
-  const auto align = [](size_t b) { return (b + 255) / 256 * 256; };
   for (int64_t i = 0; i < n_jobs; ++i) {
     const MatmulJob& job = jobs[i];
     if (!gemm_takes(job)) continue;
-    const bool half = job.w.format != WeightFormat::bf16;
     int found = -1;
     for (size_t k = 0; k < inputs.size() && found < 0; ++k)
-      if (inputs[k].x == job.x && inputs[k].n_tokens == job.n_tokens && inputs[k].cols == job.w.cols && inputs[k].half == half)
-        found = int(k);
+      if (inputs[k].x == job.x && inputs[k].n_tokens == job.n_tokens && inputs[k].cols == job.w.cols) found = int(k);
     if (found < 0) {
       found = int(inputs.size());
-      inputs.push_back({job.x, job.n_tokens, job.w.cols, half, bytes});
-      const size_t values = size_t(job.n_tokens) * size_t(job.w.cols);
-      bytes += align(values * 2 * (half ? 2 : 3)) + (half ? 2 * align(values / tile_k * 4) : 0);
+      inputs.push_back({job.x, job.n_tokens, job.w.cols, bytes});
+      bytes += parts_bytes(inputs.back()) + sum_bytes(inputs.back());
     }
     input_of[size_t(i)] = found;
   }
@@ -441,15 +391,12 @@ void prepare_inputs(const MatmulJob* jobs, int64_t n_jobs, std::vector<Prepared>
   std::vector<Prepared> where(inputs.size());
   for (size_t k = 0; k < inputs.size(); ++k) {
     const Input& in = inputs[k];
-    const size_t values = size_t(in.n_tokens) * size_t(in.cols);
-    char* base = scratch + in.at;
-    const size_t parts_bytes = align(values * 2 * (in.half ? 2 : 3)), unit_bytes = align(values / tile_k * 4);
-    float* scale = in.half ? reinterpret_cast<float*>(base + parts_bytes) : nullptr;
-    float* sum = in.half ? reinterpret_cast<float*>(base + parts_bytes + unit_bytes) : nullptr;
-    where[k] = {reinterpret_cast<const uint16_t*>(base), scale, sum};
-    const int64_t blocks = (int64_t(values / tile_k) + prepare_warps - 1) / prepare_warps;
+    uint16_t* parts = reinterpret_cast<uint16_t*>(scratch + in.at);
+    float* sum = reinterpret_cast<float*>(scratch + in.at + parts_bytes(in));
+    where[k] = {parts, sum};
+    const int64_t blocks = (in.n_tokens * (in.cols / tile_k) + prepare_warps - 1) / prepare_warps;
     if (n > 0 && int64_t(table.block_start[n]) + blocks > INT_MAX) flush();
-    table.jobs[n] = {in.x, reinterpret_cast<uint16_t*>(base), scale, sum, int(in.n_tokens), int(in.cols), in.half};
+    table.jobs[n] = {in.x, parts, sum, int(in.n_tokens), int(in.cols)};
     table.block_start[n + 1] = int(table.block_start[n] + blocks);
     if (++n == max_prepare_jobs) flush();
   }
