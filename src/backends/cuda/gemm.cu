@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(32 * prepare_warps) prepare_kernel(const __gri
   if (lane == 0) m.sum[unit] = sum;
 }
 
-// One step's share of a thread, loaded ahead into registers: 32 floats of x of one token, 32 columns of
-// one weight row (bf16 4 chunks, q8 2, q4 1) and that row's scale(s) and bias.
+// One step's share of a thread, loaded ahead into registers: 32 columns of one token's x parts (and q4's
+// Σx), 32 columns of one weight row (bf16 4 chunks, q8 2, q4 1) and that row's scale(s) and bias.
 struct Ahead {
   uint4 x[3][4];  // the token's 32 columns of each part
   float x_sum;
