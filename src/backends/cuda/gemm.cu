@@ -6,6 +6,7 @@
 // memory — the weights decoded to integers — where ldmatrix feeds eight warps (2 × 4 of 32 tokens × 32
 // rows, or 1 × 8 of 32 × 16). 128 rows per block halve the re-reads of x (from L2) that 64 cost. Two
 // blocks per SM (≤ 128 registers: the q8/q4 kernels of 64-token tiles spill ~200 bytes a thread).
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <vector>
@@ -221,13 +222,7 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = TM == 64 ? (warp >> 2) * 32 : 0, wn = TM == 64 ? (warp & 3) * 32 : warp * 16;  // the warp's tokens, rows
 
-  float y[2][NI][4], p[2][NI][4];  // [token tile][row tile][fragment]: the sums, and the group's sums
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) y[mi][ni][c] = 0.f, p[mi][ni][c] = 0.f;
+  float y[2][NI][4] = {}, p[2][NI][4] = {};  // [token tile][row tile][fragment]: the sums, the group's sums
 
   // A group's sums into y, scaled: fragment element c of tile (mi, ni) is token wm + 16mi + lane/4 (+8
   // for c ≥ 2), row wn + 8ni + 2(lane%4) (+1 for odd c).
@@ -415,6 +410,8 @@ bool gemm_takes(const MatmulJob& job) {
 }
 
 void gemm_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
+  // Decode steps (one token) never take this path: no allocation or scan beyond this on theirs.
+  if (std::none_of(jobs, jobs + n_jobs, gemm_takes)) return;
   std::vector<Prepared> prepared;
   prepare_inputs(jobs, n_jobs, prepared, stream);
   launch_format<WeightFormat::bf16, 64>(jobs, n_jobs, prepared, stream);
