@@ -9,14 +9,12 @@
 #include "backends/cuda/gemm.cuh"
 #include "backends/cuda/matmul.cuh"
 #include "backends/cuda/matvec.cuh"
-#include "backends/cuda/matvec_mma.cuh"
 
 namespace moeflux::cuda {
 namespace {
 
 // How a job's rows are computed (docs/BENCHMARKS.md "CUDA kernel lab" has the measurements).
 enum class Path : int8_t {
-  mma,       // q8/q4, fewer tokens than the batch path: the tensor cores (matvec_mma.cuh)
   staged_x,  // q8/q4, x ≤ 48 KiB: x copied once per block into shared memory (lab v23)
   direct,    // 16-byte aligned rows and x: x read per lane through L1 (lab v11)
   plain,     // anything else: one row at a time, each weight decoded alone
@@ -129,111 +127,6 @@ __global__ void __launch_bounds__(32 * staged_warps, 4) matmul_staged_kernel(con
       m.y[t * m.rows + r0 + lane] = v;
     }
   }
-}
-
-// --- mma path (matvec_mma.cuh): 8 warps per block, each a tile of 16 rows × its share of the steps ----
-
-constexpr int mma_warps = 8;
-constexpr int mma_unroll = 4;  // steps of weights in flight per lane
-// The default shared-memory limit, less the kernel's own partial sums.
-constexpr int64_t mma_x_max_bytes = 48 * 1024 - sizeof(float) * mma_warps * 16;
-
-// Warps sharing a row tile, each taking every n_split-th step: as few as give the job ~2048 warps alone
-// (an H100's 132 SMs × 16), so that a block's staging of x serves as many rows as it can, while each warp
-// keeps at least two steps. From the job's own shape, so a row's sum does not depend on the launch.
-int mma_splits(WeightFormat f, int64_t rows, int64_t cols) {
-  const int64_t steps = cols / mma_step_cols(f), tiles = (rows + 15) / 16;
-  int n = 1;
-  while (n < mma_warps && tiles * n < 2048 && steps >= 4 * n) n *= 2;
-  return n;
-}
-
-// grid: x = every job's row tiles (mma_warps / n_split tiles of 16 rows per block), z = tokens (strided).
-template <WeightFormat F, int MinBlocks>
-__global__ void __launch_bounds__(32 * mma_warps, MinBlocks) matmul_mma_kernel(const __grid_constant__ JobTable table) {
-  extern __shared__ uint4 x_parts[];
-  __shared__ float partial[mma_warps][16];
-  const int j = job_of_block(table, blockIdx.x);
-  const DeviceJob& m = table.jobs[j];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-  const int n_split = m.n_split, split = warp % n_split;
-  const int r0 = ((blockIdx.x - table.block_start[j]) * (mma_warps / n_split) + warp / n_split) * 16;
-  const bool active = r0 < m.rows;
-  // Rows past the matrix re-read its last row and are never stored.
-  const int64_t ra = min(r0 + g, m.rows - 1), rb = min(r0 + g + 8, m.rows - 1);
-  const int64_t stride = row_bytes(F, m.cols);
-  const int groups = groups_per_row(F, m.cols);
-  const uint8_t* row_a = static_cast<const uint8_t*>(m.data) + ra * stride;
-  const uint8_t* row_b = static_cast<const uint8_t*>(m.data) + rb * stride;
-  const uint16_t* sc_a = static_cast<const uint16_t*>(m.scales) + ra * groups;
-  const uint16_t* sc_b = static_cast<const uint16_t*>(m.scales) + rb * groups;
-  const uint16_t* bi_a = static_cast<const uint16_t*>(m.biases) + ra * groups;
-  const uint16_t* bi_b = static_cast<const uint16_t*>(m.biases) + rb * groups;
-  const int n_steps = m.cols / mma_step_cols(F);
-  const int64_t pitch = mma_part_pitch(m.cols);
-  const float2* group_x = reinterpret_cast<const float2*>(x_parts + 3 * pitch);
-  // The part this lane feeds into B: n = g is part g % 3 of the step's first group (chunks c = 0, 1) for
-  // g < 3, of its second (c = 2, 3) for 3 ≤ g < 6.
-  const int b_part = (g < 3 && c < 2) || (g >= 3 && g < 6 && c >= 2) ? g % 3 : -1;
-  for (int64_t t = blockIdx.z; t < m.n_tokens; t += gridDim.z) {
-    MmaStep st[mma_unroll];
-    const auto load = [&](int s0) {
-#pragma unroll
-      for (int u = 0; u < mma_unroll; ++u)
-        if (s0 + u * n_split < n_steps) st[u] = load_mma_step<F>(row_a, row_b, sc_a, sc_b, bi_a, bi_b, s0 + u * n_split, c);
-    };
-    if (active) load(split);  // in flight while x is staged
-    if (t == blockIdx.z) dependent_launch_begin();  // the weights need no wait, x does
-    __syncthreads();  // the previous token's x and partial sums are no longer read
-    stage_x_parts<F>(m.x + t * m.cols, m.cols, x_parts, reinterpret_cast<float2*>(x_parts + 3 * pitch));
-    __syncthreads();
-    float acc_a = 0.f, acc_b = 0.f;
-    if (active) {
-      // A ring of mma_unroll steps: each slot's next step is loaded as soon as its step is used, so the
-      // lane keeps mma_unroll − 1 to mma_unroll steps of weights in flight.
-      const int stride = mma_unroll * n_split;
-      for (int s0 = split; s0 < n_steps; s0 += stride) {
-#pragma unroll
-        for (int u = 0; u < mma_unroll; ++u) {
-          const int s = s0 + u * n_split;
-          if (s < n_steps) {
-            mma_step<F>(st[u], x_parts, group_x, pitch, s, c, b_part, acc_a, acc_b);
-            if (s + stride < n_steps) st[u] = load_mma_step<F>(row_a, row_b, sc_a, sc_b, bi_a, bi_b, s + stride, c);
-          }
-        }
-      }
-    }
-    // The quad's four shares of rows g and g + 8 (the same bits in each lane), then the splits in order.
-    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
-    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
-    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
-    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
-    float* y = m.y + t * m.rows;
-    if (n_split == 1) {
-      if (active && c == 0) {
-        if (r0 + g < m.rows) y[r0 + g] = acc_a;
-        if (r0 + g + 8 < m.rows) y[r0 + g + 8] = acc_b;
-      }
-      continue;
-    }
-    if (c == 0) partial[warp][g] = acc_a, partial[warp][g + 8] = acc_b;
-    __syncthreads();
-    if (active && split == 0 && lane < 16 && r0 + lane < m.rows) {
-      float v = 0.f;
-      for (int sp = 0; sp < n_split; ++sp) v += partial[warp + sp][lane];  // a fixed order
-      y[r0 + lane] = v;
-    }
-  }
-}
-
-// Whether q8/q4 jobs of few tokens take the mma path: MOEFLUX_CUDA_MMA=0 (a developer's switch for
-// comparisons) sends them to the fp32 kernels.
-bool mma_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("MOEFLUX_CUDA_MMA");
-    return !(env && env[0] == '0');
-  }();
-  return on;
 }
 
 // --- direct and plain paths (lab v11): 4 warps per block, R rows per warp ------------------------------
@@ -405,10 +298,6 @@ Path path_of(const MatmulJob& job) {
   const WeightView& w = job.w;
   const bool vectors = w.cols > 0 && w.cols % chunk_cols(w.format) == 0 && aligned16(w.data) && aligned16(job.x);
   if (!vectors) return Path::plain;
-  const bool aligned_groups = (reinterpret_cast<uintptr_t>(w.scales) & 3u) == 0 && (reinterpret_cast<uintptr_t>(w.biases) & 3u) == 0;
-  if ((w.format == WeightFormat::q8 || w.format == WeightFormat::q4) && mma_enabled() && aligned_groups &&
-      w.cols % mma_step_cols(w.format) == 0 && mma_x_bytes(w.format, w.cols) <= mma_x_max_bytes)
-    return Path::mma;
   if ((w.format == WeightFormat::q8 || w.format == WeightFormat::q4) && staged_x_bytes(w.format, w.cols) <= staged_x_max_bytes)
     return Path::staged_x;
   return Path::direct;
@@ -416,19 +305,14 @@ Path path_of(const MatmulJob& job) {
 
 template <WeightFormat F>
 int rows_per_block(Path path, int n_split, int staged_rows) {
-  return path == Path::mma        ? mma_warps / n_split * 16
-         : path == Path::staged_x ? staged_warps / n_split * staged_rows
-                                  : direct_warps / n_split * direct_rows<F>();
+  return path == Path::staged_x ? staged_warps / n_split * staged_rows : direct_warps / n_split * direct_rows<F>();
 }
 
-// Launches every job of format F on path `kind` (direct and plain share a kernel), 40 jobs per launch.
+// Launches every job of format F on `path` (direct and plain share a kernel), 40 jobs per launch.
 template <WeightFormat F>
-void launch_path(const MatmulJob* jobs, int64_t n_jobs, Path kind, cudaStream_t stream) {
-  const bool staged = kind == Path::staged_x;
+void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_t stream) {
   const auto takes = [&](const MatmulJob& job) {
-    if (job.w.format != F || job.n_tokens <= 0 || job.w.rows <= 0 || gemm_takes(job)) return false;
-    const Path p = path_of(job);
-    return p == kind || (kind == Path::direct && p == Path::plain);
+    return job.w.format == F && job.n_tokens > 0 && job.w.rows > 0 && !gemm_takes(job) && (path_of(job) == Path::staged_x) == staged;
   };
   // Staged rows per tile: 4 where the launch has warps enough to fill the GPU with them, else fewer.
   int staged_rows = 4;
@@ -447,16 +331,6 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, Path kind, cudaStream_t 
     table.n_jobs = n;
     const dim3 grid(unsigned(table.block_start[n]), 1, unsigned(std::min<int64_t>(max_tokens, 65535)));
     if constexpr (F == WeightFormat::q8 || F == WeightFormat::q4) {
-      if (kind == Path::mma) {
-        static const bool three = [] { const char* e = std::getenv("MOEFLUX_CUDA_MMA"); return e && e[0] == '3'; }();  // EXPERIMENT
-        if (three)
-          launch(matmul_mma_kernel<F, 3>, grid, 32 * mma_warps, size_t(mma_x_bytes(F, max_cols)), stream, table);
-        else
-          launch(matmul_mma_kernel<F, 2>, grid, 32 * mma_warps, size_t(mma_x_bytes(F, max_cols)), stream, table);
-        MF_CUDA_CHECK_LAUNCH();
-        n = 0, max_tokens = 0, max_cols = 0;
-        return;
-      }
       if (staged) {
         const size_t shared = size_t(staged_x_bytes(F, max_cols));
         if (staged_rows == 4)
@@ -480,10 +354,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, Path kind, cudaStream_t 
     if (!takes(job)) continue;
     const WeightView& w = job.w;
     const Path path = path_of(job);
-    const int n_split = path == Path::direct     ? direct_splits<F>(w.rows, w.cols)
-                        : path == Path::staged_x ? staged_splits(F, w.cols)
-                        : path == Path::mma      ? mma_splits(F, w.rows, w.cols)
-                                                 : 1;
+    const int n_split = path == Path::direct ? direct_splits<F>(w.rows, w.cols) : path == Path::staged_x ? staged_splits(F, w.cols) : 1;
     const int per_block = rows_per_block<F>(path, n_split, staged_rows);
     const int64_t tiles = (w.rows + per_block - 1) / per_block;
     if (n > 0 && int64_t(table.block_start[n]) + tiles > INT_MAX) flush();
@@ -518,12 +389,12 @@ void matmul_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
   // Batches on the tensor cores where the job qualifies; per format, one launch (per 40 jobs) for each
   // matrix-vector path present.
   gemm_jobs(jobs, n_jobs, stream);
-  launch_path<WeightFormat::f32>(jobs, n_jobs, Path::direct, stream);
-  launch_path<WeightFormat::bf16>(jobs, n_jobs, Path::direct, stream);
-  for (Path kind : {Path::mma, Path::staged_x, Path::direct}) {
-    launch_path<WeightFormat::q8>(jobs, n_jobs, kind, stream);
-    launch_path<WeightFormat::q4>(jobs, n_jobs, kind, stream);
-  }
+  launch_path<WeightFormat::f32>(jobs, n_jobs, false, stream);
+  launch_path<WeightFormat::bf16>(jobs, n_jobs, false, stream);
+  launch_path<WeightFormat::q8>(jobs, n_jobs, true, stream);
+  launch_path<WeightFormat::q8>(jobs, n_jobs, false, stream);
+  launch_path<WeightFormat::q4>(jobs, n_jobs, true, stream);
+  launch_path<WeightFormat::q4>(jobs, n_jobs, false, stream);
 }
 
 }  // namespace moeflux::cuda
