@@ -53,6 +53,23 @@ int staged_splits(WeightFormat f, int64_t cols) {
   return runs >= 8 ? 8 : runs >= 4 ? 4 : runs >= 2 ? 2 : 1;
 }
 
+// Blocks of the staged kernel for a [rows, ·] job at n_split warps per tile and R rows per warp.
+int64_t staged_blocks(int64_t rows, int n_split, int r) {
+  const int64_t per_block = staged_warps / n_split * r;
+  return (rows + per_block - 1) / per_block;
+}
+
+// Rows per warp for a launch of blocks[i] blocks at 1 << i rows: the fewest rows (the most warps over the
+// rows) whose blocks are all resident at once — 4 per SM (the kernel's bounds) — so that no block waits
+// for another to finish before issuing its loads; 4 where none fits (a large matrix: the most work per
+// block). Decode's q/k/v of Qwen3-30B ([5120, 2048] q8) take 4 (320 blocks), its o_proj 2 (512).
+int staged_rows_for(const int64_t (&blocks)[3]) {
+  const int64_t resident = 4 * int64_t(device_attribute<cudaDevAttrMultiProcessorCount>());
+  for (int r = 0; r < 3; ++r)
+    if (blocks[r] <= resident) return 1 << r;
+  return 4;
+}
+
 // Chunk `chunk` of rows r0 .. r0 + R − 1 (rows past the matrix re-read its last row, never stored).
 template <WeightFormat F, int R>
 __device__ __forceinline__ void load_rows(Chunk (&c)[R], const DeviceJob& m, int r0, int rows, int chunk) {
@@ -314,14 +331,15 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
   const auto takes = [&](const MatmulJob& job) {
     return job.w.format == F && job.n_tokens > 0 && job.w.rows > 0 && !gemm_takes(job) && (path_of(job) == Path::staged_x) == staged;
   };
-  // Staged rows per tile: 4 where the launch has warps enough to fill the GPU with them, else fewer.
+  // Staged rows per tile: the fewest whose blocks all fit on the GPU at once (4 per SM), else 4.
   int staged_rows = 4;
   if (staged) {
-    int64_t warps = 0;
+    int64_t blocks[3] = {0, 0, 0};  // at 1, 2, 4 rows per tile
     for (int64_t i = 0; i < n_jobs; ++i)
-      if (takes(jobs[i])) warps += (jobs[i].w.rows + 3) / 4 * staged_splits(F, jobs[i].w.cols) * std::min<int64_t>(jobs[i].n_tokens, 65535);
-    const int64_t fill = 32 * int64_t(device_attribute<cudaDevAttrMultiProcessorCount>());
-    staged_rows = warps >= fill ? 4 : 2 * warps >= fill ? 2 : 1;
+      if (takes(jobs[i]))
+        for (int r = 0; r < 3; ++r)
+          blocks[r] += staged_blocks(jobs[i].w.rows, staged_splits(F, jobs[i].w.cols), 1 << r) * std::min<int64_t>(jobs[i].n_tokens, 65535);
+    staged_rows = staged_rows_for(blocks);
   }
   JobTable table;
   int n = 0;
