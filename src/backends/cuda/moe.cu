@@ -204,10 +204,12 @@ struct Row {
   __device__ __forceinline__ Chunk chunk(int i) const { return load_chunk<F>(data, scales, biases, i); }
 };
 
+// Through L2 (ld.cg): down_combine reads the ids and the table before its dependent-launch wait, where
+// this SM's L1 may still hold lines from an earlier step.
 __device__ __forceinline__ const uint8_t* blob_of(const void* const* table, const int32_t* ids, int j) {
-  const void* blob = table[ids[j]];
+  const auto blob = __ldcg(reinterpret_cast<const unsigned long long*>(table) + __ldcg(ids + j));
   if (!blob) __trap();  // the caller guarantees every chosen expert is in the table
-  return static_cast<const uint8_t*>(blob);
+  return reinterpret_cast<const uint8_t*>(blob);
 }
 
 // grid: x = tiles of moe_warps · gate_up_rows rows of I, y = expert slot j.
@@ -262,11 +264,13 @@ __global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* con
 // expert: groups of G lanes take one expert each (32 / G experts per pass), then for each row r
 //   y[r] = (y[r] when accumulating, else 0) + Σ_j w[j] · (down_j · h[j])_r,  j in order.
 // Shared: every expert's h staged (while the first pass's loads are in flight), then the warps' dots.
+// The first pass's weights are asked for before the dependent-launch wait: the ids and the table were
+// written before the kernel launched (by the router, whose completion the gate/up kernel before this one
+// waited for before letting this one launch), and only h comes from the kernel just before.
 template <WeightFormat F, int R, int C>
 __global__ void __launch_bounds__(32 * moe_warps)
     down_combine_kernel(const void* const* table, const int32_t* ids, const float* __restrict__ w, int k, Parts down,
                         const float* __restrict__ h, int I, int H, int G, bool accumulate, float* __restrict__ y) {
-  dependent_launch_begin();
   extern __shared__ float4 hs[];
   __shared__ float dots[moe_warps][R][max_moe_k];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -286,6 +290,7 @@ __global__ void __launch_bounds__(32 * moe_warps)
   };
   const uint8_t* blob = active && slot < k ? blob_of(table, ids, slot) : nullptr;
   if (blob) load(blob, g_lane);
+  dependent_launch_begin();
   for (int j = 0; j < k; ++j) stage_chunked<F>(h + size_t(j) * I, I, hs + j * per_expert);
   __syncthreads();
   if (!active) return;
