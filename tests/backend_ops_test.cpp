@@ -311,7 +311,7 @@ TEST_P(BackendOps, MatmulBatchOfWideRangeInputsMatchesReference) {
     const QuantizedMatrix m = quantize_matrix(w.data(), rows, cols, format);
     DeviceWeight dw(but(), *be_, m);
     // The whole batch (CUDA: the tensor-core batch path), and 5 tokens of each kind alone (the
-    // matrix-vector path, which on CUDA also splits x into parts, scaled per group of columns).
+    // matrix-vector path: fewer than 8 tokens, cuda::gemm_min_tokens).
     for (const auto& [first, count] : {std::pair<int64_t, int64_t>{0, n_tokens}, {0, 5}, {20, 5}}) {
       SCOPED_TRACE("tokens " + std::to_string(first) + ".." + std::to_string(first + count - 1));
       const std::vector<float> xs(x.begin() + first * cols, x.begin() + (first + count) * cols);
