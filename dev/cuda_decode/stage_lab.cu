@@ -56,9 +56,12 @@ __device__ __forceinline__ void stage(const float* src, float* dst, int b, int n
 
 __global__ void stage_kernel(const float* src, float* dst) { stage(src, dst, blockIdx.x, gridDim.x); }
 
+// Dependent launch's wait and trigger exist from sm_90; older GPUs run the launches in plain order.
 __global__ void stage_kernel_pdl(const float* src, float* dst) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
   stage(src, dst, blockIdx.x, gridDim.x);
 }
 
