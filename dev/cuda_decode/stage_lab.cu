@@ -7,7 +7,10 @@
 //   v1  N kernels, plain launches
 //   v2  N kernels with programmatic dependent launch (sm_90; the engine's launches)
 //   v3  v2 recorded once as a CUDA graph and replayed
-//   v4  one persistent kernel (cooperative launch, every block resident) with a grid barrier per stage
+//   v4  one persistent kernel (cooperative launch, every block resident) with a grid barrier per stage:
+//       one counter and a generation, fences around them (the textbook form)
+//   v5  v4 with a counter per stage, arrival by a release add and the wait by acquire loads (no fences,
+//       no reset, one round trip fewer)
 // at B blocks of 256 threads, and prints µs per stage (median of the repeats). v1 and v2 are also timed
 // "queued": behind a kernel that holds the stream until the host has queued every launch, so the GPU's
 // own cost per stage shows apart from the host's cost of launching (also printed, per launch). All
@@ -85,6 +88,26 @@ __device__ __forceinline__ void grid_barrier(unsigned* count, volatile unsigned*
   __syncthreads();
 }
 
+// v5's barrier: counter (zero before the launch) counts this stage's arrivals.
+__device__ __forceinline__ void stage_barrier(unsigned* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
+    unsigned seen = 0;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen < gridDim.x);
+  }
+  __syncthreads();
+}
+
+__global__ void persistent_flags_kernel(float* a, float* b, int n_stages, unsigned* counters) {
+  for (int s = 0; s < n_stages; ++s) {
+    stage(s % 2 ? b : a, s % 2 ? a : b, blockIdx.x, gridDim.x);
+    stage_barrier(counters + s);
+  }
+}
+
 __global__ void persistent_kernel(float* a, float* b, int n_stages, unsigned* count, unsigned* gen) {
   for (int s = 0; s < n_stages; ++s) {
     stage(s % 2 ? b : a, s % 2 ? a : b, blockIdx.x, gridDim.x);
@@ -132,25 +155,29 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&a, dim * sizeof(float)));
   CHECK(cudaMalloc(&b, dim * sizeof(float)));
   CHECK(cudaMalloc(&sync, 2 * sizeof(unsigned)));
+  unsigned* counters = nullptr;  // v5: one per stage
+  CHECK(cudaMalloc(&counters, size_t(n_stages) * sizeof(unsigned)));
   CHECK(cudaMemset(sync, 0, 2 * sizeof(unsigned)));
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
   cudaEvent_t t0, t1;
   CHECK(cudaEventCreate(&t0));
   CHECK(cudaEventCreate(&t1));
-  int per_sm = 0;
+  int per_sm = 0, per_sm_flags = 0;
   CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel, threads, 0));
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_flags, persistent_flags_kernel, threads, 0));
+  per_sm = std::min(per_sm, per_sm_flags);
 
   int* open = nullptr;
   CHECK(cudaHostAlloc(reinterpret_cast<void**>(&open), sizeof(int), cudaHostAllocMapped));
   int* open_device = nullptr;
   CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&open_device), open, 0));
-  std::printf("\n| blocks | plain launches | dependent launch | the same queued first: plain / dependent | host µs per launch: plain / dependent | graph replay | persistent, grid barrier |\n|---|---|---|---|---|---|---|\n");
+  std::printf("\n| blocks | plain launches | dependent launch | the same queued first: plain / dependent | host µs per launch: plain / dependent | graph replay | persistent, grid barrier | persistent, per-stage release/acquire |\n|---|---|---|---|---|---|---|---|\n");
   for (int blocks : {32, prop.multiProcessorCount, 2 * prop.multiProcessorCount}) {
-    double us[4] = {}, queued[2] = {}, host_us[2] = {};
-    std::vector<float> result[4];
-    for (int version = 0; version < 4; ++version) {
-      if (version == 3 && blocks > per_sm * prop.multiProcessorCount) continue;
+    double us[5] = {}, queued[2] = {}, host_us[2] = {};
+    std::vector<float> result[5];
+    for (int version = 0; version < 5; ++version) {
+      if (version >= 3 && blocks > per_sm * prop.multiProcessorCount) continue;
       cudaGraphExec_t exec = nullptr;
       if (version == 2) {
         cudaGraph_t graph;
@@ -163,6 +190,7 @@ int main(int argc, char** argv) {
       std::vector<double> times;
       for (int r = 0; r < repeats + 1; ++r) {  // the first run warms up
         CHECK(cudaMemcpyAsync(a, init.data(), dim * sizeof(float), cudaMemcpyHostToDevice, stream));
+        if (version == 4) CHECK(cudaMemsetAsync(counters, 0, size_t(n_stages) * sizeof(unsigned), stream));
         CHECK(cudaEventRecord(t0, stream));
         if (version == 0) {
           for (int s = 0; s < n_stages; ++s) stage_kernel<<<blocks, threads, 0, stream>>>(s % 2 ? b : a, s % 2 ? a : b);
@@ -170,11 +198,16 @@ int main(int argc, char** argv) {
           for (int s = 0; s < n_stages; ++s) launch_pdl(blocks, s % 2 ? b : a, s % 2 ? a : b, stream);
         } else if (version == 2) {
           CHECK(cudaGraphLaunch(exec, stream));
-        } else {
+        } else if (version == 3) {
           int n = n_stages;
           unsigned *count = sync, *gen = sync + 1;
           void* args[] = {&a, &b, &n, &count, &gen};
           CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(persistent_kernel), dim3(unsigned(blocks)), dim3(threads), args, 0, stream));
+        } else {
+          int n = n_stages;
+          void* args[] = {&a, &b, &n, &counters};
+          CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(persistent_flags_kernel), dim3(unsigned(blocks)), dim3(threads), args, 0,
+                                            stream));
         }
         CHECK(cudaGetLastError());
         CHECK(cudaEventRecord(t1, stream));
@@ -217,14 +250,16 @@ int main(int argc, char** argv) {
       CHECK(cudaMemcpy(result[version].data(), a, dim * sizeof(float), cudaMemcpyDeviceToHost));
     }
     bool same = true;
-    for (int version = 1; version < 4; ++version)
+    for (int version = 1; version < 5; ++version)
       if (!result[version].empty() && std::memcmp(result[version].data(), result[0].data(), dim * sizeof(float)) != 0) same = false;
     std::printf("| %d | %.2f µs | %.2f µs | %.2f / %.2f µs | %.2f / %.2f | %.2f µs | ", blocks, us[0], us[1], queued[0], queued[1], host_us[0],
                 host_us[1], us[2]);
-    if (result[3].empty())
-      std::printf("(not all resident) |");
-    else
-      std::printf("%.2f µs |", us[3]);
+    for (int version = 3; version < 5; ++version) {
+      if (result[version].empty())
+        std::printf("(not all resident) |");
+      else
+        std::printf(" %.2f µs |", us[version]);
+    }
     std::printf("%s\n", same ? "" : "  RESULTS DIFFER");
     if (!same) return 1;
   }
