@@ -209,6 +209,11 @@ __device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
   }
 }
 
+// Where element c of a warp's mma fragment (mi, ni) sits: its token within the warp's tokens wm + …,
+// and its weight row within the warp's rows wn + … (m16n8k16's accumulator layout).
+__device__ __forceinline__ int fragment_token(int wm, int mi, int lane, int c) { return wm + 16 * mi + (lane >> 2) + 8 * (c >> 1); }
+__device__ __forceinline__ int fragment_row(int wn, int ni, int lane, int c) { return wn + 8 * ni + 2 * (lane & 3) + (c & 1); }
+
 // grid.x: every job's tiles (row tiles fastest, so neighbouring blocks share a token tile). An element's
 // sum takes the same steps, parts and folds in the same order whatever TM and the batch.
 template <WeightFormat F, int TM>
@@ -224,8 +229,7 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
 
   float y[2][NI][4] = {}, p[2][NI][4] = {};  // [token tile][row tile][fragment]: the sums, the group's sums
 
-  // A group's sums into y, scaled: fragment element c of tile (mi, ni) is token wm + 16mi + lane/4 (+8
-  // for c ≥ 2), row wn + 8ni + 2(lane%4) (+1 for odd c).
+  // A group's sums into y, scaled by each row's scale (and q4's bias · each token's Σx).
   const auto fold = [&](int group) {
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -233,7 +237,7 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
       for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int n = wn + 8 * ni + 2 * (lane & 3) + (c & 1), t = wm + 16 * mi + (lane >> 2) + 8 * (c >> 1);
+          const int n = fragment_row(wn, ni, lane, c), t = fragment_token(wm, mi, lane, c);
           if constexpr (F == WeightFormat::q8)
             y[mi][ni][c] = fmaf(s.scale[group][n], p[mi][ni][c], y[mi][ni][c]);
           else
@@ -285,8 +289,7 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
     for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int t = t0 + wm + 16 * mi + (lane >> 2) + 8 * (c >> 1);
-        const int n = n0 + wn + 8 * ni + 2 * (lane & 3) + (c & 1);
+        const int t = t0 + fragment_token(wm, mi, lane, c), n = n0 + fragment_row(wn, ni, lane, c);
         if (t < m.n_tokens && n < m.rows) m.y[int64_t(t) * m.rows + n] = y[mi][ni][c];
       }
 }

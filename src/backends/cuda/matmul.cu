@@ -38,8 +38,8 @@ using JobTable = LaunchTable<DeviceJob, max_jobs_per_launch>;
 static_assert(sizeof(JobTable) <= 4096, "kernel parameters are limited to 4 KiB");
 
 // --- staged_x path (lab v23): 8 warps per block, x in shared memory -------------------------------------
-// A job's rows go in tiles of R rows (R per launch: fewer where a launch has few rows, so the GPU fills;
-// a row's sum does not depend on R); the n_split warps of a tile (per job, from its own width) take
+// A job's rows go in tiles of R rows (R per launch, staged_rows_for: the fewest whose blocks are all
+// resident at once; a row's sum does not depend on R); the n_split warps of a tile (per job, from its own width) take
 // every n_split-th run of 32 chunks and add their sums in a fixed order.
 
 constexpr int staged_warps = 8;

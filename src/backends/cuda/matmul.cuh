@@ -4,7 +4,8 @@
 // chosen from its own format, shape and alignment (dev/cuda_matvec lab versions; docs/BENCHMARKS.md
 // "CUDA kernel lab" for the measurements):
 //   staged_x (q8, q4 with x ≤ 48 KiB, i.e. cols ≤ ~9800): x copied once per block into shared memory,
-//            8 warps × 4 rows, each lane one 16-byte chunk of 4 rows per step, all loads issued first (v23).
+//            8 warps × 1–4 rows (the fewest whose blocks are all resident at once), each lane one 16-byte chunk
+//            of each of its rows per step, all loads issued first (v23).
 //   direct   (f32, bf16; q8/q4 with longer rows): the lane's x chunk read through L1, R rows per warp
 //            (f32/bf16 2, q8 2, q4 8), loads of U chunks issued first; a row's chunks split across up to
 //            4 warps where the matrix has < 1024 rows or > 8192 columns (v11; unsplit as v8/v10 otherwise).
