@@ -425,6 +425,72 @@ TEST_P(BackendOps, AddRmsNormMatchesAxpyThenRmsNorm) {
   }
 }
 
+// A norm with the matmuls that read it, as one op (a GPU normalizes a decode token inside the matmul's
+// blocks): x_out and h to the bit as add_rms_norm (or rms_norm) writes them, x untouched, and each job's
+// output as matmul_many gives it on h — to the bit where the format's one-token path is the same (q8,
+// q4), else within the matmul's tolerance against the reference on that h (a GPU may take bf16 and f32
+// rows through its staged kernel there instead of the direct one). Cases a GPU composes too: three
+// tokens, a row wider than one block normalizes (7168), jobs in two formats.
+TEST_P(BackendOps, AddRmsNormMatmulMatchesTheOpsInTurn) {
+  struct Job { WeightFormat f; int64_t rows; };
+  struct Case { int64_t dim, n_rows; bool add; std::vector<Job> jobs; };
+  const std::vector<Case> cases = {
+      {2048, 1, true, {{WeightFormat::q8, 4096}, {WeightFormat::q8, 512}, {WeightFormat::q8, 512}}},
+      {2048, 1, true, {{WeightFormat::bf16, 128}}},
+      {2048, 1, false, {{WeightFormat::q4, 768}, {WeightFormat::q4, 768}}},
+      {128, 1, true, {{WeightFormat::f32, 7}}},
+      {4096, 1, true, {{WeightFormat::q4, 300}}},
+      {7168, 1, true, {{WeightFormat::q8, 64}}},
+      {2048, 3, true, {{WeightFormat::q8, 100}}},
+      {2048, 1, true, {{WeightFormat::q8, 64}, {WeightFormat::bf16, 32}}},
+  };
+  const float eps = 1e-6f;
+  for (const Case& c : cases) {
+    SCOPED_TRACE("dim " + std::to_string(c.dim) + " rows " + std::to_string(c.n_rows) + (c.add ? " with y" : " without y"));
+    const size_t n = size_t(c.n_rows * c.dim);
+    const auto x = gaussian(n, rng_, 3.0f), y = gaussian(n, rng_, 2.0f), weight = gaussian(size_t(c.dim), rng_);
+    DeviceBuffer dx(but(), *be_, x), dy(but(), *be_, y), dw(but(), *be_, weight), dx_out(but(), *be_, n * 4), dh(but(), *be_, n * 4);
+    DeviceBuffer dx2(but(), *be_, x), dh2(but(), *be_, n * 4);
+    std::vector<QuantizedMatrix> mats;
+    std::vector<std::unique_ptr<DeviceWeight>> dws;
+    std::vector<std::unique_ptr<DeviceBuffer>> out_fused, out_turn;
+    std::vector<MatmulJob> fused, turn;
+    for (const Job& j : c.jobs) {
+      const auto w = gaussian(size_t(j.rows * c.dim), rng_, 0.05f);
+      mats.push_back(quantize_matrix(w.data(), j.rows, c.dim, j.f));
+      dws.push_back(std::make_unique<DeviceWeight>(but(), *be_, mats.back()));
+      out_fused.push_back(std::make_unique<DeviceBuffer>(but(), *be_, size_t(c.n_rows * j.rows) * 4));
+      out_turn.push_back(std::make_unique<DeviceBuffer>(but(), *be_, size_t(c.n_rows * j.rows) * 4));
+      fused.push_back({dws.back()->view, dh.f(), out_fused.back()->f(), c.n_rows});
+      turn.push_back({dws.back()->view, dh2.f(), out_turn.back()->f(), c.n_rows});
+    }
+    // Without y the residual stays where it is: x_out may be x.
+    be_->add_rms_norm_matmul(dx.f(), c.add ? dy.f() : nullptr, dw.f(), eps, c.n_rows, c.dim, c.add ? dx_out.f() : dx.f(), dh.f(), fused.data(),
+                             int64_t(fused.size()));
+    if (c.add)
+      be_->add_rms_norm(dx2.f(), dy.f(), dw.f(), eps, c.n_rows, c.dim, dh2.f());
+    else
+      be_->rms_norm(dx2.f(), dw.f(), eps, c.n_rows, c.dim, dh2.f());
+    be_->matmul_many(turn.data(), int64_t(turn.size()));
+    const auto h = dh.read();
+    EXPECT_EQ(h, dh2.read());
+    EXPECT_EQ(dx.read(), x);
+    if (c.add) {
+      EXPECT_EQ(dx_out.read(), dx2.read());
+    }
+    for (size_t j = 0; j < c.jobs.size(); ++j) {
+      const auto got = out_fused[j]->read();
+      if (c.jobs[j].f == WeightFormat::q8 || c.jobs[j].f == WeightFormat::q4) {
+        EXPECT_EQ(got, out_turn[j]->read()) << "job " << j;
+      } else {
+        std::vector<float> y_ref(got.size());
+        ref_->matmul(mats[j].view(), h.data(), y_ref.data(), c.n_rows);
+        expect_matmul_close(mats[j], h, c.n_rows, got, y_ref);
+      }
+    }
+  }
+}
+
 TEST_P(BackendOps, RopeNeoxMatchesReference) {
   struct Case { int64_t n_tokens, n_heads, head_dim, rot_dim; };
   for (const Case& c : {Case{1, 4, 64, 64}, Case{3, 8, 128, 128}, Case{17, 2, 128, 32}, Case{5, 3, 256, 64}}) {
@@ -1181,6 +1247,7 @@ TEST_P(BackendOps, MoeDecodeMatchesReference) {
     be_->moe_decode(layout, table, id, dw.f(), 1, dx.f(), dh.f(), dp.f(), dy3.f());
     be_->moe_decode(layout, table, id + 1, dw.f() + 1, k - 1, dx.f(), dh.f(), dp.f(), dy3.f(), /*accumulate=*/true);
     EXPECT_EQ(dy3.read(), y) << weight_format_name(f);
+
   }
 }
 

@@ -4,7 +4,8 @@
 // weights (each call reads from device memory, not from the L2 left warm by the previous one). GB/s are
 // weight bytes (data + scales + biases) per second against the measured device-to-device copy.
 // Build: with the project (CMake target matmul_bench, when CUDA is on). Run: ./build/dev/matmul_bench, or
-// ./build/dev/matmul_bench --batches for the batch table alone (with MOEFLUX_CUDA_GEMM=0 to compare).
+// ./build/dev/matmul_bench --batches for the batch table alone (with MOEFLUX_CUDA_GEMM=0 to compare), --moe
+// for one decode token's routed experts (router top-k + moe_decode) alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/matmul.cuh"
+#include "backends/cuda/moe.cuh"
 
 namespace {
 
@@ -115,8 +117,92 @@ void batch_table(float* x, float* y) {
     }
 }
 
+// One decode token's routed experts as the engine runs them (router top-k on the device, then
+// cuda::moe_decode: gate/up + SwiGLU, down + ordered combine), over rotating copies of each expert blob
+// laid out as a pack's (gate, up, down parts at 256-byte offsets), µs per token and weight bytes per
+// second. The logits are random and fixed, so the same k experts are chosen each call.
+void moe_table(float* x, float* y, double copy_gbs) {
+  std::printf("\n| routed experts of one token: router top-k + moe_decode (engine) | MB | bf16 µs | q8 µs | q4 µs | bf16 / q8 / q4 %% of copy |\n"
+              "|---|---|---|---|---|---|\n");
+  struct Layer { const char* what; int k, n_expert; int64_t inter, hidden; };
+  uint64_t seed = 555;
+  for (const Layer& l : {Layer{"Qwen3-30B-A3B, 8 of 128", 8, 128, 768, 2048}, Layer{"Qwen3.5-397B, 10 of 512", 10, 512, 1024, 4096},
+                         Layer{"DeepSeek-V3, 8 of 256", 8, 256, 2048, 7168}}) {
+    double us[3], pct[3], mb = 0;
+    int fi = 0;
+    for (WeightFormat f : {WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
+      const auto gate = moeflux::weight_part_bytes(f, l.inter, l.hidden), down = moeflux::weight_part_bytes(f, l.hidden, l.inter);
+      const auto align = [](size_t b) { return (b + 255) / 256 * 256; };
+      moeflux::ExpertLayout layout;
+      size_t at = 0;
+      const auto place = [&](WeightView& v, const moeflux::WeightPartBytes& p, int64_t rows, int64_t cols) {
+        const auto offset = [](size_t o) { return reinterpret_cast<const void*>(uintptr_t(o)); };
+        v.format = f, v.rows = rows, v.cols = cols;
+        v.data = offset(at), at += align(p.data);
+        v.scales = p.scales ? offset(at) : nullptr, at += align(p.scales);
+        v.biases = p.biases ? offset(at) : nullptr, at += align(p.biases);
+      };
+      place(layout.gate, gate, l.inter, l.hidden), place(layout.up, gate, l.inter, l.hidden), place(layout.down, down, l.hidden, l.inter);
+      const size_t blob = at, active = size_t(l.k) * (2 * gate.total() + down.total());
+      const int n = copies_for(active);
+      std::vector<uint8_t> bytes(blob * size_t(l.k));
+      fill_random(bytes, seed += 7);
+      // Scales and biases small and finite (q8 fp16, q4 bf16); bf16 data tamed likewise.
+      for (int e = 0; e < l.k; ++e)
+        for (const WeightView* v : {&layout.gate, &layout.up, &layout.down}) {
+          const auto p = moeflux::weight_part_bytes(f, v->rows, v->cols);
+          uint8_t* b = bytes.data() + size_t(e) * blob;
+          for (auto [off, len] : {std::pair{uintptr_t(v->scales), p.scales}, std::pair{uintptr_t(v->biases), p.biases}})
+            for (size_t i = 1; i < len; i += 2) b[off + i] = uint8_t((b[off + i] & 0x80) | (f == WeightFormat::q8 ? 0x1C : 0x3C));
+          if (f == WeightFormat::bf16)
+            for (size_t i = 1; i < p.data; i += 2) b[uintptr_t(v->data) + i] = uint8_t((b[uintptr_t(v->data) + i] & 0x80) | 0x3C);
+        }
+      // n copies; copy c's table maps expert ids to its blobs (only the chosen ids are ever read).
+      uint8_t* d_blobs;
+      MF_CUDA_CHECK(cudaMalloc(&d_blobs, bytes.size() * size_t(n)));
+      for (int c = 0; c < n; ++c) MF_CUDA_CHECK(cudaMemcpy(d_blobs + bytes.size() * size_t(c), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+      std::vector<float> logits(size_t(l.n_expert));
+      std::vector<uint8_t> lb(logits.size() * 4);
+      fill_random(lb, seed += 7);
+      for (size_t i = 0; i < logits.size(); ++i) logits[i] = float(lb[4 * i]) / 64.f;
+      std::vector<int> order(logits.size());
+      for (size_t i = 0; i < order.size(); ++i) order[i] = int(i);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits[size_t(a)] > logits[size_t(b)]; });
+      std::vector<const void*> tables(size_t(n) * size_t(l.n_expert), nullptr);
+      for (int c = 0; c < n; ++c)
+        for (int j = 0; j < l.k; ++j)
+          tables[size_t(c * l.n_expert + order[size_t(j)])] = d_blobs + bytes.size() * size_t(c) + blob * size_t(j);
+      const void** d_tables;
+      float *d_logits, *d_weights, *h;
+      int32_t* d_ids;
+      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_tables), tables.size() * sizeof(void*)));
+      MF_CUDA_CHECK(cudaMemcpy(d_tables, tables.data(), tables.size() * sizeof(void*), cudaMemcpyHostToDevice));
+      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_logits), logits.size() * 4));
+      MF_CUDA_CHECK(cudaMemcpy(d_logits, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice));
+      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_ids), 64 * 4));
+      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_weights), 64 * 4));
+      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&h), size_t(l.k) * size_t(l.inter) * 4));
+      const float ms = ms_per_call([&](int i) {
+        moeflux::cuda::router_softmax_topk(d_logits, 1, l.n_expert, l.k, true, d_ids, d_weights, nullptr);
+        moeflux::cuda::moe_decode(layout, d_tables + size_t(i % n) * size_t(l.n_expert), d_ids, d_weights, l.k, x, h, nullptr, y, false,
+                                  nullptr);
+      }, 200);
+      MF_CUDA_CHECK(cudaGetLastError());
+      us[fi] = double(ms) * 1e3;
+      pct[fi++] = 100.0 * double(active) / (ms * 1e-3) / 1e9 / copy_gbs;
+      mb = double(active) / 1e6;
+      for (void* p : {static_cast<void*>(d_blobs), static_cast<void*>(d_tables), static_cast<void*>(d_logits), static_cast<void*>(d_ids),
+                      static_cast<void*>(d_weights), static_cast<void*>(h)})
+        MF_CUDA_CHECK(cudaFree(p));
+    }
+    std::printf("| %s | %.1f (q4) | %.1f | %.1f | %.1f | %.0f%% / %.0f%% / %.0f%% |\n", l.what, mb, us[0], us[1], us[2], pct[0], pct[1], pct[2]);
+    std::fflush(stdout);
+  }
+}
+
 int main(int argc, char** argv) {
   const bool batches_only = argc > 1 && std::strcmp(argv[1], "--batches") == 0;
+  const bool moe_only = argc > 1 && std::strcmp(argv[1], "--moe") == 0;
   cudaDeviceProp prop;
   MF_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const size_t big = size_t(1) << 30;
@@ -134,6 +220,12 @@ int main(int argc, char** argv) {
   MF_CUDA_CHECK(cudaMalloc(&y, size_t(64) << 20));
   MF_CUDA_CHECK(cudaMemset(x, 0x3c, size_t(64) << 20));  // 0.0115 everywhere: finite, nonzero
 
+  if (moe_only) {
+    moe_table(x, y, copy_gbs);
+    MF_CUDA_CHECK(cudaFree(x));
+    MF_CUDA_CHECK(cudaFree(y));
+    return 0;
+  }
   if (batches_only) {
     batch_table(x, y);
     MF_CUDA_CHECK(cudaFree(x));

@@ -34,6 +34,17 @@ void Backend::qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head,
   }
 }
 
+void Backend::add_rms_norm_matmul(const float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim,
+                                  float* x_out, float* h, const MatmulJob* jobs, int64_t n_jobs) {
+  if (y) {
+    if (x_out != x) copy_rows(x, dim, x_out, dim, n_rows, dim);
+    add_rms_norm(x_out, y, weight, eps, n_rows, dim, h);
+  } else {
+    rms_norm(x, weight, eps, n_rows, dim, h);
+  }
+  matmul_many(jobs, n_jobs);
+}
+
 void Backend::router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                                          float* weights) {
   router_softmax_topk(logits, n_tokens, n_expert, k, normalize, ids, weights);  // host memory is this backend's memory

@@ -7,16 +7,25 @@
 
 namespace moeflux {
 
+void project(Backend& be, const PendingNorm* norm, int64_t n_tokens, const MatmulJob* jobs, int64_t n_jobs) {
+  if (norm)
+    be.add_rms_norm_matmul(norm->x, norm->y, norm->weight, norm->eps, n_tokens, norm->dim, norm->x_out, norm->h, jobs, n_jobs);
+  else if (n_jobs == 1)
+    be.matmul(jobs[0].w, jobs[0].x, jobs[0].y, jobs[0].n_tokens);
+  else
+    be.matmul_many(jobs, n_jobs);
+}
+
 void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape& s, const float* x, int64_t n_tokens,
                    int64_t n_past, const int32_t* positions, float* k_cache, float* v_cache, AttentionScratch& scratch,
-                   float* y) {
+                   float* y, const PendingNorm* norm) {
   const int64_t kv_dim = s.n_head_kv * s.head_dim;
   // K and V of this batch go straight into their cache rows: no copy.
   float* k_rows = k_cache + n_past * kv_dim;
   float* v_rows = v_cache + n_past * kv_dim;
   float* q_out = w.output_gate ? scratch.q_gate : scratch.q;
   const MatmulJob qkv[] = {{w.q_proj, x, q_out, n_tokens}, {w.k_proj, x, k_rows, n_tokens}, {w.v_proj, x, v_rows, n_tokens}};
-  be.matmul_many(qkv, 3);
+  project(be, norm, n_tokens, qkv, 3);
   if (w.output_gate) {
     // Rows of head_dim floats alternate query, gate, query, gate, … (one pair per head and token).
     const int64_t n_rows = n_tokens * s.n_head;
@@ -45,9 +54,9 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
 }
 
 void swiglu_mlp(Backend& be, const WeightView& gate, const WeightView& up, const WeightView& down, const float* x,
-                int64_t n_tokens, MlpScratch& scratch, float* y) {
+                int64_t n_tokens, MlpScratch& scratch, float* y, const PendingNorm* norm) {
   const MatmulJob gate_up[] = {{gate, x, scratch.gate, n_tokens}, {up, x, scratch.up, n_tokens}};
-  be.matmul_many(gate_up, 2);
+  project(be, norm, n_tokens, gate_up, 2);
   be.swiglu(scratch.gate, scratch.up, scratch.gate, n_tokens * gate.rows);
   be.matmul(down, scratch.gate, y, n_tokens);
 }
@@ -103,9 +112,10 @@ Status device_routed_token(Backend& be, ExpertStore& store, const Pack& pack, in
 }  // namespace
 
 Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
-                  const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y) {
+                  const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y, const PendingNorm* norm) {
   const int64_t k = s.n_expert_used;
-  be.matmul(router, x, scratch.router_logits, n_tokens);
+  const MatmulJob route{router, x, scratch.router_logits, n_tokens};
+  project(be, norm, n_tokens, &route, 1);
   if (n_tokens == 1 && store.expert_table(layer) && scratch.device_ids)
     return device_routed_token(be, store, pack, layer, s, x, scratch, y);
   scratch.ids.resize(size_t(n_tokens * k));

@@ -14,6 +14,23 @@ namespace moeflux {
 class ExpertStore;
 class Pack;
 
+// A norm still to be taken before a block's first matmuls, which then run with it as one op
+// (Backend::add_rms_norm_matmul: a GPU normalizes a decode token inside the matmul's blocks). The block's
+// input is h = rms_norm(x + y)·weight (y null: rms_norm(x)·weight); x + y is written to x_out.
+struct PendingNorm {
+  const float* x = nullptr;
+  const float* y = nullptr;
+  const float* weight = nullptr;
+  float eps = 0.0f;
+  int64_t dim = 0;
+  float* x_out = nullptr;
+  float* h = nullptr;
+};
+
+// A block's first matmuls, whose inputs are its input x: matmul_many, or with the pending norm (then x
+// is norm->h) in one op.
+void project(Backend& be, const PendingNorm* norm, int64_t n_tokens, const MatmulJob* jobs, int64_t n_jobs);
+
 struct AttentionWeights {
   WeightView q_proj, k_proj, v_proj, o_proj;  // [nH·hd, H], [nKV·hd, H], [nKV·hd, H], [H, nH·hd]
   const float* q_norm = nullptr;              // [hd] or null (no per-head q/k norm)
@@ -39,10 +56,11 @@ struct AttentionScratch {
 };
 
 // x: [T, H] normalized input; k_cache/v_cache: [n_ctx, nKV·hd] of this layer; positions: [T] host,
-// n_past .. n_past+T−1. Writes this batch's K/V into the caches and o_proj(attention) into y [T, H].
+// n_past .. n_past+T−1. Writes this batch's K/V into the caches and o_proj(attention) into y [T, H]
+// (which the pending norm, if any, reads first).
 void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape& s, const float* x, int64_t n_tokens,
                    int64_t n_past, const int32_t* positions, float* k_cache, float* v_cache, AttentionScratch& scratch,
-                   float* y);
+                   float* y, const PendingNorm* norm = nullptr);
 
 struct MlpScratch {
   float* gate = nullptr;  // [T, I]
@@ -51,7 +69,7 @@ struct MlpScratch {
 
 // y = down(silu(gate(x)) · up(x)).   x: [T, H]; y: [T, H]
 void swiglu_mlp(Backend& be, const WeightView& gate, const WeightView& up, const WeightView& down, const float* x,
-                int64_t n_tokens, MlpScratch& scratch, float* y);
+                int64_t n_tokens, MlpScratch& scratch, float* y, const PendingNorm* norm = nullptr);
 
 struct MoeScratch {
   std::vector<int32_t> ids;        // [T, k]
@@ -90,7 +108,8 @@ struct MoeShape {
 // experts run on the backend (Backend::moe_decode, experts summed in router order) and the host learns
 // the ids only when the store lacks some of the layer's experts and must acquire them.
 Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
-                  const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y);
+                  const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y,
+                  const PendingNorm* norm = nullptr);
 
 // The expert half of routed_moe, for routers of another kind: scratch.ids / scratch.weights ([T, k],
 // filled by the caller) choose the experts; y [T, H] is overwritten with their weighted sum.

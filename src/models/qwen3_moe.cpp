@@ -2,6 +2,7 @@
 // Math (ref/model-families.md §2): per layer x += o_proj(attn(rope(qk_norm(q, k)), v)) on
 // RMSNorm(x); x += MoE or dense SwiGLU on RMSNorm(x); router softmax → top-k → optional renorm.
 #include <cmath>
+#include <utility>
 
 #include "backends/backend.hpp"
 #include "blocks/blocks.hpp"
@@ -178,7 +179,8 @@ struct LayerWeights {
 struct Qwen3Scratch final : ScratchArena {
   using ScratchArena::ScratchArena;
   int64_t max_tokens = 0;
-  float* x = nullptr;       // [T, H] residual stream
+  float* x = nullptr;       // [T, H] residual stream, and the buffer it alternates with (PendingNorm::x_out)
+  float* x_next = nullptr;  // [T, H]
   float* h = nullptr;       // [T, H] normalized
   float* y = nullptr;       // [T, H] block output
   AttentionScratch attn;    // [T, nH·hd]
@@ -247,6 +249,7 @@ class Qwen3MoeGraph final : public ModelGraph {
     const int64_t T = batch_tokens_limit, H = p_.hidden, q_dim = p_.n_head * p_.head_dim;
     s->max_tokens = T;
     s->x = s->alloc(size_t(T * H));
+    s->x_next = s->alloc(size_t(T * H));
     s->h = s->alloc(size_t(T * H));
     s->y = s->alloc(size_t(T * H));
     s->attn.q = s->alloc(size_t(T * q_dim));
@@ -277,31 +280,35 @@ class Qwen3MoeGraph final : public ModelGraph {
                          1.0f / std::sqrt(float(p_.head_dim)), inv_freq_.data()};
     MoeShape moe_shape{p_.n_expert, p_.n_expert_used, H, p_.norm_topk_prob};
 
-    be_.embed_rows(embed_, tokens, n_tokens, s.x);
+    // The residual stream x alternates between two buffers: each norm takes the pending residual add
+    // (x + the last block's output y) into the other one, together with the matmuls that read the norm.
+    float* x = s.x;
+    float* x_next = s.x_next;
+    be_.embed_rows(embed_, tokens, n_tokens, x);
     const auto& buffers = state.buffers();
+    const float eps = float(p_.rms_norm_eps);
     for (int64_t l = 0; l < p_.n_layer; ++l) {
       const LayerWeights& w = layers_[size_t(l)];
       // The previous layer's residual add goes with this layer's first norm.
-      if (l == 0)
-        be_.rms_norm(s.x, w.input_norm, float(p_.rms_norm_eps), n_tokens, H, s.h);
-      else
-        be_.add_rms_norm(s.x, s.y, w.input_norm, float(p_.rms_norm_eps), n_tokens, H, s.h);
+      const PendingNorm input_norm{x, l == 0 ? nullptr : s.y, w.input_norm, eps, H, x_next, s.h};
       {
         ProfileScope scope(profile, ForwardProfile::attention);
         gqa_attention(be_, w.attn, shape, s.h, n_tokens, n_past, s.positions.data(), buffers[size_t(2 * l)].data,
-                      buffers[size_t(2 * l + 1)].data, s.attn, s.y);
+                      buffers[size_t(2 * l + 1)].data, s.attn, s.y, &input_norm);
       }
-      be_.add_rms_norm(s.x, s.y, w.post_norm, float(p_.rms_norm_eps), n_tokens, H, s.h);
+      if (l > 0) std::swap(x, x_next);
+      const PendingNorm post_norm{x, s.y, w.post_norm, eps, H, x_next, s.h};
       if (w.moe) {
         ProfileScope scope(profile, ForwardProfile::routed_experts);
-        MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y));
+        MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y, &post_norm));
       } else {
         ProfileScope scope(profile, ForwardProfile::dense_mlp);
-        swiglu_mlp(be_, w.gate, w.up, w.down, s.h, n_tokens, s.dense, s.y);
+        swiglu_mlp(be_, w.gate, w.up, w.down, s.h, n_tokens, s.dense, s.y, &post_norm);
       }
+      std::swap(x, x_next);
     }
-    if (p_.n_layer > 0) be_.axpy(s.x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
-    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
+    if (p_.n_layer > 0) be_.axpy(x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
+    if (logits) output_head(be_, lm_head_, final_norm_, eps, x, n_tokens, H, logits_all, s.h, s, logits);
     return Status::ok();
   }
 

@@ -53,6 +53,15 @@ class OpTimer {
   const char* op_;
 };
 
+// MOEFLUX_CUDA_FUSE_NORM=0 composes add_rms_norm_matmul from its ops (a developer's switch for comparisons).
+inline bool fuse_norm_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEFLUX_CUDA_FUSE_NORM");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, cudaStream_t stream) : device_(device), stream_(stream) {
@@ -246,6 +255,16 @@ class CudaBackend final : public Backend {
     const OpTimer timer(*this, "matmul_many");
     bind();
     cuda::matmul_jobs(jobs, n_jobs, stream_);
+  }
+
+  void add_rms_norm_matmul(const float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* x_out,
+                           float* h, const MatmulJob* jobs, int64_t n_jobs) override {
+    {
+      const OpTimer timer(*this, "add_rms_norm_matmul");
+      bind();
+      if (n_rows == 1 && fuse_norm_enabled() && cuda::norm_matmul_jobs(x, y, weight, eps, dim, x_out, h, jobs, n_jobs, stream_)) return;
+    }
+    Backend::add_rms_norm_matmul(x, y, weight, eps, n_rows, dim, x_out, h, jobs, n_jobs);
   }
 
   void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) override {

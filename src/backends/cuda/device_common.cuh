@@ -162,6 +162,16 @@ __device__ __forceinline__ int job_of_block(const LaunchTable<Job, N>& t, int b)
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// rms_norm's vectorized arithmetic (norm_rope.cu), shared with the matmul that normalizes its own input
+// (matmul.cu) so that both give the same bits: rms_norm_threads(n4) threads, thread t taking float4s
+// t, t + threads, … (at most 4) in that order, each adding sum_sq4 of its float4s to its partial sum; the
+// partials added by block_sum; out = v · inv_rms · w per element.
+inline int rms_norm_threads(int n4) { return std::min(1024, (std::max((n4 + 3) / 4, std::min(n4, 256)) + 31) / 32 * 32); }
+__device__ __forceinline__ float sum_sq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+__device__ __forceinline__ float4 rms_scaled4(float4 v, float inv_rms, float4 w) {
+  return make_float4(v.x * inv_rms * w.x, v.y * inv_rms * w.y, v.z * inv_rms * w.z, v.w * inv_rms * w.w);
+}
+
 // An attribute of the current device, asked once per device and attribute (they do not change while a
 // process runs; a race only asks twice). Host-only.
 template <cudaDeviceAttr Attribute>

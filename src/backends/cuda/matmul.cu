@@ -33,6 +33,19 @@ struct DeviceJob {
   int8_t n_split;  // warps sharing a row tile, each taking every n_split-th run of chunks
 };
 
+// The input of a launch that normalizes it itself (norm_matmul_jobs): every job's x is one token's
+// h = rms_norm(x + y)·weight, which every block computes as rms_norm does (the same bits); block 0 also
+// writes h, and x + y to x_out, for the kernels after it.
+struct NormIn {
+  const float* x;
+  const float* y;  // or null: h = rms_norm(x)·weight
+  const float* weight;
+  float* x_out;    // written when y is given
+  float* h;
+  float eps;
+  int dim, threads;  // threads: rms_norm_threads(dim / 4), at most a block's
+};
+
 constexpr int max_jobs_per_launch = 40;
 using JobTable = LaunchTable<DeviceJob, max_jobs_per_launch>;
 static_assert(sizeof(JobTable) <= 4096, "kernel parameters are limited to 4 KiB");
@@ -83,10 +96,48 @@ __device__ __forceinline__ void load_rows(Chunk (&c)[R], const DeviceJob& m, int
   }
 }
 
+// Stages h = rms_norm(x + y)·weight (NormIn) in the staged layout: x + y first, then, after the block's
+// Σ(x + y)², each thread rescales the float4s it staged itself. writer: also store h and x + y.
+template <WeightFormat F>
+__device__ __forceinline__ void stage_normed(const NormIn& n, float4* dst, bool writer) {
+  constexpr int per = chunk_cols(F) / 4;
+  const int n4 = n.dim / 4, t = threadIdx.x;
+  const auto at = [](int i) { return (i / per) * staged_pitch(F) + i % per; };
+  float sum_sq = 0.f;
+  if (t < n.threads) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int i = t + q * n.threads;
+      if (i >= n4) break;
+      float4 v = reinterpret_cast<const float4*>(n.x)[i];
+      if (n.y) {
+        const float4 a = reinterpret_cast<const float4*>(n.y)[i];
+        v.x += a.x, v.y += a.y, v.z += a.z, v.w += a.w;
+        if (writer) reinterpret_cast<float4*>(n.x_out)[i] = v;
+      }
+      sum_sq += sum_sq4(v);
+      dst[at(i)] = v;
+    }
+  }
+  sum_sq = block_sum(sum_sq);
+  const float inv_rms = 1.0f / sqrtf(sum_sq / float(n.dim) + n.eps);
+  if (t < n.threads) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int i = t + q * n.threads;
+      if (i >= n4) break;
+      const float4 o = rms_scaled4(dst[at(i)], inv_rms, reinterpret_cast<const float4*>(n.weight)[i]);
+      dst[at(i)] = o;
+      if (writer) reinterpret_cast<float4*>(n.h)[i] = o;
+    }
+  }
+}
+
 // grid: x = every job's row tiles, z = tokens (strided). 4 blocks per SM requested: ≤ 64 registers, so
-// 32 warps' loads are in flight per SM (lab v23); each lane loads two chunks per row at once.
-template <WeightFormat F, int R>
-__global__ void __launch_bounds__(32 * staged_warps, 4) matmul_staged_kernel(const __grid_constant__ JobTable table) {
+// 32 warps' loads are in flight per SM (lab v23); each lane loads two chunks per row at once. Norm: one
+// token whose x every job shares, normalized while staged (stage_normed).
+template <WeightFormat F, int R, bool Norm>
+__global__ void __launch_bounds__(32 * staged_warps, 4) matmul_staged_kernel(const __grid_constant__ JobTable table, const NormIn norm) {
   extern __shared__ float4 x_staged[];
   __shared__ float partial[staged_warps][R];
   constexpr int U = 2;
@@ -109,7 +160,10 @@ __global__ void __launch_bounds__(32 * staged_warps, 4) matmul_staged_kernel(con
     if (active) load(first);  // in flight while x is staged
     if (t == blockIdx.z) dependent_launch_begin();  // the weights need no wait, x does
     __syncthreads();  // the previous token's x and partial sums are no longer read
-    stage_chunked<F>(x, m.cols, x_staged);
+    if constexpr (Norm)
+      stage_normed<F>(norm, x_staged, blockIdx.x == 0);
+    else
+      stage_chunked<F>(x, m.cols, x_staged);
     __syncthreads();
     float acc[R];
 #pragma unroll
@@ -325,15 +379,28 @@ int rows_per_block(Path path, int n_split, int staged_rows) {
   return path == Path::staged_x ? staged_warps / n_split * staged_rows : direct_warps / n_split * direct_rows<F>();
 }
 
-// Launches every job of format F on `path` (direct and plain share a kernel), 40 jobs per launch.
+template <WeightFormat F, bool Norm>
+void launch_staged(int rows, dim3 grid, size_t shared, cudaStream_t stream, const JobTable& table, const NormIn& norm) {
+  if (rows == 4)
+    launch(matmul_staged_kernel<F, 4, Norm>, grid, 32 * staged_warps, shared, stream, table, norm);
+  else if (rows == 2)
+    launch(matmul_staged_kernel<F, 2, Norm>, grid, 32 * staged_warps, shared, stream, table, norm);
+  else
+    launch(matmul_staged_kernel<F, 1, Norm>, grid, 32 * staged_warps, shared, stream, table, norm);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+// Launches every job of format F on `path` (direct and plain share a kernel), 40 jobs per launch. With
+// norm (norm_matmul_jobs checked the jobs): every job of format F on the staged path, in one launch.
 template <WeightFormat F>
-void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_t stream) {
+void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_t stream, const NormIn* norm = nullptr) {
   const auto takes = [&](const MatmulJob& job) {
+    if (norm) return job.w.format == F;
     return job.w.format == F && job.n_tokens > 0 && job.w.rows > 0 && !gemm_takes(job) && (path_of(job) == Path::staged_x) == staged;
   };
   // Staged rows per tile: the fewest whose blocks all fit on the GPU at once (4 per SM), else 4.
   int staged_rows = 4;
-  if (staged) {
+  if (staged || norm) {
     int64_t blocks[3] = {0, 0, 0};  // at 1, 2, 4 rows per tile
     for (int64_t i = 0; i < n_jobs; ++i)
       if (takes(jobs[i]))
@@ -348,16 +415,15 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     if (n == 0) return;
     table.n_jobs = n;
     const dim3 grid(unsigned(table.block_start[n]), 1, unsigned(std::min<int64_t>(max_tokens, 65535)));
+    const size_t shared = size_t(staged_x_bytes(F, max_cols));
+    if (norm) {
+      launch_staged<F, true>(staged_rows, grid, shared, stream, table, *norm);
+      n = 0, max_tokens = 0, max_cols = 0;
+      return;
+    }
     if constexpr (F == WeightFormat::q8 || F == WeightFormat::q4) {
       if (staged) {
-        const size_t shared = size_t(staged_x_bytes(F, max_cols));
-        if (staged_rows == 4)
-          launch(matmul_staged_kernel<F, 4>, grid, 32 * staged_warps, shared, stream, table);
-        else if (staged_rows == 2)
-          launch(matmul_staged_kernel<F, 2>, grid, 32 * staged_warps, shared, stream, table);
-        else
-          launch(matmul_staged_kernel<F, 1>, grid, 32 * staged_warps, shared, stream, table);
-        MF_CUDA_CHECK_LAUNCH();
+        launch_staged<F, false>(staged_rows, grid, shared, stream, table, NormIn{});
         n = 0, max_tokens = 0, max_cols = 0;
         return;
       }
@@ -371,7 +437,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     const MatmulJob& job = jobs[i];
     if (!takes(job)) continue;
     const WeightView& w = job.w;
-    const Path path = path_of(job);
+    const Path path = norm ? Path::staged_x : path_of(job);
     const int n_split = path == Path::direct ? direct_splits<F>(w.rows, w.cols) : path == Path::staged_x ? staged_splits(F, w.cols) : 1;
     const int per_block = rows_per_block<F>(path, n_split, staged_rows);
     const int64_t tiles = (w.rows + per_block - 1) / per_block;
@@ -387,6 +453,38 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
 }
 
 }  // namespace
+
+bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float eps, int64_t dim, float* x_out, float* h,
+                      const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
+  // One token, a row rms_norm's vectorized kernel normalizes with at most one block's threads, buffers
+  // that do not overlap (blocks read x and y while block 0 writes x_out and h), and jobs that all read
+  // h in one format, with rows the staged kernel takes, at most one launch's worth.
+  if (dim <= 0 || dim % 4 != 0 || n_jobs <= 0 || n_jobs > max_jobs_per_launch) return false;
+  const int threads = rms_norm_threads(int(std::min<int64_t>(dim / 4, INT_MAX / 4)));
+  if (threads > 32 * staged_warps) return false;
+  for (const void* p : {static_cast<const void*>(x), static_cast<const void*>(weight), static_cast<const void*>(h)})
+    if (!aligned16(p)) return false;
+  const auto apart = [dim](const float* a, const float* b) { return a == nullptr || b == nullptr || a + dim <= b || b + dim <= a; };
+  if (!apart(h, x) || !apart(h, y)) return false;
+  if (y && (!aligned16(y) || !aligned16(x_out) || !apart(x_out, x) || !apart(x_out, y) || !apart(x_out, h))) return false;
+  const WeightFormat f = jobs[0].w.format;
+  for (int64_t i = 0; i < n_jobs; ++i) {
+    const MatmulJob& j = jobs[i];
+    const WeightView& w = j.w;
+    if (j.n_tokens != 1 || j.x != h || w.cols != dim || w.format != f || w.rows <= 0 || w.rows > INT_MAX / 2 || !aligned16(w.data) ||
+        !aligned16(j.y) || !weight_format_fits(f, w.cols) || staged_x_bytes(f, w.cols) > staged_x_max_bytes)
+      return false;
+    if (!apart(j.y, x) || !apart(j.y, y) || !apart(j.y, h)) return false;
+  }
+  const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads};
+  switch (f) {
+    case WeightFormat::f32: launch_path<WeightFormat::f32>(jobs, n_jobs, true, stream, &norm); break;
+    case WeightFormat::bf16: launch_path<WeightFormat::bf16>(jobs, n_jobs, true, stream, &norm); break;
+    case WeightFormat::q8: launch_path<WeightFormat::q8>(jobs, n_jobs, true, stream, &norm); break;
+    case WeightFormat::q4: launch_path<WeightFormat::q4>(jobs, n_jobs, true, stream, &norm); break;
+  }
+  return true;
+}
 
 void matmul_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {
   for (int64_t i = 0; i < n_jobs; ++i) {

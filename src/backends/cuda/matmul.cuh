@@ -30,4 +30,12 @@ namespace moeflux::cuda {
 // jobs: host array; their weights, x and y are device memory. Empty jobs are skipped.
 void matmul_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream);
 
+// Backend::add_rms_norm_matmul for one token in one launch: x_out = x + y (y may be null: then x_out is
+// not written), h = rms_norm(x_out)·weight with rms_norm's arithmetic (the same bits), then the jobs,
+// every one reading h, on the staged path (any format). Every block normalizes x itself; block 0 writes
+// x_out and h. False, having launched nothing, where that does not apply (more than one token, jobs that
+// do not all read h in one format, overlapping buffers, a row too wide): the caller composes the ops.
+bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float eps, int64_t dim, float* x_out, float* h,
+                      const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream);
+
 }  // namespace moeflux::cuda

@@ -1,6 +1,7 @@
 // The kernels of moe.cuh.
 #include <cfloat>
 #include <algorithm>
+#include <type_traits>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -68,50 +69,57 @@ __device__ __forceinline__ unsigned long long rank_key(float p, int e) {
   return (static_cast<unsigned long long>(__float_as_uint(p)) << 32) | (0xffffffffu - unsigned(e));
 }
 
-// One block per token, a thread per expert (up to 1024; more loop). The k best are found by rank, not
-// by k rounds of a reduction: expert e's rank is the number of experts better than it, counted against
-// every p at once; ranks below k name the choices in order. Shared: p [E].
+// One token's softmax top-k by one warp: the choices in order in chosen[0 .. k), their weights in
+// chosen_w, as router_softmax_topk defines them. Lane l takes experts l, l + 32, … in that order for the
+// max, the exps and its part of the sum; the parts are added by a fixed shuffle tree (within 1e-6 of the
+// host's expert-by-expert sum). The k best are then taken in k rounds, each the warp's largest key below
+// the last round's (keys are distinct, so nothing needs marking): no block-wide step at all (a block
+// ranking every expert against every other, or k block reductions, took longer: BENCHMARKS, session 13).
+// p [E] is shared scratch.
+__device__ void softmax_topk_warp(const float* logits, int n_expert, int k, bool normalize, float* p, int* chosen, float* chosen_w) {
+  const int lane = threadIdx.x & 31;
+  float m = -FLT_MAX;
+  for (int e = lane; e < n_expert; e += 32) m = fmaxf(m, logits[e]);
+  m = warp_max(m);
+  float part = 0.f;
+  for (int e = lane; e < n_expert; e += 32) part += p[e] = expf(logits[e] - m);
+  const float sum = warp_sum(part);
+  for (int e = lane; e < n_expert; e += 32) p[e] /= sum;
+  __syncwarp();
+  unsigned long long last = ~0ull;
+  float selected = 0.f;
+  for (int j = 0; j < k; ++j) {
+    unsigned long long best = 0;
+    for (int e = lane; e < n_expert; e += 32) {
+      const unsigned long long key = rank_key(p[e], e);
+      if (key < last && key > best) best = key;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+      best = other > best ? other : best;
+    }
+    last = best;
+    const int e = int(0xffffffffu - unsigned(best & 0xffffffffu));
+    const float pe = __uint_as_float(unsigned(best >> 32));
+    selected += pe;
+    if (lane == 0) chosen[j] = e, chosen_w[j] = pe;
+  }
+  __syncwarp();
+  if (normalize && lane < k) chosen_w[lane] /= selected;
+}
+
+// One warp per token. Shared: p [E].
 __global__ void softmax_topk_kernel(const float* __restrict__ logits, int n_expert, int k, bool normalize, int32_t* ids,
                                     float* weights) {
   dependent_launch_begin();
   extern __shared__ float p[];
   __shared__ int chosen[max_router_k];
-  __shared__ float sum;
-  const float* l = logits + size_t(blockIdx.x) * n_expert;
-  float m = -FLT_MAX;
-  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) m = fmaxf(m, l[e]);
-  m = block_max(m);
-  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) p[e] = expf(l[e] - m);
-  __syncthreads();
-  // The sum in the host's order (expert by expert), so the probabilities match it as closely as expf allows.
-  if (threadIdx.x == 0) {
-    float acc = 0.f;
-    int e = 0;
-    for (; e + 4 <= n_expert; e += 4) {
-      const float a = p[e], b = p[e + 1], c = p[e + 2], d = p[e + 3];
-      acc = (((acc + a) + b) + c) + d;
-    }
-    for (; e < n_expert; ++e) acc += p[e];
-    sum = acc;
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) p[e] /= sum;
-  __syncthreads();
-  // Keys are distinct (the id is part of them), so ranks 0 .. k − 1 are each taken exactly once.
-  for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
-    const unsigned long long mine = rank_key(p[e], e);
-    int rank = 0;
-    for (int i = 0; i < n_expert; ++i) rank += rank_key(p[i], i) > mine;
-    if (rank < k) chosen[rank] = e;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float selected = 0.f;
-    for (int j = 0; j < k; ++j) selected += p[chosen[j]];
-    for (int j = 0; j < k; ++j) {
-      ids[size_t(blockIdx.x) * k + j] = chosen[j];
-      weights[size_t(blockIdx.x) * k + j] = normalize ? p[chosen[j]] / selected : p[chosen[j]];
-    }
+  __shared__ float chosen_w[max_router_k];
+  softmax_topk_warp(logits + size_t(blockIdx.x) * n_expert, n_expert, k, normalize, p, chosen, chosen_w);
+  __syncwarp();
+  for (int j = threadIdx.x; j < k; j += 32) {
+    ids[size_t(blockIdx.x) * k + j] = chosen[j];
+    weights[size_t(blockIdx.x) * k + j] = chosen_w[j];
   }
 }
 
@@ -181,11 +189,14 @@ __global__ void sigmoid_grouped_topk_kernel(const float* __restrict__ logits, co
 
 constexpr int moe_warps = 8;
 constexpr int max_moe_k = 64;
-// gate/up: rows per warp (each a gate row and its up row) and chunks in flight per lane.
-// (Measured alike on Qwen3-30B's layer: R 1–2, U 1–2 within 3%; down R 1–2, C 2–8, G 4–16 likewise.)
+// gate/up: rows per warp (each a gate row and its up row) and chunks in flight per lane (U 2: 0–15%
+// slower on the three families' layers, matmul_bench --moe, H100).
 constexpr int gate_up_rows = 2, gate_up_unroll = 1;
-// down + combine: output rows per warp and chunks in flight per lane and row.
-constexpr int down_rows = 2, down_chunks = 4;
+// down + combine: output rows per warp, and the most chunks of a row a lane holds (lanes_per_expert).
+// Up to 6 lets Qwen3-30B's q4 down (24 chunks a row) run 8 experts in one pass at 4 lanes each: 10% less
+// time for its router + experts than at most 4 (two passes); at most 8 was 8–17% slower on Qwen3.5's and
+// DeepSeek-V3's wider rows (matmul_bench --moe, H100, session 13).
+constexpr int down_rows = 2, down_chunks = 6;
 
 struct Parts {
   uintptr_t data, scales, biases;
@@ -291,7 +302,7 @@ __global__ void __launch_bounds__(32 * moe_warps)
   const uint8_t* blob = active && slot < k ? blob_of(table, ids, slot) : nullptr;
   if (blob) load(blob, g_lane);
   dependent_launch_begin();
-  for (int j = 0; j < k; ++j) stage_chunked<F>(h + size_t(j) * I, I, hs + j * per_expert);
+  stage_chunked<F>(h, k * I, hs);  // the experts' rows are contiguous, and so are their staged chunks
   __syncthreads();
   if (!active) return;
   for (int j0 = 0; j0 < k; j0 += per_pass) {
@@ -364,21 +375,23 @@ void launch_gate_up(const ExpertLayout& l, const void* const* table, const int32
   MF_CUDA_CHECK_LAUNCH();
 }
 
+constexpr size_t down_dots_bytes = sizeof(float) * moe_warps * down_rows * max_moe_k;
+
 template <WeightFormat F>
 void launch_down(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int k, const float* h,
                  bool accumulate, float* y, cudaStream_t stream) {
   constexpr int R = down_rows, C = down_chunks;
   const int H = int(l.down.rows), I = int(l.down.cols);
   constexpr int rows_per_block = moe_warps * R;
-  const size_t per_expert = size_t(staged_bytes(F, I)), dots = sizeof(float) * moe_warps * R * max_moe_k;
+  const size_t per_expert = size_t(staged_bytes(F, I));
   // As many experts per launch as their h fit in a block's shared memory (moe_decode checked that one
   // does); each launch continues the last one's sums, which the accumulate contract makes the same bits.
-  const int fit = int(std::min<size_t>(size_t(k), (size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) - dots) / per_expert));
+  const int fit = int(std::min<size_t>(size_t(k), (size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) - down_dots_bytes) / per_expert));
   const int G = lanes_per_expert(I / chunk_cols(F));
   for (int j0 = 0; j0 < k; j0 += fit) {
     const int n = std::min(fit, k - j0);
     const size_t shared = size_t(n) * per_expert;
-    allow_shared(down_combine_kernel<F, R, C>, shared, dots);
+    allow_shared(down_combine_kernel<F, R, C>, shared, down_dots_bytes);
     launch(down_combine_kernel<F, R, C>, unsigned((H + rows_per_block - 1) / rows_per_block), 32 * moe_warps, shared, stream, table,
            ids + j0, weights + j0, n, parts_of(l.down), h + size_t(j0) * I, I, H, G, accumulate || j0 > 0, y);
     MF_CUDA_CHECK_LAUNCH();
@@ -398,8 +411,7 @@ void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert
   if (k < 1 || k > max_router_k || k > n_expert) unsupported("router k outside [1, 64] or above n_expert");
   const size_t shared = size_t(n_expert) * sizeof(float);
   if (shared > 44 * 1024) unsupported("more than 11264 experts");
-  const int threads = int(std::min<int64_t>(1024, (n_expert + 31) / 32 * 32));
-  launch(softmax_topk_kernel, unsigned(n_tokens), threads, shared, stream, logits, int(n_expert), int(k), normalize, ids, weights);
+  launch(softmax_topk_kernel, unsigned(n_tokens), 32, shared, stream, logits, int(n_expert), int(k), normalize, ids, weights);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -414,30 +426,39 @@ void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t
   MF_CUDA_CHECK_LAUNCH();
 }
 
-void moe_decode(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int64_t k, const float* x,
-                float* h, float* part, float* y, bool accumulate, cudaStream_t stream) {
-  (void)part;  // the down products are combined in registers
-  if (k <= 0) return;
+namespace {
+
+// fn(std::integral_constant<WeightFormat, f>{}): a kernel template instantiated for the format at hand.
+template <typename Fn>
+void with_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::f32: return fn(std::integral_constant<WeightFormat, WeightFormat::f32>{});
+    case WeightFormat::bf16: return fn(std::integral_constant<WeightFormat, WeightFormat::bf16>{});
+    case WeightFormat::q8: return fn(std::integral_constant<WeightFormat, WeightFormat::q8>{});
+    case WeightFormat::q4: return fn(std::integral_constant<WeightFormat, WeightFormat::q4>{});
+  }
+}
+
+void check_layout(const ExpertLayout& l, int64_t k) {
   if (k > max_moe_k) unsupported("more than 64 experts per token");
   if (l.gate.format != l.up.format) unsupported("gate_proj and up_proj in different formats");
   if (!fits(l.gate) || !fits(l.up) || !fits(l.down)) unsupported("expert matrices not 16-byte aligned or cols not a multiple of the chunk");
   // x (hidden) and at least one expert's h (intermediate) are staged whole in shared memory.
   const size_t shared_max = size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
   if (size_t(staged_bytes(l.gate.format, l.gate.cols)) > shared_max ||
-      size_t(staged_bytes(l.down.format, l.down.cols)) + sizeof(float) * moe_warps * down_rows * max_moe_k > shared_max)
+      size_t(staged_bytes(l.down.format, l.down.cols)) + down_dots_bytes > shared_max)
     unsupported("hidden or intermediate size too large for shared memory");
-  switch (l.gate.format) {
-    case WeightFormat::f32: launch_gate_up<WeightFormat::f32>(l, table, ids, int(k), x, h, stream); break;
-    case WeightFormat::bf16: launch_gate_up<WeightFormat::bf16>(l, table, ids, int(k), x, h, stream); break;
-    case WeightFormat::q8: launch_gate_up<WeightFormat::q8>(l, table, ids, int(k), x, h, stream); break;
-    case WeightFormat::q4: launch_gate_up<WeightFormat::q4>(l, table, ids, int(k), x, h, stream); break;
-  }
-  switch (l.down.format) {
-    case WeightFormat::f32: launch_down<WeightFormat::f32>(l, table, ids, weights, int(k), h, accumulate, y, stream); break;
-    case WeightFormat::bf16: launch_down<WeightFormat::bf16>(l, table, ids, weights, int(k), h, accumulate, y, stream); break;
-    case WeightFormat::q8: launch_down<WeightFormat::q8>(l, table, ids, weights, int(k), h, accumulate, y, stream); break;
-    case WeightFormat::q4: launch_down<WeightFormat::q4>(l, table, ids, weights, int(k), h, accumulate, y, stream); break;
-  }
+}
+
+}  // namespace
+
+void moe_decode(const ExpertLayout& l, const void* const* table, const int32_t* ids, const float* weights, int64_t k, const float* x,
+                float* h, float* part, float* y, bool accumulate, cudaStream_t stream) {
+  (void)part;  // the down products are combined in registers
+  if (k <= 0) return;
+  check_layout(l, k);
+  with_format(l.gate.format, [&](auto f) { launch_gate_up<decltype(f)::value>(l, table, ids, int(k), x, h, stream); });
+  with_format(l.down.format, [&](auto f) { launch_down<decltype(f)::value>(l, table, ids, weights, int(k), h, accumulate, y, stream); });
 }
 
 }  // namespace moeflux::cuda

@@ -1,9 +1,10 @@
 // CUDA routing and routed experts for one decode token without a host round trip
-// (Backend::router_*_device, Backend::moe_decode). The routers run one block per token over the
-// [T, n_expert] logits with the CPU's arithmetic in the same order where it matters (softmax: max, exp,
-// sum, divide; top-k by (score desc, id asc)), so they choose the same experts. moe_decode takes the
-// expert blobs from a table indexed by the chosen ids, in three launches: gate and up of all k experts
-// with SwiGLU fused (h [k, I]); down of all k experts (part [k, H]); y = Σ_j w_j · part[j] in order j.
+// (Backend::router_*_device, Backend::moe_decode). The routers run one warp (softmax) or one block
+// (grouped sigmoid) per token over the [T, n_expert] logits with the CPU's arithmetic (softmax: max,
+// exp, sum — in another order, within 1e-6 —, divide; top-k by (score desc, id asc)), so they choose the
+// same experts but where two scores are that close. moe_decode takes the
+// expert blobs from a table indexed by the chosen ids, in two launches: gate and up of all k experts with
+// SwiGLU fused (h [k, I]); down of all k experts with y = Σ_j w_j · down_j(h_j) in order j in registers.
 // The dot products are the matmul's v6 form (16-byte weight loads, the lane's x chunk in registers),
 // with x (or the expert's h) staged once per block in shared memory; hidden and intermediate sizes up to
 // 12288.

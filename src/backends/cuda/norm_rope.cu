@@ -32,7 +32,7 @@ __global__ void rms_norm_vec_kernel(float* x, const float* __restrict__ y, const
       v[q].x += a.x, v[q].y += a.y, v[q].z += a.z, v[q].w += a.w;
       xr[i] = v[q];
     }
-    sum_sq += v[q].x * v[q].x + v[q].y * v[q].y + v[q].z * v[q].z + v[q].w * v[q].w;
+    sum_sq += sum_sq4(v[q]);
   }
   sum_sq = block_sum(sum_sq);
   const float inv_rms = 1.0f / sqrtf(sum_sq / float(dim) + eps);
@@ -41,8 +41,7 @@ __global__ void rms_norm_vec_kernel(float* x, const float* __restrict__ y, const
   for (int q = 0; q < V; ++q) {
     const int i = threadIdx.x + q * blockDim.x;
     if (i >= n4) break;
-    const float4 w = reinterpret_cast<const float4*>(weight)[i];
-    o[i] = make_float4(v[q].x * inv_rms * w.x, v[q].y * inv_rms * w.y, v[q].z * inv_rms * w.z, v[q].w * inv_rms * w.w);
+    o[i] = rms_scaled4(v[q], inv_rms, reinterpret_cast<const float4*>(weight)[i]);
   }
 }
 
@@ -79,7 +78,7 @@ void launch_rms_norm(float* x, const float* y, const float* weight, float eps, i
   } else {
     // Enough threads that each holds at most 4 float4s (and as few as one warp for a 128-wide head).
     const int n4 = int(dim / 4);
-    const int threads = std::min(1024, (std::max((n4 + 3) / 4, std::min(n4, 256)) + 31) / 32 * 32);
+    const int threads = rms_norm_threads(n4);
     const int per = (n4 + threads - 1) / threads;
     if (per <= 1)
       launch(rms_norm_vec_kernel<1, Add>, unsigned(n_rows), threads, 0, stream, x, y, weight, eps, int(dim), out);
