@@ -263,8 +263,13 @@ class CudaBackend final : public Backend {
       const OpTimer timer(*this, "add_rms_norm_matmul");
       bind();
       if (n_rows == 1 && fuse_norm_enabled() && cuda::norm_matmul_jobs(x, y, weight, eps, dim, x_out, h, jobs, n_jobs, stream_)) return;
+      // Composed, with x + y written straight to x_out (no copy of x first).
+      if (y)
+        cuda::add_rms_norm_to(x, y, x_out, weight, eps, n_rows, dim, h, stream_);
+      else
+        cuda::rms_norm(x, weight, eps, n_rows, dim, h, stream_);
     }
-    Backend::add_rms_norm_matmul(x, y, weight, eps, n_rows, dim, x_out, h, jobs, n_jobs);
+    matmul_many(jobs, n_jobs);
   }
 
   void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) override {

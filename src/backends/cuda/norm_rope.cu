@@ -9,14 +9,14 @@ namespace moeflux::cuda {
 namespace {
 
 // One block per row: x (+ y) held in registers, V float4s per thread; out = x · rsqrt(mean(x²) + eps) · w.
-// With y, x += y first and is written back (the same float addition axpy makes: 1 · y + x, an exact product),
-// so add_rms_norm gives exactly axpy followed by rms_norm. out may alias x.
+// With y, x + y first, written to x_out (x itself, or another buffer: the same float addition axpy makes,
+// 1 · y + x, an exact product), so add_rms_norm gives exactly axpy followed by rms_norm. out may alias x.
 template <int V, bool Add>
-__global__ void rms_norm_vec_kernel(float* x, const float* __restrict__ y, const float* __restrict__ weight, float eps, int dim,
-                                    float* out) {
+__global__ void rms_norm_vec_kernel(const float* x, const float* __restrict__ y, float* x_out, const float* __restrict__ weight, float eps,
+                                    int dim, float* out) {
   dependent_launch_begin();
   const int n4 = dim / 4;
-  float4* xr = reinterpret_cast<float4*>(x + int64_t(blockIdx.x) * dim);
+  const float4* xr = reinterpret_cast<const float4*>(x + int64_t(blockIdx.x) * dim);
   float4 v[V];
   float sum_sq = 0.f;
 #pragma unroll
@@ -30,7 +30,7 @@ __global__ void rms_norm_vec_kernel(float* x, const float* __restrict__ y, const
       const float4 a = (reinterpret_cast<uintptr_t>(yr) & 15u) == 0 ? *reinterpret_cast<const float4*>(yr)
                                                                       : make_float4(yr[0], yr[1], yr[2], yr[3]);
       v[q].x += a.x, v[q].y += a.y, v[q].z += a.z, v[q].w += a.w;
-      xr[i] = v[q];
+      reinterpret_cast<float4*>(x_out + int64_t(blockIdx.x) * dim)[i] = v[q];
     }
     sum_sq += sum_sq4(v[q]);
   }
@@ -47,16 +47,16 @@ __global__ void rms_norm_vec_kernel(float* x, const float* __restrict__ y, const
 
 // Any dim and alignment: one block per row, a strided loop.
 template <bool Add>
-__global__ void rms_norm_kernel(float* x, const float* __restrict__ y, const float* __restrict__ weight, float eps, int64_t dim,
-                                float* out) {
+__global__ void rms_norm_kernel(const float* x, const float* __restrict__ y, float* x_out, const float* __restrict__ weight, float eps,
+                                int64_t dim, float* out) {
   dependent_launch_begin();
-  float* xr = x + int64_t(blockIdx.x) * dim;
+  const float* xr = (Add ? x_out : x) + int64_t(blockIdx.x) * dim;  // the normalized row, read back below
   float sum_sq = 0.f;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    float v = xr[i];
+    float v = x[int64_t(blockIdx.x) * dim + i];
     if constexpr (Add) {
       v += y[int64_t(blockIdx.x) * dim + i];
-      xr[i] = v;
+      x_out[int64_t(blockIdx.x) * dim + i] = v;
     }
     sum_sq += v * v;
   }
@@ -67,25 +67,26 @@ __global__ void rms_norm_kernel(float* x, const float* __restrict__ y, const flo
 }
 
 template <bool Add>
-void launch_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out,
-                     cudaStream_t stream) {
+void launch_rms_norm(const float* x, const float* y, float* x_out, const float* weight, float eps, int64_t n_rows, int64_t dim,
+                     float* out, cudaStream_t stream) {
   if (n_rows <= 0) return;
   // n_rows ≤ 2^31 − 1 blocks.
   // The path depends on x, out and weight only, so add_rms_norm and rms_norm on the same x sum alike.
-  const bool vec = dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight);
+  const bool vec = dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight) &&
+                   (!Add || aligned16(x_out));
   if (!vec) {
-    launch(rms_norm_kernel<Add>, unsigned(n_rows), 256, 0, stream, x, y, weight, eps, dim, out);
+    launch(rms_norm_kernel<Add>, unsigned(n_rows), 256, 0, stream, x, y, x_out, weight, eps, dim, out);
   } else {
     // Enough threads that each holds at most 4 float4s (and as few as one warp for a 128-wide head).
     const int n4 = int(dim / 4);
     const int threads = rms_norm_threads(n4);
     const int per = (n4 + threads - 1) / threads;
     if (per <= 1)
-      launch(rms_norm_vec_kernel<1, Add>, unsigned(n_rows), threads, 0, stream, x, y, weight, eps, int(dim), out);
+      launch(rms_norm_vec_kernel<1, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out);
     else if (per == 2)
-      launch(rms_norm_vec_kernel<2, Add>, unsigned(n_rows), threads, 0, stream, x, y, weight, eps, int(dim), out);
+      launch(rms_norm_vec_kernel<2, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out);
     else
-      launch(rms_norm_vec_kernel<4, Add>, unsigned(n_rows), threads, 0, stream, x, y, weight, eps, int(dim), out);
+      launch(rms_norm_vec_kernel<4, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out);
   }
   MF_CUDA_CHECK_LAUNCH();
 }
@@ -148,11 +149,16 @@ __global__ void rope_neox_kernel(float* x, int64_t n_heads, int64_t head_dim, in
 }  // namespace
 
 void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream) {
-  launch_rms_norm<true>(x, y, weight, eps, n_rows, dim, out, stream);
+  launch_rms_norm<true>(x, y, x, weight, eps, n_rows, dim, out, stream);
+}
+
+void add_rms_norm_to(const float* x, const float* y, float* x_out, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out,
+                     cudaStream_t stream) {
+  launch_rms_norm<true>(x, y, x_out, weight, eps, n_rows, dim, out, stream);
 }
 
 void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream) {
-  launch_rms_norm<false>(const_cast<float*>(x), nullptr, weight, eps, n_rows, dim, out, stream);  // x is only read
+  launch_rms_norm<false>(x, nullptr, nullptr, weight, eps, n_rows, dim, out, stream);
 }
 
 void qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim,

@@ -11,6 +11,9 @@ namespace moeflux::cuda {
 // One block per row. x, weight, out: device; out may alias x.
 // x += y, then rms_norm of x (Backend::add_rms_norm): one block per row.
 void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream);
+// The same with x + y written to x_out instead of x (the same bits; x_out may be x).
+void add_rms_norm_to(const float* x, const float* y, float* x_out, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out,
+                     cudaStream_t stream);
 void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream);
 
 // Per-head RMSNorm of q [T, n_head, head_dim] and k [T, n_head_kv, head_dim] (weights q_norm, k_norm:
