@@ -554,6 +554,45 @@ TEST_P(BackendOps, QkNormRopeMatchesReference) {
   }
 }
 
+// qk_norm_rope and attention as one op (a GPU takes a decode token's head norms and rotary inside the
+// attention kernel): out and the new key rows in the cache to the bit as the two ops in turn leave them,
+// the rest of the cache untouched. Decode steps over 100 and 700 keys (one block holds the new key; at
+// 700 the keys are split across blocks), a partial rotary, Qwen3.5's wider heads; and steps a GPU
+// composes: 20 keys (its simple kernel), three tokens.
+TEST_P(BackendOps, QkNormRopeAttentionMatchesTheOpsInTurn) {
+  struct Case { int64_t n_tokens, n_past, n_head, n_head_kv, head_dim, rot_dim; };
+  for (const Case& c : {Case{1, 99, 32, 4, 128, 128}, Case{1, 699, 32, 4, 128, 128}, Case{1, 300, 16, 2, 256, 64}, Case{1, 19, 32, 4, 128, 128},
+                        Case{3, 200, 8, 2, 64, 32}}) {
+    SCOPED_TRACE("T=" + std::to_string(c.n_tokens) + " past=" + std::to_string(c.n_past) + " head_dim=" + std::to_string(c.head_dim));
+    const int64_t kv_dim = c.n_head_kv * c.head_dim, n_ctx = c.n_past + c.n_tokens;
+    const auto q = gaussian(size_t(c.n_tokens * c.n_head * c.head_dim), rng_, 3.0f);
+    // Earlier keys as a model leaves them (normalized: unit-scale), the batch's raw (larger).
+    auto k_cache = gaussian(size_t(n_ctx * kv_dim), rng_, 1.0f);
+    for (size_t i = size_t(c.n_past * kv_dim); i < k_cache.size(); ++i) k_cache[i] *= 3.0f;
+    const auto v_cache = gaussian(size_t(n_ctx * kv_dim), rng_, 1.0f);
+    const auto q_norm = gaussian(size_t(c.head_dim), rng_), k_norm = gaussian(size_t(c.head_dim), rng_);
+    std::vector<int32_t> positions(size_t(c.n_tokens));
+    for (int64_t t = 0; t < c.n_tokens; ++t) positions[size_t(t)] = int32_t(c.n_past + t);
+    std::vector<float> inv_freq(size_t(c.rot_dim / 2));
+    for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = std::pow(1e6f, -2.0f * float(i) / float(c.rot_dim));
+    const AttentionLayout layout = AttentionLayout::gqa(c.n_head, c.n_head_kv, c.head_dim);
+    const float scale = 1.0f / std::sqrt(float(c.head_dim));
+    const size_t out_bytes = size_t(c.n_tokens * c.n_head * c.head_dim) * 4;
+    DeviceBuffer dqn(but(), *be_, q_norm), dkn(but(), *be_, k_norm), dv(but(), *be_, v_cache);
+    DeviceBuffer dq1(but(), *be_, q), dk1(but(), *be_, k_cache), dout1(but(), *be_, out_bytes);
+    be_->qk_norm_rope_attention(dq1.f(), dk1.f(), dv.f(), c.n_tokens, c.n_past, layout, scale, dout1.f(), c.rot_dim, dqn.f(), dkn.f(), 1e-6f,
+                                positions.data(), inv_freq.data());
+    DeviceBuffer dq2(but(), *be_, q), dk2(but(), *be_, k_cache), dout2(but(), *be_, out_bytes);
+    be_->qk_norm_rope(dq2.f(), dk2.f() + c.n_past * kv_dim, c.n_tokens, c.n_head, c.n_head_kv, c.head_dim, c.rot_dim, dqn.f(), dkn.f(), 1e-6f,
+                      positions.data(), inv_freq.data());
+    be_->attention(dq2.f(), dk2.f(), dv.f(), c.n_tokens, c.n_past, layout, scale, dout2.f());
+    const auto k1 = dk1.read();
+    EXPECT_EQ(dout1.read(), dout2.read());
+    EXPECT_EQ(k1, dk2.read());
+    EXPECT_TRUE(std::equal(k_cache.begin(), k_cache.begin() + c.n_past * kv_dim, k1.begin())) << "earlier keys changed";
+  }
+}
+
 TEST_P(BackendOps, AttentionMatchesReference) {
   struct Case { int64_t n_tokens, n_past, n_head, n_head_kv, head_dim; };
   for (const Case& c : {Case{1, 0, 4, 4, 64}, Case{1, 37, 8, 2, 128}, Case{3, 5, 8, 4, 64}, Case{17, 40, 4, 1, 128},

@@ -34,6 +34,14 @@ void Backend::qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head,
   }
 }
 
+void Backend::qk_norm_rope_attention(float* q, float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+                                     const AttentionLayout& layout, float scale, float* out, int64_t rot_dim, const float* q_norm,
+                                     const float* k_norm, float eps, const int32_t* positions, const float* inv_freq) {
+  qk_norm_rope(q, k_cache + n_past * layout.k_stride, n_tokens, layout.n_head, layout.n_head_kv, layout.k_dim, rot_dim, q_norm, k_norm, eps,
+               positions, inv_freq);
+  attention(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out);
+}
+
 void Backend::add_rms_norm_matmul(const float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim,
                                   float* x_out, float* h, const MatmulJob* jobs, int64_t n_jobs) {
   if (y) {

@@ -127,6 +127,14 @@ class Backend {
                             int64_t rot_dim, const float* q_norm, const float* k_norm, float eps, const int32_t* positions,
                             const float* inv_freq);
 
+  // qk_norm_rope of q and of the batch's new key rows (k_cache's rows n_past …, a GQA layout: k_stride
+  // = n_head_kv · k_dim), then attention, as one op (a GPU takes a decode token's norms and rotary inside
+  // the attention kernel). out and the key rows as the two ops in turn leave them, to the bit; q is
+  // scratch afterwards (normalized and rotated, or as it was).
+  virtual void qk_norm_rope_attention(float* q, float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+                                      const AttentionLayout& layout, float scale, float* out, int64_t rot_dim, const float* q_norm,
+                                      const float* k_norm, float eps, const int32_t* positions, const float* inv_freq);
+
   // Causal softmax attention over a KV cache holding positions 0 .. n_past + T − 1 (layout above):
   // query t sits at position n_past + t and sees keys 0 .. n_past + t; scores are q·k · scale.
   virtual void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens,

@@ -36,9 +36,10 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
     be.gather_rows(scratch.q_gate, scratch.rows.data(), n_rows, s.head_dim, scratch.gate);
   }
   // Per-head RMSNorm comes before rotary (qwen3: q_norm/k_norm shared by all heads).
+  const AttentionLayout layout = AttentionLayout::gqa(s.n_head, s.n_head_kv, s.head_dim);
   if (w.q_norm && w.k_norm) {
-    be.qk_norm_rope(scratch.q, k_rows, n_tokens, s.n_head, s.n_head_kv, s.head_dim, s.rot_dim, w.q_norm, w.k_norm, s.norm_eps,
-                    positions, s.inv_freq);
+    be.qk_norm_rope_attention(scratch.q, k_cache, v_cache, n_tokens, n_past, layout, s.scale, scratch.out, s.rot_dim, w.q_norm, w.k_norm,
+                              s.norm_eps, positions, s.inv_freq);
   } else {
     if (w.q_norm) be.rms_norm(scratch.q, w.q_norm, s.norm_eps, n_tokens * s.n_head, s.head_dim, scratch.q);
     if (w.k_norm) be.rms_norm(k_rows, w.k_norm, s.norm_eps, n_tokens * s.n_head_kv, s.head_dim, k_rows);
@@ -46,9 +47,8 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
       be.rope_neox(scratch.q, n_tokens, s.n_head, s.head_dim, s.rot_dim, positions, s.inv_freq);
       be.rope_neox(k_rows, n_tokens, s.n_head_kv, s.head_dim, s.rot_dim, positions, s.inv_freq);
     }
+    be.attention(scratch.q, k_cache, v_cache, n_tokens, n_past, layout, s.scale, scratch.out);
   }
-  be.attention(scratch.q, k_cache, v_cache, n_tokens, n_past, AttentionLayout::gqa(s.n_head, s.n_head_kv, s.head_dim), s.scale,
-               scratch.out);
   if (w.output_gate) be.sigmoid_mul(scratch.out, scratch.gate, n_tokens, s.n_head * s.head_dim, false);
   be.matmul(w.o_proj, scratch.out, y, n_tokens);
 }

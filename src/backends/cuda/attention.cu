@@ -92,6 +92,7 @@ struct TiledArgs {
   const float* q;
   const float* k_cache;
   const float* v_cache;  // == k_cache in the latent layout: the value tile is the key tile's prefix
+  float* k_cache_out;    // k_cache, where the new key is written back (q_norm set)
   AttentionLayout l;
   int64_t n_past, group;
   int64_t rows_per_kv;     // n_tokens · group
@@ -104,7 +105,42 @@ struct TiledArgs {
   float* out;              // the result, when there is one split
   float* part_o;           // else [n_split, rows_out, v_dim] unnormalized sums
   float* part_ml;          // and  [n_split, rows_out, 2] (max, sum) in base 2
+  // A decode token's q/k head norms and rotary, taken here (attention_qk_norm_rope) where q_norm is set:
+  // each block normalizes and rotates its q rows as it stages them, and the block whose keys hold the
+  // new one (position n_past: one row tile per KV head, so one block) its K row in the shared tile,
+  // writing it back to the cache for later steps.
+  const float* q_norm;
+  const float* k_norm;
+  const float* inv_freq;   // [half]
+  float eps, position;
+  int half;
 };
+
+// qk_norm_rope_kernel's arithmetic (norm_rope.cu) on one head row s [dim] in shared memory, by one warp,
+// in place: rms_norm with weight w, then rotary over the first 2·half dims; then × post_scale.
+__device__ void norm_rope_row(float* s, int dim, const float* __restrict__ w, const TiledArgs& a, float post_scale) {
+  const int lane = threadIdx.x & 31;
+  float sum_sq = 0.f;
+  for (int i = lane; i < dim; i += 32) {
+    const float v = s[i];
+    sum_sq += v * v;
+  }
+  sum_sq = warp_sum(sum_sq);
+  const float inv_rms = 1.0f / sqrtf(sum_sq / float(dim) + a.eps);
+  for (int i = lane; i < dim; i += 32) s[i] = s[i] * inv_rms * w[i];
+  __syncwarp();
+  for (int i = lane; i < a.half; i += 32) {  // a lane owns the pair (i, i + half): reads both, then writes both
+    const float angle = a.position * a.inv_freq[i];
+    const float c = cosf(angle), sn = sinf(angle);
+    const float x0 = s[i], x1 = s[i + a.half];
+    s[i] = x0 * c - x1 * sn;
+    s[i + a.half] = x1 * c + x0 * sn;
+  }
+  __syncwarp();
+  if (post_scale != 1.f)
+    for (int i = lane; i < dim; i += 32) s[i] *= post_scale;
+  __syncwarp();
+}
 
 template <int RW, int VPL>
 __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(TiledArgs a) {
@@ -129,9 +165,14 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     if (row < a.rows_per_kv) {
       const int64_t t = row / a.group, h = kv * a.group + row % a.group;
       x = reinterpret_cast<const float4*>(a.q + (t * a.l.n_head + h) * a.l.k_dim)[c];
-      x.x *= a.q_scale, x.y *= a.q_scale, x.z *= a.q_scale, x.w *= a.q_scale;
+      if (!a.q_norm) x.x *= a.q_scale, x.y *= a.q_scale, x.z *= a.q_scale, x.w *= a.q_scale;
     }
     qs[i] = x;
+  }
+  if (a.q_norm) {  // then scaled, as the kernel would load the q that qk_norm_rope had written
+    __syncthreads();
+    for (int r = 0; r < RW; ++r)
+      if (row0 + warp * RW + r < a.rows_per_kv) norm_rope_row(reinterpret_cast<float*>(qs + (warp * RW + r) * k4i), k4i * 4, a.q_norm, a, a.q_scale);
   }
 
   // Keys of this block: its split, up to the last key its last row sees (causal).
@@ -181,6 +222,15 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     cp_async_commit();  // possibly empty: the wait below counts groups
     cp_async_wait<1>();
     __syncthreads();    // this tile (and, the first time, qs) is in shared memory for every thread
+    if (a.k_norm && kb <= a.n_past && a.n_past < kb + nk) {  // the new key, as qk_norm_rope would have left it
+      if (warp == 0) {
+        float* row = reinterpret_cast<float*>(tiles + buf * tile4 + (a.n_past - kb) * kp4);
+        norm_rope_row(row, k4i * 4, a.k_norm, a, 1.f);
+        float* cached = a.k_cache_out + a.n_past * a.l.k_stride + kv * a.l.k_dim;
+        for (int i = lane; i < k4i * 4; i += 32) cached[i] = row[i];
+      }
+      __syncthreads();
+    }
     const float4* ks = tiles + buf * tile4;
     const float4* vs = a.latent ? ks : ks + tile_keys * kp4;
     if (warp_busy) {
@@ -347,10 +397,14 @@ bool attention_tiled_supported(const float* q, const float* k_cache, const float
          aligned16(k_cache) && aligned16(v_cache) && aligned16(out);
 }
 
-void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
-               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream, AttentionPath path,
-               const AttentionTuning& tuning) {
-  if (n_tokens <= 0 || layout.n_head <= 0) return;
+namespace {
+
+// attention(), or with qk (one token) the tiled kernel normalizing and rotating q and the new key itself;
+// false, having launched nothing, where that cannot run.
+bool run_attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+                   const AttentionLayout& layout, float scale, float* out, cudaStream_t stream, AttentionPath path,
+                   const AttentionTuning& tuning, const QkNormRope* qk, float* k_cache_out) {
+  if (n_tokens <= 0 || layout.n_head <= 0) return true;
   if (layout.n_head_kv <= 0 || layout.n_head % layout.n_head_kv != 0) {
     std::fprintf(stderr, "%s:%d: attention: n_head %lld is not a multiple of n_head_kv %lld\n", __FILE__, __LINE__,
                  (long long)layout.n_head, (long long)layout.n_head_kv);
@@ -362,9 +416,13 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
   // A decode step over a few dozen keys: the simple kernel's one launch beats the tiled kernel's setup
   // (attention_lab, H200: 9.0 against 11.0 µs at 33 keys, 14.8 against 11.1 at 65).
   const bool short_decode = n_tokens == 1 && n_past + 1 <= 64;
-  if (path == AttentionPath::simple || (path == AttentionPath::automatic && short_decode) ||
-      !attention_tiled_supported(q, k_cache, v_cache, layout, out))
-    return attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
+  const bool simple = path == AttentionPath::simple || (path == AttentionPath::automatic && short_decode) ||
+                      !attention_tiled_supported(q, k_cache, v_cache, layout, out);
+  if (qk && (n_tokens != 1 || simple || latent || 2 * int64_t(qk->half) > layout.k_dim)) return false;
+  if (simple) {
+    attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
+    return true;
+  }
 
   int device = 0, n_sm = 0, shared_max = 0;
   MF_CUDA_CHECK(cudaGetDevice(&device));
@@ -392,9 +450,18 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
   };
   while (shared_for(rw * warps) > size_t(shared_max) && rw * warps > 4) rw > 1 ? void(rw /= 2) : void(warps /= 2);
   const size_t shared = shared_for(rw * warps);
-  if (shared > size_t(shared_max)) return attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
   const int rows = rw * warps;
   a.n_row_tiles = (a.rows_per_kv + rows - 1) / rows;
+  if (qk && (shared > size_t(shared_max) || a.n_row_tiles != 1)) return false;  // one block per (KV head, split) holds the new key
+  if (shared > size_t(shared_max)) {
+    attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
+    return true;
+  }
+  if (qk) {
+    a.q_norm = qk->q_norm, a.k_norm = qk->k_norm, a.inv_freq = qk->inv_freq;
+    a.eps = qk->eps, a.position = qk->position, a.half = qk->half;
+    a.k_cache_out = k_cache_out;
+  }
 
   const int64_t v4 = layout.v_dim / 4, vpl_needed = (v4 + 31) / 32;
   const int vpl = vpl_needed <= 1 ? 1 : vpl_needed <= 2 ? 2 : vpl_needed <= 4 ? 4 : 8;
@@ -405,6 +472,20 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
     case 2: launch_tiled_rw<2>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
     default: launch_tiled_rw<4>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
   }
+  return true;
+}
+
+}  // namespace
+
+void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+               const AttentionLayout& layout, float scale, float* out, cudaStream_t stream, AttentionPath path,
+               const AttentionTuning& tuning) {
+  run_attention(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream, path, tuning, nullptr, nullptr);
+}
+
+bool attention_qk_norm_rope(const float* q, float* k_cache, const float* v_cache, int64_t n_past, const AttentionLayout& layout, float scale,
+                            float* out, const QkNormRope& qk, cudaStream_t stream) {
+  return run_attention(q, k_cache, v_cache, 1, n_past, layout, scale, out, stream, AttentionPath::automatic, {}, &qk, k_cache);
 }
 
 }  // namespace moeflux::cuda

@@ -47,6 +47,24 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
                const AttentionLayout& layout, float scale, float* out, cudaStream_t stream,
                AttentionPath path = AttentionPath::automatic, const AttentionTuning& tuning = {});
 
+// Backend::qk_norm_rope_attention for one token: q [n_head, k_dim] and the new key (k_cache's row
+// n_past) normalized per head (q_norm, k_norm) and rotated over the first 2·half dims at `position` as
+// qk_norm_rope does it (the same bits), inside the tiled kernel: each block takes its q rows as it stages
+// them; the one block whose keys hold the new one (a decode token's GQA group is one row tile) takes that
+// key in its shared tile and writes it back to the cache. q is left as it was. False, having launched
+// nothing, where the tiled kernel would not run that step alone (more than one token, ≤ 64 keys, the
+// latent layout, a group wider than a row tile): the caller composes qk_norm_rope and attention.
+struct QkNormRope {
+  const float* q_norm;
+  const float* k_norm;
+  float eps;
+  int half;
+  float position;
+  const float* inv_freq;  // [half], device memory
+};
+bool attention_qk_norm_rope(const float* q, float* k_cache, const float* v_cache, int64_t n_past, const AttentionLayout& layout, float scale,
+                            float* out, const QkNormRope& qk, cudaStream_t stream);
+
 // Whether the tiled kernel's alignment and shape requirements hold (shared memory is checked at launch).
 bool attention_tiled_supported(const float* q, const float* k_cache, const float* v_cache, const AttentionLayout& layout,
                                const float* out);

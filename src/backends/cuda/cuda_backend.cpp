@@ -53,13 +53,12 @@ class OpTimer {
   const char* op_;
 };
 
-// MOEFLUX_CUDA_FUSE_NORM=0 composes add_rms_norm_matmul from its ops (a developer's switch for comparisons).
-inline bool fuse_norm_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOEFLUX_CUDA_FUSE_NORM");
-    return !(v && v[0] == '0');
-  }();
-  return on;
+// MOEFLUX_CUDA_FUSE_NORM=0 composes add_rms_norm_matmul from its ops, MOEFLUX_CUDA_FUSE_QK=0
+// qk_norm_rope_attention (developers' switches for comparisons). Read on every call: cheap, and a test
+// may set them.
+inline bool fuse_enabled(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && v[0] == '0');
 }
 
 class CudaBackend final : public Backend {
@@ -262,7 +261,7 @@ class CudaBackend final : public Backend {
     {
       const OpTimer timer(*this, "add_rms_norm_matmul");
       bind();
-      if (n_rows == 1 && fuse_norm_enabled() && cuda::norm_matmul_jobs(x, y, weight, eps, dim, x_out, h, jobs, n_jobs, stream_)) return;
+      if (n_rows == 1 && fuse_enabled("MOEFLUX_CUDA_FUSE_NORM") && cuda::norm_matmul_jobs(x, y, weight, eps, dim, x_out, h, jobs, n_jobs, stream_)) return;
       // Composed, with x + y written straight to x_out (no copy of x first).
       if (y)
         cuda::add_rms_norm_to(x, y, x_out, weight, eps, n_rows, dim, h, stream_);
@@ -312,6 +311,21 @@ class CudaBackend final : public Backend {
     const auto d = stage({{positions, size_t(n_tokens) * 4}, {inv_freq, size_t(rot_dim / 2) * 4}});
     cuda::qk_norm_rope(q, k, n_tokens, n_head, n_head_kv, head_dim, rot_dim, q_norm, k_norm, eps, static_cast<const int32_t*>(d[0]),
                        static_cast<const float*>(d[1]), 1.0f, stream_);
+  }
+
+  void qk_norm_rope_attention(float* q, float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
+                              const AttentionLayout& layout, float scale, float* out, int64_t rot_dim, const float* q_norm,
+                              const float* k_norm, float eps, const int32_t* positions, const float* inv_freq) override {
+    if (n_tokens == 1 && fuse_enabled("MOEFLUX_CUDA_FUSE_QK")) {
+      const OpTimer timer(*this, "qk_norm_rope_attention");
+      MF_CHECK(rot_dim % 2 == 0 && rot_dim <= layout.k_dim && layout.n_head_kv > 0 && layout.n_head % layout.n_head_kv == 0);
+      bind();
+      const auto* d_inv_freq = rot_dim > 0 ? static_cast<const float*>(stage({{inv_freq, size_t(rot_dim / 2) * 4}})[0]) : nullptr;
+      const cuda::QkNormRope qk{q_norm, k_norm, eps, int(rot_dim / 2), float(positions[0]), d_inv_freq};
+      if (cuda::attention_qk_norm_rope(q, k_cache, v_cache, n_past, layout, scale, out, qk, stream_)) return;
+    }
+    Backend::qk_norm_rope_attention(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, rot_dim, q_norm, k_norm, eps, positions,
+                                    inv_freq);
   }
 
   void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
