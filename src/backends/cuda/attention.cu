@@ -116,30 +116,34 @@ struct TiledArgs {
   int half;
 };
 
-// qk_norm_rope_kernel's arithmetic (norm_rope.cu) on one head row s [dim] in shared memory, by one warp,
-// in place: rms_norm with weight w, then rotary over the first 2·half dims; then × post_scale.
-__device__ void norm_rope_row(float* s, int dim, const float* __restrict__ w, const TiledArgs& a, float post_scale) {
-  const int lane = threadIdx.x & 31;
+// qk_norm_rope_kernel's arithmetic (norm_rope.cu) on one head row held by a warp in registers, lane l
+// holding dims l, l + 32, … (dim ≤ 32 · max_lane_dims, half a multiple of 32, so that both dims of each
+// rotary pair sit in the same lane): rms_norm with weight w, then rotary over the first 2·half dims with
+// the lane's cos/sin, then × post_scale.
+constexpr int max_lane_dims = 8;
+__device__ __forceinline__ void norm_rope_lanes(float (&v)[max_lane_dims], int per, const float* __restrict__ w, const TiledArgs& a,
+                                                const float (&c)[max_lane_dims / 2], const float (&sn)[max_lane_dims / 2], float post_scale) {
+  const int lane = threadIdx.x & 31, dim = 32 * per, pairs = a.half / 32;
   float sum_sq = 0.f;
-  for (int i = lane; i < dim; i += 32) {
-    const float v = s[i];
-    sum_sq += v * v;
-  }
+#pragma unroll
+  for (int m = 0; m < max_lane_dims; ++m)
+    if (m < per) sum_sq += v[m] * v[m];
   sum_sq = warp_sum(sum_sq);
   const float inv_rms = 1.0f / sqrtf(sum_sq / float(dim) + a.eps);
-  for (int i = lane; i < dim; i += 32) s[i] = s[i] * inv_rms * w[i];
-  __syncwarp();
-  for (int i = lane; i < a.half; i += 32) {  // a lane owns the pair (i, i + half): reads both, then writes both
-    const float angle = a.position * a.inv_freq[i];
-    const float c = cosf(angle), sn = sinf(angle);
-    const float x0 = s[i], x1 = s[i + a.half];
-    s[i] = x0 * c - x1 * sn;
-    s[i + a.half] = x1 * c + x0 * sn;
+#pragma unroll
+  for (int m = 0; m < max_lane_dims; ++m)
+    if (m < per) v[m] = v[m] * inv_rms * w[lane + 32 * m];
+#pragma unroll
+  for (int m = 0; m < max_lane_dims / 2; ++m) {
+    if (m >= pairs) break;
+    const float x0 = v[m], x1 = v[m + pairs];
+    v[m] = x0 * c[m] - x1 * sn[m];
+    v[m + pairs] = x1 * c[m] + x0 * sn[m];
   }
-  __syncwarp();
-  if (post_scale != 1.f)
-    for (int i = lane; i < dim; i += 32) s[i] *= post_scale;
-  __syncwarp();
+  if (post_scale != 1.f) {
+#pragma unroll
+    for (int m = 0; m < max_lane_dims; ++m) v[m] *= post_scale;
+  }
 }
 
 template <int RW, int VPL>
@@ -158,23 +162,17 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   const int tile4 = tile_keys * int(kp4) + (a.latent ? 0 : tile_keys * int(vp4));
 
   const int k4i = int(k4), v4i = int(v4);
-  for (int i = threadIdx.x; i < rows * k4i; i += blockDim.x) {
+  for (int i = threadIdx.x; i < (a.q_norm ? 0 : rows * k4i); i += blockDim.x) {
     const int r = i / k4i, c = i - r * k4i;
     const int64_t row = row0 + r;
     float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row < a.rows_per_kv) {
       const int64_t t = row / a.group, h = kv * a.group + row % a.group;
       x = reinterpret_cast<const float4*>(a.q + (t * a.l.n_head + h) * a.l.k_dim)[c];
-      if (!a.q_norm) x.x *= a.q_scale, x.y *= a.q_scale, x.z *= a.q_scale, x.w *= a.q_scale;
+      x.x *= a.q_scale, x.y *= a.q_scale, x.z *= a.q_scale, x.w *= a.q_scale;
     }
     qs[i] = x;
   }
-  if (a.q_norm) {  // then scaled, as the kernel would load the q that qk_norm_rope had written
-    __syncthreads();
-    for (int r = 0; r < RW; ++r)
-      if (row0 + warp * RW + r < a.rows_per_kv) norm_rope_row(reinterpret_cast<float*>(qs + (warp * RW + r) * k4i), k4i * 4, a.q_norm, a, a.q_scale);
-  }
-
   // Keys of this block: its split, up to the last key its last row sees (causal).
   const int64_t last_row = (row0 + rows < a.rows_per_kv ? row0 + rows : a.rows_per_kv) - 1;
   const int64_t key_begin = split * a.keys_per_split;
@@ -215,6 +213,45 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   };
   if (key_begin < key_end) issue(key_begin, 0);
   cp_async_commit();
+  // With the norms here (instead of the staging above): each warp normalizes and rotates its own q rows
+  // from registers (then scales them, as the staging scales the q that qk_norm_rope wrote), while the
+  // first key tile loads; and warp 0 of the block whose keys
+  // hold the new one that key, written back to the cache now and into the shared tile when it arrives.
+  const bool new_key_here = a.k_norm && key_begin <= a.n_past && a.n_past < key_end;
+  float k_new[max_lane_dims];
+  if (a.q_norm) {
+    const int per = k4i * 4 / 32;
+    float c[max_lane_dims / 2], sn[max_lane_dims / 2];
+#pragma unroll
+    for (int m = 0; m < max_lane_dims / 2; ++m) {
+      const float angle = m < a.half / 32 ? a.position * a.inv_freq[lane + 32 * m] : 0.f;  // fp32, as the reference
+      c[m] = cosf(angle), sn[m] = sinf(angle);
+    }
+    for (int r = 0; r < RW; ++r) {
+      const int64_t row = row0 + warp * RW + r;
+      float v[max_lane_dims] = {};  // rows past the last stay 0, as the staging above leaves them
+      if (row < a.rows_per_kv) {
+        const float* src = a.q + ((row / a.group) * a.l.n_head + kv * a.group + row % a.group) * a.l.k_dim;
+#pragma unroll
+        for (int m = 0; m < max_lane_dims; ++m) v[m] = m < per ? src[lane + 32 * m] : 0.f;
+        norm_rope_lanes(v, per, a.q_norm, a, c, sn, a.q_scale);
+      }
+      float* dst = reinterpret_cast<float*>(qs + (warp * RW + r) * k4i);
+#pragma unroll
+      for (int m = 0; m < max_lane_dims; ++m)
+        if (m < per) dst[lane + 32 * m] = v[m];
+    }
+    if (new_key_here && warp == 0) {
+      float* cached = a.k_cache_out + a.n_past * a.l.k_stride + kv * a.l.k_dim;
+#pragma unroll
+      for (int m = 0; m < max_lane_dims; ++m) k_new[m] = m < per ? cached[lane + 32 * m] : 0.f;
+      norm_rope_lanes(k_new, per, a.k_norm, a, c, sn, 1.f);
+#pragma unroll
+      for (int m = 0; m < max_lane_dims; ++m)
+        if (m < per) cached[lane + 32 * m] = k_new[m];
+    }
+  }
+
   int buf = 0;
   for (int64_t kb = key_begin; kb < key_end; kb += tile_keys, buf ^= 1) {
     const int nk = key_end - kb < tile_keys ? int(key_end - kb) : tile_keys;
@@ -222,12 +259,12 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     cp_async_commit();  // possibly empty: the wait below counts groups
     cp_async_wait<1>();
     __syncthreads();    // this tile (and, the first time, qs) is in shared memory for every thread
-    if (a.k_norm && kb <= a.n_past && a.n_past < kb + nk) {  // the new key, as qk_norm_rope would have left it
+    if (new_key_here && kb <= a.n_past && a.n_past < kb + nk) {  // the tile may hold it raw or half written back
       if (warp == 0) {
         float* row = reinterpret_cast<float*>(tiles + buf * tile4 + (a.n_past - kb) * kp4);
-        norm_rope_row(row, k4i * 4, a.k_norm, a, 1.f);
-        float* cached = a.k_cache_out + a.n_past * a.l.k_stride + kv * a.l.k_dim;
-        for (int i = lane; i < k4i * 4; i += 32) cached[i] = row[i];
+#pragma unroll
+        for (int m = 0; m < max_lane_dims; ++m)
+          if (m < k4i / 8) row[lane + 32 * m] = k_new[m];
       }
       __syncthreads();
     }
@@ -418,7 +455,10 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
   const bool short_decode = n_tokens == 1 && n_past + 1 <= 64;
   const bool simple = path == AttentionPath::simple || (path == AttentionPath::automatic && short_decode) ||
                       !attention_tiled_supported(q, k_cache, v_cache, layout, out);
-  if (qk && (n_tokens != 1 || simple || latent || 2 * int64_t(qk->half) > layout.k_dim)) return false;
+  // A head in a warp's registers, each rotary pair within a lane (norm_rope_lanes).
+  if (qk && (n_tokens != 1 || simple || latent || layout.k_dim % 32 != 0 || layout.k_dim > 32 * max_lane_dims || qk->half % 32 != 0 ||
+             2 * int64_t(qk->half) > layout.k_dim))
+    return false;
   if (simple) {
     attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
     return true;

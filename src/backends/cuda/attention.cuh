@@ -53,7 +53,8 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
 // them; the one block whose keys hold the new one (a decode token's GQA group is one row tile) takes that
 // key in its shared tile and writes it back to the cache. q is left as it was. False, having launched
 // nothing, where the tiled kernel would not run that step alone (more than one token, ≤ 64 keys, the
-// latent layout, a group wider than a row tile): the caller composes qk_norm_rope and attention.
+// latent layout, a group wider than a row tile, a head wider than 256 or a rotary half not a multiple of
+// 32): the caller composes qk_norm_rope and attention.
 struct QkNormRope {
   const float* q_norm;
   const float* k_norm;
