@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <utility>
 
 #include "backends/backend.hpp"
 #include "blocks/blocks.hpp"
@@ -327,7 +328,8 @@ struct LayerWeights {
 struct Scratch final : ScratchArena {
   using ScratchArena::ScratchArena;
   int64_t max_tokens = 0;
-  float* x = nullptr;          // [T, H] residual stream
+  float* x = nullptr;          // [T, H] residual stream, and the buffer it alternates with (PendingNorm::x_out)
+  float* x_next = nullptr;     // [T, H]
   float* h = nullptr;          // [T, H] normalized
   float* y = nullptr;          // [T, H] block output
   AttentionScratch attn;
@@ -442,6 +444,7 @@ class Qwen3NextGraph final : public ModelGraph {
     const int64_t Vd = p_.value_dim(), nv = p_.lin_v_heads;
     s->max_tokens = T;
     s->x = s->alloc(T * H);
+    s->x_next = s->alloc(T * H);
     s->h = s->alloc(T * H);
     s->y = s->alloc(T * H);
     s->attn.q = s->alloc(T * q_dim);
@@ -494,28 +497,30 @@ class Qwen3NextGraph final : public ModelGraph {
     const MoeShape moe_shape{p_.n_expert, p_.n_expert_used, H, p_.norm_topk_prob};
     const float eps = float(p_.rms_norm_eps);
 
-    be_.embed_rows(embed_, tokens, n_tokens, s.x);
+    // The residual stream x alternates between two buffers: each norm takes the pending residual add
+    // (x + the last block's output y) into the other one, together with the matmuls that read the norm.
+    float* x = s.x;
+    float* x_next = s.x_next;
+    be_.embed_rows(embed_, tokens, n_tokens, x);
     for (int64_t l = 0; l < p_.n_layer; ++l) {
       const LayerWeights& w = layers_[size_t(l)];
       float* state0 = buffers[size_t(w.state_index)].data;
       float* state1 = buffers[size_t(w.state_index + 1)].data;
       // The previous layer's residual add goes with this layer's first norm.
-      if (l == 0)
-        be_.rms_norm(s.x, w.input_norm, eps, n_tokens, H, s.h);
-      else
-        be_.add_rms_norm(s.x, s.y, w.input_norm, eps, n_tokens, H, s.h);
+      const PendingNorm input_norm{x, l == 0 ? nullptr : s.y, w.input_norm, eps, H, x_next, s.h};
       if (w.linear) {
         ProfileScope scope(profile, ForwardProfile::delta_net);
-        delta_net(w.lin, s, n_tokens, state0, state1);
+        delta_net(w.lin, s, n_tokens, state0, state1, input_norm);
       } else {
         ProfileScope scope(profile, ForwardProfile::attention);
-        gqa_attention(be_, w.attn, shape, s.h, n_tokens, n_past, s.positions.data(), state0, state1, s.attn, s.y);
+        gqa_attention(be_, w.attn, shape, s.h, n_tokens, n_past, s.positions.data(), state0, state1, s.attn, s.y, &input_norm);
       }
-      be_.add_rms_norm(s.x, s.y, w.post_norm, eps, n_tokens, H, s.h);
+      if (l > 0) std::swap(x, x_next);
+      const PendingNorm post_norm{x, s.y, w.post_norm, eps, H, x_next, s.h};
       if (w.moe) {
         {
           ProfileScope scope(profile, ForwardProfile::routed_experts);
-          MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y));
+          MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y, &post_norm));
         }
         if (p_.shared_intermediate > 0) {
           ProfileScope scope(profile, ForwardProfile::shared_expert);
@@ -527,21 +532,22 @@ class Qwen3NextGraph final : public ModelGraph {
         }
       } else {
         ProfileScope scope(profile, ForwardProfile::dense_mlp);
-        swiglu_mlp(be_, w.gate, w.up, w.down, s.h, n_tokens, s.dense, s.y);
+        swiglu_mlp(be_, w.gate, w.up, w.down, s.h, n_tokens, s.dense, s.y, &post_norm);
       }
+      std::swap(x, x_next);
     }
-    if (p_.n_layer > 0) be_.axpy(s.x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
-    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
+    if (p_.n_layer > 0) be_.axpy(x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
+    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), x, n_tokens, H, logits_all, s.h, s, logits);
     return Status::ok();
   }
 
  private:
-  // Gated DeltaNet on s.h → s.y: projections, causal conv + SiLU (conv_state), gates, the delta rule
-  // (recurrent_state), gated RMSNorm per value head, out_proj.
-  void delta_net(const LinearAttnWeights& w, Scratch& s, int64_t T, float* conv_state, float* recurrent_state) {
+  // Gated DeltaNet on s.h (the pending norm's) → s.y: projections, causal conv + SiLU (conv_state), gates,
+  // the delta rule (recurrent_state), gated RMSNorm per value head, out_proj.
+  void delta_net(const LinearAttnWeights& w, Scratch& s, int64_t T, float* conv_state, float* recurrent_state, const PendingNorm& norm) {
     const int64_t nv = p_.lin_v_heads, Kd = p_.key_dim(), Vd = p_.value_dim(), conv_dim = p_.conv_dim();
     const MatmulJob proj[] = {{w.in_qkv, s.h, s.qkv, T}, {w.in_z, s.h, s.z, T}, {w.in_b, s.h, s.b, T}, {w.in_a, s.h, s.a, T}};
-    be_.matmul_many(proj, 4);
+    project(be_, &norm, T, proj, 4);
     be_.causal_conv1d_silu(s.qkv, conv_state, w.conv, T, conv_dim, p_.conv_kernel, s.conv_out);
     be_.gated_delta_gates(s.a, s.b, w.a_log, w.dt_bias, T, nv, s.g, s.beta);
     be_.gated_delta_rule(s.conv_out, s.conv_out + Kd, s.conv_out + 2 * Kd, conv_dim, s.g, s.beta, recurrent_state, T,

@@ -193,9 +193,10 @@ constexpr int max_moe_k = 64;
 // slower on the three families' layers, matmul_bench --moe, H100).
 constexpr int gate_up_rows = 2, gate_up_unroll = 1;
 // down + combine: output rows per warp, and the most chunks of a row a lane holds (lanes_per_expert).
-// Up to 6 lets Qwen3-30B's q4 down (24 chunks a row) run 8 experts in one pass at 4 lanes each: 10% less
-// time for its router + experts than at most 4 (two passes); at most 8 was 8–17% slower on Qwen3.5's and
-// DeepSeek-V3's wider rows (matmul_bench --moe, H100, session 13).
+// Up to 6 lets Qwen3-30B's q4 down (24 chunks a row) run its 8 experts in one pass at 4 lanes each (its
+// router + experts 22.4 → 20.6 µs against at most 4: two passes at 8 lanes), while Qwen3.5's and
+// DeepSeek-V3's wider rows keep 8 and 16 lanes (at most 8 gave them 4 and 8: 8–17% slower; matmul_bench
+// --moe, H100, session 13).
 constexpr int down_rows = 2, down_chunks = 6;
 
 struct Parts {
