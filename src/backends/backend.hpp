@@ -107,8 +107,8 @@ class Backend {
   // A norm and the matmuls that read it, as one op (a GPU normalizes a decode token inside the matmul's
   // blocks instead of launching a norm before it): x_out = x + y as add_rms_norm adds (y null: x_out is
   // x and is not written), h = rms_norm(x_out)·weight, then matmul_many(jobs), whose inputs are h. x_out
-  // and h are written as those ops write them, to the bit. x_out may be x only where y is null or the
-  // backend composes; the residual stream then alternates between two buffers.
+  // and h are written as those ops write them, to the bit. x_out may be x, but a GPU then composes the
+  // ops (its blocks read x while one writes x_out): callers alternate the residual between two buffers.
   virtual void add_rms_norm_matmul(const float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim,
                                    float* x_out, float* h, const MatmulJob* jobs, int64_t n_jobs);
 

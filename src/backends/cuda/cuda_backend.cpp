@@ -54,8 +54,7 @@ class OpTimer {
 };
 
 // MOEFLUX_CUDA_FUSE_NORM=0 composes add_rms_norm_matmul from its ops, MOEFLUX_CUDA_FUSE_QK=0
-// qk_norm_rope_attention (developers' switches for comparisons). Read on every call: cheap, and a test
-// may set them.
+// qk_norm_rope_attention (developers' switches for comparisons; read on every call, which is cheap).
 inline bool fuse_enabled(const char* name) {
   const char* v = std::getenv(name);
   return !(v && v[0] == '0');
@@ -261,7 +260,9 @@ class CudaBackend final : public Backend {
     {
       const OpTimer timer(*this, "add_rms_norm_matmul");
       bind();
-      if (n_rows == 1 && fuse_enabled("MOEFLUX_CUDA_FUSE_NORM") && cuda::norm_matmul_jobs(x, y, weight, eps, dim, x_out, h, jobs, n_jobs, stream_)) return;
+      if (n_rows == 1 && fuse_enabled("MOEFLUX_CUDA_FUSE_NORM") &&
+          cuda::norm_matmul_jobs(x, y, weight, eps, dim, x_out, h, jobs, n_jobs, stream_))
+        return;
       // Composed, with x + y written straight to x_out (no copy of x first).
       if (y)
         cuda::add_rms_norm_to(x, y, x_out, weight, eps, n_rows, dim, h, stream_);

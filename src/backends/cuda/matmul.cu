@@ -474,7 +474,7 @@ bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float
     if (j.n_tokens != 1 || j.x != h || w.cols != dim || w.format != f || w.rows <= 0 || w.rows > INT_MAX / 2 || !aligned16(w.data) ||
         !aligned16(j.y) || !weight_format_fits(f, w.cols) || staged_x_bytes(f, w.cols) > staged_x_max_bytes)
       return false;
-    if (!apart(j.y, x) || !apart(j.y, y) || !apart(j.y, h)) return false;
+    if (!apart(j.y, x) || !apart(j.y, y) || !apart(j.y, h) || (y && !apart(j.y, x_out))) return false;
   }
   const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads};
   switch (f) {
