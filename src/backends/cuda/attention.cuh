@@ -49,9 +49,10 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
 
 // Backend::qk_norm_rope_attention for one token: q [n_head, k_dim] and the new key (k_cache's row
 // n_past) normalized per head (q_norm, k_norm) and rotated over the first 2·half dims at `position` as
-// qk_norm_rope does it (the same bits), inside the tiled kernel: each block takes its q rows as it stages
-// them; the one block whose keys hold the new one (a decode token's GQA group is one row tile) takes that
-// key in its shared tile and writes it back to the cache. q is left as it was. False, having launched
+// qk_norm_rope does it (the same bits), inside the tiled kernel: each warp takes its q rows in registers
+// as the block stages them; warp 0 of the one block whose keys hold the new one (a decode token's GQA
+// group is one row tile) takes that key while the first tile loads, writes it back to the cache and into
+// the tile when it arrives. q is left as it was. False, having launched
 // nothing, where the tiled kernel would not run that step alone (more than one token, ≤ 64 keys, the
 // latent layout, a group wider than a row tile, a head wider than 256 or a rotary half not a multiple of
 // 32): the caller composes qk_norm_rope and attention.
