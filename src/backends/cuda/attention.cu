@@ -106,9 +106,9 @@ struct TiledArgs {
   float* part_o;           // else [n_split, rows_out, v_dim] unnormalized sums
   float* part_ml;          // and  [n_split, rows_out, 2] (max, sum) in base 2
   // A decode token's q/k head norms and rotary, taken here (attention_qk_norm_rope) where q_norm is set:
-  // each block normalizes and rotates its q rows as it stages them, and the block whose keys hold the
-  // new one (position n_past: one row tile per KV head, so one block) its K row in the shared tile,
-  // writing it back to the cache for later steps.
+  // each warp normalizes and rotates its q rows in registers, and warp 0 of the block whose keys hold the
+  // new one (position n_past: one row tile per KV head, so one block) that key, writing it back to the
+  // cache for later steps and into its shared tile.
   const float* q_norm;
   const float* k_norm;
   const float* inv_freq;   // [half]
@@ -215,8 +215,8 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   cp_async_commit();
   // With the norms here (instead of the staging above): each warp normalizes and rotates its own q rows
   // from registers (then scales them, as the staging scales the q that qk_norm_rope wrote), while the
-  // first key tile loads; and warp 0 of the block whose keys
-  // hold the new one that key, written back to the cache now and into the shared tile when it arrives.
+  // first key tile loads; and warp 0 of the block whose keys hold the new one that key, written back to
+  // the cache now and into the shared tile when it arrives.
   const bool new_key_here = a.k_norm && key_begin <= a.n_past && a.n_past < key_end;
   float k_new[max_lane_dims];
   if (a.q_norm) {

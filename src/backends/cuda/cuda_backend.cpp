@@ -54,10 +54,19 @@ class OpTimer {
 };
 
 // MOEFLUX_CUDA_FUSE_NORM=0 composes add_rms_norm_matmul from its ops, MOEFLUX_CUDA_FUSE_QK=0
-// qk_norm_rope_attention (developers' switches for comparisons; read on every call, which is cheap).
-inline bool fuse_enabled(const char* name) {
-  const char* v = std::getenv(name);
-  return !(v && v[0] == '0');
+// qk_norm_rope_attention (developers' switches for comparisons, read once, like MOEFLUX_CUDA_PDL).
+struct FuseSwitches {
+  bool norm, qk;
+};
+const FuseSwitches& fuse_switches() {
+  static const FuseSwitches switches = [] {
+    const auto on = [](const char* name) {
+      const char* v = std::getenv(name);
+      return !(v && v[0] == '0');
+    };
+    return FuseSwitches{on("MOEFLUX_CUDA_FUSE_NORM"), on("MOEFLUX_CUDA_FUSE_QK")};
+  }();
+  return switches;
 }
 
 class CudaBackend final : public Backend {
@@ -260,7 +269,7 @@ class CudaBackend final : public Backend {
     {
       const OpTimer timer(*this, "add_rms_norm_matmul");
       bind();
-      if (n_rows == 1 && fuse_enabled("MOEFLUX_CUDA_FUSE_NORM") &&
+      if (n_rows == 1 && fuse_switches().norm &&
           cuda::norm_matmul_jobs(x, y, weight, eps, dim, x_out, h, jobs, n_jobs, stream_))
         return;
       // Composed, with x + y written straight to x_out (no copy of x first).
@@ -317,7 +326,7 @@ class CudaBackend final : public Backend {
   void qk_norm_rope_attention(float* q, float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
                               const AttentionLayout& layout, float scale, float* out, int64_t rot_dim, const float* q_norm,
                               const float* k_norm, float eps, const int32_t* positions, const float* inv_freq) override {
-    if (n_tokens == 1 && fuse_enabled("MOEFLUX_CUDA_FUSE_QK")) {
+    if (n_tokens == 1 && fuse_switches().qk) {
       const OpTimer timer(*this, "qk_norm_rope_attention");
       MF_CHECK(rot_dim % 2 == 0 && rot_dim <= layout.k_dim && layout.n_head_kv > 0 && layout.n_head % layout.n_head_kv == 0);
       bind();

@@ -12,6 +12,7 @@
 #include <utility>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -161,6 +162,17 @@ __device__ __forceinline__ int job_of_block(const LaunchTable<Job, N>& t, int b)
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// fn(std::integral_constant<WeightFormat, f>{}): a kernel template instantiated for the format at hand.
+template <typename Fn>
+void with_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::f32: return fn(std::integral_constant<WeightFormat, WeightFormat::f32>{});
+    case WeightFormat::bf16: return fn(std::integral_constant<WeightFormat, WeightFormat::bf16>{});
+    case WeightFormat::q8: return fn(std::integral_constant<WeightFormat, WeightFormat::q8>{});
+    case WeightFormat::q4: return fn(std::integral_constant<WeightFormat, WeightFormat::q4>{});
+  }
+}
 
 // rms_norm's vectorized arithmetic (norm_rope.cu), shared with the matmul that normalizes its own input
 // (matmul.cu) so that both give the same bits: rms_norm_threads(n4) threads, thread t taking float4s

@@ -477,12 +477,7 @@ bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float
     if (!apart(j.y, x) || !apart(j.y, y) || !apart(j.y, h) || (y && !apart(j.y, x_out))) return false;
   }
   const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads};
-  switch (f) {
-    case WeightFormat::f32: launch_path<WeightFormat::f32>(jobs, n_jobs, true, stream, &norm); break;
-    case WeightFormat::bf16: launch_path<WeightFormat::bf16>(jobs, n_jobs, true, stream, &norm); break;
-    case WeightFormat::q8: launch_path<WeightFormat::q8>(jobs, n_jobs, true, stream, &norm); break;
-    case WeightFormat::q4: launch_path<WeightFormat::q4>(jobs, n_jobs, true, stream, &norm); break;
-  }
+  with_format(f, [&](auto format) { launch_path<decltype(format)::value>(jobs, n_jobs, true, stream, &norm); });
   return true;
 }
 

@@ -1,7 +1,6 @@
 // The kernels of moe.cuh.
 #include <cfloat>
 #include <algorithm>
-#include <type_traits>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -73,8 +72,9 @@ __device__ __forceinline__ unsigned long long rank_key(float p, int e) {
 // chosen_w, as router_softmax_topk defines them. Lane l takes experts l, l + 32, … in that order for the
 // max, the exps and its part of the sum; the parts are added by a fixed shuffle tree (within 1e-6 of the
 // host's expert-by-expert sum). The k best are then taken in k rounds, each the warp's largest key below
-// the last round's (keys are distinct, so nothing needs marking): no block-wide step at all (a block
-// ranking every expert against every other, or k block reductions, took longer: BENCHMARKS, session 13).
+// the last round's (keys are distinct, so nothing needs marking): no block-wide step at all. At 512
+// experts that beat a block ranking every expert against every other (router + experts 48.2 against
+// 53.6 µs); at 128–256 the rank kernel may have been faster (BENCHMARKS, session 13: not settled).
 // p [E] is shared scratch.
 __device__ void softmax_topk_warp(const float* logits, int n_expert, int k, bool normalize, float* p, int* chosen, float* chosen_w) {
   const int lane = threadIdx.x & 31;
@@ -428,17 +428,6 @@ void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t
 }
 
 namespace {
-
-// fn(std::integral_constant<WeightFormat, f>{}): a kernel template instantiated for the format at hand.
-template <typename Fn>
-void with_format(WeightFormat f, Fn&& fn) {
-  switch (f) {
-    case WeightFormat::f32: return fn(std::integral_constant<WeightFormat, WeightFormat::f32>{});
-    case WeightFormat::bf16: return fn(std::integral_constant<WeightFormat, WeightFormat::bf16>{});
-    case WeightFormat::q8: return fn(std::integral_constant<WeightFormat, WeightFormat::q8>{});
-    case WeightFormat::q4: return fn(std::integral_constant<WeightFormat, WeightFormat::q4>{});
-  }
-}
 
 void check_layout(const ExpertLayout& l, int64_t k) {
   if (k > max_moe_k) unsupported("more than 64 experts per token");
