@@ -1175,8 +1175,11 @@ struct HostWeight {  // a quantized matrix placed at a chosen byte offset from a
 // --- device routing and moe_decode (a GPU decodes one token without a host round trip) ------------
 
 // The device routers write ids and weights to backend memory; they must choose as the host routers do.
+// Expert counts cover each form of the CUDA softmax router: 4, 8, 16 and 32 experts a lane in registers
+// (61 and 1000: a partly filled last column), and the shared-memory form beyond 1024.
 TEST_P(BackendOps, DeviceRoutersMatchHostRouters) {
-  for (const auto& [T, E, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 128, 8}, {3, 512, 10}, {2, 64, 4}, {2, 61, 6}}) {
+  for (const auto& [T, E, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 128, 8}, {3, 512, 10}, {2, 64, 4}, {2, 61, 6}, {2, 256, 8},
+                                {1, 1000, 16}, {2, 1500, 8}}) {
     const auto logits = gaussian(size_t(T * E), rng_, 2.0f);
     std::vector<int32_t> ids_ref(size_t(T * k));
     std::vector<float> w_ref(ids_ref.size());

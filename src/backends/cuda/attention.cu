@@ -105,6 +105,8 @@ struct TiledArgs {
   float* out;              // the result, when there is one split
   float* part_o;           // else [n_split, rows_out, v_dim] unnormalized sums
   float* part_ml;          // and  [n_split, rows_out, 2] (max, sum) in base 2
+  unsigned* counters;      // with partials: a zeroed counter per block column (blockIdx.x); the last split
+                           // of a column to finish combines its rows (else attention_combine_kernel does)
   // A decode token's q/k head norms and rotary, taken here (attention_qk_norm_rope) where q_norm is set:
   // each warp normalizes and rotates its q rows in registers, and warp 0 of the block whose keys hold the
   // new one (position n_past: one row tile per KV head, so one block) that key, writing it back to the
@@ -144,6 +146,41 @@ __device__ __forceinline__ void norm_rope_lanes(float (&v)[max_lane_dims], int p
 #pragma unroll
     for (int m = 0; m < max_lane_dims; ++m) v[m] *= post_scale;
   }
+}
+
+constexpr int max_splits = 256;  // a warp's combine weights (combine_row)
+
+// out[row] = Σ_s e^(m_s − M) o_s / Σ_s e^(m_s − M) l_s over the split partials, M = max_s m_s; a split
+// that saw no key of the row (m = −inf) weighs 0. By one warp (lanes over the splits, then over float4
+// columns, each in split order), w: n_split floats of shared memory for the warp. The partials are read
+// past L1 (__ldcg): other blocks wrote them during this kernel when the last split combines.
+__device__ void combine_row(const float* __restrict__ part_o, const float* __restrict__ part_ml, int n_split, int64_t rows_out,
+                            int64_t v_dim, int64_t row, float* __restrict__ out, float* w) {
+  const int lane = threadIdx.x & 31;
+  float m_max = -INFINITY;
+  for (int s = lane; s < n_split; s += 32) m_max = fmaxf(m_max, __ldcg(part_ml + (s * rows_out + row) * 2));
+  m_max = warp_max(m_max);
+  float total = 0.f;
+  for (int s = lane; s < n_split; s += 32) {
+    const float m = __ldcg(part_ml + (s * rows_out + row) * 2), ws = m == -INFINITY ? 0.f : exp2f(m - m_max);
+    w[s] = ws;
+    total = fmaf(ws, __ldcg(part_ml + (s * rows_out + row) * 2 + 1), total);
+  }
+  const float inv_total = 1.f / warp_sum(total);
+  __syncwarp();
+  const int64_t v4 = v_dim / 4;
+  const float4* po = reinterpret_cast<const float4*>(part_o) + row * v4;
+  for (int64_t c = lane; c < v4; c += 32) {
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = 0; s < n_split; ++s) {
+      const float4 p = __ldcg(po + s * rows_out * v4 + c);
+      const float ws = w[s];
+      o.x = fmaf(ws, p.x, o.x), o.y = fmaf(ws, p.y, o.y), o.z = fmaf(ws, p.z, o.z), o.w = fmaf(ws, p.w, o.w);
+    }
+    reinterpret_cast<float4*>(out + row * v_dim)[c] = make_float4(o.x * inv_total, o.y * inv_total, o.z * inv_total, o.w * inv_total);
+  }
+  __syncwarp();  // w is reused by the warp's next row
 }
 
 template <int RW, int VPL>
@@ -349,38 +386,48 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
       a.part_ml[(split * a.rows_out + orow) * 2 + 1] = l[r];
     }
   }
-}
-
-// out[row] = Σ_s e^(m_s − M) o_s / Σ_s e^(m_s − M) l_s, M = max_s m_s; a split that saw no key of the
-// row (m = −inf) weighs 0. One block per output row.
-__global__ void attention_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, int n_split,
-                                         int64_t rows_out, int64_t v_dim, float* __restrict__ out) {
-  dependent_launch_begin();
-  __shared__ float weight[256];
-  __shared__ float inv_total;
-  const int64_t row = blockIdx.x;
-  if (threadIdx.x < 32) {
-    float m_max = -INFINITY;
-    for (int s = threadIdx.x; s < n_split; s += 32) m_max = fmaxf(m_max, part_ml[(s * rows_out + row) * 2]);
-    m_max = warp_max(m_max);
-    float total = 0.f;
-    for (int s = threadIdx.x; s < n_split; s += 32) {
-      const float m = part_ml[(s * rows_out + row) * 2], w = m == -INFINITY ? 0.f : exp2f(m - m_max);
-      weight[s] = w;
-      total += w * part_ml[(s * rows_out + row) * 2 + 1];
+  if (a.part_o && a.counters) {
+    // The last split of this block column to finish combines the column's rows: the partials are
+    // published (fence, then the count), and the last block orders its reads after the count.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float* w = reinterpret_cast<float*>(tiles) + warp * int(gridDim.y);  // the tiles are no longer read
+    for (int r = 0; r < RW; ++r) {
+      const int64_t row = row0 + warp * RW + r;
+      if (row >= a.rows_per_kv) break;
+      const int64_t orow = (row / a.group) * a.l.n_head + kv * a.group + row % a.group;
+      combine_row(a.part_o, a.part_ml, int(gridDim.y), a.rows_out, a.l.v_dim, orow, a.out, w);
     }
-    total = warp_sum(total);
-    if (threadIdx.x == 0) inv_total = 1.f / total;
-  }
-  __syncthreads();
-  for (int64_t c = threadIdx.x; c < v_dim; c += blockDim.x) {
-    float o = 0.f;
-    for (int s = 0; s < n_split; ++s) o = fmaf(weight[s], part_o[(s * rows_out + row) * v_dim + c], o);
-    out[row * v_dim + c] = o * inv_total;
+    if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;  // for the next launch
   }
 }
 
-constexpr int max_splits = 256;  // attention_combine_kernel's weight[]
+// combine_row for every output row, a warp per row.
+constexpr int combine_warps = 4;
+__global__ void __launch_bounds__(32 * combine_warps) attention_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                                                               int n_split, int64_t rows_out, int64_t v_dim, float* __restrict__ out) {
+  dependent_launch_begin();
+  __shared__ float w[combine_warps][max_splits];
+  const int warp = threadIdx.x >> 5;
+  const int64_t row = int64_t(blockIdx.x) * combine_warps + warp;
+  if (row < rows_out) combine_row(part_o, part_ml, n_split, rows_out, v_dim, row, out, w[warp]);
+}
+
+
+// Whether the last split combines in the attention kernel (else a combine kernel follows), unless
+// MOEFLUX_CUDA_FUSE_COMBINE=0 (a developer's switch for comparisons).
+bool combine_in_kernel() {
+  static const bool on = [] {
+    const char* env = std::getenv("MOEFLUX_CUDA_FUSE_COMBINE");
+    return !(env && env[0] == '0');
+  }();
+  return on;
+}
 
 // A key row's pitch in shared memory: ≡ 4 (mod 32) floats, so lanes reading 16 bytes each from 8
 // consecutive rows (one phase of a 16-byte shared load) hit 8 distinct groups of 4 banks.
@@ -400,18 +447,22 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
   if (blocks < wave) n_split = std::min<int64_t>({wave / blocks, (n_keys + tile_keys - 1) / tile_keys, int64_t(max_splits)});
   a.keys_per_split = ((n_keys + n_split - 1) / n_split + tile_keys - 1) / tile_keys * tile_keys;
   n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
+  a.out = out;
   if (n_split > 1) {
     const size_t part_o_floats = size_t(n_split * a.rows_out * a.l.v_dim);
     float* scratch = static_cast<float*>(stream_scratch(stream, (part_o_floats + size_t(n_split * a.rows_out * 2)) * sizeof(float)));
     a.part_o = scratch;
     a.part_ml = scratch + part_o_floats;
-  } else {
-    a.out = out;
+    // The combine in the kernel's last split where a counter per block column and the warps' weights (in
+    // the freed tiles) fit.
+    const int64_t tile_floats = 2 * tile_keys * (a.k_pitch + (a.latent ? 0 : a.v_pitch));
+    if (blocks <= stream_counter_slots && warps * n_split <= tile_floats && combine_in_kernel()) a.counters = stream_counters(stream);
   }
   launch(kernel, dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, shared, stream, a);
   MF_CUDA_CHECK_LAUNCH();
-  if (n_split > 1) {
-    launch(attention_combine_kernel, unsigned(a.rows_out), 128, 0, stream, a.part_o, a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
+  if (n_split > 1 && !a.counters) {
+    launch(attention_combine_kernel, unsigned((a.rows_out + combine_warps - 1) / combine_warps), 32 * combine_warps, 0, stream, a.part_o,
+           a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
     MF_CUDA_CHECK_LAUNCH();
   }
 }
@@ -481,8 +532,11 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
 
   // Rows per warp and warps per block: enough rows to share each K/V tile among (the GQA group, or 32
   // rows), and no more warps than rows need; smaller when shared memory is short (consumer GPUs, MLA).
-  int rw = a.rows_per_kv <= 4 ? 1 : a.rows_per_kv <= 16 ? 2 : 4;
-  int warps = a.rows_per_kv <= 4 ? 4 : a.rows_per_kv <= 8 ? 4 : 8;
+  // A decode token's group of up to 8 takes a warp per row: each warp's chain of dependent steps per
+  // tile (scores, softmax, weighted sum) is then one row long (Qwen3-30B decode at 512 keys +3.7%
+  // against 2 rows in 4 warps, H100, session 14).
+  int rw = a.rows_per_kv <= 8 ? 1 : a.rows_per_kv <= 16 ? 2 : 4;
+  int warps = a.rows_per_kv <= 4 ? 4 : 8;
   if (tuning.rows_per_warp == 1 || tuning.rows_per_warp == 2 || tuning.rows_per_warp == 4) rw = tuning.rows_per_warp;
   if (tuning.warps >= 1 && tuning.warps <= tiled_threads_max / 32) warps = tuning.warps;
   auto shared_for = [&](int rows) {

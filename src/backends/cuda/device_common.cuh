@@ -252,4 +252,33 @@ inline void* stream_scratch(cudaStream_t stream, size_t bytes) {
   return found->data;
 }
 
+// Counters for kernels whose last block to finish does a job's last step (attention's split combine):
+// stream_counter_slots zeroed unsigneds per (device, stream), for the life of the process; nullptr when
+// first asked for while the stream records a graph (the caller then does without). A kernel that
+// counts its blocks in puts its counter back to 0 in that last block, so the next launch finds it zeroed.
+// Ops on one stream run in order, so they share them. Host-only.
+constexpr int stream_counter_slots = 4096;
+inline unsigned* stream_counters(cudaStream_t stream) {
+  struct Buffer {
+    int device;
+    cudaStream_t stream;
+    unsigned* data;
+  };
+  static std::mutex mutex;
+  static std::vector<Buffer> buffers;
+  int device = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Buffer& b : buffers)
+    if (b.device == device && b.stream == stream) return b.data;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  MF_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return nullptr;  // the zeroing would run only if the graph did
+  unsigned* data = nullptr;
+  MF_CUDA_CHECK(cudaMalloc(&data, stream_counter_slots * sizeof(unsigned)));
+  MF_CUDA_CHECK(cudaMemsetAsync(data, 0, stream_counter_slots * sizeof(unsigned), stream));  // before any kernel on the stream
+  buffers.push_back({device, stream, data});
+  return data;
+}
+
 }  // namespace moeflux::cuda

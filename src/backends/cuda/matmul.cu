@@ -73,7 +73,7 @@ int64_t staged_blocks(int64_t rows, int n_split, int r) {
 }
 
 // Rows per warp for a launch of blocks[i] blocks at 1 << i rows: the fewest rows (the most warps over the
-// rows) whose blocks are all resident at once — 4 per SM (the kernel's bounds) — so that no block waits
+// rows) whose blocks are all resident at once — 4 per SM at 1 or 2 rows (the kernel's bounds) — so that no block waits
 // for another to finish before issuing its loads; 4 where none fits (a large matrix: the most work per
 // block). Decode's q/k/v of Qwen3-30B ([5120, 2048] q8) take 4 (320 blocks), its o_proj 2 (512).
 int staged_rows_for(const int64_t (&blocks)[3]) {
@@ -105,7 +105,7 @@ __device__ __forceinline__ void stage_normed(const NormIn& n, float4* dst, bool 
   const auto at = [](int i) { return (i / per) * staged_pitch(F) + i % per; };
   float sum_sq = 0.f;
   if (t < n.threads) {
-#pragma unroll
+#pragma unroll 2  // two x (+ y) loads in flight: all four spilled the weights in flight (session 14)
     for (int q = 0; q < 4; ++q) {
       const int i = t + q * n.threads;
       if (i >= n4) break;
@@ -134,10 +134,13 @@ __device__ __forceinline__ void stage_normed(const NormIn& n, float4* dst, bool 
 }
 
 // grid: x = every job's row tiles, z = tokens (strided). 4 blocks per SM requested: ≤ 64 registers, so
-// 32 warps' loads are in flight per SM (lab v23); each lane loads two chunks per row at once. Norm: one
-// token whose x every job shares, normalized while staged (stage_normed).
+// 32 warps' loads are in flight per SM (lab v23); each lane loads two chunks per row at once. At 4 rows
+// a warp, 3 blocks (≤ 80 registers): in 64 the 8 chunks in flight through the staging of x spilled
+// (q4 128–168 bytes, q8 16–48), and those loads then had to land before x could be staged (Qwen3.5-35B
+// decode +2.4%, Qwen3-30B +1.2%, H100, session 14). Norm: one token whose x every job shares,
+// normalized while staged (stage_normed).
 template <WeightFormat F, int R, bool Norm>
-__global__ void __launch_bounds__(32 * staged_warps, 4) matmul_staged_kernel(const __grid_constant__ JobTable table, const NormIn norm) {
+__global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4) matmul_staged_kernel(const __grid_constant__ JobTable table, const NormIn norm) {
   extern __shared__ float4 x_staged[];
   __shared__ float partial[staged_warps][R];
   constexpr int U = 2;
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(32 * staged_warps, 4) matmul_staged_kernel(con
     if constexpr (Norm)
       stage_normed<F>(norm, x_staged, blockIdx.x == 0);
     else
-      stage_chunked<F>(x, m.cols, x_staged);
+      stage_chunked<F, 1>(x, m.cols, x_staged);  // four at a time spilled the chunks in flight (session 14)
     __syncthreads();
     float acc[R];
 #pragma unroll

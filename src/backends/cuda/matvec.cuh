@@ -121,11 +121,12 @@ __device__ __forceinline__ void chunk_dots(const Chunk (&c)[N], const float4* xc
 }
 
 // Copies n floats (n a multiple of chunk_cols(F); src 16-byte aligned) into shared memory in the staged
-// layout, a thread's loads issued four at a time before their stores (one L2 round trip per four, not
-// per float4). The caller synchronizes before reading.
-template <WeightFormat F>
+// layout, a thread's loads issued Batch at a time before their stores (one L2 round trip per Batch, not
+// per float4; each costs 4 registers, which a kernel holding its first weights in flight meanwhile may
+// not have to spare). The caller synchronizes before reading.
+template <WeightFormat F, int Batch>
 __device__ __forceinline__ void stage_chunked(const float* __restrict__ src, int n, float4* dst) {
-  constexpr int per = chunk_cols(F) / 4, batch = 4;
+  constexpr int per = chunk_cols(F) / 4, batch = Batch;
   const int n4 = n / 4;
   for (int f0 = threadIdx.x; f0 < n4; f0 += batch * blockDim.x) {
     float4 v[batch];

@@ -72,10 +72,8 @@ __device__ __forceinline__ unsigned long long rank_key(float p, int e) {
 // chosen_w, as router_softmax_topk defines them. Lane l takes experts l, l + 32, … in that order for the
 // max, the exps and its part of the sum; the parts are added by a fixed shuffle tree (within 1e-6 of the
 // host's expert-by-expert sum). The k best are then taken in k rounds, each the warp's largest key below
-// the last round's (keys are distinct, so nothing needs marking): no block-wide step at all. At 512
-// experts that beat a block ranking every expert against every other (router + experts 48.2 against
-// 53.6 µs); at 128–256 the rank kernel may have been faster (BENCHMARKS, session 13: not settled).
-// p [E] is shared scratch.
+// the last round's (keys are distinct, so nothing needs marking): no block-wide step at all. p [E] is
+// shared scratch. Above 1024 experts only: softmax_topk_regs below does the same in registers.
 __device__ void softmax_topk_warp(const float* logits, int n_expert, int k, bool normalize, float* p, int* chosen, float* chosen_w) {
   const int lane = threadIdx.x & 31;
   float m = -FLT_MAX;
@@ -108,14 +106,66 @@ __device__ void softmax_topk_warp(const float* logits, int n_expert, int k, bool
   if (normalize && lane < k) chosen_w[lane] /= selected;
 }
 
-// One warp per token. Shared: p [E].
+// softmax_topk_warp with lane l's experts l, l + 32, … (fewer than 32 · PL) in registers: the same
+// arithmetic in the same order, so the same bits; each of the k rounds takes the lanes' largest keys
+// (their own best by PL comparisons, then the warp's by two redux steps on the key's halves) and clears
+// the winner, with no shared memory and no shuffle tree per round. Router + experts of one token
+// (matmul_bench --moe, q4, H100, session 14): Qwen3-30B 20.4 µs against 22.1 for the shared-memory form
+// and 22.1 for a block ranking every expert against every other; Qwen3.5-397B (512 experts) 45.9
+// against 48.2 and 54.0.
+template <int PL>
+__device__ void softmax_topk_regs(const float* logits, int n_expert, int k, bool normalize, int* chosen, float* chosen_w) {
+  const int lane = threadIdx.x & 31;
+  float v[PL];
+#pragma unroll
+  for (int i = 0; i < PL; ++i) v[i] = lane + 32 * i < n_expert ? logits[lane + 32 * i] : -FLT_MAX;
+  float m = -FLT_MAX;
+#pragma unroll
+  for (int i = 0; i < PL; ++i) m = fmaxf(m, v[i]);
+  m = warp_max(m);
+  float part = 0.f;
+#pragma unroll
+  for (int i = 0; i < PL; ++i)
+    if (lane + 32 * i < n_expert) part += v[i] = expf(v[i] - m);
+  const float sum = warp_sum(part);
+  unsigned long long key[PL];
+#pragma unroll
+  for (int i = 0; i < PL; ++i) key[i] = lane + 32 * i < n_expert ? rank_key(v[i] / sum, lane + 32 * i) : 0ull;  // 0: below every key
+  float selected = 0.f;
+  for (int j = 0; j < k; ++j) {
+    unsigned long long best = key[0];
+#pragma unroll
+    for (int i = 1; i < PL; ++i) best = key[i] > best ? key[i] : best;
+    const unsigned hi = __reduce_max_sync(0xffffffffu, unsigned(best >> 32));
+    const unsigned lo = __reduce_max_sync(0xffffffffu, unsigned(best >> 32) == hi ? unsigned(best) : 0u);
+    best = (static_cast<unsigned long long>(hi) << 32) | lo;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) key[i] = key[i] == best ? 0ull : key[i];
+    const float pe = __uint_as_float(hi);
+    selected += pe;
+    if (lane == 0) chosen[j] = int(0xffffffffu - lo), chosen_w[j] = pe;
+  }
+  __syncwarp();
+  if (normalize && lane < k) chosen_w[lane] /= selected;
+}
+
+// Experts per lane of the register form for n_expert experts (0: more than 1024, the shared-memory form).
+int router_lane_experts(int64_t n_expert) {
+  return n_expert <= 128 ? 4 : n_expert <= 256 ? 8 : n_expert <= 512 ? 16 : n_expert <= 1024 ? 32 : 0;
+}
+
+// One warp per token. Shared (PL = 0 only): p [E].
+template <int PL>
 __global__ void softmax_topk_kernel(const float* __restrict__ logits, int n_expert, int k, bool normalize, int32_t* ids,
                                     float* weights) {
   dependent_launch_begin();
   extern __shared__ float p[];
   __shared__ int chosen[max_router_k];
   __shared__ float chosen_w[max_router_k];
-  softmax_topk_warp(logits + size_t(blockIdx.x) * n_expert, n_expert, k, normalize, p, chosen, chosen_w);
+  if constexpr (PL == 0)
+    softmax_topk_warp(logits + size_t(blockIdx.x) * n_expert, n_expert, k, normalize, p, chosen, chosen_w);
+  else
+    softmax_topk_regs<PL>(logits + size_t(blockIdx.x) * n_expert, n_expert, k, normalize, chosen, chosen_w);
   __syncwarp();
   for (int j = threadIdx.x; j < k; j += 32) {
     ids[size_t(blockIdx.x) * k + j] = chosen[j];
@@ -251,7 +301,7 @@ __global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* con
     }
   };
   if (active) load(lane);
-  stage_chunked<F>(x, H, xs);
+  stage_chunked<F, 4>(x, H, xs);
   __syncthreads();
   if (!active) return;
   float acc[2 * R];
@@ -303,7 +353,7 @@ __global__ void __launch_bounds__(32 * moe_warps)
   const uint8_t* blob = active && slot < k ? blob_of(table, ids, slot) : nullptr;
   if (blob) load(blob, g_lane);
   dependent_launch_begin();
-  stage_chunked<F>(h, k * I, hs);  // the experts' rows are contiguous, and so are their staged chunks
+  stage_chunked<F, 4>(h, k * I, hs);  // the experts' rows are contiguous, and so are their staged chunks
   __syncthreads();
   if (!active) return;
   for (int j0 = 0; j0 < k; j0 += per_pass) {
@@ -412,7 +462,16 @@ void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert
   if (k < 1 || k > max_router_k || k > n_expert) unsupported("router k outside [1, 64] or above n_expert");
   const size_t shared = size_t(n_expert) * sizeof(float);
   if (shared > 44 * 1024) unsupported("more than 11264 experts");
-  launch(softmax_topk_kernel, unsigned(n_tokens), 32, shared, stream, logits, int(n_expert), int(k), normalize, ids, weights);
+  const auto go = [&](auto kernel, size_t bytes) {
+    launch(kernel, unsigned(n_tokens), 32, bytes, stream, logits, int(n_expert), int(k), normalize, ids, weights);
+  };
+  switch (router_lane_experts(n_expert)) {
+    case 4: go(softmax_topk_kernel<4>, 0); break;
+    case 8: go(softmax_topk_kernel<8>, 0); break;
+    case 16: go(softmax_topk_kernel<16>, 0); break;
+    case 32: go(softmax_topk_kernel<32>, 0); break;
+    default: go(softmax_topk_kernel<0>, shared); break;
+  }
   MF_CUDA_CHECK_LAUNCH();
 }
 
