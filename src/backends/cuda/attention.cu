@@ -185,7 +185,6 @@ __device__ void combine_row(const float* __restrict__ part_o, const float* __res
 
 template <int RW, int VPL>
 __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(TiledArgs a) {
-  dependent_launch_begin();
   extern __shared__ float4 shared4[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   const int rows = n_warps * RW;
@@ -199,17 +198,6 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   const int tile4 = tile_keys * int(kp4) + (a.latent ? 0 : tile_keys * int(vp4));
 
   const int k4i = int(k4), v4i = int(v4);
-  for (int i = threadIdx.x; i < (a.q_norm ? 0 : rows * k4i); i += blockDim.x) {
-    const int r = i / k4i, c = i - r * k4i;
-    const int64_t row = row0 + r;
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (row < a.rows_per_kv) {
-      const int64_t t = row / a.group, h = kv * a.group + row % a.group;
-      x = reinterpret_cast<const float4*>(a.q + (t * a.l.n_head + h) * a.l.k_dim)[c];
-      x.x *= a.q_scale, x.y *= a.q_scale, x.z *= a.q_scale, x.w *= a.q_scale;
-    }
-    qs[i] = x;
-  }
   // Keys of this block: its split, up to the last key its last row sees (causal).
   const int64_t last_row = (row0 + rows < a.rows_per_kv ? row0 + rows : a.rows_per_kv) - 1;
   const int64_t key_begin = split * a.keys_per_split;
@@ -248,8 +236,33 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     issue_rows(kd, int(kp4), k_base + kb * k_stride4, k_stride4, k4i, nk);
     if (!a.latent) issue_rows(kd + tile_keys * kp4, int(vp4), v_base + kb * v_stride4, v_stride4, v4i, nk);
   };
-  if (key_begin < key_end) issue(key_begin, 0);
+  // Before the dependent-launch wait, what no kernel of this step writes: the first tile when all its
+  // keys are from earlier steps (below n_past; this step's q/k/v kernel writes key n_past on), and the
+  // rotary angles (inv_freq is copied in before the step's first kernel).
+  const bool early = key_begin < key_end && key_begin + tile_keys <= a.n_past;
+  if (early) issue(key_begin, 0);
+  float cos_a[max_lane_dims / 2], sin_a[max_lane_dims / 2];
+  if (a.q_norm) {
+#pragma unroll
+    for (int i = 0; i < max_lane_dims / 2; ++i) {
+      const float angle = i < a.half / 32 ? a.position * a.inv_freq[lane + 32 * i] : 0.f;  // fp32, as the reference
+      cos_a[i] = cosf(angle), sin_a[i] = sinf(angle);
+    }
+  }
+  dependent_launch_begin();
+  if (!early && key_begin < key_end) issue(key_begin, 0);
   cp_async_commit();
+  for (int i = threadIdx.x; i < (a.q_norm ? 0 : rows * k4i); i += blockDim.x) {
+    const int r = i / k4i, c = i - r * k4i;
+    const int64_t row = row0 + r;
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row < a.rows_per_kv) {
+      const int64_t t = row / a.group, h = kv * a.group + row % a.group;
+      x = reinterpret_cast<const float4*>(a.q + (t * a.l.n_head + h) * a.l.k_dim)[c];
+      x.x *= a.q_scale, x.y *= a.q_scale, x.z *= a.q_scale, x.w *= a.q_scale;
+    }
+    qs[i] = x;
+  }
   // With the norms here (instead of the staging above): each warp normalizes and rotates its own q rows
   // from registers (then scales them, as the staging scales the q that qk_norm_rope wrote), while the
   // first key tile loads; and warp 0 of the block whose keys hold the new one that key, written back to
@@ -258,12 +271,6 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   float k_new[max_lane_dims];
   if (a.q_norm) {
     const int per = k4i * 4 / 32;
-    float c[max_lane_dims / 2], sn[max_lane_dims / 2];
-#pragma unroll
-    for (int m = 0; m < max_lane_dims / 2; ++m) {
-      const float angle = m < a.half / 32 ? a.position * a.inv_freq[lane + 32 * m] : 0.f;  // fp32, as the reference
-      c[m] = cosf(angle), sn[m] = sinf(angle);
-    }
     for (int r = 0; r < RW; ++r) {
       const int64_t row = row0 + warp * RW + r;
       float v[max_lane_dims] = {};  // rows past the last stay 0, as the staging above leaves them
@@ -271,7 +278,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
         const float* src = a.q + ((row / a.group) * a.l.n_head + kv * a.group + row % a.group) * a.l.k_dim;
 #pragma unroll
         for (int m = 0; m < max_lane_dims; ++m) v[m] = m < per ? src[lane + 32 * m] : 0.f;
-        norm_rope_lanes(v, per, a.q_norm, a, c, sn, a.q_scale);
+        norm_rope_lanes(v, per, a.q_norm, a, cos_a, sin_a, a.q_scale);
       }
       float* dst = reinterpret_cast<float*>(qs + (warp * RW + r) * k4i);
 #pragma unroll
@@ -282,7 +289,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
       float* cached = a.k_cache_out + a.n_past * a.l.k_stride + kv * a.l.k_dim;
 #pragma unroll
       for (int m = 0; m < max_lane_dims; ++m) k_new[m] = m < per ? cached[lane + 32 * m] : 0.f;
-      norm_rope_lanes(k_new, per, a.k_norm, a, c, sn, 1.f);
+      norm_rope_lanes(k_new, per, a.k_norm, a, cos_a, sin_a, 1.f);
 #pragma unroll
       for (int m = 0; m < max_lane_dims; ++m)
         if (m < per) cached[lane + 32 * m] = k_new[m];
@@ -501,11 +508,11 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
   // The latent layout: each value row is the prefix of its key row, so the key tile serves as both.
   const bool latent = v_cache == k_cache && layout.v_stride == layout.k_stride && layout.v_dim <= layout.k_dim &&
                       (layout.n_head_kv == 1 || layout.v_dim == layout.k_dim);
-  // A decode step over a few dozen keys: the simple kernel's one launch beats the tiled kernel's setup
-  // (attention_lab, H200: 9.0 against 11.0 µs at 33 keys, 14.8 against 11.1 at 65).
-  const bool short_decode = n_tokens == 1 && n_past + 1 <= 64;
-  const bool simple = path == AttentionPath::simple || (path == AttentionPath::automatic && short_decode) ||
-                      !attention_tiled_supported(q, k_cache, v_cache, layout, out);
+  // The tiled kernel for every supported shape, a decode step over a few keys too: alone the simple
+  // kernel's one launch was faster there (attention_lab, H200: 9.0 against 11.0 µs at 33 keys, 14.8
+  // against 11.1 at 65), but the tiled one takes the q/k norms and rotary as well (one kernel fewer),
+  // and fused and composed must give the same bits.
+  const bool simple = path == AttentionPath::simple || !attention_tiled_supported(q, k_cache, v_cache, layout, out);
   // A head in a warp's registers, each rotary pair within a lane (norm_rope_lanes).
   if (qk && (n_tokens != 1 || simple || latent || layout.k_dim % 32 != 0 || layout.k_dim > 32 * max_lane_dims || qk->half % 32 != 0 ||
              2 * int64_t(qk->half) > layout.k_dim))

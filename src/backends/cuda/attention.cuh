@@ -10,12 +10,15 @@
 //    tile, KV head) blocks alone do not fill one wave of resident blocks (decode), the keys are split
 //    across blocks (flash-decoding): each writes its unnormalized sum and (max, sum of exponentials)
 //    to a scratch buffer (stream_scratch, device_common.cuh: n_split · T · n_head · (v_dim + 2)
-//    floats, n_split ≤ 256) and a combine kernel merges them.
+//    floats, n_split ≤ 256) and the last block of each (row tile, KV head) to finish merges them (a
+//    counter per block column, stream_counters), or a combine kernel where that does not fit.
+//    Before its dependent-launch wait a block loads its first K/V tile when every key in it is from an
+//    earlier step (below n_past), so those bytes arrive while the q/k/v kernel before it finishes.
 //    Needs 16-byte aligned q, caches and out, k_dim, v_dim and strides multiples of 4, v_dim ≤ 1024 and
 //    (rows · k_dim + 64 · (k_dim + v_dim) + padding) floats of shared memory for ≥ 4 rows (222 KiB for
 //    MLA's 32 rows of 576: Hopper's 227 KiB opt-in; fewer rows on smaller GPUs).
 //  - simple: one block per (query head, token), 4 warps taking every 4th key, merged at the end. Used
-//    for other shapes and for a single token over ≤ 64 keys, where its one launch is faster.
+//    for other shapes.
 // Bytes moved (tiled): K and V of the visible keys once per (KV head, row tile), q and out once, plus
 // the partials twice when split. On an H200 (attention_lab, docs/BENCHMARKS.md "CUDA attention and
 // delta rule") decode at 32K keys reads the cache at 1691 GB/s (Qwen3-30B, 40% of the copy bandwidth)
@@ -52,10 +55,10 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
 // qk_norm_rope does it (the same bits), inside the tiled kernel: each warp takes its q rows in registers
 // as the block stages them; warp 0 of the one block whose keys hold the new one (a decode token's GQA
 // group is one row tile) takes that key while the first tile loads, writes it back to the cache and into
-// the tile when it arrives. q is left as it was. False, having launched
-// nothing, where the tiled kernel would not run that step alone (more than one token, ≤ 64 keys, the
-// latent layout, a group wider than a row tile, a head wider than 256 or a rotary half not a multiple of
-// 32): the caller composes qk_norm_rope and attention.
+// the tile when it arrives. q is left as it was. False, having launched nothing, where the tiled kernel
+// would not run that step alone (more than one token, the latent layout, a group wider than a row tile,
+// a head wider than 256 or a rotary half not a multiple of 32): the caller composes qk_norm_rope and
+// attention.
 struct QkNormRope {
   const float* q_norm;
   const float* k_norm;
