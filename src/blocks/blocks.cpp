@@ -112,10 +112,13 @@ Status device_routed_token(Backend& be, ExpertStore& store, const Pack& pack, in
 }  // namespace
 
 Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
-                  const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y, const PendingNorm* norm) {
+                  const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y, const PendingNorm* norm,
+                  const MatmulJob* also, int64_t n_also) {
   const int64_t k = s.n_expert_used;
-  const MatmulJob route{router, x, scratch.router_logits, n_tokens};
-  project(be, norm, n_tokens, &route, 1);
+  MF_CHECK(n_also >= 0 && n_also <= 3);
+  MatmulJob route[4] = {{router, x, scratch.router_logits, n_tokens}};
+  for (int64_t i = 0; i < n_also; ++i) route[i + 1] = also[i];
+  project(be, norm, n_tokens, route, 1 + n_also);
   if (n_tokens == 1 && store.expert_table(layer) && scratch.device_ids)
     return device_routed_token(be, store, pack, layer, s, x, scratch, y);
   scratch.ids.resize(size_t(n_tokens * k));

@@ -107,9 +107,11 @@ struct MoeShape {
 // One token with a store that keeps an expert table (the GPU cache) is device-routed instead: router and
 // experts run on the backend (Backend::moe_decode, experts summed in router order) and the host learns
 // the ids only when the store lacks some of the layer's experts and must acquire them.
+// also: up to 3 more projections of x (a shared expert's gate), run with the router's (one launch on a
+// GPU where they share its format).
 Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, const WeightView& router,
                   const MoeShape& s, const float* x, int64_t n_tokens, MoeScratch& scratch, float* y,
-                  const PendingNorm* norm = nullptr);
+                  const PendingNorm* norm = nullptr, const MatmulJob* also = nullptr, int64_t n_also = 0);
 
 // The expert half of routed_moe, for routers of another kind: scratch.ids / scratch.weights ([T, k],
 // filled by the caller) choose the experts; y [T, H] is overwritten with their weighted sum.

@@ -520,13 +520,18 @@ class Qwen3NextGraph final : public ModelGraph {
       if (w.moe) {
         {
           ProfileScope scope(profile, ForwardProfile::routed_experts);
-          MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y, &post_norm));
+          // The shared expert's gate reads the same h: it goes with the router's projection (one launch on
+          // a GPU, both being router-role matrices in one format).
+          const bool gate_with_router = p_.shared_intermediate > 0 && w.shared_expert_gate.format == w.router.format;
+          const MatmulJob shared_gate{w.shared_expert_gate, s.h, s.shared_logit, n_tokens};
+          MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y, &post_norm,
+                            gate_with_router ? &shared_gate : nullptr, gate_with_router ? 1 : 0));
+          if (p_.shared_intermediate > 0 && !gate_with_router) be_.matmul(w.shared_expert_gate, s.h, s.shared_logit, n_tokens);
         }
         if (p_.shared_intermediate > 0) {
           ProfileScope scope(profile, ForwardProfile::shared_expert);
           // y += sigmoid(h · w_gate) · SharedMLP(h), one gate per token.
           swiglu_mlp(be_, w.shared_gate, w.shared_up, w.shared_down, s.h, n_tokens, s.shared, s.shared_y);
-          be_.matmul(w.shared_expert_gate, s.h, s.shared_logit, n_tokens);
           be_.sigmoid_mul(s.shared_y, s.shared_logit, n_tokens, H, true);
           be_.axpy(s.y, s.shared_y, 1.0f, n_tokens * H);
         }
