@@ -491,6 +491,30 @@ TEST_P(BackendOps, AddRmsNormMatmulMatchesTheOpsInTurn) {
   }
 }
 
+// swiglu_matmul against swiglu then matmul: y to the bit where a GPU fuses (one q8 / q4 token, the
+// shared experts' and dense MLPs' down projections) and where it composes (several tokens, bf16).
+TEST_P(BackendOps, SwigluMatmulMatchesTheOpsInTurn) {
+  struct Case { WeightFormat f; int64_t rows, cols, n_tokens; };
+  for (const Case& c : {Case{WeightFormat::q8, 2048, 512, 1}, Case{WeightFormat::q4, 4096, 1024, 1}, Case{WeightFormat::q8, 7168, 2048, 1},
+                        Case{WeightFormat::q4, 300, 512, 3}, Case{WeightFormat::bf16, 256, 512, 1}}) {
+    SCOPED_TRACE("format " + std::to_string(int(c.f)) + " [" + std::to_string(c.rows) + ", " + std::to_string(c.cols) + "] T=" +
+                 std::to_string(c.n_tokens));
+    const size_t n = size_t(c.n_tokens * c.cols);
+    // Gates span silu's both tails (−12 … 12), up around 1.
+    const auto gate = gaussian(n, rng_, 4.0f), up = gaussian(n, rng_, 1.0f);
+    const auto w = gaussian(size_t(c.rows * c.cols), rng_, 0.05f);
+    const QuantizedMatrix m = quantize_matrix(w.data(), c.rows, c.cols, c.f);
+    DeviceWeight dw(but(), *be_, m);
+    DeviceBuffer dg1(but(), *be_, gate), du(but(), *be_, up), dy1(but(), *be_, size_t(c.n_tokens * c.rows) * 4);
+    DeviceBuffer dg2(but(), *be_, gate), dy2(but(), *be_, size_t(c.n_tokens * c.rows) * 4);
+    be_->swiglu_matmul(dg1.f(), du.f(), dw.view, dy1.f(), c.n_tokens);
+    be_->swiglu(dg2.f(), du.f(), dg2.f(), int64_t(n));
+    be_->matmul(dw.view, dg2.f(), dy2.f(), c.n_tokens);
+    EXPECT_EQ(dy1.read(), dy2.read());
+    EXPECT_EQ(du.read(), up) << "up changed";
+  }
+}
+
 TEST_P(BackendOps, RopeNeoxMatchesReference) {
   struct Case { int64_t n_tokens, n_heads, head_dim, rot_dim; };
   for (const Case& c : {Case{1, 4, 64, 64}, Case{3, 8, 128, 128}, Case{17, 2, 128, 32}, Case{5, 3, 256, 64}}) {

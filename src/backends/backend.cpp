@@ -53,6 +53,11 @@ void Backend::add_rms_norm_matmul(const float* x, const float* y, const float* w
   matmul_many(jobs, n_jobs);
 }
 
+void Backend::swiglu_matmul(float* gate, const float* up, const WeightView& w, float* y, int64_t n_tokens) {
+  swiglu(gate, up, gate, n_tokens * w.cols);
+  matmul(w, gate, y, n_tokens);
+}
+
 void Backend::router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                                          float* weights) {
   router_softmax_topk(logits, n_tokens, n_expert, k, normalize, ids, weights);  // host memory is this backend's memory

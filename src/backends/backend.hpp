@@ -112,6 +112,12 @@ class Backend {
   virtual void add_rms_norm_matmul(const float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim,
                                    float* x_out, float* h, const MatmulJob* jobs, int64_t n_jobs);
 
+  // A SwiGLU MLP's down projection with its activation, as one op (a GPU forms a decode token's
+  // silu(gate)·up inside the matmul's blocks instead of launching swiglu before it): swiglu(gate, up,
+  // gate, n_tokens · w.cols), then matmul(w, gate, y, n_tokens). y as those ops in turn leave it, to the
+  // bit; gate is scratch afterwards (the products, or as it was).
+  virtual void swiglu_matmul(float* gate, const float* up, const WeightView& w, float* y, int64_t n_tokens);
+
   // Rotary embedding, rotate_half ("NeoX") layout, in place: for each head h of token t the pairs
   // (i, i + rot_dim/2), i < rot_dim/2, rotate by positions[t] · inv_freq[i], and the rotated dims are
   // multiplied by scale (YaRN's attention factor; 1 otherwise); dims ≥ rot_dim pass through.

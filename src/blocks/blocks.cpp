@@ -57,8 +57,7 @@ void swiglu_mlp(Backend& be, const WeightView& gate, const WeightView& up, const
                 int64_t n_tokens, MlpScratch& scratch, float* y, const PendingNorm* norm) {
   const MatmulJob gate_up[] = {{gate, x, scratch.gate, n_tokens}, {up, x, scratch.up, n_tokens}};
   project(be, norm, n_tokens, gate_up, 2);
-  be.swiglu(scratch.gate, scratch.up, scratch.gate, n_tokens * gate.rows);
-  be.matmul(down, scratch.gate, y, n_tokens);
+  be.swiglu_matmul(scratch.gate, scratch.up, down, y, n_tokens);
 }
 
 namespace {

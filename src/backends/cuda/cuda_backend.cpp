@@ -54,9 +54,10 @@ class OpTimer {
 };
 
 // MOEFLUX_CUDA_FUSE_NORM=0 composes add_rms_norm_matmul from its ops, MOEFLUX_CUDA_FUSE_QK=0
-// qk_norm_rope_attention (developers' switches for comparisons, read once, like MOEFLUX_CUDA_PDL).
+// qk_norm_rope_attention, MOEFLUX_CUDA_FUSE_GLU=0 swiglu_matmul (developers' switches for comparisons,
+// read once, like MOEFLUX_CUDA_PDL).
 struct FuseSwitches {
-  bool norm, qk;
+  bool norm, qk, glu;
 };
 const FuseSwitches& fuse_switches() {
   static const FuseSwitches switches = [] {
@@ -64,7 +65,7 @@ const FuseSwitches& fuse_switches() {
       const char* v = std::getenv(name);
       return !(v && v[0] == '0');
     };
-    return FuseSwitches{on("MOEFLUX_CUDA_FUSE_NORM"), on("MOEFLUX_CUDA_FUSE_QK")};
+    return FuseSwitches{on("MOEFLUX_CUDA_FUSE_NORM"), on("MOEFLUX_CUDA_FUSE_QK"), on("MOEFLUX_CUDA_FUSE_GLU")};
   }();
   return switches;
 }
@@ -279,6 +280,15 @@ class CudaBackend final : public Backend {
         cuda::rms_norm(x, weight, eps, n_rows, dim, h, stream_);
     }
     matmul_many(jobs, n_jobs);
+  }
+
+  void swiglu_matmul(float* gate, const float* up, const WeightView& w, float* y, int64_t n_tokens) override {
+    if (n_tokens == 1 && fuse_switches().glu) {
+      const OpTimer timer(*this, "swiglu_matmul");
+      bind();
+      if (cuda::glu_matmul_job(gate, up, MatmulJob{w, gate, y, 1}, stream_)) return;
+    }
+    Backend::swiglu_matmul(gate, up, w, y, n_tokens);
   }
 
   void embed_rows(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) override {

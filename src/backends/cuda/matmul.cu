@@ -133,13 +133,29 @@ __device__ __forceinline__ void stage_normed(const NormIn& n, float4* dst, bool 
   }
 }
 
+// What the staged kernel stages as x: the job's x, rms_norm(x + y)·weight (NormIn), or swiglu(gate, up).
+constexpr int stage_plain = 0, stage_norm = 1, stage_glu = 2;
+
+// Stages x = silu(gate)·up, n floats, with swiglu_kernel's arithmetic (elementwise.cu: the same bits).
+template <WeightFormat F>
+__device__ __forceinline__ void stage_swiglu(const float* __restrict__ gate, const float* __restrict__ up, int n, float4* dst) {
+  constexpr int per = chunk_cols(F) / 4;
+  for (int f = threadIdx.x; f < n / 4; f += blockDim.x) {
+    const float4 g = reinterpret_cast<const float4*>(gate)[f], u = reinterpret_cast<const float4*>(up)[f];
+    dst[(f / per) * staged_pitch(F) + f % per] =
+        make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y, g.z / (1.0f + expf(-g.z)) * u.z,
+                    g.w / (1.0f + expf(-g.w)) * u.w);
+  }
+}
+
 // grid: x = every job's row tiles, z = tokens (strided). 4 blocks per SM requested: ≤ 64 registers, so
 // 32 warps' loads are in flight per SM (lab v23); each lane loads two chunks per row at once. At 4 rows
 // a warp, 3 blocks (≤ 80 registers): in 64 the 8 chunks in flight through the staging of x spilled
 // (q4 128–168 bytes, q8 16–48), and those loads then had to land before x could be staged (Qwen3.5-35B
-// decode +2.4%, Qwen3-30B +1.2%, H100, session 14). Norm: one token whose x every job shares,
-// normalized while staged (stage_normed).
-template <WeightFormat F, int R, bool Norm>
+// decode +2.4%, Qwen3-30B +1.2%, H100, session 14). Mode stage_norm: one token whose x every job
+// shares, normalized while staged (stage_normed); stage_glu: one token's x = swiglu(gate, up), formed
+// while staged (stage_swiglu).
+template <WeightFormat F, int R, int Mode>
 __global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4) matmul_staged_kernel(const __grid_constant__ JobTable table, const NormIn norm) {
   extern __shared__ float4 x_staged[];
   __shared__ float partial[staged_warps][R];
@@ -163,8 +179,10 @@ __global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4) matmul_stag
     if (active) load(first);  // in flight while x is staged
     if (t == blockIdx.z) dependent_launch_begin();  // the weights need no wait, x does
     __syncthreads();  // the previous token's x and partial sums are no longer read
-    if constexpr (Norm)
+    if constexpr (Mode == stage_norm)
       stage_normed<F>(norm, x_staged, blockIdx.x == 0);
+    else if constexpr (Mode == stage_glu)
+      stage_swiglu<F>(norm.x, norm.y, m.cols, x_staged);
     else
       stage_chunked<F, 1>(x, m.cols, x_staged);  // four at a time spilled the chunks in flight (session 14)
     __syncthreads();
@@ -382,23 +400,25 @@ int rows_per_block(Path path, int n_split, int staged_rows) {
   return path == Path::staged_x ? staged_warps / n_split * staged_rows : direct_warps / n_split * direct_rows<F>();
 }
 
-template <WeightFormat F, bool Norm>
+template <WeightFormat F, int Mode>
 void launch_staged(int rows, dim3 grid, size_t shared, cudaStream_t stream, const JobTable& table, const NormIn& norm) {
   if (rows == 4)
-    launch(matmul_staged_kernel<F, 4, Norm>, grid, 32 * staged_warps, shared, stream, table, norm);
+    launch(matmul_staged_kernel<F, 4, Mode>, grid, 32 * staged_warps, shared, stream, table, norm);
   else if (rows == 2)
-    launch(matmul_staged_kernel<F, 2, Norm>, grid, 32 * staged_warps, shared, stream, table, norm);
+    launch(matmul_staged_kernel<F, 2, Mode>, grid, 32 * staged_warps, shared, stream, table, norm);
   else
-    launch(matmul_staged_kernel<F, 1, Norm>, grid, 32 * staged_warps, shared, stream, table, norm);
+    launch(matmul_staged_kernel<F, 1, Mode>, grid, 32 * staged_warps, shared, stream, table, norm);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 // Launches every job of format F on `path` (direct and plain share a kernel), 40 jobs per launch. With
 // norm (norm_matmul_jobs checked the jobs): every job of format F on the staged path, in one launch.
+// glu (glu_matmul_job checked the job; staged is true): x staged as swiglu(norm->x, norm->y).
 template <WeightFormat F>
-void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_t stream, const NormIn* norm = nullptr) {
+void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_t stream, const NormIn* norm = nullptr,
+                 bool glu = false) {
   const auto takes = [&](const MatmulJob& job) {
-    if (norm) return job.w.format == F;
+    if (norm && !glu) return job.w.format == F;
     return job.w.format == F && job.n_tokens > 0 && job.w.rows > 0 && !gemm_takes(job) && (path_of(job) == Path::staged_x) == staged;
   };
   // Staged rows per tile: the fewest whose blocks all fit on the GPU at once (4 per SM), else 4.
@@ -419,14 +439,17 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     table.n_jobs = n;
     const dim3 grid(unsigned(table.block_start[n]), 1, unsigned(std::min<int64_t>(max_tokens, 65535)));
     const size_t shared = size_t(staged_x_bytes(F, max_cols));
-    if (norm) {
-      launch_staged<F, true>(staged_rows, grid, shared, stream, table, *norm);
+    if (norm && !glu) {
+      launch_staged<F, stage_norm>(staged_rows, grid, shared, stream, table, *norm);
       n = 0, max_tokens = 0, max_cols = 0;
       return;
     }
     if constexpr (F == WeightFormat::q8 || F == WeightFormat::q4) {
       if (staged) {
-        launch_staged<F, false>(staged_rows, grid, shared, stream, table, NormIn{});
+        if (glu)
+          launch_staged<F, stage_glu>(staged_rows, grid, shared, stream, table, *norm);
+        else
+          launch_staged<F, stage_plain>(staged_rows, grid, shared, stream, table, NormIn{});
         n = 0, max_tokens = 0, max_cols = 0;
         return;
       }
@@ -440,7 +463,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     const MatmulJob& job = jobs[i];
     if (!takes(job)) continue;
     const WeightView& w = job.w;
-    const Path path = norm ? Path::staged_x : path_of(job);
+    const Path path = norm && !glu ? Path::staged_x : path_of(job);
     const int n_split = path == Path::direct ? direct_splits<F>(w.rows, w.cols) : path == Path::staged_x ? staged_splits(F, w.cols) : 1;
     const int per_block = rows_per_block<F>(path, n_split, staged_rows);
     const int64_t tiles = (w.rows + per_block - 1) / per_block;
@@ -481,6 +504,23 @@ bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float
   }
   const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads};
   with_format(f, [&](auto format) { launch_path<decltype(format)::value>(jobs, n_jobs, true, stream, &norm); });
+  return true;
+}
+
+bool glu_matmul_job(const float* gate, const float* up, const MatmulJob& job, cudaStream_t stream) {
+  // One token whose matmul the staged path takes anyway (q8 / q4: so the bits are those of swiglu and
+  // matmul in turn), and buffers apart (blocks read gate and up while others write y).
+  const WeightView& w = job.w;
+  if (job.n_tokens != 1 || job.x != gate || !up || !aligned16(up) || w.rows <= 0 || path_of(job) != Path::staged_x || gemm_takes(job)) return false;
+  const auto apart = [&](const float* a, const float* b) { return a + w.cols <= b || b + w.cols <= a; };
+  if (!apart(gate, up)) return false;
+  const auto clear = [&](const float* v) { return v + w.cols <= job.y || job.y + w.rows <= v; };
+  if (!clear(gate) || !clear(up)) return false;
+  const NormIn in{gate, up, nullptr, nullptr, nullptr, 0.f, int(w.cols), 0};
+  with_format(w.format, [&](auto format) {
+    if constexpr (decltype(format)::value == WeightFormat::q8 || decltype(format)::value == WeightFormat::q4)
+      launch_path<decltype(format)::value>(&job, 1, true, stream, &in, true);
+  });
   return true;
 }
 

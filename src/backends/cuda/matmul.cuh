@@ -27,6 +27,12 @@
 
 namespace moeflux::cuda {
 
+// Backend::swiglu_matmul for one token in one launch: y = w · silu(gate)·up, the products formed by
+// every block as it stages its x (swiglu's arithmetic), the matmul the one matmul_jobs runs (q8 / q4 on
+// the staged path: the same bits as the ops in turn). job.x must be gate; gate is not written. False,
+// having launched nothing, where that does not apply.
+bool glu_matmul_job(const float* gate, const float* up, const MatmulJob& job, cudaStream_t stream);
+
 // jobs: host array; their weights, x and y are device memory. Empty jobs are skipped.
 void matmul_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream);
 
