@@ -416,15 +416,15 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
 
 // combine_row for every output row, a warp per row.
 constexpr int combine_warps = 4;
-__global__ void __launch_bounds__(32 * combine_warps) attention_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                                                               int n_split, int64_t rows_out, int64_t v_dim, float* __restrict__ out) {
+__global__ void __launch_bounds__(32 * combine_warps)
+    attention_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, int n_split, int64_t rows_out,
+                             int64_t v_dim, float* __restrict__ out) {
   dependent_launch_begin();
   __shared__ float w[combine_warps][max_splits];
   const int warp = threadIdx.x >> 5;
   const int64_t row = int64_t(blockIdx.x) * combine_warps + warp;
   if (row < rows_out) combine_row(part_o, part_ml, n_split, rows_out, v_dim, row, out, w[warp]);
 }
-
 
 // Whether the last split combines in the attention kernel (else a combine kernel follows), unless
 // MOEFLUX_CUDA_FUSE_COMBINE=0 (a developer's switch for comparisons).

@@ -73,9 +73,9 @@ int64_t staged_blocks(int64_t rows, int n_split, int r) {
 }
 
 // Rows per warp for a launch of blocks[i] blocks at 1 << i rows: the fewest rows (the most warps over the
-// rows) whose blocks are all resident at once — 4 per SM at 1 or 2 rows (the kernel's bounds) — so that no block waits
-// for another to finish before issuing its loads; 4 where none fits (a large matrix: the most work per
-// block). Decode's q/k/v of Qwen3-30B ([5120, 2048] q8) take 4 (320 blocks), its o_proj 2 (512).
+// rows) whose blocks are all resident at once — 4 per SM at 1 or 2 rows (the kernel's bounds) — so that
+// no block waits for another to finish before issuing its loads; 4 where none fits (a large matrix: the
+// most work per block). Decode's q/k/v of Qwen3-30B ([5120, 2048] q8) take 4 (320 blocks), its o_proj 2 (512).
 int staged_rows_for(const int64_t (&blocks)[3]) {
   const int64_t resident = 4 * int64_t(device_attribute<cudaDevAttrMultiProcessorCount>());
   for (int r = 0; r < 3; ++r)
@@ -156,7 +156,8 @@ __device__ __forceinline__ void stage_swiglu(const float* __restrict__ gate, con
 // shares, normalized while staged (stage_normed); stage_glu: one token's x = swiglu(gate, up), formed
 // while staged (stage_swiglu).
 template <WeightFormat F, int R, int Mode>
-__global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4) matmul_staged_kernel(const __grid_constant__ JobTable table, const NormIn norm) {
+__global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4)
+    matmul_staged_kernel(const __grid_constant__ JobTable table, const NormIn norm) {
   extern __shared__ float4 x_staged[];
   __shared__ float partial[staged_warps][R];
   constexpr int U = 2;
@@ -511,7 +512,9 @@ bool glu_matmul_job(const float* gate, const float* up, const MatmulJob& job, cu
   // One token whose matmul the staged path takes anyway (q8 / q4: so the bits are those of swiglu and
   // matmul in turn), and buffers apart (blocks read gate and up while others write y).
   const WeightView& w = job.w;
-  if (job.n_tokens != 1 || job.x != gate || !up || !aligned16(up) || w.rows <= 0 || path_of(job) != Path::staged_x || gemm_takes(job)) return false;
+  if (w.format != WeightFormat::q8 && w.format != WeightFormat::q4) return false;
+  if (job.n_tokens != 1 || job.x != gate || !up || !aligned16(up) || w.rows <= 0 || path_of(job) != Path::staged_x || gemm_takes(job))
+    return false;
   const auto apart = [&](const float* a, const float* b) { return a + w.cols <= b || b + w.cols <= a; };
   if (!apart(gate, up)) return false;
   const auto clear = [&](const float* v) { return v + w.cols <= job.y || job.y + w.rows <= v; };
