@@ -183,7 +183,7 @@ class GpuExpertCache final : public ExpertStore {
     const uint64_t needed = uint64_t(layers_.size()) * uint64_t(n_expert_);
     {
       std::lock_guard lock(mutex_);
-      while (uint64_t(slots_.size()) < needed && grow()) {
+      while (uint64_t(slots_.size()) < needed && grow(needed)) {
       }
       if (uint64_t(slots_.size()) < needed)
         return make_error(ErrorCode::out_of_memory, "GPU expert cache: {} experts of {} bytes do not fit ({} slots: budget {})", needed,
@@ -298,11 +298,13 @@ class GpuExpertCache final : public ExpertStore {
     free_.push_back(s);
   }
 
-  // Adds a chunk of slots within the budget (or, without one, while the device keeps its headroom).
-  bool grow() {
-    if (uint64_t(slots_.size()) >= max_slots_) return false;
+  // Adds a chunk of slots within the budget (or, without one, while the device keeps its headroom), and
+  // none past `limit` slots in all (preload: exactly the experts, not the rest of a last chunk).
+  bool grow(uint64_t limit = UINT64_MAX) {
+    const uint64_t cap = std::min<uint64_t>(max_slots_, limit);
+    if (uint64_t(slots_.size()) >= cap) return false;
     uint64_t n = std::max<uint64_t>(1, chunk_target_bytes / slot_bytes_);
-    n = std::min<uint64_t>(n, max_slots_ - uint64_t(slots_.size()));
+    n = std::min<uint64_t>(n, cap - uint64_t(slots_.size()));
     if (options_.budget_bytes == 0) {
       size_t free_bytes = 0, total = 0;
       MF_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
