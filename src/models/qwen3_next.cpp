@@ -521,12 +521,11 @@ class Qwen3NextGraph final : public ModelGraph {
         {
           ProfileScope scope(profile, ForwardProfile::routed_experts);
           // The shared expert's gate reads the same h: it goes with the router's projection (one launch on
-          // a GPU, both being router-role matrices in one format).
-          const bool gate_with_router = p_.shared_intermediate > 0 && w.shared_expert_gate.format == w.router.format;
+          // a GPU: both are router-role matrices, stored in one format).
+          const bool shared = p_.shared_intermediate > 0;
           const MatmulJob shared_gate{w.shared_expert_gate, s.h, s.shared_logit, n_tokens};
           MF_TRY(routed_moe(be_, store_, pack_, int(l), w.router, moe_shape, s.h, n_tokens, s.moe, s.y, &post_norm,
-                            gate_with_router ? &shared_gate : nullptr, gate_with_router ? 1 : 0));
-          if (p_.shared_intermediate > 0 && !gate_with_router) be_.matmul(w.shared_expert_gate, s.h, s.shared_logit, n_tokens);
+                            shared ? &shared_gate : nullptr, shared ? 1 : 0));
         }
         if (p_.shared_intermediate > 0) {
           ProfileScope scope(profile, ForwardProfile::shared_expert);

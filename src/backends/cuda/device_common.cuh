@@ -38,6 +38,10 @@ __device__ __forceinline__ float block_sum(float v) {
   return total;
 }
 
+// SwiGLU's product silu(g)·u, the one expression every kernel forming it uses (swiglu, the experts'
+// gate/up, the staged matmul's swiglu input), so that each gives the same bits.
+__device__ __forceinline__ float swiglu_of(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;

@@ -23,7 +23,7 @@ __global__ void swiglu_kernel(const float* gate, const float* up, float* out, in
   dependent_launch_begin();
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     const float g = gate[i], u = up[i];  // both read before the write: out may alias either
-    out[i] = g / (1.0f + expf(-g)) * u;
+    out[i] = swiglu_of(g, u);
   }
 }
 

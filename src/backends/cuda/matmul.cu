@@ -100,9 +100,7 @@ __device__ __forceinline__ void load_rows(Chunk (&c)[R], const DeviceJob& m, int
 // Σ(x + y)², each thread rescales the float4s it staged itself. writer: also store h and x + y.
 template <WeightFormat F>
 __device__ __forceinline__ void stage_normed(const NormIn& n, float4* dst, bool writer) {
-  constexpr int per = chunk_cols(F) / 4;
   const int n4 = n.dim / 4, t = threadIdx.x;
-  const auto at = [](int i) { return (i / per) * staged_pitch(F) + i % per; };
   float sum_sq = 0.f;
   if (t < n.threads) {
 #pragma unroll 2  // two x (+ y) loads in flight: all four spilled the weights in flight (session 14)
@@ -116,7 +114,7 @@ __device__ __forceinline__ void stage_normed(const NormIn& n, float4* dst, bool 
         if (writer) reinterpret_cast<float4*>(n.x_out)[i] = v;
       }
       sum_sq += sum_sq4(v);
-      dst[at(i)] = v;
+      dst[staged_at<F>(i)] = v;
     }
   }
   sum_sq = block_sum(sum_sq);
@@ -126,8 +124,8 @@ __device__ __forceinline__ void stage_normed(const NormIn& n, float4* dst, bool 
     for (int q = 0; q < 4; ++q) {
       const int i = t + q * n.threads;
       if (i >= n4) break;
-      const float4 o = rms_scaled4(dst[at(i)], inv_rms, reinterpret_cast<const float4*>(n.weight)[i]);
-      dst[at(i)] = o;
+      const float4 o = rms_scaled4(dst[staged_at<F>(i)], inv_rms, reinterpret_cast<const float4*>(n.weight)[i]);
+      dst[staged_at<F>(i)] = o;
       if (writer) reinterpret_cast<float4*>(n.h)[i] = o;
     }
   }
@@ -139,12 +137,9 @@ constexpr int stage_plain = 0, stage_norm = 1, stage_glu = 2;
 // Stages x = silu(gate)·up, n floats, with swiglu_kernel's arithmetic (elementwise.cu: the same bits).
 template <WeightFormat F>
 __device__ __forceinline__ void stage_swiglu(const float* __restrict__ gate, const float* __restrict__ up, int n, float4* dst) {
-  constexpr int per = chunk_cols(F) / 4;
   for (int f = threadIdx.x; f < n / 4; f += blockDim.x) {
     const float4 g = reinterpret_cast<const float4*>(gate)[f], u = reinterpret_cast<const float4*>(up)[f];
-    dst[(f / per) * staged_pitch(F) + f % per] =
-        make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y, g.z / (1.0f + expf(-g.z)) * u.z,
-                    g.w / (1.0f + expf(-g.w)) * u.w);
+    dst[staged_at<F>(f)] = make_float4(swiglu_of(g.x, u.x), swiglu_of(g.y, u.y), swiglu_of(g.z, u.z), swiglu_of(g.w, u.w));
   }
 }
 

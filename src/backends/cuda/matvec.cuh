@@ -21,6 +21,9 @@ __host__ __device__ constexpr int groups_per_row(WeightFormat f, int cols) { ret
 // the 8 lanes of a 128-bit shared-memory phase, each reading its own chunk, hit different banks.
 __host__ __device__ constexpr int staged_pitch(WeightFormat f) { return chunk_cols(f) / 4 + 1; }
 __host__ __device__ constexpr int64_t staged_bytes(WeightFormat f, int64_t cols) { return cols / chunk_cols(f) * staged_pitch(f) * 16; }
+// Where float4 i of the vector sits in the staged layout.
+template <WeightFormat F>
+__device__ __forceinline__ int staged_at(int i) { return (i / (chunk_cols(F) / 4)) * staged_pitch(F) + i % (chunk_cols(F) / 4); }
 
 // Byte k of w as the float 2^23 + byte (exact), via the exponent-bias trick (lab v4).
 __device__ __forceinline__ float byte_as_biased_float(uint32_t w, int k) {
@@ -126,7 +129,7 @@ __device__ __forceinline__ void chunk_dots(const Chunk (&c)[N], const float4* xc
 // not have to spare). The caller synchronizes before reading.
 template <WeightFormat F, int Batch>
 __device__ __forceinline__ void stage_chunked(const float* __restrict__ src, int n, float4* dst) {
-  constexpr int per = chunk_cols(F) / 4, batch = Batch;
+  constexpr int batch = Batch;
   const int n4 = n / 4;
   for (int f0 = threadIdx.x; f0 < n4; f0 += batch * blockDim.x) {
     float4 v[batch];
@@ -138,7 +141,7 @@ __device__ __forceinline__ void stage_chunked(const float* __restrict__ src, int
 #pragma unroll
     for (int b = 0; b < batch; ++b) {
       const int f = f0 + b * int(blockDim.x);
-      if (f < n4) dst[(f / per) * staged_pitch(F) + f % per] = v[b];
+      if (f < n4) dst[staged_at<F>(f)] = v[b];
     }
   }
 }

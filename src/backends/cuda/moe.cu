@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* con
 #pragma unroll
   for (int q = 0; q < R; ++q) {
     const float gv = warp_sum(acc[q]), uv = warp_sum(acc[R + q]);
-    if (lane == 0 && q < rows) h[size_t(j) * I + r0 + q] = gv / (1.0f + expf(-gv)) * uv;
+    if (lane == 0 && q < rows) h[size_t(j) * I + r0 + q] = swiglu_of(gv, uv);
   }
 }
 
