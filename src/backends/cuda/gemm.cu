@@ -1,11 +1,12 @@
 // The tensor-core path of gemm.cuh. First each distinct x of a launch is split into its three bf16 parts
 // once (prepare_kernel: a warp per token and 64 columns, with the columns' Σx). Then a block computes a
-// tile of TM tokens (64, or 32 for jobs of ≤ 32 tokens) × 128 weight rows, 64 columns per step: every
-// thread loads its share of the next step's x parts (32 columns of one token) and weights (32 columns of
-// one row) into registers while the tensor cores work on the current step, then writes them to shared
-// memory — the weights decoded to integers — where ldmatrix feeds eight warps (2 × 4 of 32 tokens × 32
-// rows, or 1 × 8 of 32 × 16). 128 rows per block halve the re-reads of x (from L2) that 64 cost. Two
-// blocks per SM (≤ 128 registers: the q8/q4 kernels of 64-token tiles spill ~200 bytes a thread).
+// tile of TM tokens (64, or 32 for jobs of ≤ 32 tokens) × 128 weight rows, 64 columns per step: while the
+// tensor cores work on the current step, the next step's x parts are copied to a second shared buffer
+// (cp.async: they need no decoding) and every thread loads its share of the next step's weights (32
+// columns of one row) into registers, then writes them to shared memory decoded to integers; ldmatrix
+// feeds eight warps (2 × 4 of 32 tokens × 32 rows, or 1 × 8 of 32 × 16). 128 rows per block halve the
+// re-reads of x (from L2) that 64 cost. Two blocks per SM (≤ 128 registers; x through registers, as it
+// was before session 15, made the q8/q4 kernels of 64-token tiles spill ~200 bytes a thread).
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
@@ -120,30 +121,24 @@ __global__ void __launch_bounds__(32 * prepare_warps) prepare_kernel(const __gri
   if (lane == 0) m.sum[unit] = sum;
 }
 
-// One step's share of a thread, loaded ahead into registers: 32 columns of one token's x parts (and q4's
-// Σx), 32 columns of one weight row (bf16 4 chunks, q8 2, q4 1) and that row's scale(s) and bias.
+// One step's share of a thread, loaded ahead into registers: 32 columns of one weight row (bf16 4 chunks,
+// q8 2, q4 1) and that row's scale(s) and bias, and q4's Σx of one token.
 struct Ahead {
-  uint4 x[3][4];  // the token's 32 columns of each part
   float x_sum;
   uint4 w[4];
   float scale, bias;
 };
 
-// Thread tid stages token tid/2 (if tid/2 < TM: whole warps) and weight row tid/2, columns 32·(tid%2) .. + 31.
+// Thread tid stages weight row tid/2, columns 32·(tid%2) .. + 31, and (q4) token tid/2's Σx.
 template <WeightFormat F, int TM>
 __device__ __forceinline__ void load_ahead(Ahead& a, const GemmJob& m, int t0, int n0, int k0) {
   const int tid = threadIdx.x, half = tid & 1;
   const int col = k0 + 32 * half;
-  if (tid < 2 * TM) {
-    const int t = min(t0 + (tid >> 1), m.n_tokens - 1);  // tokens past the batch re-read its last (never stored)
-    const int64_t plane = int64_t(m.n_tokens) * m.cols;
-#pragma unroll
-    for (int p = 0; p < 3; ++p) {
-      const uint4* x = reinterpret_cast<const uint4*>(m.x + p * plane + int64_t(t) * m.cols + col);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a.x[p][i] = x[i];
+  if constexpr (F == WeightFormat::q4) {
+    if (tid < 2 * TM && half == 0) {
+      const int t = min(t0 + (tid >> 1), m.n_tokens - 1);  // tokens past the batch re-read its last (never stored)
+      a.x_sum = m.x_sum[int64_t(t) * (m.cols / tile_k) + k0 / tile_k];
     }
-    if constexpr (F == WeightFormat::q4) a.x_sum = m.x_sum[int64_t(t) * (m.cols / tile_k) + k0 / tile_k];
   }
   const int r = min(n0 + (tid >> 1), m.rows - 1);  // likewise rows past the matrix
   if constexpr (F == WeightFormat::bf16) {
@@ -163,25 +158,38 @@ __device__ __forceinline__ void load_ahead(Ahead& a, const GemmJob& m, int t0, i
   }
 }
 
+// A block's shared memory (dynamic: over 48 KiB at 64 tokens).
+template <int TM>
 struct Shared {
-  alignas(16) uint16_t a[3][tile_m][pitch];  // x of the step, three bf16 parts
-  alignas(16) uint16_t b[tile_n][pitch];     // weights of the step as bf16 (q8/q4: their integers)
-  float scale[2][tile_n];                    // q8: the step's two groups; q4: [0]
-  float bias[tile_n];                        // q4
-  float xsum[tile_m];                        // q4: Σx of the step's group per token
+  alignas(16) uint16_t a[2][3][TM][pitch];  // x of the step and of the next (in flight), three bf16 parts
+  alignas(16) uint16_t b[tile_n][pitch];    // weights of the step as bf16 (q8/q4: their integers)
+  float scale[2][tile_n];                   // q8: the step's two groups; q4: [0]
+  float bias[tile_n];                       // q4
+  float xsum[TM];                           // q4: Σx of the step's group per token
 };
 
+// Copies the x parts of the step at column k0 into buffer buf: TM tokens × 64 columns × 3 parts in
+// 16-byte pieces spread over the block, then commits them as one group.
+template <int TM>
+__device__ __forceinline__ void issue_x(Shared<TM>& s, const GemmJob& m, int t0, int k0, int buf) {
+  constexpr int pieces = 3 * TM * (tile_k / 8);
+  static_assert(pieces % gemm_threads == 0, "every thread copies as many pieces");
+  const int64_t plane = int64_t(m.n_tokens) * m.cols;
+#pragma unroll
+  for (int k = 0; k < pieces / gemm_threads; ++k) {
+    const int i = int(threadIdx.x) + k * gemm_threads;
+    const int p = i / (TM * (tile_k / 8)), rest = i % (TM * (tile_k / 8)), row = rest / (tile_k / 8), c = 8 * (rest % (tile_k / 8));
+    const int t = min(t0 + row, m.n_tokens - 1);  // tokens past the batch re-read its last (never stored)
+    cp_async16(&s.a[buf][p][row][c], m.x + p * plane + int64_t(t) * m.cols + k0 + c);
+  }
+  cp_async_commit();
+}
+
 template <WeightFormat F, int TM>
-__device__ __forceinline__ void store_ahead(const Ahead& a, Shared& s) {
+__device__ __forceinline__ void store_ahead(const Ahead& a, Shared<TM>& s) {
   const int tid = threadIdx.x, row = tid >> 1, c0 = 32 * (tid & 1);
-  if (tid < 2 * TM) {
-#pragma unroll
-    for (int p = 0; p < 3; ++p)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(&s.a[p][row][c0 + 8 * i]) = a.x[p][i];
-    if constexpr (F == WeightFormat::q4) {
-      if ((tid & 1) == 0) s.xsum[row] = a.x_sum;
-    }
+  if constexpr (F == WeightFormat::q4) {
+    if (tid < 2 * TM && (tid & 1) == 0) s.xsum[row] = a.x_sum;
   }
   if constexpr (F == WeightFormat::bf16) {
 #pragma unroll
@@ -219,7 +227,8 @@ __device__ __forceinline__ int fragment_row(int wn, int ni, int lane, int c) { r
 template <WeightFormat F, int TM>
 __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_constant__ GemmTable table) {
   constexpr int NI = TM == 64 ? 4 : 2;  // 8-row tiles per warp
-  __shared__ Shared s;
+  extern __shared__ float4 shared4[];
+  Shared<TM>& s = *reinterpret_cast<Shared<TM>*>(shared4);
   const int j = job_of_block(table, blockIdx.x);
   const GemmJob& m = table.jobs[j];
   const int local = blockIdx.x - table.block_start[j];
@@ -249,10 +258,16 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
   dependent_launch_begin();
   Ahead ahead;
   load_ahead<F, TM>(ahead, m, t0, n0, 0);
+  issue_x(s, m, t0, 0, 0);
   const int n_steps = m.cols / tile_k;
-  for (int step = 0; step < n_steps; ++step) {
+  for (int step = 0, buf = 0; step < n_steps; ++step, buf ^= 1) {
     __syncthreads();  // the previous step's tiles are no longer read
     store_ahead<F, TM>(ahead, s);
+    if (step + 1 < n_steps)
+      issue_x(s, m, t0, (step + 1) * tile_k, buf ^ 1);  // into the buffer the previous step read
+    else
+      cp_async_commit();  // an empty group: the wait below always leaves the newest one in flight
+    cp_async_wait<1>();   // this step's x has landed
     __syncthreads();
     if (step + 1 < n_steps) load_ahead<F, TM>(ahead, m, t0, n0, (step + 1) * tile_k);  // in flight meanwhile
 #pragma unroll
@@ -269,7 +284,7 @@ __global__ void __launch_bounds__(gemm_threads, 2) gemm_kernel(const __grid_cons
       for (int part = 0; part < 3; ++part) {
         uint32_t a[2][4];
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(a[mi], &s.a[part][wm + 16 * mi + (lane & 15)][16 * ks + 8 * (lane >> 4)]);
+        for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(a[mi], &s.a[buf][part][wm + 16 * mi + (lane & 15)][16 * ks + 8 * (lane >> 4)]);
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -321,7 +336,8 @@ void launch_format(const MatmulJob* jobs, int64_t n_jobs, const std::vector<Prep
   const auto flush = [&] {
     if (n == 0) return;
     table.n_jobs = n;
-    launch(gemm_kernel<F, TM>, dim3(unsigned(table.block_start[n])), dim3(gemm_threads), 0, stream, table);
+    MF_CUDA_CHECK(cudaFuncSetAttribute(gemm_kernel<F, TM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Shared<TM>))));
+    launch(gemm_kernel<F, TM>, dim3(unsigned(table.block_start[n])), dim3(gemm_threads), sizeof(Shared<TM>), stream, table);
     MF_CUDA_CHECK_LAUNCH();
     n = 0;
   };
