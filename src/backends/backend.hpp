@@ -164,7 +164,9 @@ class Backend {
   // The routers above with ids and weights written to this backend's memory instead of the host's (a
   // GPU decodes without a host round trip); bias, when given, is backend memory too. Same contracts, with
   // the device's exp (a GPU's expf may differ from the host's by an ulp or two): weights agree within
-  // 1e-6 and the ids are the same except where two scores are that close.
+  // 1e-6 and the ids are the same except where two scores are that close. A GPU backend may rank for the
+  // host forms above the same way (the CUDA backend does), so that a prompt token and a decode token
+  // with the same logits choose the same experts.
   virtual void router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize,
                                           int32_t* ids, float* weights);
   virtual void router_sigmoid_grouped_topk_device(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert,

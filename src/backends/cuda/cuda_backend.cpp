@@ -2,9 +2,10 @@
 // (activations from cudaMalloc; weights, norm and conv weights, states and caches the caller placed on the
 // device). Pointers the contract calls host memory (positions, inv_freq, token ids, gather row indices,
 // the grouped router's bias and the routers' outputs) are host memory. The kernels live in the
-// .cu/.cuh pairs beside this file; this file owns the stream, the staging of small host arrays and the
-// routers, which copy the [T, n_expert] logits to the host and run the CPU's routing code (router_ops.hpp),
-// so the experts chosen are exactly the reference's. Compiled always: without CUDA in the build (no
+// .cu/.cuh pairs beside this file; this file owns the stream and the staging of small host arrays. The
+// routers' host forms rank on the GPU (the kernels of the _device forms) and copy the ids and weights back;
+// shapes those kernels do not take copy the logits and run the CPU's routing code (router_ops.hpp).
+// Compiled always: without CUDA in the build (no
 // MOEFLUX_HAVE_CUDA) only the factory's fallbacks remain.
 #include "backends/backend.hpp"
 #include "backends/cuda/cuda_memory.hpp"
@@ -21,6 +22,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -41,6 +43,9 @@ class CudaBackend;
 
 // MOEFLUX_CUDA_OP_TIMES=1 (a developer's switch): every op waits for its kernels and adds its GPU time
 // (events around it) to a table printed to stderr when the backend goes; off, an op pays one branch.
+// MOEFLUX_CUDA_TRACE=FILE (another): nothing waits; each op records the host's time and an event as it
+// starts, and FILE gets a CSV of (op, host µs, GPU µs) on one clock when the backend goes: where the GPU
+// reaches an op just after the host queued it, the GPU was waiting for the host.
 class OpTimer {
  public:
   OpTimer(CudaBackend& be, const char* op);
@@ -77,6 +82,7 @@ class CudaBackend final : public Backend {
     timing_ = times && *times && *times != '0';
     const char* graph_times = std::getenv("MOEFLUX_CUDA_GRAPH_TIMES");
     graph_times_ = graph_times && *graph_times && *graph_times != '0';
+    if (const char* trace = std::getenv("MOEFLUX_CUDA_TRACE"); trace && *trace) trace_path_ = trace;
     if (timing_ || graph_times_) {
       MF_CUDA_CHECK(cudaEventCreate(&time_start_));
       MF_CUDA_CHECK(cudaEventCreate(&time_stop_));
@@ -93,9 +99,12 @@ class CudaBackend final : public Backend {
     }
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
+    write_trace();
     if (time_start_) cudaEventDestroy(time_start_);
     if (time_stop_) cudaEventDestroy(time_stop_);
     if (scratch_) cudaFree(scratch_);
+    if (route_device_) cudaFree(route_device_);
+    if (route_host_) cudaFreeHost(route_host_);
     if (ring_host_) cudaFreeHost(ring_host_);
     if (ring_device_) cudaFree(ring_device_);
     if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
@@ -356,21 +365,44 @@ class CudaBackend final : public Backend {
     cuda::attention(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream_);
   }
 
-  // On the host, with the CPU backends' code: the logits are T · n_expert floats, the ids must be exact.
+  // On the GPU with the kernels a decode token's routing uses (router_*_device's contract: the device's
+  // exp), then the [T, k] ids and weights to the host in one copy: a prompt's routing waits for one small
+  // copy, not for T rows of top-k on the host while the GPU idles. Shapes those kernels do not take rank
+  // on the host, with the CPU backends' code.
   void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                            float* weights) override {
+    const OpTimer timer(*this, "router_softmax_topk");
     MF_CHECK(k > 0 && k <= n_expert);
-    const float* host = logits_to_host(logits, n_tokens * n_expert);
-    for (int64_t t = 0; t < n_tokens; ++t) cpu::softmax_topk_row(host + t * n_expert, n_expert, k, normalize, ids + t * k, weights + t * k);
+    if (n_tokens <= 0) return;
+    if (!cuda::routes_on_device(n_expert, k, 0)) {
+      const float* host = logits_to_host(logits, n_tokens * n_expert);
+      for (int64_t t = 0; t < n_tokens; ++t) cpu::softmax_topk_row(host + t * n_expert, n_expert, k, normalize, ids + t * k, weights + t * k);
+      return;
+    }
+    bind();
+    const auto [d_ids, d_weights] = route_buffers(n_tokens * k);
+    cuda::router_softmax_topk(logits, n_tokens, n_expert, k, normalize, d_ids, d_weights, stream_);
+    routes_to_host(n_tokens * k, ids, weights);
   }
 
   void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert, int64_t n_group,
                                    int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids, float* weights) override {
+    const OpTimer timer(*this, "router_sigmoid_grouped_topk");
     MF_CHECK(k > 0 && k <= n_expert && n_group > 0 && n_expert % n_group == 0 && topk_group > 0 && topk_group <= n_group);
-    const float* host = logits_to_host(logits, n_tokens * n_expert);
-    for (int64_t t = 0; t < n_tokens; ++t)
-      cpu::sigmoid_grouped_topk_row(host + t * n_expert, bias, n_expert, n_group, topk_group, k, normalize, scaling, ids + t * k,
-                                    weights + t * k);
+    if (n_tokens <= 0) return;
+    if (!cuda::routes_on_device(n_expert, k, n_group)) {
+      const float* host = logits_to_host(logits, n_tokens * n_expert);
+      for (int64_t t = 0; t < n_tokens; ++t)
+        cpu::sigmoid_grouped_topk_row(host + t * n_expert, bias, n_expert, n_group, topk_group, k, normalize, scaling, ids + t * k,
+                                      weights + t * k);
+      return;
+    }
+    bind();
+    const auto* d_bias = bias ? static_cast<const float*>(stage({{bias, size_t(n_expert) * sizeof(float)}})[0]) : nullptr;
+    const auto [d_ids, d_weights] = route_buffers(n_tokens * k);
+    cuda::router_sigmoid_grouped_topk(logits, d_bias, n_tokens, n_expert, n_group, topk_group, k, normalize, scaling, d_ids, d_weights,
+                                      stream_);
+    routes_to_host(n_tokens * k, ids, weights);
   }
 
   void router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
@@ -585,6 +617,28 @@ class CudaBackend final : public Backend {
     return device;
   }
 
+  // Device ids [n] then weights [n] for the routers' host forms, and their pinned landing place; grown as
+  // needed (n ints and n floats each).
+  std::pair<int32_t*, float*> route_buffers(int64_t n) {
+    const size_t bytes = size_t(n) * 8;
+    if (bytes > route_bytes_) {
+      if (route_device_) MF_CUDA_CHECK(cudaFree(route_device_));
+      if (route_host_) MF_CUDA_CHECK(cudaFreeHost(route_host_));
+      route_device_ = route_host_ = nullptr;
+      route_bytes_ = 0;
+      MF_CUDA_CHECK(cudaMalloc(&route_device_, bytes));
+      MF_CUDA_CHECK(cudaHostAlloc(&route_host_, bytes, cudaHostAllocDefault));
+      route_bytes_ = bytes;
+    }
+    return {static_cast<int32_t*>(route_device_), reinterpret_cast<float*>(static_cast<char*>(route_device_) + size_t(n) * 4)};
+  }
+  void routes_to_host(int64_t n, int32_t* ids, float* weights) {
+    MF_CUDA_CHECK(cudaMemcpyAsync(route_host_, route_device_, size_t(n) * 8, cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::memcpy(ids, route_host_, size_t(n) * 4);
+    std::memcpy(weights, static_cast<const char*>(route_host_) + size_t(n) * 4, size_t(n) * 4);
+  }
+
   // The router's logits [n] on the host, after every op queued before; valid until the next call.
   const float* logits_to_host(const float* logits, int64_t n) {
     bind();
@@ -598,6 +652,47 @@ class CudaBackend final : public Backend {
 
   friend class OpTimer;
   bool timing_ = false;
+  // MOEFLUX_CUDA_TRACE: the ops' starts; the first is an anchor recorded on an idle stream, so that its
+  // event and host time are the same instant.
+  struct TracePoint {
+    const char* op;
+    std::chrono::steady_clock::time_point host;
+    cudaEvent_t event;
+  };
+  std::string trace_path_;
+  std::vector<TracePoint> trace_;
+  std::mutex trace_mutex_;
+
+  void trace_op(const char* op) {
+    std::lock_guard lock(trace_mutex_);
+    if (trace_.empty()) {
+      MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      trace_.push_back({"anchor", {}, nullptr});
+      MF_CUDA_CHECK(cudaEventCreate(&trace_.back().event));
+      MF_CUDA_CHECK(cudaEventRecord(trace_.back().event, stream_));
+      trace_.back().host = std::chrono::steady_clock::now();
+    }
+    TracePoint p{op, std::chrono::steady_clock::now(), nullptr};
+    MF_CUDA_CHECK(cudaEventCreate(&p.event));
+    MF_CUDA_CHECK(cudaEventRecord(p.event, stream_));
+    trace_.push_back(p);
+  }
+
+  void write_trace() {
+    if (trace_.empty()) return;
+    std::FILE* f = std::fopen(trace_path_.c_str(), "w");
+    if (f) std::fprintf(f, "op,host_us,gpu_us\n");
+    for (const TracePoint& p : trace_) {
+      float ms = 0;
+      if (cudaEventElapsedTime(&ms, trace_.front().event, p.event) != cudaSuccess) ms = -1;
+      const double host_us = std::chrono::duration<double, std::micro>(p.host - trace_.front().host).count();
+      if (f) std::fprintf(f, "%s,%.1f,%.1f\n", p.op, host_us, 1e3 * double(ms));
+    }
+    for (const TracePoint& p : trace_) cudaEventDestroy(p.event);  // the anchor last read above
+    if (f) std::fclose(f);
+    else std::fprintf(stderr, "moeflux: cannot write the CUDA trace to %s\n", trace_path_.c_str());
+    trace_.clear();
+  }
   cudaEvent_t time_start_ = nullptr, time_stop_ = nullptr;
   std::map<std::string, std::pair<double, int64_t>> op_times_;  // op → (ms, calls)
 
@@ -655,11 +750,15 @@ class CudaBackend final : public Backend {
   char* graph_out_ = nullptr;     // pinned: device results the recorded step copies out
   size_t graph_out_bytes_ = 0, graph_out_at_ = 0;
   std::vector<DeferredCopy> deferred_;
-  std::vector<float> logits_host_;  // [T, n_expert] of the last router call
+  std::vector<float> logits_host_;  // [T, n_expert] of the last router call ranked on the host
+  void* route_device_ = nullptr;    // route_buffers
+  void* route_host_ = nullptr;      // pinned
+  size_t route_bytes_ = 0;
   std::vector<void*> weights_;      // upload_weights' device copies
 };
 
 OpTimer::OpTimer(CudaBackend& be, const char* op) : be_(be.timing_ && !be.recording_ ? &be : nullptr), op_(op) {
+  if (!be.trace_path_.empty() && !be.recording_) be.trace_op(op);
   if (be_) MF_CUDA_CHECK(cudaEventRecord(be_->time_start_, be_->stream_));
 }
 

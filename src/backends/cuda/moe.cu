@@ -456,6 +456,12 @@ void launch_down(const ExpertLayout& l, const void* const* table, const int32_t*
 
 }  // namespace
 
+bool routes_on_device(int64_t n_expert, int64_t k, int64_t n_group) {
+  if (k < 1 || k > max_router_k || k > n_expert) return false;
+  if (n_group == 0) return size_t(n_expert) * sizeof(float) <= 44 * 1024;
+  return n_group <= 64 && size_t(n_expert) * (2 * sizeof(float) + sizeof(bool)) <= 44 * 1024;
+}
+
 void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                          float* weights, cudaStream_t stream) {
   if (n_tokens <= 0) return;
@@ -481,6 +487,7 @@ void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t
   if (n_tokens <= 0) return;
   if (k < 1 || k > max_router_k || k > n_expert || n_group > 64) unsupported("grouped router: k outside [1, 64] or more than 64 groups");
   const size_t shared = size_t(n_expert) * (2 * sizeof(float) + sizeof(bool));
+  if (shared > 44 * 1024) unsupported("grouped router: more than 5006 experts");
   launch(sigmoid_grouped_topk_kernel, unsigned(n_tokens), router_threads, shared, stream,
          logits, bias, int(n_expert), int(n_group), int(topk_group), int(k), normalize, scaling, ids, weights);
   MF_CUDA_CHECK_LAUNCH();

@@ -20,6 +20,10 @@
 
 namespace moeflux::cuda {
 
+// Whether the routers below take k of n_expert experts: n_group 0 asks of the softmax router, 1 or more
+// of the grouped sigmoid one with that many groups. Where not, a caller ranks on the host.
+bool routes_on_device(int64_t n_expert, int64_t k, int64_t n_group);
+
 void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                          float* weights, cudaStream_t stream);
 
