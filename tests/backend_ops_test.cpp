@@ -10,7 +10,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <random>
@@ -1198,6 +1200,46 @@ struct HostWeight {  // a quantized matrix placed at a chosen byte offset from a
   std::vector<uint8_t> data, scales, biases;
   WeightView view;
 };
+
+// MOEFLUX_CUDA_TRACE=FILE (a developer's switch, read when a CUDA backend is made): when the backend goes,
+// FILE gets a row per op in queue order after an anchor, with the host's and the GPU's times on one clock.
+TEST(CudaTrace, WritesARowPerOpOnOneClock) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU";
+  const std::string path = ::testing::TempDir() + "moeflux_cuda_trace.csv";
+  std::remove(path.c_str());
+  ::setenv("MOEFLUX_CUDA_TRACE", path.c_str(), 1);
+  {
+    auto be = make_cuda_backend(0);
+    ::unsetenv("MOEFLUX_CUDA_TRACE");
+    float* x = be->alloc_activations(1 << 20);
+    for (int i = 0; i < 5; ++i) be->fill(x, float(i), 1 << 20);
+    be->synchronize();
+    be->free_activations(x);
+  }
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path;
+  std::string line;
+  std::getline(in, line);
+  EXPECT_EQ(line, "op,host_us,gpu_us");
+  std::vector<std::string> ops;
+  std::vector<double> host, gpu;
+  while (std::getline(in, line)) {
+    const size_t a = line.find(','), b = line.rfind(',');
+    ASSERT_TRUE(a != std::string::npos && b > a) << line;
+    ops.push_back(line.substr(0, a));
+    host.push_back(std::stod(line.substr(a + 1, b - a - 1)));
+    gpu.push_back(std::stod(line.substr(b + 1)));
+  }
+  ASSERT_EQ(ops, (std::vector<std::string>{"anchor", "fill", "fill", "fill", "fill", "fill"}));
+  for (size_t i = 1; i < ops.size(); ++i) {
+    EXPECT_GE(gpu[i], gpu[i - 1]) << "row " << i;  // one stream: the GPU reaches the ops in order
+    EXPECT_GE(host[i], host[i - 1]) << "row " << i;
+    // The GPU reaches an op after the host queued it; the clocks are aligned at the anchor to within the
+    // host's time to record one event (a few µs; 50 allowed for a loaded machine).
+    EXPECT_GE(gpu[i], host[i] - 50.0) << "row " << i;
+  }
+  std::remove(path.c_str());
+}
 
 // --- device routing and moe_decode (a GPU decodes one token without a host round trip) ------------
 
