@@ -792,6 +792,20 @@ TEST_P(BackendOps, RouterBreaksExactTiesByLowerId) {
   EXPECT_NEAR(w[0] * 3 + w[3] * 2, 1.0, 1e-6);  // renormalized over the 5 selected
 }
 
+// copy_from_host / copy_to_host move bytes unchanged at every size: a few floats, a decode step's logits
+// (152k floats: a GPU backend's pinned bounce path), and several bounce buffers' worth with an odd tail.
+TEST_P(BackendOps, HostCopiesRoundTrip) {
+  for (size_t n : {size_t(3), size_t(151936), size_t(2'500'001)}) {
+    const auto src = gaussian(n, rng_);
+    DeviceBuffer d(but(), *be_, n * 4);
+    be_->copy_from_host(d.f(), src.data(), n * 4);
+    std::vector<float> back(n + 1, -7.0f);  // one float past the end: must stay untouched
+    be_->copy_to_host(back.data(), d.f(), n * 4);
+    EXPECT_EQ(std::memcmp(back.data(), src.data(), n * 4), 0) << "n=" << n;
+    EXPECT_EQ(back[n], -7.0f) << "n=" << n;
+  }
+}
+
 TEST_P(BackendOps, SwigluMatchesReference) {
   for (int64_t n : {1, 7, 1000, 100000}) {
     for (int alias : {0, 1, 2}) {  // out separate, out == gate, out == up

@@ -105,6 +105,10 @@ class CudaBackend final : public Backend {
     if (scratch_) cudaFree(scratch_);
     if (route_device_) cudaFree(route_device_);
     if (route_host_) cudaFreeHost(route_host_);
+    for (int i = 0; i < 2; ++i) {
+      if (bounce_[i]) cudaFreeHost(bounce_[i]);
+      if (bounce_done_[i]) cudaEventDestroy(bounce_done_[i]);
+    }
     if (ring_host_) cudaFreeHost(ring_host_);
     if (ring_device_) cudaFree(ring_device_);
     if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
@@ -149,8 +153,34 @@ class CudaBackend final : public Backend {
       graph_out_at_ += (bytes + 15) / 16 * 16;
       return;
     }
-    MF_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (bytes < bounce_min_bytes) {
+      MF_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+      MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      return;
+    }
+    // Larger copies (a decode step's logits) land in pinned memory at the link's rate, then move on the
+    // host: into pageable memory the driver stages the copy itself, far slower, while the GPU waits for the
+    // next step. Two buffers: the host copies one chunk out while the next one arrives.
+    if (!bounce_[0])
+      for (int i = 0; i < 2; ++i) {
+        MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&bounce_[i]), bounce_bytes, cudaHostAllocDefault));
+        MF_CUDA_CHECK(cudaEventCreateWithFlags(&bounce_done_[i], cudaEventDisableTiming));
+      }
+    const auto chunk_at = [&](size_t c) { return c * bounce_bytes; };
+    const auto chunk_bytes = [&](size_t c) { return std::min(bounce_bytes, bytes - chunk_at(c)); };
+    const auto fetch = [&](size_t c) {  // chunk c into buffer c % 2, which the host has emptied
+      MF_CUDA_CHECK(cudaMemcpyAsync(bounce_[c & 1], static_cast<const char*>(src) + chunk_at(c), chunk_bytes(c), cudaMemcpyDeviceToHost,
+                                    stream_));
+      MF_CUDA_CHECK(cudaEventRecord(bounce_done_[c & 1], stream_));
+    };
+    const size_t n_chunks = (bytes + bounce_bytes - 1) / bounce_bytes;
+    fetch(0);
+    for (size_t c = 0; c < n_chunks; ++c) {
+      if (c + 1 < n_chunks) fetch(c + 1);
+      const int b = int(c & 1);
+      MF_CUDA_CHECK(cudaEventSynchronize(bounce_done_[b]));
+      std::memcpy(static_cast<char*>(host_dst) + chunk_at(c), bounce_[b], chunk_bytes(c));
+    }
   }
 
   void copy_from_host(void* dst, const void* host_src, size_t bytes) override {
@@ -751,6 +781,10 @@ class CudaBackend final : public Backend {
   size_t graph_out_bytes_ = 0, graph_out_at_ = 0;
   std::vector<DeferredCopy> deferred_;
   std::vector<float> logits_host_;  // [T, n_expert] of the last router call ranked on the host
+  // copy_to_host's pinned buffers for copies of bounce_min_bytes or more, made at the first.
+  static constexpr size_t bounce_min_bytes = size_t(64) << 10, bounce_bytes = size_t(4) << 20;
+  char* bounce_[2] = {nullptr, nullptr};
+  cudaEvent_t bounce_done_[2] = {nullptr, nullptr};
   void* route_device_ = nullptr;    // route_buffers
   void* route_host_ = nullptr;      // pinned
   size_t route_bytes_ = 0;
