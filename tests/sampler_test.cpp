@@ -51,6 +51,36 @@ TEST(Sampler, GreedyPicksArgmaxWithTiesToTheLowestId) {
   EXPECT_EQ(sampler.sample(all_equal.data()), 0);
 }
 
+// argmax_first (greedy's choice, vectorized) against std::max_element: every length around the 16-float
+// lanes, the maximum at the start, in the body, in the tail, tied; NaN never chosen; −∞ everywhere.
+TEST(ArgmaxFirst, FirstLargestIndexAtEveryLengthAndPosition) {
+  std::mt19937_64 rng(7);
+  for (int64_t n : {1, 2, 15, 16, 17, 31, 32, 33, 100, 151936}) {
+    std::vector<float> v = random_logits(n, rng());
+    for (int64_t at : {int64_t(0), n / 2, n - 1}) {
+      std::vector<float> w = v;
+      w[size_t(at)] = 7.0f;  // above every random logit
+      EXPECT_EQ(argmax_first(w.data(), n), at) << "n=" << n;
+      if (at + 1 < n) {
+        w[size_t(n - 1)] = 7.0f;  // a tie later on: the first still wins
+        EXPECT_EQ(argmax_first(w.data(), n), at) << "n=" << n;
+      }
+    }
+    EXPECT_EQ(argmax_first(v.data(), n), std::max_element(v.begin(), v.end()) - v.begin()) << "n=" << n;
+  }
+  const float nan = std::nanf(""), inf = INFINITY;
+  const std::vector<float> with_nan = {nan, 1.0f, nan, 2.0f, 2.0f, nan};
+  EXPECT_EQ(argmax_first(with_nan.data(), 6), 3);
+  const std::vector<float> all_nan(40, nan);
+  EXPECT_EQ(argmax_first(all_nan.data(), 40), 0);
+  const std::vector<float> minus_inf(40, -inf);
+  EXPECT_EQ(argmax_first(minus_inf.data(), 40), 0);
+  std::vector<float> plus_inf(40, 1.0f);
+  plus_inf[33] = inf;
+  EXPECT_EQ(argmax_first(plus_inf.data(), 40), 33);
+  EXPECT_EQ(argmax_first(nullptr, 0), 0);
+}
+
 TEST(Sampler, GreedyAppliesPenaltiesBeforeTheArgmax) {
   SamplerParams params;
   params.temperature = 0;

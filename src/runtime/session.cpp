@@ -89,6 +89,7 @@ Status Session::eval_prompt(std::span<const int32_t> tokens, float* all_logits) 
 Status Session::eval_token(int32_t token) { return eval(std::span<const int32_t>(&token, 1), nullptr, false); }
 
 Status Session::eval(std::span<const int32_t> tokens, float* all_logits, bool snapshot_at_end) {
+  model_.backend().trace_mark("eval start");
   if (tokens.empty()) return make_error(ErrorCode::invalid_argument, "eval_prompt: no tokens");
   const int64_t n = int64_t(tokens.size());
   if (n_past_ + n > n_ctx())
@@ -118,6 +119,7 @@ Status Session::eval(std::span<const int32_t> tokens, float* all_logits, bool sn
     }
     n_past_ += count;
   }
+  model_.backend().trace_mark("eval forward done");
   if (all_logits) std::memcpy(logits_.data(), all_logits + (n - 1) * n_vocab(), size_t(n_vocab()) * sizeof(float));
   has_logits_ = true;
   // The tokens are evaluated whether or not the snapshot fits in memory; without it a later rewind

@@ -22,11 +22,54 @@ struct LogitDescending {
 constexpr int64_t kTopPFirstPrefix = 256;
 constexpr int64_t kTopPGrowth = 4;
 
+// The largest non-NaN value of v[0, n) (−∞ when none): independent lanes, so the compiler can keep them
+// in vector registers; max is exact, so the lanes' order changes nothing.
+float max_of(const float* v, int64_t n) {
+  constexpr int lanes = 16;
+  float m[lanes];
+  for (float& x : m) x = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes)
+    for (int j = 0; j < lanes; ++j) m[j] = v[i + j] > m[j] ? v[i + j] : m[j];
+  float best = -std::numeric_limits<float>::infinity();
+  for (float x : m) best = x > best ? x : best;
+  for (; i < n; ++i) best = v[i] > best ? v[i] : best;
+  return best;
+}
+
 Status invalid(const char* field, const std::string& range, const std::string& value) {
   return make_error(ErrorCode::invalid_argument, "sampler parameter {} = {}: must be {}", field, value, range);
 }
 
 }  // namespace
+
+int64_t argmax_first(const float* v, int64_t n) {
+  // One pass in 16 independent lanes (vector registers), each keeping its largest value and where it
+  // first saw it; then the lanes' best, ties to the lower index, and the tail. −∞ everywhere or NaN
+  // everywhere leave no lane set: the first −∞, else 0.
+  constexpr int lanes = 16;
+  float m[lanes];
+  int32_t at[lanes];
+  for (int j = 0; j < lanes; ++j) m[j] = -std::numeric_limits<float>::infinity(), at[j] = -1;
+  int64_t i = 0;
+  if (n <= int64_t(std::numeric_limits<int32_t>::max()))
+    for (; i + lanes <= n; i += lanes)
+      for (int j = 0; j < lanes; ++j) {
+        const bool above = v[i + j] > m[j];
+        m[j] = above ? v[i + j] : m[j];
+        at[j] = above ? int32_t(i + j) : at[j];
+      }
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t best_at = -1;
+  for (int j = 0; j < lanes; ++j)
+    if (at[j] >= 0 && (m[j] > best || (m[j] == best && at[j] < best_at))) best = m[j], best_at = at[j];
+  for (; i < n; ++i)
+    if (v[i] > best) best = v[i], best_at = i;
+  if (best_at >= 0) return best_at;
+  for (int64_t k = 0; k < n; ++k)
+    if (v[k] == best) return k;
+  return 0;
+}
 
 Result<Sampler> Sampler::create(const SamplerParams& p, int64_t n_vocab) {
   if (n_vocab <= 0 || n_vocab > std::numeric_limits<int32_t>::max())
@@ -119,17 +162,11 @@ int32_t Sampler::sample(const float* logits) {
   std::copy(logits, logits + n, logits_.begin());
   apply_penalties(logits_.data());
 
-  if (params_.temperature == 0.0f) {
-    // std::max_element returns the first of equal maxima: ties go to the lowest id.
-    return static_cast<int32_t>(std::max_element(logits_.begin(), logits_.end()) - logits_.begin());
-  }
+  if (params_.temperature == 0.0f) return static_cast<int32_t>(argmax_first(logits_.data(), n));  // ties: the lowest id
 
-  float max_logit = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) {
-    logits_[i] /= params_.temperature;
-    max_logit = std::max(max_logit, logits_[i]);
-    ids_[i] = static_cast<int32_t>(i);
-  }
+  for (int64_t i = 0; i < n; ++i) logits_[i] /= params_.temperature;
+  for (int64_t i = 0; i < n; ++i) ids_[i] = static_cast<int32_t>(i);
+  const float max_logit = max_of(logits_.data(), n);
   MF_CHECK_MSG(std::isfinite(max_logit), "sampler: no finite logit among {} (largest {})", n, max_logit);
 
   const LogitDescending descending{logits_.data()};

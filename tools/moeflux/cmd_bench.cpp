@@ -20,6 +20,7 @@
 #include "model_flags.hpp"
 #include "models/model_family.hpp"
 #include "runtime/session.hpp"
+#include "sampling/sampler.hpp"
 
 namespace moeflux::cli {
 namespace {
@@ -189,7 +190,7 @@ json bound_json(const Bound& b, const PhaseResult& d) {
           {"achieved_fraction", measured > 0 ? b.total() / measured : 0.0}};
 }
 
-int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v + n) - v); }
+int32_t argmax(const float* v, int64_t n) { return int32_t(argmax_first(v, n)); }
 
 int run_bench(const BenchArgs& a) {
   if (a.n_prompt < 1 || a.n_gen < 1 || a.n_runs < 1)

@@ -140,6 +140,7 @@ class CudaBackend final : public Backend {
 
   void copy_to_host(void* host_dst, const void* src, size_t bytes) override {
     if (!bytes) return;
+    const OpTimer timer(*this, "copy_to_host");
     bind();
     if (recording_) {
       // Into pinned memory by the graph, then to host_dst once it has run. More than begin_graph set
@@ -189,6 +190,10 @@ class CudaBackend final : public Backend {
     bind();
     MF_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void trace_mark(const char* what) override {
+    if (!trace_path_.empty() && !recording_) trace_op(what);
   }
 
   void synchronize() override {
