@@ -82,12 +82,13 @@ class Backend {
   // again without a graph. Between the two, ops must not need the host: copy_to_host is deferred to
   // end_graph, copy_from_host and synchronize are refused. begin_graph returns false where there are no
   // graphs (the CPU backends: ops run as usual). end_graph(false) drops what was recorded.
+  virtual bool begin_graph() { return false; }
+  virtual Status end_graph(bool run) { return Status::ok(); }
+
   // A label in the backend's trace of ops, where it keeps one (the CUDA backend's MOEFLUX_CUDA_TRACE): the
   // runtime marks where an eval starts and where its forward passes end. `what` must outlive the
   // backend (a string literal). Nothing otherwise.
   virtual void trace_mark(const char* what) {}
-  virtual bool begin_graph() { return false; }
-  virtual Status end_graph(bool run) { return Status::ok(); }
 
   // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
   virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;

@@ -5,8 +5,7 @@
 // .cu/.cuh pairs beside this file; this file owns the stream and the staging of small host arrays. The
 // routers' host forms rank on the GPU (the kernels of the _device forms) and copy the ids and weights back;
 // shapes those kernels do not take copy the logits and run the CPU's routing code (router_ops.hpp).
-// Compiled always: without CUDA in the build (no
-// MOEFLUX_HAVE_CUDA) only the factory's fallbacks remain.
+// Compiled always: without CUDA in the build (no MOEFLUX_HAVE_CUDA) only the factory's fallbacks remain.
 #include "backends/backend.hpp"
 #include "backends/cuda/cuda_memory.hpp"
 

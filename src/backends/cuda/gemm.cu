@@ -5,8 +5,8 @@
 // (cp.async: they need no decoding) and every thread loads its share of the next step's weights (32
 // columns of one row) into registers, then writes them to shared memory decoded to integers; ldmatrix
 // feeds eight warps (2 × 4 of 32 tokens × 32 rows, or 1 × 8 of 32 × 16). 128 rows per block halve the
-// re-reads of x (from L2) that 64 cost. Two blocks per SM (≤ 128 registers; x through registers, as it
-// was before session 15, made the q8/q4 kernels of 64-token tiles spill ~200 bytes a thread).
+// re-reads of x (from L2) that 64 cost. Two blocks per SM (≤ 128 registers; x through registers too cost
+// the q8/q4 kernels of 64-token tiles ~200 bytes of spill a thread, and 25–40% of their speed).
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
@@ -20,7 +20,6 @@
 namespace moeflux::cuda {
 namespace {
 
-constexpr int tile_m = 64;          // tokens per block
 constexpr int tile_n = 128;         // weight rows per block
 constexpr int tile_k = 64;          // columns per step: one q4 group, two q8 groups
 constexpr int gemm_threads = 256;   // 8 warps in 2 × 4, each 32 tokens × 32 rows (or 1 × 8 of 32 × 16)
