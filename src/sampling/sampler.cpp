@@ -22,21 +22,6 @@ struct LogitDescending {
 constexpr int64_t kTopPFirstPrefix = 256;
 constexpr int64_t kTopPGrowth = 4;
 
-// The largest non-NaN value of v[0, n) (−∞ when none): independent lanes, so the compiler can keep them
-// in vector registers; max is exact, so the lanes' order changes nothing.
-float max_of(const float* v, int64_t n) {
-  constexpr int lanes = 16;
-  float m[lanes];
-  for (float& x : m) x = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  for (; i + lanes <= n; i += lanes)
-    for (int j = 0; j < lanes; ++j) m[j] = v[i + j] > m[j] ? v[i + j] : m[j];
-  float best = -std::numeric_limits<float>::infinity();
-  for (float x : m) best = x > best ? x : best;
-  for (; i < n; ++i) best = v[i] > best ? v[i] : best;
-  return best;
-}
-
 Status invalid(const char* field, const std::string& range, const std::string& value) {
   return make_error(ErrorCode::invalid_argument, "sampler parameter {} = {}: must be {}", field, value, range);
 }
@@ -166,7 +151,7 @@ int32_t Sampler::sample(const float* logits) {
 
   for (int64_t i = 0; i < n; ++i) logits_[i] /= params_.temperature;
   for (int64_t i = 0; i < n; ++i) ids_[i] = static_cast<int32_t>(i);
-  const float max_logit = max_of(logits_.data(), n);
+  const float max_logit = logits_[argmax_first(logits_.data(), n)];  // NaN or −∞ when no value is finite
   MF_CHECK_MSG(std::isfinite(max_logit), "sampler: no finite logit among {} (largest {})", n, max_logit);
 
   const LogitDescending descending{logits_.data()};

@@ -21,7 +21,6 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <map>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -695,10 +694,8 @@ class CudaBackend final : public Backend {
   };
   std::string trace_path_;
   std::vector<TracePoint> trace_;
-  std::mutex trace_mutex_;
 
   void trace_op(const char* op) {
-    std::lock_guard lock(trace_mutex_);
     if (trace_.empty()) {
       MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
       trace_.push_back({"anchor", {}, nullptr});
