@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -26,6 +27,7 @@
 #include "core/half.hpp"
 #include "core/thread_pool.hpp"
 #include "quant/quantize.hpp"
+#include "sampling/sampler.hpp"
 
 namespace moeflux {
 namespace {
@@ -803,6 +805,32 @@ TEST_P(BackendOps, HostCopiesRoundTrip) {
     be_->copy_to_host(back.data(), d.f(), n * 4);
     EXPECT_EQ(std::memcmp(back.data(), src.data(), n * 4), 0) << "n=" << n;
     EXPECT_EQ(back[n], -7.0f) << "n=" << n;
+  }
+}
+
+// Greedy decoding's pick where the logits are: argmax_first's answer on every input — ties to the lowest
+// index, −0 equal to +0, NaN never chosen (0 when every value is NaN), infinities — at vocabulary sizes.
+TEST_P(BackendOps, ArgmaxMatchesArgmaxFirst) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  std::vector<std::pair<std::string, std::vector<float>>> cases;
+  for (size_t n : {size_t(1), size_t(5), size_t(151936), size_t(248323)}) cases.push_back({"gaussian " + std::to_string(n), gaussian(n, rng_)});
+  auto tie = gaussian(151936, rng_);
+  tie[100'000] = tie[7'000] = tie[120'000] = 50.0f;
+  cases.push_back({"three equal maxima", tie});
+  std::vector<float> zeros(1000, -1.0f);
+  zeros[3] = -0.0f, zeros[5] = 0.0f;
+  cases.push_back({"-0 before +0", zeros});
+  auto with_nan = gaussian(151936, rng_);
+  for (size_t i = 0; i < with_nan.size(); i += 97) with_nan[i] = nan;
+  cases.push_back({"NaNs among values", with_nan});
+  cases.push_back({"all NaN", std::vector<float>(777, nan)});
+  cases.push_back({"all -inf", std::vector<float>(777, -inf)});
+  auto with_inf = gaussian(5000, rng_);
+  with_inf[4000] = inf, with_inf[4500] = inf;
+  cases.push_back({"+inf twice", with_inf});
+  for (const auto& [what, v] : cases) {
+    DeviceBuffer d(but(), *be_, v);
+    EXPECT_EQ(be_->argmax(d.f(), int64_t(v.size())), argmax_first(v.data(), int64_t(v.size()))) << what;
   }
 }
 

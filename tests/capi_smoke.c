@@ -49,6 +49,7 @@ int main(int argc, char** argv) {
   EXPECT(moeflux_session_create(model, &sp, &session) == MOEFLUX_OK);
   if (!session) return 1;
   EXPECT(moeflux_session_logits(session) == NULL);
+  EXPECT(moeflux_session_greedy_token(session) == -1);
 
   const int32_t prompt[5] = {1, 2, 3, 4, 5};
   EXPECT(moeflux_session_eval_prompt(session, prompt, 5) == MOEFLUX_OK);
@@ -56,6 +57,10 @@ int main(int argc, char** argv) {
   const float* logits = moeflux_session_logits(session);
   EXPECT(logits != NULL);
   for (int64_t i = 0; logits && i < n_vocab; ++i) EXPECT(isfinite(logits[i]));
+  int32_t best = 0; /* the first largest logit */
+  for (int64_t i = 1; logits && i < n_vocab; ++i)
+    if (logits[i] > logits[best]) best = (int32_t)i;
+  EXPECT(moeflux_session_greedy_token(session) == best);
 
   /* Save, continue, restore, continue again: the same logits. */
   size_t size = moeflux_session_state_size(session);

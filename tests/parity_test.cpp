@@ -159,7 +159,11 @@ std::vector<int32_t> greedy_continuation(Model& model, const Fixture& f) {
     return generated;
   }
   for (size_t i = 0; i < f.greedy.size(); ++i) {
-    generated.push_back(argmax(session->logits(), model.n_vocab()));
+    // Picked where the logits are (on a GPU by a kernel, before they are first copied), then checked
+    // against the copied row.
+    const int32_t greedy = session->greedy_token();
+    EXPECT_EQ(greedy, argmax(session->logits(), model.n_vocab())) << "decode step " << i;
+    generated.push_back(greedy);
     if (!session->eval_token(generated.back()).is_ok()) {
       ADD_FAILURE() << "decode step " << i << " failed";
       break;

@@ -81,6 +81,10 @@ moeflux_status moeflux_session_eval_prompt(moeflux_session* session, const int32
 moeflux_status moeflux_session_eval_token(moeflux_session* session, int32_t token);
 /* The last position's logits [n_vocab], or NULL before any evaluation. Valid until the next eval. */
 const float* moeflux_session_logits(const moeflux_session* session);
+/* Greedy decoding's choice from the last logits: the first id of the largest value (ties to the lowest
+ * id, NaN never chosen), picked where the logits are: on a GPU without copying them to the host, which
+ * moeflux_session_logits does on its first call after an eval. -1 before any evaluation. */
+int32_t moeflux_session_greedy_token(const moeflux_session* session);
 int64_t moeflux_session_n_past(const moeflux_session* session);
 void moeflux_session_reset(moeflux_session* session);
 

@@ -4,7 +4,15 @@
 #include <cstring>
 #include <vector>
 
+#include "sampling/sampler.hpp"
+
 namespace moeflux {
+
+int64_t Backend::argmax(const float* x, int64_t n) {
+  if (!host_memory()) return -1;
+  synchronize();
+  return argmax_first(x, n);
+}
 
 void Backend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
   if (bytes) std::memcpy(host_dst, src, bytes);

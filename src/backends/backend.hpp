@@ -90,6 +90,13 @@ class Backend {
   // backend (a string literal). Nothing otherwise.
   virtual void trace_mark(const char* what) {}
 
+  // The first index of the largest value of x[0, n) in backend memory (ties to the lowest index, NaN
+  // never chosen, 0 when every value is NaN: argmax_first's contract), returned to the host: greedy
+  // decoding without copying the logits. −1 where the backend does not offer it (the caller copies x and
+  // picks there). Waits for the queued work. Default: argmax_first in place for a host-memory backend,
+  // −1 otherwise.
+  virtual int64_t argmax(const float* x, int64_t n);
+
   // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
   virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;
 

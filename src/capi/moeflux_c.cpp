@@ -126,6 +126,16 @@ const float* moeflux_session_logits(const moeflux_session* session) {
   return session->session->logits();
 }
 
+int32_t moeflux_session_greedy_token(const moeflux_session* session) {
+  if (!session || !session->session->has_logits()) return -1;
+  int32_t id = -1;
+  guarded([&] {
+    id = session->session->greedy_token();
+    return MOEFLUX_OK;
+  });
+  return id;
+}
+
 int64_t moeflux_session_n_past(const moeflux_session* session) { return session ? session->session->n_past() : 0; }
 
 void moeflux_session_reset(moeflux_session* session) {

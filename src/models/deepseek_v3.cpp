@@ -568,7 +568,7 @@ class DeepseekV3Graph final : public ModelGraph {
       }
     }
     if (p_.n_layer > 0) be_.axpy(s.x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
-    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, logits);
+    if (logits) output_head(be_, lm_head_, final_norm_, float(p_.rms_norm_eps), s.x, n_tokens, H, logits_all, s.h, s, state, logits);
     return Status::ok();
   }
 

@@ -87,16 +87,22 @@ Status check_forward_args(const ForwardState& state, const int32_t* tokens, int6
 }
 
 void output_head(Backend& be, const WeightView& head, const float* final_norm, float eps, const float* x, int64_t n_tokens,
-                 int64_t hidden, bool logits_all, float* normed, const ScratchArena& scratch, float* logits) {
+                 int64_t hidden, bool logits_all, float* normed, const ScratchArena& scratch, ForwardState& state, float* logits) {
   // Only the rows whose logits are wanted go through the final norm and the output head.
   const int64_t first = logits_all ? 0 : n_tokens - 1;
   const int64_t rows = n_tokens - first;
+  state.backend_logits = nullptr;
   be.rms_norm(x + first * hidden, final_norm, eps, rows, hidden, normed);
   if (be.host_memory()) {
     be.matmul(head, normed, logits, rows);
     return;
   }
   MF_CHECK_MSG(scratch.logits_chunk != nullptr, "output head: no logits chunk for a {} backend", be.name());
+  if (state.logits_stay && rows == 1) {
+    be.matmul(head, normed, scratch.logits_chunk, 1);
+    state.backend_logits = scratch.logits_chunk;
+    return;
+  }
   const int64_t vocab = head.rows, chunk = ScratchArena::logits_chunk_rows;
   for (int64_t r = 0; r < rows; r += chunk) {
     const int64_t n = std::min(chunk, rows - r);

@@ -59,7 +59,9 @@ Status check_forward_args(const ForwardState& state, const int32_t* tokens, int6
 
 // logits = head(RMSNorm(x)) for the last row, or every row when logits_all; normed: [T, hidden] scratch;
 // logits: host memory [rows, vocab] (through scratch.logits_chunk unless the backend's memory is host memory).
+// With state.logits_stay (one row, a backend whose memory is not host memory) the row stays in
+// scratch.logits_chunk and state.backend_logits points at it; logits is then not written.
 void output_head(Backend& be, const WeightView& head, const float* final_norm, float eps, const float* x, int64_t n_tokens,
-                 int64_t hidden, bool logits_all, float* normed, const ScratchArena& scratch, float* logits);
+                 int64_t hidden, bool logits_all, float* normed, const ScratchArena& scratch, ForwardState& state, float* logits);
 
 }  // namespace moeflux

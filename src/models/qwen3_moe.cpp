@@ -308,7 +308,7 @@ class Qwen3MoeGraph final : public ModelGraph {
       std::swap(x, x_next);
     }
     if (p_.n_layer > 0) be_.axpy(x, s.y, 1.0f, n_tokens * H);  // the last layer's residual add
-    if (logits) output_head(be_, lm_head_, final_norm_, eps, x, n_tokens, H, logits_all, s.h, s, logits);
+    if (logits) output_head(be_, lm_head_, final_norm_, eps, x, n_tokens, H, logits_all, s.h, s, state, logits);
     return Status::ok();
   }
 

@@ -42,6 +42,13 @@ class ForwardState {
 
   std::unique_ptr<Scratch> scratch;
 
+  // Set by the session for one forward: where the backend's memory is not host memory, the output head
+  // leaves a single row of logits there (backend_logits, valid until the next forward) instead of
+  // copying it to the caller, so a decode step that wants only the greedy token does not wait for the
+  // copy of the whole row. backend_logits is null after a forward that copied or computed none.
+  bool logits_stay = false;
+  const float* backend_logits = nullptr;
+
  private:
   Backend& backend_;
   int64_t n_ctx_;

@@ -8,6 +8,7 @@
 #include "models/model_family.hpp"
 #include "runtime/forward_state.hpp"
 #include "runtime/model.hpp"
+#include "sampling/sampler.hpp"
 
 namespace moeflux {
 
@@ -102,7 +103,11 @@ Status Session::eval(std::span<const int32_t> tokens, float* all_logits, bool sn
     const int64_t count = std::min(batch, n - first);
     const bool last = first + count == n;
     float* out = all_logits ? all_logits + first * n_vocab() : (last ? logits_.data() : nullptr);
+    state_->logits_stay = out == logits_.data() && !model_.backend().host_memory();
+    state_->backend_logits = nullptr;
+    logits_on_backend_ = false;
     Status s = forward_batch(tokens.data() + first, count, out, all_logits != nullptr);
+    state_->logits_stay = false;
     if (!s.is_ok()) {
       // The KV rows of a failed batch are garbage: the session stays at the last good position. A
       // recurrent state has already moved on, though: only a snapshot (or 0) can restore it.
@@ -121,11 +126,29 @@ Status Session::eval(std::span<const int32_t> tokens, float* all_logits, bool sn
   }
   model_.backend().trace_mark("eval forward done");
   if (all_logits) std::memcpy(logits_.data(), all_logits + (n - 1) * n_vocab(), size_t(n_vocab()) * sizeof(float));
+  logits_on_backend_ = state_->backend_logits != nullptr;
   has_logits_ = true;
   // The tokens are evaluated whether or not the snapshot fits in memory; without it a later rewind
   // lands on an earlier snapshot and evaluates more again, so a failed snapshot is not the eval's error.
   if (snapshot_at_end) (void)checkpoint();
   return Status::ok();
+}
+
+const std::vector<float>& Session::host_logits() const {
+  if (logits_on_backend_) {
+    model_.backend().copy_to_host(logits_.data(), state_->backend_logits, logits_.size() * sizeof(float));
+    logits_on_backend_ = false;
+  }
+  return logits_;
+}
+
+int32_t Session::greedy_token() const {
+  MF_CHECK_MSG(has_logits_, "greedy_token: no logits (evaluate a token first)");
+  if (logits_on_backend_) {
+    const int64_t id = model_.backend().argmax(state_->backend_logits, n_vocab());
+    if (id >= 0) return int32_t(id);
+  }
+  return int32_t(argmax_first(host_logits().data(), n_vocab()));
 }
 
 Status Session::forward_batch(const int32_t* tokens, int64_t count, float* logits, bool logits_all) {
@@ -151,6 +174,7 @@ bool Session::has_recurrent_state() const {
 void Session::reset() {
   n_past_ = 0;
   has_logits_ = false;
+  logits_on_backend_ = false;
   snapshots_.clear();
 }
 
@@ -165,7 +189,7 @@ Status Session::checkpoint() {
         auto& copy = snap.fixed.emplace_back(b.fixed_floats);
         model_.backend().copy_to_host(copy.data(), b.data, b.fixed_floats * sizeof(float));
       }
-    if (has_logits_) snap.logits = logits_;
+    if (has_logits_) snap.logits = host_logits();
   } catch (const std::bad_alloc&) {
     return make_error(ErrorCode::out_of_memory, "snapshot of the session state at position {} could not be allocated", n_past_);
   }
@@ -209,6 +233,7 @@ Status Session::truncate(int64_t n) {
   } else {
     has_logits_ = false;
   }
+  logits_on_backend_ = false;
   n_past_ = n;
   std::erase_if(snapshots_, [&](const Snapshot& s) { return s.position > n; });
   return Status::ok();
@@ -254,7 +279,7 @@ Status Session::state_save(std::vector<uint8_t>& out) const {
     w.put(floats);
     model_.backend().copy_to_host(w.extend(floats * sizeof(float)), b.data, floats * sizeof(float));
   }
-  if (has_logits_) w.bytes(logits_.data(), logits_.size() * sizeof(float));
+  if (has_logits_) w.bytes(host_logits().data(), logits_.size() * sizeof(float));
   w.put(hash_bytes(out.data(), out.size()));
   return Status::ok();
 }
@@ -312,6 +337,7 @@ Status Session::state_load(std::span<const uint8_t> data) {
   if (with_logits) std::memcpy(logits_.data(), logits_src, logits_.size() * sizeof(float));
   n_past_ = n_past;
   has_logits_ = with_logits;
+  logits_on_backend_ = false;
   snapshots_.clear();
   (void)checkpoint();  // as after eval_prompt: a missing snapshot only makes rewinding coarser
   return Status::ok();

@@ -51,8 +51,14 @@ class Session {
   // One decode step; takes no snapshot.
   Status eval_token(int32_t token);
 
-  const float* logits() const { return logits_.data(); }  // [n_vocab], after an eval
+  // [n_vocab], after an eval. On a GPU a decode step's logits stay in device memory until first asked
+  // for here (one copy of the row); valid until the next eval.
+  const float* logits() const { return host_logits().data(); }
   bool has_logits() const { return has_logits_; }
+  // Greedy decoding's choice from the last logits: the first id of the largest value (ties to the lowest
+  // id, NaN never chosen), picked where the logits are — on a GPU by a kernel, so only the id comes back.
+  // The same id as argmax_first(logits(), n_vocab()). Requires has_logits().
+  int32_t greedy_token() const;
   int64_t n_past() const { return n_past_; }
   int64_t n_ctx() const;
   int64_t n_vocab() const;
@@ -86,6 +92,7 @@ class Session {
   Status eval(std::span<const int32_t> tokens, float* all_logits, bool snapshot_at_end);
   Status forward_batch(const int32_t* tokens, int64_t count, float* logits, bool logits_all);
   bool has_recurrent_state() const;
+  const std::vector<float>& host_logits() const;  // logits_, copied from the backend first if they are there
 
   struct Snapshot {
     int64_t position = 0;
@@ -96,8 +103,9 @@ class Session {
   std::vector<Snapshot> snapshots_;  // ascending creation order
   SessionOptions options_;
   std::unique_ptr<ForwardState> state_;
-  std::vector<float> logits_;  // [n_vocab]
+  mutable std::vector<float> logits_;  // [n_vocab]
   bool has_logits_ = false;
+  mutable bool logits_on_backend_ = false;  // the last logits are at state_->backend_logits, not yet in logits_
   int64_t n_past_ = 0;
 };
 

@@ -82,6 +82,13 @@ class Sampler {
 
   const SamplerParams& params() const { return params_; }
   int64_t n_vocab() const { return n_vocab_; }
+  // Whether sample() is the plain argmax of the logits (temperature 0, no penalty that could change
+  // them): the caller may then take Session::greedy_token(), which needs no copy of the logits.
+  bool picks_argmax() const {
+    return params_.temperature == 0.0f && (params_.penalty_last_n == 0 || (params_.repetition_penalty == 1.0f &&
+                                                                             params_.presence_penalty == 0.0f &&
+                                                                             params_.frequency_penalty == 0.0f));
+  }
 
  private:
   Sampler(const SamplerParams& params, int64_t n_vocab, uint64_t seed);

@@ -190,8 +190,6 @@ json bound_json(const Bound& b, const PhaseResult& d) {
           {"achieved_fraction", measured > 0 ? b.total() / measured : 0.0}};
 }
 
-int32_t argmax(const float* v, int64_t n) { return int32_t(argmax_first(v, n)); }
-
 int run_bench(const BenchArgs& a) {
   if (a.n_prompt < 1 || a.n_gen < 1 || a.n_runs < 1)
     return report_error("bench", make_error(ErrorCode::invalid_argument,
@@ -283,7 +281,7 @@ int run_bench(const BenchArgs& a) {
     if (!s.is_ok()) return report_error("bench", s.with_context("prefill"));
     s = measure(decode, a.n_gen, [&] {
       for (int i = 0; i < a.n_gen; ++i)
-        MF_TRY(session.eval_token(argmax(session.logits(), model.n_vocab())).with_context(fmt::format("decode token {}", i)));
+        MF_TRY(session.eval_token(session.greedy_token()).with_context(fmt::format("decode token {}", i)));
       return Status::ok();
     });
     if (!s.is_ok()) return report_error("bench", s);

@@ -90,7 +90,7 @@ Result<GenerateStats> generate(Session& session, Sampler& sampler, const Tokeniz
       stats.stop_reason = "cancelled";
       break;
     }
-    const int32_t token = sampler.sample(session.logits());
+    const int32_t token = sampler.picks_argmax() ? session.greedy_token() : sampler.sample(session.logits());
     sampler.accept(token);
     stats.tokens.push_back(token);
     ++stats.generated_tokens;

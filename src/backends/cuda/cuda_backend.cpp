@@ -103,6 +103,8 @@ class CudaBackend final : public Backend {
     if (scratch_) cudaFree(scratch_);
     if (route_device_) cudaFree(route_device_);
     if (route_host_) cudaFreeHost(route_host_);
+    if (argmax_key_) cudaFree(argmax_key_);
+    if (argmax_host_) cudaFreeHost(argmax_host_);
     for (int i = 0; i < 2; ++i) {
       if (bounce_[i]) cudaFreeHost(bounce_[i]);
       if (bounce_done_[i]) cudaEventDestroy(bounce_done_[i]);
@@ -188,6 +190,21 @@ class CudaBackend final : public Backend {
     bind();
     MF_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  int64_t argmax(const float* x, int64_t n) override {
+    if (n <= 0 || n >= (int64_t(1) << 32) || recording_) return -1;
+    const OpTimer timer(*this, "argmax");
+    bind();
+    if (!argmax_key_) {
+      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&argmax_key_), sizeof(unsigned long long)));
+      MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&argmax_host_), sizeof(unsigned long long), cudaHostAllocDefault));
+    }
+    MF_CUDA_CHECK(cudaMemsetAsync(argmax_key_, 0, sizeof(unsigned long long), stream_));
+    cuda::argmax_key(x, n, argmax_key_, stream_);
+    MF_CUDA_CHECK(cudaMemcpyAsync(argmax_host_, argmax_key_, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return cuda::argmax_index(*argmax_host_);
   }
 
   void trace_mark(const char* what) override {
@@ -789,6 +806,8 @@ class CudaBackend final : public Backend {
   void* route_device_ = nullptr;    // route_buffers
   void* route_host_ = nullptr;      // pinned
   size_t route_bytes_ = 0;
+  unsigned long long* argmax_key_ = nullptr;   // argmax's result on the device
+  unsigned long long* argmax_host_ = nullptr;  // and its pinned landing place
   std::vector<void*> weights_;      // upload_weights' device copies
 };
 

@@ -107,6 +107,35 @@ void fill(float* x, float value, int64_t n, cudaStream_t stream) {
   MF_CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+__device__ __forceinline__ unsigned long long argmax_key_of(float v, uint32_t i) {
+  uint32_t u = __float_as_uint(v);
+  if (u == 0x80000000u) u = 0;  // −0 == +0
+  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<unsigned long long>(ordered) << 32) | (0xFFFFFFFFu - i);
+}
+
+__global__ void argmax_kernel(const float* __restrict__ x, int64_t n, unsigned long long* key) {
+  dependent_launch_begin();
+  unsigned long long best = 0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float v = x[i];
+    if (v == v) best = max(best, argmax_key_of(v, uint32_t(i)));  // NaN is never chosen
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+  if ((threadIdx.x & 31) == 0 && best != 0) atomicMax(key, best);
+}
+}  // namespace
+
+void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t stream) {
+  if (n <= 0) return;
+  const int64_t per_block = int64_t(threads) * 8;  // ~8 values a thread
+  const unsigned blocks = unsigned(std::min<int64_t>((n + per_block - 1) / per_block, 4 * device_attribute<cudaDevAttrMultiProcessorCount>()));
+  launch(argmax_kernel, blocks, threads, 0, stream, x, n, key);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
 void gather_rows(const float* src, const int32_t* rows, int64_t n_rows, int64_t dim, float* dst, cudaStream_t stream) {
   if (n_rows <= 0 || dim <= 0) return;
   launch(copy_rows_kernel, rows_grid(n_rows, dim), threads, 0, stream, src, dim, rows, dst, dim, n_rows, dim);

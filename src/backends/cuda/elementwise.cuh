@@ -29,4 +29,10 @@ void sigmoid_mul(float* x, const float* gate, int64_t n_rows, int64_t dim, bool 
 void scatter_add_rows(float* dst, const float* src, const int32_t* targets, const int32_t* start, const int32_t* order,
                       const float* weights, int64_t n_targets, int64_t dim, cudaStream_t stream);
 
+// Backend::argmax's search (n < 2^32): *key, zeroed by the caller, becomes the largest key of x's
+// non-NaN values — a value's order-preserving bits above the complement of its index, so the largest
+// value at its lowest index among equals (−0 counting as +0) — and stays 0 when every value is NaN.
+void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t stream);
+inline int64_t argmax_index(unsigned long long key) { return key == 0 ? 0 : int64_t(0xFFFFFFFFu - uint32_t(key)); }
+
 }  // namespace moeflux::cuda
