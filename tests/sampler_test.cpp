@@ -189,6 +189,43 @@ TEST(Sampler, TopPAndMinPOverA152kVocabularyMatchAFullSort) {
   }
 }
 
+// Top-k over a vocabulary past the sampler's selection shortcut, the logits rounded to few values so
+// that the k-th is tied with many: the same tokens as a full sort in the documented order (higher
+// logit first, ties to the lower id), the documented weights and the documented uniform, draw by draw.
+TEST(Sampler, TopKOverA152kVocabularyDrawsAsAFullSort) {
+  const int64_t n = 152064;
+  std::vector<float> logits = random_logits(n, 21);
+  for (auto& l : logits) l = std::round(l * 4.0f) / 4.0f;  // 49 distinct values: ~3100 tokens each
+  logits[77] = -0.0f, logits[78] = 0.0f;
+  for (int top_k : {1, 40, 5000}) {
+    SamplerParams params;
+    params.temperature = 0.8f;
+    params.top_k = top_k;
+    params.seed = 29;
+    Sampler sampler = make_sampler(params, n);
+    std::vector<float> z(logits);
+    for (auto& v : z) v /= params.temperature;
+    std::vector<int32_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+    order.resize(size_t(top_k));
+    std::mt19937_64 rng(params.seed);
+    for (int draw = 0; draw < 20; ++draw) {
+      double total = 0;
+      for (int32_t id : order) total += std::exp(static_cast<double>(z[id] - z[order[0]]));
+      const double target = static_cast<double>(rng() >> 11) * 0x1.0p-53 * total;
+      double cumulative = 0;
+      int32_t expected = order.back();
+      for (int32_t id : order)
+        if ((cumulative += std::exp(static_cast<double>(z[id] - z[order[0]]))) > target) {
+          expected = id;
+          break;
+        }
+      ASSERT_EQ(sampler.sample(logits.data()), expected) << "top_k " << top_k << ", draw " << draw;
+    }
+  }
+}
+
 TEST(Sampler, MinPCutsRelativeToTheLargestProbabilityAfterTemperature) {
   // Probabilities 0.5, 0.25, 0.15, 0.10: ratios to the largest 1, 0.5, 0.3, 0.2.
   const std::vector<float> logits = log_of({0.5, 0.25, 0.15, 0.10});

@@ -95,6 +95,9 @@ class Sampler {
 
   double next_uniform();           // [0, 1), 53 bits
   int32_t draw(int64_t n_kept);    // from ids_[0, n_kept) with weights exp(logits_[id] - max)
+  // weights_[id] = exp(logits_[id] − max_logit) in double for ids_[0, n_kept), once per sample(): top-p and
+  // the draw read the same values instead of taking the exponential again in each pass.
+  void fill_weights(int64_t n_kept, float max_logit);
 
   SamplerParams params_;
   int64_t n_vocab_ = 0;
@@ -106,6 +109,9 @@ class Sampler {
   std::vector<float> logits_;              // [n_vocab] f32: penalized, then divided by temperature
   std::vector<int32_t> ids_;               // [n_vocab] candidate token ids
   std::vector<int32_t> penalty_counts_;    // [n_vocab] occurrences in the window; all zero between calls
+  std::vector<double> weights_;            // [n_vocab], fill_weights
+  bool weights_filled_ = false;            // for this sample() call's candidates (a superset of those kept)
+  float weights_max_ = 0.0f;               // the max_logit they were taken against
 };
 
 // Watches decoded text for stop strings. feed() returns the text that is safe to show: it holds back
