@@ -621,25 +621,38 @@ class DeepseekV3Graph final : public ModelGraph {
     const int64_t nH = p_.n_head, qk = p_.qk_head_dim(), nope = p_.nope_dim, rope = p_.rope_dim, v = p_.v_dim;
     const int64_t lora = p_.kv_lora_rank, latent = p_.latent_dim(), kvw = nope + v;
     const float* q = s.q + c0 * nH * qk;
-    // Per head, its tokens' q_nope contiguous, then W_kᵀ q_nope for every head in one launch.
-    for (int64_t h = 0; h < nH; ++h) be_.copy_rows(q + h * qk, nH * qk, s.q_nope + h * C * nope, nope, C, nope);
+    float* out = s.attn_out + c0 * nH * v;
+    // The per-head matmuls read and write each head's tokens contiguously: gathered into per-head
+    // buffers and scattered back — except for one token (a decode step), whose per-head vectors are
+    // already contiguous where they lie, so the jobs use them in place (the same jobs on the same values,
+    // without 4·128 copy launches a layer, which bounded a GPU's step by the host's launch rate).
+    const bool in_place = C == 1;
+    const auto q_nope_of = [&](int64_t h) { return in_place ? q + h * qk : s.q_nope + h * C * nope; };
+    const auto q_lat_of = [&](int64_t h) { return in_place ? s.q_lat + h * latent : s.q_lat_h + h * C * lora; };
+    const auto o_lat_of = [&](int64_t h) { return in_place ? s.o_lat + h * lora : s.o_lat_h + h * C * lora; };
+    const auto o_v_of = [&](int64_t h) { return in_place ? out + h * v : s.o_v_h + h * C * v; };
+    // W_kᵀ q_nope for every head in one launch.
+    if (!in_place)
+      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(q + h * qk, nH * qk, s.q_nope + h * C * nope, nope, C, nope);
     s.jobs.clear();
     for (int64_t h = 0; h < nH; ++h) {
       const WeightView k_t{WeightFormat::bf16, lora, nope, w.k_absorb_data + h * lora * nope, nullptr, nullptr};
-      s.jobs.push_back({k_t, s.q_nope + h * C * nope, s.q_lat_h + h * C * lora, C});
+      s.jobs.push_back({k_t, q_nope_of(h), q_lat_of(h), C});
     }
     be_.matmul_many(s.jobs.data(), int64_t(s.jobs.size()));
-    for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.q_lat_h + h * C * lora, lora, s.q_lat + h * latent, nH * latent, C, lora);
+    if (!in_place)
+      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.q_lat_h + h * C * lora, lora, s.q_lat + h * latent, nH * latent, C, lora);
     be_.copy_rows(q + nope, qk, s.q_lat + lora, latent, C * nH, rope);
     // One KV head of latent dims; its value is the c_kv prefix of each row.
     const AttentionLayout layout{nH, 1, latent, lora, latent, latent};
     be_.attention(s.q_lat, cache, cache, C, n_past + c0, layout, float(p_.softmax_scale), s.o_lat);
-    for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.o_lat + h * lora, nH * lora, s.o_lat_h + h * C * lora, lora, C, lora);
+    if (!in_place)
+      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.o_lat + h * lora, nH * lora, s.o_lat_h + h * C * lora, lora, C, lora);
     s.jobs.clear();
-    for (int64_t h = 0; h < nH; ++h) s.jobs.push_back({rows_of(w.kv_b, h * kvw + nope, v), s.o_lat_h + h * C * lora, s.o_v_h + h * C * v, C});
+    for (int64_t h = 0; h < nH; ++h) s.jobs.push_back({rows_of(w.kv_b, h * kvw + nope, v), o_lat_of(h), o_v_of(h), C});
     be_.matmul_many(s.jobs.data(), int64_t(s.jobs.size()));
-    float* out = s.attn_out + c0 * nH * v;
-    for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.o_v_h + h * C * v, v, out + h * v, nH * v, C, v);
+    if (!in_place)
+      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.o_v_h + h * C * v, v, out + h * v, nH * v, C, v);
   }
 
   // Rows [first, first + count) of a weight as a weight of their own (every format stores rows whole).
