@@ -588,7 +588,15 @@ class DeepseekV3Graph final : public ModelGraph {
       const MatmulJob a[] = {{w.q_proj, s.h, s.q, T}, {w.kv_a, s.h, rows, T}};
       be_.matmul_many(a, 2);
     }
-    for (int64_t t = 0; t < T; ++t) be_.rms_norm(rows + t * latent, w.kv_a_norm, eps, 1, lora, rows + t * latent);
+    // RMSNorm(c_kv) in place in the latent rows: one token directly; a batch gathered into s.c_kv, normed
+    // as T rows and put back (three launches instead of one per token: the same rows, the same arithmetic).
+    if (T == 1) {
+      be_.rms_norm(rows, w.kv_a_norm, eps, 1, lora, rows);
+    } else {
+      be_.copy_rows(rows, latent, s.c_kv, lora, T, lora);
+      be_.rms_norm(s.c_kv, w.kv_a_norm, eps, T, lora, s.c_kv);
+      be_.copy_rows(s.c_kv, lora, rows, latent, T, lora);
+    }
     // Rotary on each head's rope dims (after its nope dims) and on the shared k_rope.
     be_.rope_neox(s.q + nope, T, nH, qk, rope, s.positions.data(), inv_freq_.data(), af, nH * qk);
     be_.rope_neox(rows + lora, T, 1, rope, rope, s.positions.data(), inv_freq_.data(), af, latent);
@@ -609,7 +617,11 @@ class DeepseekV3Graph final : public ModelGraph {
     be_.copy_rows(rows, latent, s.c_kv, lora, T, lora);
     be_.matmul(w.kv_b, s.c_kv, s.kv, T);  // [T, nH, nope + v]
     be_.copy_rows(s.kv, kvw, s.k_full, qk, T * nH, nope);
-    for (int64_t t = 0; t < T; ++t) be_.copy_rows(rows + t * latent + lora, 0, s.k_full + t * nH * qk + nope, qk, nH, rope);
+    // Every head's key ends with its token's shared k_rope: a launch per token or per head, whichever is fewer.
+    if (T <= nH)
+      for (int64_t t = 0; t < T; ++t) be_.copy_rows(rows + t * latent + lora, 0, s.k_full + t * nH * qk + nope, qk, nH, rope);
+    else
+      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(rows + lora, latent, s.k_full + h * qk + nope, nH * qk, T, rope);
     be_.copy_rows(s.kv + nope, kvw, s.v_full, v, T * nH, v);
     const AttentionLayout layout{nH, nH, qk, v, nH * qk, nH * v};
     be_.attention(s.q, s.k_full, s.v_full, T, 0, layout, float(p_.softmax_scale), s.attn_out);
@@ -623,9 +635,10 @@ class DeepseekV3Graph final : public ModelGraph {
     const float* q = s.q + c0 * nH * qk;
     float* out = s.attn_out + c0 * nH * v;
     // The per-head matmuls read and write each head's tokens contiguously: gathered into per-head
-    // buffers and scattered back — except for one token (a decode step), whose per-head vectors are
-    // already contiguous where they lie, so the jobs use them in place (the same jobs on the same values,
-    // without 4·128 copy launches a layer, which bounded a GPU's step by the host's launch rate).
+    // buffers and scattered back, a copy launch per token (C ≤ mla_chunk, fewer than the heads) — except
+    // for one token (a decode step), whose per-head vectors are already contiguous where they lie, so the
+    // jobs use them in place (the same jobs on the same values, without the 4·128 copy launches a layer
+    // this took per head, which bounded a GPU's step by the host's launch rate).
     const bool in_place = C == 1;
     const auto q_nope_of = [&](int64_t h) { return in_place ? q + h * qk : s.q_nope + h * C * nope; };
     const auto q_lat_of = [&](int64_t h) { return in_place ? s.q_lat + h * latent : s.q_lat_h + h * C * lora; };
@@ -633,7 +646,7 @@ class DeepseekV3Graph final : public ModelGraph {
     const auto o_v_of = [&](int64_t h) { return in_place ? out + h * v : s.o_v_h + h * C * v; };
     // W_kᵀ q_nope for every head in one launch.
     if (!in_place)
-      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(q + h * qk, nH * qk, s.q_nope + h * C * nope, nope, C, nope);
+      for (int64_t t = 0; t < C; ++t) be_.copy_rows(q + t * nH * qk, qk, s.q_nope + t * nope, C * nope, nH, nope);
     s.jobs.clear();
     for (int64_t h = 0; h < nH; ++h) {
       const WeightView k_t{WeightFormat::bf16, lora, nope, w.k_absorb_data + h * lora * nope, nullptr, nullptr};
@@ -641,18 +654,18 @@ class DeepseekV3Graph final : public ModelGraph {
     }
     be_.matmul_many(s.jobs.data(), int64_t(s.jobs.size()));
     if (!in_place)
-      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.q_lat_h + h * C * lora, lora, s.q_lat + h * latent, nH * latent, C, lora);
+      for (int64_t t = 0; t < C; ++t) be_.copy_rows(s.q_lat_h + t * lora, C * lora, s.q_lat + t * nH * latent, latent, nH, lora);
     be_.copy_rows(q + nope, qk, s.q_lat + lora, latent, C * nH, rope);
     // One KV head of latent dims; its value is the c_kv prefix of each row.
     const AttentionLayout layout{nH, 1, latent, lora, latent, latent};
     be_.attention(s.q_lat, cache, cache, C, n_past + c0, layout, float(p_.softmax_scale), s.o_lat);
     if (!in_place)
-      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.o_lat + h * lora, nH * lora, s.o_lat_h + h * C * lora, lora, C, lora);
+      for (int64_t t = 0; t < C; ++t) be_.copy_rows(s.o_lat + t * nH * lora, lora, s.o_lat_h + t * lora, C * lora, nH, lora);
     s.jobs.clear();
     for (int64_t h = 0; h < nH; ++h) s.jobs.push_back({rows_of(w.kv_b, h * kvw + nope, v), o_lat_of(h), o_v_of(h), C});
     be_.matmul_many(s.jobs.data(), int64_t(s.jobs.size()));
     if (!in_place)
-      for (int64_t h = 0; h < nH; ++h) be_.copy_rows(s.o_v_h + h * C * v, v, out + h * v, nH * v, C, v);
+      for (int64_t t = 0; t < C; ++t) be_.copy_rows(s.o_v_h + t * v, C * v, out + t * nH * v, v, nH, v);
   }
 
   // Rows [first, first + count) of a weight as a weight of their own (every format stores rows whole).
