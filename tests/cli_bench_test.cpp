@@ -63,6 +63,20 @@ TEST_F(CliBench, ReportsColdAndWarmRunsWithTierCountersAndTheBound) {
   EXPECT_GT(cold["misses"].get<int64_t>(), 0);
 }
 
+// Sampled decoding (as `run` picks tokens) is timed when asked for, and the report says how tokens were picked.
+TEST_F(CliBench, DecodesBySamplingWhenGivenATemperature) {
+  const auto greedy = bench("--prompt-tokens 6 --gen-tokens 4 --runs 1 --no-probe");
+  EXPECT_EQ(greedy["sampling"]["greedy"], true);
+  const auto sampled = bench("--prompt-tokens 6 --gen-tokens 4 --runs 1 --no-probe --temp 0.7 --top-k 20 --top-p 0.9");
+  EXPECT_EQ(sampled["sampling"]["greedy"], false);
+  EXPECT_EQ(sampled["sampling"]["top_k"], 20);
+  EXPECT_FLOAT_EQ(sampled["sampling"]["temperature"].get<float>(), 0.7f);
+  EXPECT_EQ(sampled["runs"][0]["decode"]["tokens"], 4);
+  const auto r = test::run_cli("bench --model '" + dir_ + "/pack' --temp 0.7 --top-p 0", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("top_p"), std::string::npos) << r.err;
+}
+
 TEST_F(CliBench, BadArgumentsAreClearErrors) {
   auto r = test::run_cli("bench --model '" + dir_ + "/pack' --gen-tokens 0", dir_);
   EXPECT_NE(r.exit_code, 0);

@@ -37,6 +37,9 @@ struct BenchArgs {
   bool probe = true;
   std::string split = "auto";  // time split per part: on, off, auto (on for the CPU, off for CUDA)
   bool graphs = false;
+  // How decode picks each next token: greedy by default (on a GPU without copying the logits), or drawn
+  // with these settings through the host sampler, as `run` does, to time sampled decoding.
+  SamplerParams sampling{0.0f, 0, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 1};
 };
 
 struct TierResult {
@@ -272,16 +275,25 @@ int run_bench(const BenchArgs& a) {
   // The first run starts with empty expert caches unless every expert was preloaded onto the GPU. (With
   // --io page-cache the kernel's page cache may still hold what the rate probe or an earlier process read.)
   const auto cold = [&](int run) { return run == 0 && !o.gpu_cache.preload; };
+  auto sampler_result = Sampler::create(a.sampling, model.n_vocab());
+  if (!sampler_result) return report_error("bench", sampler_result.status());
+  Sampler& sampler = *sampler_result;
+  const auto next_token = [&] { return sampler.picks_argmax() ? session.greedy_token() : sampler.sample(session.logits()); };
+  const std::string sampling = sampler.picks_argmax()
+                                   ? std::string("greedy")
+                                   : fmt::format("temperature {}, top-k {}, top-p {}, min-p {}", a.sampling.temperature,
+                                                 a.sampling.top_k, a.sampling.top_p, a.sampling.min_p);
   json runs = json::array();
   std::vector<std::pair<PhaseResult, PhaseResult>> results;
   for (int r = 0; r < a.n_runs; ++r) {
     session.reset();
+    sampler.reset();  // every run draws the same tokens
     PhaseResult prefill, decode;
     Status s = measure(prefill, a.n_prompt, [&] { return session.eval_prompt(prompt); });
     if (!s.is_ok()) return report_error("bench", s.with_context("prefill"));
     s = measure(decode, a.n_gen, [&] {
       for (int i = 0; i < a.n_gen; ++i)
-        MF_TRY(session.eval_token(session.greedy_token()).with_context(fmt::format("decode token {}", i)));
+        MF_TRY(session.eval_token(next_token()).with_context(fmt::format("decode token {}", i)));
       return Status::ok();
     });
     if (!s.is_ok()) return report_error("bench", s);
@@ -310,6 +322,11 @@ int run_bench(const BenchArgs& a) {
                 {"open_seconds", open_seconds},
                 {"prompt_tokens", a.n_prompt},
                 {"gen_tokens", a.n_gen},
+                {"sampling", {{"greedy", sampler.picks_argmax()},
+                              {"temperature", a.sampling.temperature},
+                              {"top_k", a.sampling.top_k},
+                              {"top_p", a.sampling.top_p},
+                              {"min_p", a.sampling.min_p}}},
                 {"resident_bytes", resident_bytes},
                 {"resident_read_bytes_per_token", resident_read},
                 {"n_expert_used", n_expert_used},
@@ -358,8 +375,8 @@ int run_bench(const BenchArgs& a) {
     std::printf("  prefill  %d tokens in %.2f s: %.2f tok/s\n", a.n_prompt, prefill.seconds, prefill_tok_s);
     print_tiers(prefill);
     if (profile.enabled) std::printf("    time: %s\n", split_report(prefill).c_str());
-    std::printf("  decode   %d tokens in %.2f s: %.2f tok/s, %.2f ms/token; %.2f GB/s of active bytes\n", a.n_gen, decode.seconds,
-                decode_tok_s, 1e3 / decode_tok_s, double(active_bytes) * decode_tok_s / 1e9);
+    std::printf("  decode   %d tokens in %.2f s (%s): %.2f tok/s, %.2f ms/token; %.2f GB/s of active bytes\n", a.n_gen, decode.seconds,
+                sampling.c_str(), decode_tok_s, 1e3 / decode_tok_s, double(active_bytes) * decode_tok_s / 1e9);
     print_tiers(decode);
     const Bound b = decode_bound(decode, active_bytes, rates, on_gpu);
     if (b.total() > 0)
@@ -380,7 +397,13 @@ void register_bench(CLI::App& app, Action& action) {
   auto* sub = app.add_subcommand("bench", "measure prefill and decode speed, expert-store counters and bytes per token");
   args->model.add_to(sub);
   sub->add_option("--prompt-tokens,--prompt", args->n_prompt, "prompt tokens (random ids)")->capture_default_str();
-  sub->add_option("--gen-tokens,--gen", args->n_gen, "tokens decoded greedily after the prompt")->capture_default_str();
+  sub->add_option("--gen-tokens,--gen", args->n_gen, "tokens decoded after the prompt (greedily unless --temp is given)")->capture_default_str();
+  sub->add_option("--temp,--temperature", args->sampling.temperature, "decode by sampling at this temperature through the host sampler (0 = greedy)")
+      ->capture_default_str();
+  sub->add_option("--top-k", args->sampling.top_k, "with --temp: keep the k most likely tokens (0 = off)")->capture_default_str();
+  sub->add_option("--top-p", args->sampling.top_p, "with --temp: nucleus mass (1 = off)")->capture_default_str();
+  sub->add_option("--min-p", args->sampling.min_p, "with --temp: drop tokens below this fraction of the top probability (0 = off)")
+      ->capture_default_str();
   sub->add_option("--runs", args->n_runs, "repetitions over one model: the first with cold caches, later ones warm")->capture_default_str();
   sub->add_option("--split", args->split,
                   "time split per part of the forward pass: on, off, or auto (on for the CPU; off for CUDA, where it synchronizes the "
