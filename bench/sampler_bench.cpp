@@ -49,14 +49,9 @@ void register_all() {
     }
 }
 
+const bool registered = (register_all(), true);
+
 }  // namespace
 }  // namespace moeflux
 
-int main(int argc, char** argv) {
-  moeflux::register_all();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+BENCHMARK_MAIN();
