@@ -91,7 +91,6 @@ void output_head(Backend& be, const WeightView& head, const float* final_norm, f
   // Only the rows whose logits are wanted go through the final norm and the output head.
   const int64_t first = logits_all ? 0 : n_tokens - 1;
   const int64_t rows = n_tokens - first;
-  state.backend_logits = nullptr;
   be.rms_norm(x + first * hidden, final_norm, eps, rows, hidden, normed);
   if (be.host_memory()) {
     be.matmul(head, normed, logits, rows);

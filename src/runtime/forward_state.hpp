@@ -45,7 +45,7 @@ class ForwardState {
   // Set by the session for one forward: where the backend's memory is not host memory, the output head
   // leaves a single row of logits there (backend_logits, valid until the next forward) instead of
   // copying it to the caller, so a decode step that wants only the greedy token does not wait for the
-  // copy of the whole row. backend_logits is null after a forward that copied or computed none.
+  // copy of the whole row. The session clears backend_logits before each forward; the head sets it.
   bool logits_stay = false;
   const float* backend_logits = nullptr;
 

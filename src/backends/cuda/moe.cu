@@ -456,18 +456,23 @@ void launch_down(const ExpertLayout& l, const void* const* table, const int32_t*
 
 }  // namespace
 
+// Shared memory of the routers' kernels: the softmax one's scores (when they do not fit in a warp's
+// registers), the grouped one's scores, biased scores and flags; at most router_shared_max.
+constexpr size_t router_shared_max = 44 * 1024;
+size_t softmax_router_shared(int64_t n_expert) { return size_t(n_expert) * sizeof(float); }
+size_t grouped_router_shared(int64_t n_expert) { return size_t(n_expert) * (2 * sizeof(float) + sizeof(bool)); }
+
 bool routes_on_device(int64_t n_expert, int64_t k, int64_t n_group) {
   if (k < 1 || k > max_router_k || k > n_expert) return false;
-  if (n_group == 0) return size_t(n_expert) * sizeof(float) <= 44 * 1024;
-  return n_group <= 64 && size_t(n_expert) * (2 * sizeof(float) + sizeof(bool)) <= 44 * 1024;
+  if (n_group == 0) return softmax_router_shared(n_expert) <= router_shared_max;
+  return n_group <= 64 && grouped_router_shared(n_expert) <= router_shared_max;
 }
 
 void router_softmax_topk(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize, int32_t* ids,
                          float* weights, cudaStream_t stream) {
   if (n_tokens <= 0) return;
-  if (k < 1 || k > max_router_k || k > n_expert) unsupported("router k outside [1, 64] or above n_expert");
-  const size_t shared = size_t(n_expert) * sizeof(float);
-  if (shared > 44 * 1024) unsupported("more than 11264 experts");
+  if (!routes_on_device(n_expert, k, 0)) unsupported("router k outside [1, 64], above n_expert, or more than 11264 experts");
+  const size_t shared = softmax_router_shared(n_expert);
   const auto go = [&](auto kernel, size_t bytes) {
     launch(kernel, unsigned(n_tokens), 32, bytes, stream, logits, int(n_expert), int(k), normalize, ids, weights);
   };
@@ -485,9 +490,9 @@ void router_sigmoid_grouped_topk(const float* logits, const float* bias, int64_t
                                  int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids, float* weights,
                                  cudaStream_t stream) {
   if (n_tokens <= 0) return;
-  if (k < 1 || k > max_router_k || k > n_expert || n_group > 64) unsupported("grouped router: k outside [1, 64] or more than 64 groups");
-  const size_t shared = size_t(n_expert) * (2 * sizeof(float) + sizeof(bool));
-  if (shared > 44 * 1024) unsupported("grouped router: more than 5006 experts");
+  if (n_group < 1 || !routes_on_device(n_expert, k, n_group))
+    unsupported("grouped router: k outside [1, 64], more than 64 groups or more than 5006 experts");
+  const size_t shared = grouped_router_shared(n_expert);
   launch(sigmoid_grouped_topk_kernel, unsigned(n_tokens), router_threads, shared, stream,
          logits, bias, int(n_expert), int(n_group), int(topk_group), int(k), normalize, scaling, ids, weights);
   MF_CUDA_CHECK_LAUNCH();
