@@ -17,6 +17,7 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -831,6 +832,51 @@ TEST_P(BackendOps, ArgmaxMatchesArgmaxFirst) {
   for (const auto& [what, v] : cases) {
     DeviceBuffer d(but(), *be_, v);
     EXPECT_EQ(be_->argmax(d.f(), int64_t(v.size())), argmax_first(v.data(), int64_t(v.size()))) << what;
+  }
+}
+
+// A top-k sampler's candidates where the logits are: distinct ids, each with z = logit / temperature to the
+// bit (the host sampler's division), holding the k best (ties at the cut by the lower id) — with many
+// values tied at the cut, with NaNs, and with k past the vocabulary; −1 only where not offered.
+TEST_P(BackendOps, TopCandidatesHoldTheKBest) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), temperature = 0.7f;
+  auto rounded = gaussian(151936, rng_, 3.0f);
+  for (auto& v : rounded) v = std::round(v * 4.0f) / 4.0f;  // ~50 values: thousands tied at a cut
+  auto with_nan = gaussian(151936, rng_, 3.0f);
+  for (size_t i = 0; i < with_nan.size(); i += 101) with_nan[i] = nan;
+  const std::vector<std::pair<std::string, std::vector<float>>> rows = {
+      {"gaussian", gaussian(151936, rng_, 3.0f)}, {"rounded", rounded}, {"NaNs", with_nan}, {"short", gaussian(12, rng_)}};
+  for (const auto& [what, x] : rows) {
+    const int64_t n = int64_t(x.size());
+    std::vector<float> z(x);
+    for (auto& v : z) v /= temperature;
+    std::vector<int32_t> order;
+    for (int32_t i = 0; i < n; ++i)
+      if (z[size_t(i)] == z[size_t(i)]) order.push_back(i);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+    DeviceBuffer d(but(), *be_, x);
+    for (int64_t k : {1, 20, 1000}) {
+      const int64_t capacity = 8192;
+      std::vector<int32_t> ids(capacity);
+      std::vector<float> cz(capacity);
+      const int64_t count = be_->top_candidates(d.f(), n, temperature, k, ids.data(), cz.data(), capacity);
+      if (count < 0) {
+        EXPECT_TRUE(be_->host_memory()) << "a device backend offers top_candidates";
+        continue;
+      }
+      const int64_t wanted = std::min<int64_t>(k, int64_t(order.size()));
+      ASSERT_GE(count, wanted) << what << " k " << k;
+      std::set<int32_t> got;
+      for (int64_t i = 0; i < count; ++i) {
+        ASSERT_TRUE(ids[size_t(i)] >= 0 && ids[size_t(i)] < n) << what;
+        EXPECT_TRUE(got.insert(ids[size_t(i)]).second) << what << ": id " << ids[size_t(i)] << " twice";
+        const float want = x[size_t(ids[size_t(i)])] / temperature;
+        if (want == want) {
+          EXPECT_EQ(std::memcmp(&cz[size_t(i)], &want, sizeof(float)), 0) << what << ": z of " << ids[size_t(i)];
+        }
+      }
+      for (int64_t r = 0; r < wanted; ++r) EXPECT_TRUE(got.count(order[size_t(r)])) << what << " k " << k << ": best #" << r << " missing";
+    }
   }
 }
 

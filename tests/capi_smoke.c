@@ -215,6 +215,30 @@ int main(int argc, char** argv) {
   EXPECT(strcmp(whole, reply) == 0);
   EXPECT(reply_len > 0);
   printf("capi_smoke: demo reply: %s\n", reply);
+
+  /* moeflux_session_sample: the sampler's token taken where the logits are, draw for draw the one
+   * moeflux_sampler_sample takes from the copied row (a twin sampler of the same seed). */
+  moeflux_sampler_params top = moeflux_sampler_default_params();
+  top.temperature = 0.6f, top.top_k = 20, top.top_p = 0.95f, top.seed = 42;
+  moeflux_sampler *picker = NULL, *twin = NULL, *small = NULL;
+  EXPECT(moeflux_sampler_create(&top, moeflux_model_n_vocab(demo), &picker) == MOEFLUX_OK);
+  EXPECT(moeflux_sampler_create(&top, moeflux_model_n_vocab(demo), &twin) == MOEFLUX_OK);
+  EXPECT(moeflux_sampler_create(&top, 7, &small) == MOEFLUX_OK);
+  EXPECT(moeflux_session_sample(chat, small) == -1);
+  EXPECT(strstr(moeflux_last_error(), "vocabulary") != NULL);
+  EXPECT(moeflux_session_sample(NULL, picker) == -1);
+  for (int i = 0; picker && twin && i < 8; ++i) { /* the context holds 64 tokens */
+    const int32_t a = moeflux_session_sample(chat, picker); /* before the logits are copied */
+    const int32_t b = moeflux_sampler_sample(twin, moeflux_session_logits(chat));
+    EXPECT(a >= 0 && a == b);
+    moeflux_sampler_accept(picker, a);
+    moeflux_sampler_accept(twin, b);
+    if (moeflux_session_n_past(chat) + 1 >= 64) break;
+    EXPECT(moeflux_session_eval_token(chat, a) == MOEFLUX_OK);
+  }
+  moeflux_sampler_free(small);
+  moeflux_sampler_free(twin);
+  moeflux_sampler_free(picker);
   moeflux_stream_decoder_free(stream);
   moeflux_sampler_free(sampler);
   moeflux_session_free(chat);

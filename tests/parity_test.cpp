@@ -19,6 +19,8 @@
 #include "runtime/forward_state.hpp"
 #include "runtime/model.hpp"
 #include "runtime/session.hpp"
+#include "runtime/token_picker.hpp"
+#include "sampling/sampler.hpp"
 
 namespace moeflux {
 namespace {
@@ -722,6 +724,35 @@ TEST_P(Cuda, LogitsAndGreedyMatchTransformers) {
   ASSERT_EQ(f.logits.shape[1], model->n_vocab());
   expect_logits_match_reference(f, prompt_logits(*model, f.tokens), "cuda    ", GetParam());
   EXPECT_EQ(greedy_continuation(*model, f), f.greedy);
+}
+
+// Sampled decoding on the GPU: top-k sampling from the candidates the GPU selects (TokenPicker, before
+// the logits are copied) draws the token a twin sampler of the same seed draws from the copied row, step
+// by step; settings the candidates cannot serve (no top-k, a penalty) take the row and agree likewise.
+TEST_P(Cuda, SampledTokensMatchSamplingTheRow) {
+  SKIP_WITHOUT_GPU();
+  const Fixture f = load_fixture(reference_of(GetParam()));
+  auto model = open_cuda_model(pack_for(GetParam(), WeightFormat::q4, WeightFormat::q8));
+  ASSERT_TRUE(model);
+  SamplerParams top_k;
+  top_k.temperature = 0.6f, top_k.top_k = 20, top_k.top_p = 0.95f, top_k.seed = 11;
+  SamplerParams wide = top_k;
+  wide.top_k = 1000, wide.top_p = 1.0f, wide.min_p = 0.05f, wide.temperature = 1.3f;
+  SamplerParams penalized = top_k;
+  penalized.repetition_penalty = 1.3f;
+  for (const SamplerParams& params : {top_k, wide, penalized}) {
+    auto picked = Sampler::create(params, model->n_vocab()), twin = Sampler::create(params, model->n_vocab());
+    ASSERT_TRUE(picked && twin);
+    auto session = new_session(*model);
+    ASSERT_TRUE(session && session->eval_prompt(f.tokens).is_ok());
+    TokenPicker picker;
+    for (int step = 0; step < 12; ++step) {
+      const int32_t a = picker.next(*session, *picked), b = twin->sample(session->logits());
+      ASSERT_EQ(a, b) << "top-k " << params.top_k << ", step " << step;
+      picked->accept(a), twin->accept(b);
+      ASSERT_TRUE(session->eval_token(a).is_ok());
+    }
+  }
 }
 
 // The same quantized pack on the CPU and the GPU: both fp32 over the same weights, so they differ by

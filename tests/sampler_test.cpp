@@ -7,6 +7,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <tuple>
 #include <vector>
 
 #include "sampling/sampler.hpp"
@@ -224,6 +225,41 @@ TEST(Sampler, TopKOverA152kVocabularyDrawsAsAFullSort) {
       ASSERT_EQ(sampler.sample(logits.data()), expected) << "top_k " << top_k << ", draw " << draw;
     }
   }
+}
+
+// Sampling from the top-k candidates alone (selected where the logits are, in any order, any superset)
+// draws the tokens sampling the whole row does, draw by draw, whatever follows top-k.
+TEST(Sampler, CandidatesDrawAsTheWholeRow) {
+  for (int64_t n : {int64_t(152064), int64_t(12)}) {
+    std::vector<float> logits = random_logits(n, 31);
+    for (size_t i = 0; i < logits.size(); i += 3) logits[i] = std::round(logits[i] * 8.0f) / 8.0f;  // ties
+    for (const auto& [top_k, top_p, min_p] : {std::tuple{1, 1.0f, 0.0f}, std::tuple{20, 0.95f, 0.0f}, std::tuple{1000, 0.5f, 0.0f},
+                                              std::tuple{40, 1.0f, 0.3f}, std::tuple{20, 1.0f, 0.0f}}) {
+      SamplerParams params;
+      params.temperature = 0.6f, params.top_k = top_k, params.top_p = top_p, params.min_p = min_p, params.seed = 37;
+      Sampler whole = make_sampler(params, n), sparse = make_sampler(params, n);
+      ASSERT_TRUE(sparse.samples_from_top_k());
+      std::vector<float> z(logits);
+      for (auto& v : z) v /= params.temperature;
+      std::vector<int32_t> order(static_cast<size_t>(n));
+      std::iota(order.begin(), order.end(), 0);
+      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+      for (int extra : {0, 300}) {  // exactly the k best, or a superset
+        const int64_t count = std::min<int64_t>(n, top_k + extra);
+        std::vector<int32_t> ids(order.begin(), order.begin() + count);
+        std::shuffle(ids.begin(), ids.end(), std::mt19937_64(extra + 1));
+        std::vector<float> cz;
+        for (int32_t id : ids) cz.push_back(z[id]);
+        whole.reset(), sparse.reset();
+        for (int draw = 0; draw < 30; ++draw)
+          ASSERT_EQ(sparse.sample_candidates(ids.data(), cz.data(), count), whole.sample(logits.data()))
+              << "n " << n << " top_k " << top_k << " top_p " << top_p << " min_p " << min_p << " extra " << extra << " draw " << draw;
+      }
+    }
+  }
+  SamplerParams penalized;
+  penalized.temperature = 0.7f, penalized.top_k = 20, penalized.repetition_penalty = 1.1f;
+  EXPECT_FALSE(make_sampler(penalized, 100).samples_from_top_k());  // penalties change the logits first
 }
 
 TEST(Sampler, MinPCutsRelativeToTheLargestProbabilityAfterTemperature) {

@@ -175,6 +175,13 @@ int32_t moeflux_sampler_sample(moeflux_sampler* sampler, const float* logits);
 /* Records a token (prompt or generated) for the penalties. */
 void moeflux_sampler_accept(moeflux_sampler* sampler, int32_t token);
 uint64_t moeflux_sampler_seed(const moeflux_sampler* sampler);
+/* The sampler's pick from the session's last logits — the token moeflux_sampler_sample would return on
+ * moeflux_session_logits(session), draw for draw — taken where the logits are: greedy by
+ * moeflux_session_greedy_token, top-k sampling (1 <= top_k <= 1024, no penalty) from a few KB of
+ * candidates a GPU selects, anything else from the row on the host. Does not record it
+ * (moeflux_sampler_accept). -1 before any evaluation, on a null argument or a sampler of another
+ * vocabulary size (moeflux_last_error says which). */
+int32_t moeflux_session_sample(const moeflux_session* session, moeflux_sampler* sampler);
 
 #ifdef __cplusplus
 }

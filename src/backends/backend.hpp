@@ -97,6 +97,15 @@ class Backend {
   // −1 otherwise.
   virtual int64_t argmax(const float* x, int64_t n);
 
+  // What a top-k sampler needs from a row of logits x[0, n) in backend memory: z = x / temperature (an
+  // fp32 division, as the host sampler's) for a set of distinct ids that holds the k best z (higher first,
+  // ties to the lower id; all n when k ≥ n), into the host arrays ids and z of `capacity`; returns how
+  // many. −1 where the backend does not offer it, or more than `capacity` candidates tie at its cut (the
+  // caller then copies x and samples there). Waits for the queued work. Default: −1.
+  virtual int64_t top_candidates(const float* x, int64_t n, float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity) {
+    return -1;
+  }
+
   // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
   virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;
 

@@ -3,6 +3,7 @@
 #include "moeflux/moeflux.h"
 
 #include "capi/capi_errors.hpp"
+#include "capi/capi_handles.hpp"
 
 #include <algorithm>
 #include <exception>
@@ -16,10 +17,6 @@
 
 struct moeflux_model {
   std::unique_ptr<moeflux::Model> model;
-};
-
-struct moeflux_session {
-  std::unique_ptr<moeflux::Session> session;
 };
 
 using moeflux::capi::fail;
@@ -131,6 +128,22 @@ int32_t moeflux_session_greedy_token(const moeflux_session* session) {
   int32_t id = -1;
   guarded([&] {
     id = session->session->greedy_token();
+    return MOEFLUX_OK;
+  });
+  return id;
+}
+
+int32_t moeflux_session_sample(const moeflux_session* session, moeflux_sampler* sampler) {
+  if (!session || !sampler || !session->session->has_logits() || sampler->sampler.n_vocab() != session->session->n_vocab()) {
+    moeflux::capi::fail(MOEFLUX_ERR_INVALID_ARGUMENT, !session || !sampler ? "session_sample: null argument"
+                                                      : !session->session->has_logits()
+                                                          ? "session_sample: no logits (evaluate a token first)"
+                                                          : "session_sample: the sampler's vocabulary is not the model's");
+    return -1;
+  }
+  int32_t id = -1;
+  guarded([&] {
+    id = sampler->picker.next(*session->session, sampler->sampler);
     return MOEFLUX_OK;
   });
   return id;

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "capi/capi_errors.hpp"
+#include "capi/capi_handles.hpp"
 #include "moeflux/moeflux.h"
 #include "sampling/sampler.hpp"
 #include "tokenizer/chat_template.hpp"
@@ -17,9 +18,6 @@ struct moeflux_tokenizer {
 };
 struct moeflux_stream_decoder {
   moeflux::StreamingDecoder decoder;
-};
-struct moeflux_sampler {
-  moeflux::Sampler sampler;
 };
 
 using moeflux::capi::fail;
@@ -142,7 +140,7 @@ moeflux_status moeflux_sampler_create(const moeflux_sampler_params* p, int64_t n
     sp.seed = p->seed;
     auto s = moeflux::Sampler::create(sp, n_vocab);
     if (!s) return fail(s.status());
-    *out = new moeflux_sampler{std::move(s).value()};
+    *out = new moeflux_sampler{std::move(s).value(), {}};
     return MOEFLUX_OK;
   });
 }

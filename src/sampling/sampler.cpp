@@ -182,11 +182,7 @@ int32_t Sampler::draw(int64_t n_kept) {
 
 int32_t Sampler::sample(const float* logits) {
   const int64_t n = n_vocab_;
-  if (logits_.empty()) {
-    logits_.resize(n);
-    ids_.resize(n);
-    weights_.resize(n);
-  }
+  reserve();
   weights_filled_ = false;
   std::copy(logits, logits + n, logits_.begin());
   apply_penalties(logits_.data());
@@ -197,12 +193,41 @@ int32_t Sampler::sample(const float* logits) {
   for (int64_t i = 0; i < n; ++i) ids_[i] = static_cast<int32_t>(i);
   const float max_logit = logits_[argmax_first(logits_.data(), n)];  // NaN or −∞ when no value is finite
   MF_CHECK_MSG(std::isfinite(max_logit), "sampler: no finite logit among {} (largest {})", n, max_logit);
+  return pick(n, max_logit);
+}
 
+void Sampler::reserve() {
+  if (!logits_.empty()) return;
+  logits_.resize(n_vocab_);
+  ids_.resize(n_vocab_);
+  weights_.resize(n_vocab_);
+}
+
+int32_t Sampler::sample_candidates(const int32_t* ids, const float* z, int64_t count) {
+  const int64_t wanted = std::min<int64_t>(params_.top_k, n_vocab_);
+  MF_CHECK_MSG(samples_from_top_k() && count >= wanted && count <= n_vocab_,
+               "sample_candidates: {} candidates for top-k {} (the sampler {} from the top k alone)", count, params_.top_k,
+               samples_from_top_k() ? "samples" : "does not sample");
+  reserve();
+  weights_filled_ = false;
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < count; ++i) {
+    MF_CHECK_MSG(ids[i] >= 0 && ids[i] < n_vocab_, "sample_candidates: id {} outside the vocabulary [0, {})", ids[i], n_vocab_);
+    logits_[ids[i]] = z[i];
+    ids_[i] = ids[i];
+    if (z[i] > max_logit) max_logit = z[i];
+  }
+  std::sort(ids_.begin(), ids_.begin() + count);  // id order, as sample() starts
+  MF_CHECK_MSG(std::isfinite(max_logit), "sampler: no finite logit among {} candidates (largest {})", count, max_logit);
+  return pick(count, max_logit);
+}
+
+int32_t Sampler::pick(int64_t n, float max_logit) {
   const LogitDescending descending{logits_.data()};
   int64_t n_kept = n;
   bool sorted = false;  // ids_[0, n_kept) in descending order (else in id order)
-  if (params_.top_k > 0 && params_.top_k < n) {
-    n_kept = params_.top_k;
+  if (params_.top_k > 0 && params_.top_k < n_vocab_) {
+    n_kept = std::min<int64_t>(params_.top_k, n);
     select_best(ids_.data(), ids_.data() + n, n_kept, logits_.data(), descending);
     std::sort(ids_.begin(), ids_.begin() + n_kept, descending);
     sorted = true;

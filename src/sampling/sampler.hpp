@@ -84,15 +84,29 @@ class Sampler {
   int64_t n_vocab() const { return n_vocab_; }
   // Whether sample() is the plain argmax of the logits (temperature 0, no penalty that could change
   // them): the caller may then take Session::greedy_token(), which needs no copy of the logits.
-  bool picks_argmax() const {
-    return params_.temperature == 0.0f && (params_.penalty_last_n == 0 || (params_.repetition_penalty == 1.0f &&
-                                                                             params_.presence_penalty == 0.0f &&
-                                                                             params_.frequency_penalty == 0.0f));
+  bool picks_argmax() const { return params_.temperature == 0.0f && !penalizes(); }
+  // Whether sample() depends only on the top_k best of z = logit / temperature (higher z first, ties to
+  // the lower id): temperature > 0, 1 ≤ top_k ≤ max_candidate_top_k, no penalty that could change the
+  // logits. Then sample_candidates() on any superset of those k (with their z) returns the token sample()
+  // would on the whole row, draw for draw — for a caller that selects them where the logits are.
+  static constexpr int max_candidate_top_k = 1024;
+  bool samples_from_top_k() const {
+    return params_.temperature > 0.0f && params_.top_k >= 1 && params_.top_k <= max_candidate_top_k && !penalizes();
   }
+  // ids [count] distinct, each with z = logit / temperature (divided in fp32, as sample() does), at least
+  // the top_k best of the row among them. Requires samples_from_top_k().
+  int32_t sample_candidates(const int32_t* ids, const float* z, int64_t count);
 
  private:
   Sampler(const SamplerParams& params, int64_t n_vocab, uint64_t seed);
 
+  bool penalizes() const {
+    return params_.penalty_last_n != 0 &&
+           (params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f);
+  }
+  void reserve();                  // logits_, ids_, weights_ at n_vocab
+  // Steps 4-7 over ids_[0, n) (in id order), whose scaled logits are in logits_, the largest max_logit.
+  int32_t pick(int64_t n, float max_logit);
   double next_uniform();           // [0, 1), 53 bits
   int32_t draw(int64_t n_kept);    // from ids_[0, n_kept) with weights exp(logits_[id] - max)
   // weights_[id] = exp(logits_[id] − max_logit) in double for ids_[0, n_kept), once per sample(): top-p and

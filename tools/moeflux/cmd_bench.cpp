@@ -20,6 +20,7 @@
 #include "model_flags.hpp"
 #include "models/model_family.hpp"
 #include "runtime/session.hpp"
+#include "runtime/token_picker.hpp"
 #include "sampling/sampler.hpp"
 
 namespace moeflux::cli {
@@ -278,7 +279,8 @@ int run_bench(const BenchArgs& a) {
   auto sampler_result = Sampler::create(a.sampling, model.n_vocab());
   if (!sampler_result) return report_error("bench", sampler_result.status());
   Sampler& sampler = *sampler_result;
-  const auto next_token = [&] { return sampler.picks_argmax() ? session.greedy_token() : sampler.sample(session.logits()); };
+  TokenPicker picker;
+  const auto next_token = [&] { return picker.next(session, sampler); };
   const std::string sampling = sampler.picks_argmax()
                                    ? std::string("greedy")
                                    : fmt::format("temperature {}, top-k {}, top-p {}, min-p {}", a.sampling.temperature,
@@ -398,7 +400,7 @@ void register_bench(CLI::App& app, Action& action) {
   args->model.add_to(sub);
   sub->add_option("--prompt-tokens,--prompt", args->n_prompt, "prompt tokens (random ids)")->capture_default_str();
   sub->add_option("--gen-tokens,--gen", args->n_gen, "tokens decoded after the prompt (greedily unless --temp is given)")->capture_default_str();
-  sub->add_option("--temp,--temperature", args->sampling.temperature, "decode by sampling at this temperature through the host sampler (0 = greedy)")
+  sub->add_option("--temp,--temperature", args->sampling.temperature, "decode by sampling at this temperature (0 = greedy)")
       ->capture_default_str();
   sub->add_option("--top-k", args->sampling.top_k, "with --temp: keep the k most likely tokens (0 = off)")->capture_default_str();
   sub->add_option("--top-p", args->sampling.top_p, "with --temp: nucleus mass (1 = off)")->capture_default_str();

@@ -1,6 +1,10 @@
 #include "generate.hpp"
 
+#include <algorithm>
 #include <fstream>
+#include <type_traits>
+
+#include <fmt/format.h>
 
 #include <nlohmann/json.hpp>
 
@@ -8,22 +12,72 @@
 #include "core/units.hpp"
 #include "runtime/model.hpp"
 #include "runtime/session.hpp"
+#include "runtime/token_picker.hpp"
 #include "tokenizer/chat_template.hpp"
 #include "tokenizer/tokenizer.hpp"
 
 namespace moeflux::cli {
 
 void SamplingFlags::add_to(CLI::App* app) {
-  app->add_option("--temp,--temperature", params.temperature, "sampling temperature (0 = greedy)")->capture_default_str();
-  app->add_option("--top-k", params.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
-  app->add_option("--top-p", params.top_p, "nucleus: keep the smallest set with this much probability (1 = off)")->capture_default_str();
-  app->add_option("--min-p", params.min_p, "drop tokens below this fraction of the top probability (0 = off)")->capture_default_str();
-  app->add_option("--repeat-penalty", params.repetition_penalty, "repetition penalty (1 = off)")->capture_default_str();
+  const std::string pack = "; default: the pack's generation_config.json, else ";
+  temperature_ = app->add_option("--temp,--temperature", params.temperature, "sampling temperature (0 = greedy" + pack + "0.7)");
+  top_k_ = app->add_option("--top-k", params.top_k, "keep the k most likely tokens (0 = off" + pack + "off)");
+  top_p_ = app->add_option("--top-p", params.top_p, "nucleus: keep the smallest set with this much probability (1 = off" + pack + "0.9)");
+  min_p_ = app->add_option("--min-p", params.min_p, "drop tokens below this fraction of the top probability (0 = off" + pack + "off)");
+  repetition_ = app->add_option("--repeat-penalty", params.repetition_penalty, "repetition penalty (1 = off" + pack + "off)");
   app->add_option("--presence-penalty", params.presence_penalty, "presence penalty (0 = off)")->capture_default_str();
   app->add_option("--frequency-penalty", params.frequency_penalty, "frequency penalty (0 = off)")->capture_default_str();
   app->add_option("--repeat-last-n", params.penalty_last_n, "tokens of history the penalties see (-1 = all)")->capture_default_str();
   app->add_option("--seed", params.seed, "random seed (0 = random, printed at the end)");
   app->add_option("--stop", stop, "stop when this text appears (repeatable)");
+}
+
+std::vector<std::string> SamplingFlags::apply_generation_config(const std::string& tokenizer_dir) {
+  std::vector<std::string> warnings;
+  from_config.clear();
+  const std::string path = tokenizer_dir + "/generation_config.json";
+  std::ifstream in(path);
+  if (!in) return warnings;  // a pack without one: the CLI's defaults
+  const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) {
+    warnings.push_back(path + " is not a JSON object: sampling uses the CLI's defaults");
+    return warnings;
+  }
+  const auto unset = [](const CLI::Option* o) { return o == nullptr || o->count() == 0; };
+  // A number from the file for a setting the command line left alone.
+  const auto take = [&](const char* key, const CLI::Option* option, auto& value, const char* name) {
+    if (!j.contains(key) || !unset(option)) return;
+    const auto& v = j[key];
+    if (!v.is_number() || (std::is_integral_v<std::decay_t<decltype(value)>> && !v.is_number_integer())) {
+      warnings.push_back(fmt::format("{}: {} is {}, not a number: ignored", path, key, v.dump()));
+      return;
+    }
+    value = v.get<std::decay_t<decltype(value)>>();
+    from_config.push_back(name);
+  };
+  take("temperature", temperature_, params.temperature, "temperature");
+  take("top_k", top_k_, params.top_k, "top-k");
+  take("top_p", top_p_, params.top_p, "top-p");
+  take("min_p", min_p_, params.min_p, "min-p");
+  take("repetition_penalty", repetition_, params.repetition_penalty, "repetition penalty");
+  // do_sample false: transformers decodes greedily whatever the temperature says.
+  if (j.contains("do_sample") && j["do_sample"].is_boolean() && !j["do_sample"].get<bool>() && unset(temperature_)) {
+    params.temperature = 0.0f;
+    if (std::find(from_config.begin(), from_config.end(), "temperature") == from_config.end()) from_config.push_back("temperature");
+  }
+  return warnings;
+}
+
+std::string SamplingFlags::describe() const {
+  std::string s = params.temperature == 0.0f ? std::string("greedy") : fmt::format("temperature {}", params.temperature);
+  if (params.temperature != 0.0f) {
+    if (params.top_k > 0) s += fmt::format(", top-k {}", params.top_k);
+    if (params.top_p < 1.0f) s += fmt::format(", top-p {}", params.top_p);
+    if (params.min_p > 0.0f) s += fmt::format(", min-p {}", params.min_p);
+  }
+  if (params.repetition_penalty != 1.0f) s += fmt::format(", repetition penalty {}", params.repetition_penalty);
+  if (!from_config.empty()) s += fmt::format(" ({} from generation_config.json)", fmt::join(from_config, ", "));
+  return s;
 }
 
 std::set<int32_t> end_of_sequence_ids(const Tokenizer& tokenizer, const std::string& tokenizer_dir) {
@@ -83,6 +137,7 @@ Result<GenerateStats> generate(Session& session, Sampler& sampler, const Tokeniz
 
   MF_ASSIGN_OR_RETURN(StopStrings stops, StopStrings::create(options.stop_strings));
   StreamingDecoder decoder(tokenizer, options.skip_special);
+  TokenPicker picker;
   timer.reset();
   stats.stop_reason = "length";
   while (stats.generated_tokens < options.max_tokens) {
@@ -90,7 +145,7 @@ Result<GenerateStats> generate(Session& session, Sampler& sampler, const Tokeniz
       stats.stop_reason = "cancelled";
       break;
     }
-    const int32_t token = sampler.picks_argmax() ? session.greedy_token() : sampler.sample(session.logits());
+    const int32_t token = picker.next(session, sampler);
     sampler.accept(token);
     stats.tokens.push_back(token);
     ++stats.generated_tokens;

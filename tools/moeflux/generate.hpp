@@ -24,11 +24,24 @@ class Tokenizer;
 
 namespace moeflux::cli {
 
-// Sampling flags shared by run and chat (defaults: temperature 0.7, top-p 0.9, the common chat setting).
+// Sampling flags shared by run and chat. Settings not given on the command line come from the pack's
+// generation_config.json where it names them (do_sample, temperature, top_k, top_p, min_p,
+// repetition_penalty: the model authors' recommendation, as transformers' generate() takes it), else
+// from the CLI's defaults: temperature 0.7, top-p 0.9, the common chat setting.
 struct SamplingFlags {
   SamplerParams params{0.7f, 0, 0.9f, 0.0f, 1.0f, 0.0f, 0.0f, 64, 0};
   std::vector<std::string> stop;
   void add_to(CLI::App* app);
+  // Fills the settings the command line left unset from tokenizer_dir/generation_config.json. Returns
+  // warnings (an unreadable file or a field of the wrong type is skipped, not fatal: the CLI's defaults
+  // then apply); `from_config` lists the settings taken from the file.
+  std::vector<std::string> apply_generation_config(const std::string& tokenizer_dir);
+  std::vector<std::string> from_config;
+  // "temperature 0.6, top-k 20, top-p 0.95 (top-k, top-p from generation_config.json)", or "greedy …".
+  std::string describe() const;
+
+ private:
+  CLI::Option *temperature_ = nullptr, *top_k_ = nullptr, *top_p_ = nullptr, *min_p_ = nullptr, *repetition_ = nullptr;
 };
 
 // Token ids that end a generation: the tokenizer's EOS plus generation_config.json's eos_token_id.

@@ -105,6 +105,8 @@ class CudaBackend final : public Backend {
     if (route_host_) cudaFreeHost(route_host_);
     if (argmax_key_) cudaFree(argmax_key_);
     if (argmax_host_) cudaFreeHost(argmax_host_);
+    if (top_device_) cudaFree(top_device_);
+    if (top_host_) cudaFreeHost(top_host_);
     for (int i = 0; i < 2; ++i) {
       if (bounce_[i]) cudaFreeHost(bounce_[i]);
       if (bounce_done_[i]) cudaEventDestroy(bounce_done_[i]);
@@ -205,6 +207,31 @@ class CudaBackend final : public Backend {
     MF_CUDA_CHECK(cudaMemcpyAsync(argmax_host_, argmax_key_, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return cuda::argmax_index(*argmax_host_);
+  }
+
+  int64_t top_candidates(const float* x, int64_t n, float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity) override {
+    if (n <= 0 || n > INT32_MAX || k <= 0 || capacity <= 0 || capacity > max_top_candidates || !(temperature > 0.0f) || recording_) return -1;
+    const OpTimer timer(*this, "top_candidates");
+    bind();
+    const size_t hist_bytes = (cuda::top_bins + 1) * sizeof(unsigned), out_bytes = (4 + 2 * size_t(max_top_candidates)) * sizeof(unsigned);
+    if (!top_device_) {
+      MF_CUDA_CHECK(cudaMalloc(&top_device_, hist_bytes + 16 + out_bytes));
+      MF_CUDA_CHECK(cudaHostAlloc(&top_host_, out_bytes, cudaHostAllocDefault));
+    }
+    unsigned* hist = static_cast<unsigned*>(top_device_);
+    unsigned* out = hist + cuda::top_bins + 1 + 3;  // 16-byte aligned: 2052 unsigneds in
+    MF_CUDA_CHECK(cudaMemsetAsync(top_device_, 0, hist_bytes + 3 * sizeof(unsigned) + 4 * sizeof(unsigned), stream_));
+    cuda::top_candidates(x, n, temperature, k, hist, out, capacity, stream_);
+    // The count and, past it, as many candidates as fit: one copy of what capacity sets aside.
+    const size_t copied = (4 + 2 * size_t(capacity)) * sizeof(unsigned);
+    MF_CUDA_CHECK(cudaMemcpyAsync(top_host_, out, copied, cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const unsigned* host = static_cast<const unsigned*>(top_host_);
+    const int64_t count = host[0];
+    if (count > capacity) return -1;
+    std::memcpy(ids, host + 4, size_t(count) * sizeof(int32_t));
+    std::memcpy(z, host + 4 + capacity, size_t(count) * sizeof(float));
+    return count;
   }
 
   void trace_mark(const char* what) override {
@@ -808,6 +835,11 @@ class CudaBackend final : public Backend {
   size_t route_bytes_ = 0;
   unsigned long long* argmax_key_ = nullptr;   // argmax's result on the device
   unsigned long long* argmax_host_ = nullptr;  // and its pinned landing place
+  // top_candidates: the histogram (+ the cut) and the output (count, ids, z) on the device, the output's
+  // pinned landing place; sized for max_top_candidates at the first call.
+  static constexpr int64_t max_top_candidates = 8192;
+  void* top_device_ = nullptr;
+  void* top_host_ = nullptr;
   std::vector<void*> weights_;      // upload_weights' device copies
 };
 

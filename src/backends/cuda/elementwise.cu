@@ -128,6 +128,67 @@ __global__ void argmax_kernel(const float* __restrict__ x, int64_t n, unsigned l
 }
 }  // namespace
 
+namespace {
+// The host sampler's order as an unsigned key (sampler.cpp's descending_key): NaN lowest, −0 as +0.
+__device__ __forceinline__ unsigned descending_key(float v) {
+  if (v != v) return 0;
+  unsigned u = __float_as_uint(v);
+  if (u == 0x80000000u) u = 0;
+  return u ^ (unsigned(int(u) >> 31) | 0x80000000u);
+}
+constexpr int top_shift = 32 - 11;
+static_assert(top_bins == 1 << 11);
+
+__global__ void top_hist_kernel(const float* __restrict__ x, int64_t n, float temperature, unsigned* __restrict__ hist) {
+  dependent_launch_begin();
+  __shared__ unsigned counts[top_bins];
+  for (int b = threadIdx.x; b < top_bins; b += blockDim.x) counts[b] = 0;
+  __syncthreads();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    atomicAdd(&counts[descending_key(x[i] / temperature) >> top_shift], 1u);
+  __syncthreads();
+  for (int b = threadIdx.x; b < top_bins; b += blockDim.x)
+    if (counts[b]) atomicAdd(hist + b, counts[b]);
+}
+
+// One thread: the highest bin whose count with those above reaches k, into hist[top_bins] (a spare slot).
+__global__ void top_cut_kernel(unsigned* hist, int64_t k) {
+  dependent_launch_begin();
+  if (threadIdx.x != 0) return;
+  int64_t above = 0;
+  int b = top_bins - 1;
+  while (b > 0 && above + hist[b] < k) above += hist[b--];
+  hist[top_bins] = unsigned(b);
+}
+
+__global__ void top_collect_kernel(const float* __restrict__ x, int64_t n, float temperature, const unsigned* __restrict__ hist,
+                                   unsigned* __restrict__ out, int64_t capacity) {
+  dependent_launch_begin();
+  const unsigned cut = hist[top_bins];
+  int32_t* ids = reinterpret_cast<int32_t*>(out + 4);
+  float* z = reinterpret_cast<float*>(out + 4 + capacity);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float v = x[i] / temperature;
+    if ((descending_key(v) >> top_shift) < cut) continue;
+    const unsigned at = atomicAdd(out, 1u);
+    if (at < capacity) ids[at] = int32_t(i), z[at] = v;
+  }
+}
+}  // namespace
+
+void top_candidates(const float* x, int64_t n, float temperature, int64_t k, unsigned* hist, unsigned* out, int64_t capacity,
+                    cudaStream_t stream) {
+  if (n <= 0) return;
+  const int64_t per_block = int64_t(threads) * 8;
+  const unsigned blocks = unsigned(std::min<int64_t>((n + per_block - 1) / per_block, 4 * device_attribute<cudaDevAttrMultiProcessorCount>()));
+  launch(top_hist_kernel, blocks, threads, 0, stream, x, n, temperature, hist);
+  MF_CUDA_CHECK_LAUNCH();
+  launch(top_cut_kernel, 1, 32, 0, stream, hist, k);
+  MF_CUDA_CHECK_LAUNCH();
+  launch(top_collect_kernel, blocks, threads, 0, stream, x, n, temperature, static_cast<const unsigned*>(hist), out, capacity);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
 void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t stream) {
   if (n <= 0) return;
   const int64_t per_block = int64_t(threads) * 8;  // ~8 values a thread

@@ -33,6 +33,12 @@ void scatter_add_rows(float* dst, const float* src, const int32_t* targets, cons
 // non-NaN values — a value's order-preserving bits above the complement of its index, so the largest
 // value at its lowest index among equals (−0 counting as +0) — and stays 0 when every value is NaN.
 void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t stream);
+// Backend::top_candidates' selection on the device (n < 2^31): hist [top_bins] zeroed and out (count,
+// then ids [capacity], then z [capacity]; count zeroed) by the caller; leaves in out the count of ids at or
+// above the histogram bin of the k-th best z = x / temperature and, up to capacity, those ids and z.
+constexpr int top_bins = 2048;  // the order-preserving key's top 11 bits
+void top_candidates(const float* x, int64_t n, float temperature, int64_t k, unsigned* hist, unsigned* out, int64_t capacity,
+                    cudaStream_t stream);
 inline int64_t argmax_index(unsigned long long key) { return key == 0 ? 0 : int64_t(0xFFFFFFFFu - uint32_t(key)); }
 
 }  // namespace moeflux::cuda

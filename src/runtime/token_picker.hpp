@@ -1,0 +1,26 @@
+// The next token from a session's last logits as a sampler picks it, taken where the logits are.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/session.hpp"
+#include "sampling/sampler.hpp"
+
+namespace moeflux {
+
+// Greedy picks by Session::greedy_token (an id comes back from a GPU, not the row); top-k sampling
+// (Sampler::samples_from_top_k) draws from Session::top_candidates (a GPU sends a few KB of candidates);
+// anything else samples the whole row on the host. The same token as sampler.sample(session.logits()),
+// draw for draw. Does not accept the token. Keeps the candidate buffers between calls.
+class TokenPicker {
+ public:
+  int32_t next(const Session& session, Sampler& sampler);
+
+ private:
+  static constexpr int64_t capacity = 4096;  // candidates at most; more (ties at the cut) falls back to the row
+  std::vector<int32_t> ids_;
+  std::vector<float> z_;
+};
+
+}  // namespace moeflux
