@@ -78,6 +78,49 @@ TEST_F(CliText, GreedyRunIsDeterministicAndReportsSpeed) {
   }
 }
 
+// Sampling settings the command line leaves unset come from the pack's generation_config.json (the
+// model authors' recommendation) and the report names them; a flag overrides the file; a malformed field
+// warns and the CLI's defaults apply.
+TEST_F(CliText, SamplingDefaultsComeFromTheGenerationConfig) {
+  // The demo checkpoint with another generation_config.json (its other files linked), converted: a pack
+  // records its files' sizes, so the file is not edited in place.
+  const std::string model = dir_ + "/model_generation_config", copy = dir_ + "/pack_generation_config";
+  fs::remove_all(model);
+  fs::create_directories(model);
+  for (const auto& e : fs::directory_iterator(demo))
+    if (e.path().filename() != "generation_config.json") fs::create_symlink(fs::absolute(e.path()), model + "/" + e.path().filename().string());
+  const std::string config = model + "/generation_config.json";
+  const auto pack_with = [&](const std::string& json) {
+    std::ofstream(config, std::ios::trunc) << json;
+    const auto r = test::run_cli("convert '" + model + "' '" + copy + "' --quant q8 --force --quiet", dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  };
+  const std::string cmd = "run --model '" + copy + "' --chat --prompt 'Tell me a fortune about food.' -n 12 --threads 2 --seed 5";
+  pack_with(R"({"eos_token_id": 2, "do_sample": false, "temperature": 0.6})");
+  const auto greedy = test::run_cli(cmd, dir_), explicit_greedy = test::run_cli(cmd + " --temp 0", dir_);
+  ASSERT_EQ(greedy.exit_code, 0) << greedy.err;
+  ASSERT_EQ(explicit_greedy.exit_code, 0) << explicit_greedy.err;
+  EXPECT_EQ(greedy.out, explicit_greedy.out);  // do_sample false decodes greedily, whatever the temperature
+  EXPECT_NE(greedy.err.find("sampling: greedy (temperature from generation_config.json)"), std::string::npos) << greedy.err;
+  EXPECT_NE(explicit_greedy.err.find("sampling: greedy\n"), std::string::npos) << explicit_greedy.err;
+
+  pack_with(R"({"eos_token_id": 2, "temperature": 0.6, "top_k": 20, "top_p": 0.95})");
+  const auto sampled = test::run_cli(cmd + " --top-k 5", dir_);
+  ASSERT_EQ(sampled.exit_code, 0) << sampled.err;
+  EXPECT_NE(sampled.err.find("sampling: temperature 0.6, top-k 5, top-p 0.95 (temperature, top-p from generation_config.json)"),
+            std::string::npos)
+      << sampled.err;
+
+  pack_with(R"({"eos_token_id": 2, "temperature": "hot", "top_k": 2.5})");
+  const auto malformed = test::run_cli(cmd, dir_);
+  ASSERT_EQ(malformed.exit_code, 0) << malformed.err;
+  EXPECT_NE(malformed.err.find("warning: " + copy + "/tokenizer/generation_config.json: temperature is \"hot\", not a number: ignored"), std::string::npos) << malformed.err;
+  EXPECT_NE(malformed.err.find("top_k is 2.5"), std::string::npos) << malformed.err;
+  EXPECT_NE(malformed.err.find("sampling: temperature 0.7, top-p 0.9\n"), std::string::npos) << malformed.err;
+  fs::remove_all(copy);
+  fs::remove_all(model);
+}
+
 TEST_F(CliText, PerplexityOfHeldOutText) {
   const std::string text = dir_ + "/text.txt";
   std::ifstream in(demo + "/held_out.txt");

@@ -39,8 +39,9 @@ int run_chat(ChatArgs& a) {
   if (!tokenizer) return report_error("chat", tokenizer.status().with_context("the pack's tokenizer"));
   auto session = Session::create(**model, SessionOptions{a.n_ctx, 512});
   if (!session) return report_error("chat", session.status());
+  for (const std::string& warning : a.sampling.apply_generation_config(tokenizer_dir)) std::fprintf(stderr, "warning: %s\n", warning.c_str());
   auto sampler = Sampler::create(a.sampling.params, (*model)->n_vocab());
-  if (!sampler) return report_error("chat", sampler.status());
+  if (!sampler) return report_error("chat", sampler.status().with_context("sampling " + a.sampling.describe()));
 
   struct sigaction sa {};
   sa.sa_handler = on_interrupt;
@@ -58,8 +59,8 @@ int run_chat(ChatArgs& a) {
   if (!a.system.empty()) messages.push_back({{"role", "system"}, {"content", a.system}});
   std::vector<int32_t> in_session;  // the tokens the session holds, in order
   const bool tty = isatty(fileno(stdin));
-  std::fprintf(stderr, "moeflux chat: %s · /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply\n",
-               a.model.pack_dir.c_str());
+  std::fprintf(stderr, "moeflux chat: %s · sampling %s · /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply\n",
+               a.model.pack_dir.c_str(), a.sampling.describe().c_str());
   for (;;) {
     if (tty) std::fputs("\n> ", stdout);
     std::fflush(stdout);

@@ -44,8 +44,9 @@ int run_run(RunArgs& a) {
   if (prompt->empty()) return report_error("run", Status(ErrorCode::invalid_argument, "the prompt is empty"));
   auto session = Session::create(**model, SessionOptions{a.n_ctx, 512});
   if (!session) return report_error("run", session.status());
+  for (const std::string& warning : a.sampling.apply_generation_config(tokenizer_dir)) std::fprintf(stderr, "warning: %s\n", warning.c_str());
   auto sampler = Sampler::create(a.sampling.params, (*model)->n_vocab());
-  if (!sampler) return report_error("run", sampler.status());
+  if (!sampler) return report_error("run", sampler.status().with_context("sampling " + a.sampling.describe()));
 
   GenerateOptions g;
   g.max_tokens = a.n_tokens;
@@ -62,7 +63,8 @@ int run_run(RunArgs& a) {
   });
   std::fputs("\n", stdout);
   if (!stats) return report_error("run", stats.status());
-  std::fprintf(stderr, "\n%s\nseed %llu\n", generation_report(*stats).c_str(), (unsigned long long)sampler->seed());
+  std::fprintf(stderr, "\n%s\nsampling: %s\nseed %llu\n", generation_report(*stats).c_str(), a.sampling.describe().c_str(),
+               (unsigned long long)sampler->seed());
   return 0;
 }
 
