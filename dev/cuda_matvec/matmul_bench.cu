@@ -220,6 +220,21 @@ int main(int argc, char** argv) {
   MF_CUDA_CHECK(cudaMalloc(&y, size_t(64) << 20));
   MF_CUDA_CHECK(cudaMemset(x, 0x3c, size_t(64) << 20));  // 0.0115 everywhere: finite, nonzero
 
+  if (argc == 5 && std::strcmp(argv[1], "--one") == 0) {  // --one ROWS COLS FORMAT: one matrix-vector shape (for ncu)
+    const int64_t rows = std::atoll(argv[2]), cols = std::atoll(argv[3]);
+    WeightFormat f = WeightFormat::q4;
+    for (WeightFormat g : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4})
+      if (std::strcmp(argv[4], moeflux::weight_format_name(g)) == 0) f = g;
+    const size_t bytes = moeflux::weight_part_bytes(f, rows, cols).total();
+    Copies c(f, rows, cols, copies_for(bytes), 3);
+    const float ms = ms_per_call([&](int i) {
+      const MatmulJob job{c.views[size_t(i) % c.views.size()], x, y, 1};
+      moeflux::cuda::matmul_jobs(&job, 1, nullptr);
+    }, 100);
+    std::printf("[%lld, %lld] %s: %.2f us, %.0f GB/s, %.0f%% of copy\n", (long long)rows, (long long)cols, moeflux::weight_format_name(f),
+                double(ms) * 1e3, double(bytes) / (ms * 1e-3) / 1e9, 100.0 * double(bytes) / (ms * 1e-3) / 1e9 / copy_gbs);
+    return 0;
+  }
   if (moe_only) {
     moe_table(x, y, copy_gbs);
     MF_CUDA_CHECK(cudaFree(x));
