@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "moeflux/moeflux.h"
 
@@ -239,6 +241,42 @@ int main(int argc, char** argv) {
   moeflux_sampler_free(small);
   moeflux_sampler_free(twin);
   moeflux_sampler_free(picker);
+
+  /* The pack's sampling settings: the demo's generation_config.json names none (nothing changes); a pack
+   * whose file names Qwen3's gets them; a malformed one is refused and changes nothing. */
+  moeflux_sampler_params from_pack = moeflux_sampler_default_params();
+  const moeflux_sampler_params defaults = from_pack;
+  EXPECT(moeflux_sampler_params_from_pack(argv[3], &from_pack) == MOEFLUX_OK);
+  EXPECT(memcmp(&from_pack, &defaults, sizeof from_pack) == 0);
+  EXPECT(moeflux_sampler_params_from_pack("/nonexistent/pack", &from_pack) == MOEFLUX_ERR_IO);
+  char fake_pack[] = "/tmp/moeflux_capi_pack_XXXXXX";
+  if (mkdtemp(fake_pack)) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/tokenizer", fake_pack);
+    EXPECT(mkdir(path, 0700) == 0);
+    snprintf(path, sizeof path, "%s/tokenizer/generation_config.json", fake_pack);
+    FILE* f = fopen(path, "w");
+    if (f) {
+      fputs("{\"do_sample\": true, \"temperature\": 0.6, \"top_k\": 20, \"top_p\": 0.95}", f);
+      fclose(f);
+    }
+    from_pack.min_p = 0.05f;
+    EXPECT(moeflux_sampler_params_from_pack(fake_pack, &from_pack) == MOEFLUX_OK);
+    EXPECT(from_pack.temperature == 0.6f && from_pack.top_k == 20 && from_pack.top_p == 0.95f && from_pack.min_p == 0.05f);
+    f = fopen(path, "w");
+    if (f) {
+      fputs("{\"top_k\": \"twenty\"}", f);
+      fclose(f);
+    }
+    const moeflux_sampler_params before = from_pack;
+    EXPECT(moeflux_sampler_params_from_pack(fake_pack, &from_pack) == MOEFLUX_ERR_FORMAT);
+    EXPECT(strstr(moeflux_last_error(), "top_k") != NULL);
+    EXPECT(memcmp(&from_pack, &before, sizeof from_pack) == 0);
+    remove(path);
+    snprintf(path, sizeof path, "%s/tokenizer", fake_pack);
+    rmdir(path);
+    rmdir(fake_pack);
+  }
   moeflux_stream_decoder_free(stream);
   moeflux_sampler_free(sampler);
   moeflux_session_free(chat);

@@ -1,15 +1,20 @@
 // Samplers (src/sampling/sampler.hpp): each step against a hand-computed or brute-force reference,
 // seeded determinism, the draw's statistics, parameter validation, and StopStrings.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <numeric>
 #include <random>
 #include <set>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "sampling/generation_config.hpp"
 #include "sampling/sampler.hpp"
 
 namespace moeflux {
@@ -491,6 +496,53 @@ TEST(SamplerStopStrings, SeveralStopStringsAndFlush) {
   stops = make_stops({});
   EXPECT_EQ(stops.feed("abc").text, "abc");
 }
+
+// A checkpoint's generation_config.json: the settings it names, nothing where it is absent, and an error
+// naming the file and every field of the wrong type (the caller then keeps its own settings).
+TEST(GenerationConfig, ReadsTheSettingsItNamesAndRejectsWrongTypes) {
+  const std::string dir = testing::TempDir() + "moeflux_generation_config_" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  const auto write = [&](const std::string& json) { std::ofstream(dir + "/generation_config.json", std::ios::trunc) << json; };
+  auto none = load_generation_config(dir);
+  ASSERT_TRUE(none.is_ok());
+  EXPECT_TRUE(none->empty());
+
+  write(R"({"bos_token_id": 151643, "do_sample": true, "eos_token_id": [151645, 151643], "temperature": 0.6, "top_k": 20, "top_p": 0.95})");
+  auto qwen3 = load_generation_config(dir);
+  ASSERT_TRUE(qwen3.is_ok()) << qwen3.status().to_string();
+  SamplerParams params;  // temperature 1, no top-k / top-p
+  params.min_p = 0.1f;
+  apply_generation_config(*qwen3, params);
+  EXPECT_EQ(params.temperature, 0.6f);
+  EXPECT_EQ(params.top_k, 20);
+  EXPECT_EQ(params.top_p, 0.95f);
+  EXPECT_EQ(params.min_p, 0.1f);  // not named: kept
+  SamplerParams mine;
+  mine.top_k = 5;
+  KeepSettings keep;
+  keep.top_k = true;
+  apply_generation_config(*qwen3, mine, keep);
+  EXPECT_EQ(mine.top_k, 5);
+  EXPECT_EQ(mine.temperature, 0.6f);
+
+  write(R"({"do_sample": false, "temperature": 0.6})");  // greedy, as generate() decodes it
+  auto greedy = load_generation_config(dir);
+  ASSERT_TRUE(greedy.is_ok());
+  SamplerParams g;
+  apply_generation_config(*greedy, g);
+  EXPECT_EQ(g.temperature, 0.0f);
+
+  write(R"({"temperature": "hot", "top_k": 2.5, "do_sample": 1})");
+  auto bad = load_generation_config(dir);
+  ASSERT_FALSE(bad.is_ok());
+  EXPECT_EQ(bad.status().code(), ErrorCode::format);
+  for (const char* what : {"generation_config.json", "temperature is \"hot\"", "top_k is 2.5", "do_sample is 1"})
+    EXPECT_NE(bad.status().message().find(what), std::string::npos) << bad.status().message();
+  write("[1, 2]");
+  EXPECT_FALSE(load_generation_config(dir).is_ok());
+  std::filesystem::remove_all(dir);
+}
+
 
 }  // namespace
 }  // namespace moeflux

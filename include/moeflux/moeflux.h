@@ -168,6 +168,13 @@ typedef struct moeflux_sampler_params {
 } moeflux_sampler_params;
 
 moeflux_sampler_params moeflux_sampler_default_params(void);
+/* The model authors' sampling settings: the fields of *params that the pack's
+ * tokenizer/generation_config.json names (temperature, top_k, top_p, min_p, repetition_penalty; do_sample
+ * false sets temperature 0) are overwritten, the others kept, so a caller sets its own after this call.
+ * MOEFLUX_OK with nothing changed where the pack has no such file; MOEFLUX_ERR_IO when pack_dir is not a
+ * directory; MOEFLUX_ERR_FORMAT (nothing changed, moeflux_last_error names each bad field) when the file
+ * is not a JSON object or a field has the wrong type. */
+moeflux_status moeflux_sampler_params_from_pack(const char* pack_dir, moeflux_sampler_params* params);
 moeflux_status moeflux_sampler_create(const moeflux_sampler_params* params, int64_t n_vocab, moeflux_sampler** out_sampler);
 void moeflux_sampler_free(moeflux_sampler* sampler);
 /* Picks a token from logits [n_vocab]; returns it, or -1 on a null argument. Does not record it. */

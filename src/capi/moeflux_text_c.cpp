@@ -1,6 +1,7 @@
 // The C API's text half (include/moeflux/moeflux.h): tokenizer, streaming decoder, chat templates,
 // sampler. Same rules as moeflux_c.cpp: every entry point catches everything.
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -9,6 +10,7 @@
 #include "capi/capi_errors.hpp"
 #include "capi/capi_handles.hpp"
 #include "moeflux/moeflux.h"
+#include "sampling/generation_config.hpp"
 #include "sampling/sampler.hpp"
 #include "tokenizer/chat_template.hpp"
 #include "tokenizer/tokenizer.hpp"
@@ -122,6 +124,24 @@ moeflux_status moeflux_chat_template_render(const char* tokenizer_dir, const cha
 moeflux_sampler_params moeflux_sampler_default_params(void) {
   const moeflux::SamplerParams d;
   return {d.temperature, d.top_k, d.top_p, d.min_p, d.repetition_penalty, d.presence_penalty, d.frequency_penalty, d.penalty_last_n, d.seed};
+}
+
+moeflux_status moeflux_sampler_params_from_pack(const char* pack_dir, moeflux_sampler_params* params) {
+  return guarded([&] {
+    if (!pack_dir || !params) return fail(MOEFLUX_ERR_INVALID_ARGUMENT, "sampler_params_from_pack: null argument");
+    std::error_code ec;
+    if (!std::filesystem::is_directory(pack_dir, ec))
+      return fail(MOEFLUX_ERR_IO, (std::string("sampler_params_from_pack: ") + pack_dir + " is not a directory").c_str());
+    auto config = moeflux::load_generation_config(std::string(pack_dir) + "/tokenizer");
+    if (!config) return fail(config.status());
+    moeflux::SamplerParams p;
+    p.temperature = params->temperature, p.top_k = params->top_k, p.top_p = params->top_p, p.min_p = params->min_p;
+    p.repetition_penalty = params->repetition_penalty;
+    moeflux::apply_generation_config(*config, p);
+    params->temperature = p.temperature, params->top_k = p.top_k, params->top_p = p.top_p, params->min_p = p.min_p;
+    params->repetition_penalty = p.repetition_penalty;
+    return MOEFLUX_OK;
+  });
 }
 
 moeflux_status moeflux_sampler_create(const moeflux_sampler_params* p, int64_t n_vocab, moeflux_sampler** out) {

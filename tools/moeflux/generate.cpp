@@ -1,8 +1,6 @@
 #include "generate.hpp"
 
-#include <algorithm>
 #include <fstream>
-#include <type_traits>
 
 #include <fmt/format.h>
 
@@ -13,6 +11,7 @@
 #include "runtime/model.hpp"
 #include "runtime/session.hpp"
 #include "runtime/token_picker.hpp"
+#include "sampling/generation_config.hpp"
 #include "tokenizer/chat_template.hpp"
 #include "tokenizer/tokenizer.hpp"
 
@@ -33,39 +32,19 @@ void SamplingFlags::add_to(CLI::App* app) {
 }
 
 std::vector<std::string> SamplingFlags::apply_generation_config(const std::string& tokenizer_dir) {
-  std::vector<std::string> warnings;
   from_config.clear();
-  const std::string path = tokenizer_dir + "/generation_config.json";
-  std::ifstream in(path);
-  if (!in) return warnings;  // a pack without one: the CLI's defaults
-  const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (!j.is_object()) {
-    warnings.push_back(path + " is not a JSON object: sampling uses the CLI's defaults");
-    return warnings;
-  }
-  const auto unset = [](const CLI::Option* o) { return o == nullptr || o->count() == 0; };
-  // A number from the file for a setting the command line left alone.
-  const auto take = [&](const char* key, const CLI::Option* option, auto& value, const char* name) {
-    if (!j.contains(key) || !unset(option)) return;
-    const auto& v = j[key];
-    if (!v.is_number() || (std::is_integral_v<std::decay_t<decltype(value)>> && !v.is_number_integer())) {
-      warnings.push_back(fmt::format("{}: {} is {}, not a number: ignored", path, key, v.dump()));
-      return;
-    }
-    value = v.get<std::decay_t<decltype(value)>>();
-    from_config.push_back(name);
-  };
-  take("temperature", temperature_, params.temperature, "temperature");
-  take("top_k", top_k_, params.top_k, "top-k");
-  take("top_p", top_p_, params.top_p, "top-p");
-  take("min_p", min_p_, params.min_p, "min-p");
-  take("repetition_penalty", repetition_, params.repetition_penalty, "repetition penalty");
-  // do_sample false: transformers decodes greedily whatever the temperature says.
-  if (j.contains("do_sample") && j["do_sample"].is_boolean() && !j["do_sample"].get<bool>() && unset(temperature_)) {
-    params.temperature = 0.0f;
-    if (std::find(from_config.begin(), from_config.end(), "temperature") == from_config.end()) from_config.push_back("temperature");
-  }
-  return warnings;
+  auto config = load_generation_config(tokenizer_dir);
+  if (!config) return {config.status().message() + "; sampling uses the CLI's defaults"};
+  const auto given = [](const CLI::Option* o) { return o != nullptr && o->count() > 0; };
+  const KeepSettings keep{given(temperature_), given(top_k_), given(top_p_), given(min_p_), given(repetition_)};
+  moeflux::apply_generation_config(*config, params, keep);
+  const GenerationConfig& c = *config;
+  if ((c.temperature || (c.do_sample && !*c.do_sample)) && !keep.temperature) from_config.push_back("temperature");
+  if (c.top_k && !keep.top_k) from_config.push_back("top-k");
+  if (c.top_p && !keep.top_p) from_config.push_back("top-p");
+  if (c.min_p && !keep.min_p) from_config.push_back("min-p");
+  if (c.repetition_penalty && !keep.repetition_penalty) from_config.push_back("repetition penalty");
+  return {};
 }
 
 std::string SamplingFlags::describe() const {

@@ -33,8 +33,8 @@ struct SamplingFlags {
   std::vector<std::string> stop;
   void add_to(CLI::App* app);
   // Fills the settings the command line left unset from tokenizer_dir/generation_config.json. Returns
-  // warnings (an unreadable file or a field of the wrong type is skipped, not fatal: the CLI's defaults
-  // then apply); `from_config` lists the settings taken from the file.
+  // warnings (a malformed file is not fatal: the CLI's defaults then apply); `from_config` lists the
+  // settings taken from the file.
   std::vector<std::string> apply_generation_config(const std::string& tokenizer_dir);
   std::vector<std::string> from_config;
   // "temperature 0.6, top-k 20, top-p 0.95 (top-k, top-p from generation_config.json)", or "greedy …".
