@@ -117,7 +117,7 @@ TEST_F(CliText, SamplingDefaultsComeFromTheGenerationConfig) {
   EXPECT_NE(malformed.err.find("warning: " + copy + "/tokenizer/generation_config.json: temperature is \"hot\" (not a number), top_k is 2.5 (not an integer); sampling uses the CLI's defaults"),
             std::string::npos)
       << malformed.err;
-  EXPECT_NE(malformed.err.find("sampling: temperature 0.7, top-p 0.9\n"), std::string::npos) << malformed.err;
+  EXPECT_NE(malformed.err.find("sampling: temperature 0.7, top-k 50, top-p 0.9\n"), std::string::npos) << malformed.err;
   fs::remove_all(copy);
   fs::remove_all(model);
 }

@@ -20,7 +20,7 @@ namespace moeflux::cli {
 void SamplingFlags::add_to(CLI::App* app) {
   const std::string pack = "; default: the pack's generation_config.json, else ";
   temperature_ = app->add_option("--temp,--temperature", params.temperature, "sampling temperature (0 = greedy" + pack + "0.7)");
-  top_k_ = app->add_option("--top-k", params.top_k, "keep the k most likely tokens (0 = off" + pack + "off)");
+  top_k_ = app->add_option("--top-k", params.top_k, "keep the k most likely tokens (0 = off" + pack + "50)");
   top_p_ = app->add_option("--top-p", params.top_p, "nucleus: keep the smallest set with this much probability (1 = off" + pack + "0.9)");
   min_p_ = app->add_option("--min-p", params.min_p, "drop tokens below this fraction of the top probability (0 = off" + pack + "off)");
   repetition_ = app->add_option("--repeat-penalty", params.repetition_penalty, "repetition penalty (1 = off" + pack + "off)");

@@ -27,9 +27,11 @@ namespace moeflux::cli {
 // Sampling flags shared by run and chat. Settings not given on the command line come from the pack's
 // generation_config.json where it names them (do_sample, temperature, top_k, top_p, min_p,
 // repetition_penalty: the model authors' recommendation, as transformers' generate() takes it), else
-// from the CLI's defaults: temperature 0.7, top-p 0.9, the common chat setting.
+// from the CLI's defaults: temperature 0.7 and top-p 0.9 (the common chat setting) and top-k 50 (what
+// generate() uses where the file does not name top_k, as DeepSeek-V3's does not; it also keeps sampled
+// decoding on a GPU's candidate path, Session::top_candidates).
 struct SamplingFlags {
-  SamplerParams params{0.7f, 0, 0.9f, 0.0f, 1.0f, 0.0f, 0.0f, 64, 0};
+  SamplerParams params{0.7f, 50, 0.9f, 0.0f, 1.0f, 0.0f, 0.0f, 64, 0};
   std::vector<std::string> stop;
   void add_to(CLI::App* app);
   // Fills the settings the command line left unset from tokenizer_dir/generation_config.json. Returns
