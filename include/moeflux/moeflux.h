@@ -184,7 +184,7 @@ void moeflux_sampler_accept(moeflux_sampler* sampler, int32_t token);
 uint64_t moeflux_sampler_seed(const moeflux_sampler* sampler);
 /* The sampler's pick from the session's last logits — the token moeflux_sampler_sample would return on
  * moeflux_session_logits(session), draw for draw — taken where the logits are: greedy by
- * moeflux_session_greedy_token, top-k sampling (1 <= top_k <= 1024, no penalty) from a few KB of
+ * moeflux_session_greedy_token, top-k sampling (1 <= top_k <= 1024, no penalty) from at most 32 KB of
  * candidates a GPU selects, anything else from the row on the host. Does not record it
  * (moeflux_sampler_accept). -1 before any evaluation, on a null argument or a sampler of another
  * vocabulary size (moeflux_last_error says which). */

@@ -61,7 +61,7 @@ class Session {
   int32_t greedy_token() const;
   // For a sampler that samples from the top k alone (Sampler::samples_from_top_k): the candidates
   // selected where the logits are (Backend::top_candidates: ids and z = logit / temperature, at least the
-  // k best), so a GPU sends a few KB instead of the row; −1 where that is not offered (the caller samples
+  // k best), so a GPU sends up to `capacity` candidates instead of the row; −1 where that is not offered (the caller samples
   // from logits()). Requires has_logits().
   int64_t top_candidates(float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity) const;
   int64_t n_past() const { return n_past_; }

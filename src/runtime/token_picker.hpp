@@ -10,7 +10,7 @@
 namespace moeflux {
 
 // Greedy picks by Session::greedy_token (an id comes back from a GPU, not the row); top-k sampling
-// (Sampler::samples_from_top_k) draws from Session::top_candidates (a GPU sends a few KB of candidates);
+// (Sampler::samples_from_top_k) draws from Session::top_candidates (a GPU sends at most 32 KB of candidates);
 // anything else samples the whole row on the host. The same token as sampler.sample(session.logits()),
 // draw for draw. Does not accept the token. Keeps the candidate buffers between calls.
 class TokenPicker {
