@@ -121,10 +121,29 @@ moeflux_status moeflux_chat_template_render(const char* tokenizer_dir, const cha
   });
 }
 
-moeflux_sampler_params moeflux_sampler_default_params(void) {
-  const moeflux::SamplerParams d;
+namespace {
+
+moeflux::SamplerParams params_of(const moeflux_sampler_params& p) {
+  moeflux::SamplerParams sp;
+  sp.temperature = p.temperature;
+  sp.top_k = p.top_k;
+  sp.top_p = p.top_p;
+  sp.min_p = p.min_p;
+  sp.repetition_penalty = p.repetition_penalty;
+  sp.presence_penalty = p.presence_penalty;
+  sp.frequency_penalty = p.frequency_penalty;
+  sp.penalty_last_n = p.penalty_last_n;
+  sp.seed = p.seed;
+  return sp;
+}
+
+moeflux_sampler_params c_params_of(const moeflux::SamplerParams& d) {
   return {d.temperature, d.top_k, d.top_p, d.min_p, d.repetition_penalty, d.presence_penalty, d.frequency_penalty, d.penalty_last_n, d.seed};
 }
+
+}  // namespace
+
+moeflux_sampler_params moeflux_sampler_default_params(void) { return c_params_of(moeflux::SamplerParams{}); }
 
 moeflux_status moeflux_sampler_params_from_pack(const char* pack_dir, moeflux_sampler_params* params) {
   return guarded([&] {
@@ -134,12 +153,9 @@ moeflux_status moeflux_sampler_params_from_pack(const char* pack_dir, moeflux_sa
       return fail(MOEFLUX_ERR_IO, (std::string("sampler_params_from_pack: ") + pack_dir + " is not a directory").c_str());
     auto config = moeflux::load_generation_config(std::string(pack_dir) + "/tokenizer");
     if (!config) return fail(config.status());
-    moeflux::SamplerParams p;
-    p.temperature = params->temperature, p.top_k = params->top_k, p.top_p = params->top_p, p.min_p = params->min_p;
-    p.repetition_penalty = params->repetition_penalty;
+    moeflux::SamplerParams p = params_of(*params);
     moeflux::apply_generation_config(*config, p);
-    params->temperature = p.temperature, params->top_k = p.top_k, params->top_p = p.top_p, params->min_p = p.min_p;
-    params->repetition_penalty = p.repetition_penalty;
+    *params = c_params_of(p);
     return MOEFLUX_OK;
   });
 }
@@ -148,17 +164,7 @@ moeflux_status moeflux_sampler_create(const moeflux_sampler_params* p, int64_t n
   return guarded([&] {
     if (!p || !out) return fail(MOEFLUX_ERR_INVALID_ARGUMENT, "sampler_create: null argument");
     *out = nullptr;
-    moeflux::SamplerParams sp;
-    sp.temperature = p->temperature;
-    sp.top_k = p->top_k;
-    sp.top_p = p->top_p;
-    sp.min_p = p->min_p;
-    sp.repetition_penalty = p->repetition_penalty;
-    sp.presence_penalty = p->presence_penalty;
-    sp.frequency_penalty = p->frequency_penalty;
-    sp.penalty_last_n = p->penalty_last_n;
-    sp.seed = p->seed;
-    auto s = moeflux::Sampler::create(sp, n_vocab);
+    auto s = moeflux::Sampler::create(params_of(*p), n_vocab);
     if (!s) return fail(s.status());
     *out = new moeflux_sampler{std::move(s).value(), {}};
     return MOEFLUX_OK;

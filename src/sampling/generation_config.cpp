@@ -39,13 +39,21 @@ Result<GenerationConfig> load_generation_config(const std::string& dir) {
   return config;
 }
 
-void apply_generation_config(const GenerationConfig& c, SamplerParams& params, const KeepSettings& keep) {
-  if (c.temperature && !keep.temperature) params.temperature = *c.temperature;
-  if (c.top_k && !keep.top_k) params.top_k = *c.top_k;
-  if (c.top_p && !keep.top_p) params.top_p = *c.top_p;
-  if (c.min_p && !keep.min_p) params.min_p = *c.min_p;
-  if (c.repetition_penalty && !keep.repetition_penalty) params.repetition_penalty = *c.repetition_penalty;
-  if (c.do_sample && !*c.do_sample && !keep.temperature) params.temperature = 0.0f;
+std::vector<std::string> apply_generation_config(const GenerationConfig& c, SamplerParams& params, const KeepSettings& keep) {
+  std::vector<std::string> set;
+  const auto take = [&](const auto& value, bool kept, auto& into, const char* name) {
+    if (!value || kept) return;
+    into = *value;
+    set.push_back(name);
+  };
+  // do_sample false: greedy, as generate() decodes it, whatever the temperature says.
+  const std::optional<float> temperature = c.do_sample && !*c.do_sample ? std::optional<float>(0.0f) : c.temperature;
+  take(temperature, keep.temperature, params.temperature, "temperature");
+  take(c.top_k, keep.top_k, params.top_k, "top-k");
+  take(c.top_p, keep.top_p, params.top_p, "top-p");
+  take(c.min_p, keep.min_p, params.min_p, "min-p");
+  take(c.repetition_penalty, keep.repetition_penalty, params.repetition_penalty, "repetition penalty");
+  return set;
 }
 
 }  // namespace moeflux

@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "core/status.hpp"
 #include "sampling/sampler.hpp"
@@ -25,10 +26,11 @@ struct GenerationConfig {
 Result<GenerationConfig> load_generation_config(const std::string& dir);
 
 // The settings the config names, into params (do_sample false: temperature 0). Fields of params the
-// caller set itself are kept where `keep` says so.
+// caller set itself are kept where `keep` says so. Returns the settings it set ("temperature", "top-k",
+// "top-p", "min-p", "repetition penalty"), in that order.
 struct KeepSettings {
   bool temperature = false, top_k = false, top_p = false, min_p = false, repetition_penalty = false;
 };
-void apply_generation_config(const GenerationConfig& config, SamplerParams& params, const KeepSettings& keep = {});
+std::vector<std::string> apply_generation_config(const GenerationConfig& config, SamplerParams& params, const KeepSettings& keep = {});
 
 }  // namespace moeflux

@@ -39,7 +39,7 @@ struct BenchArgs {
   std::string split = "auto";  // time split per part: on, off, auto (on for the CPU, off for CUDA)
   bool graphs = false;
   // How decode picks each next token: greedy by default (on a GPU without copying the logits), or drawn
-  // with these settings through the host sampler, as `run` does, to time sampled decoding.
+  // with these settings as `run` draws them (TokenPicker), to time sampled decoding.
   SamplerParams sampling{0.0f, 0, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 1};
 };
 

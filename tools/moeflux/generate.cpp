@@ -37,13 +37,7 @@ std::vector<std::string> SamplingFlags::apply_generation_config(const std::strin
   if (!config) return {config.status().message() + "; sampling uses the CLI's defaults"};
   const auto given = [](const CLI::Option* o) { return o != nullptr && o->count() > 0; };
   const KeepSettings keep{given(temperature_), given(top_k_), given(top_p_), given(min_p_), given(repetition_)};
-  moeflux::apply_generation_config(*config, params, keep);
-  const GenerationConfig& c = *config;
-  if ((c.temperature || (c.do_sample && !*c.do_sample)) && !keep.temperature) from_config.push_back("temperature");
-  if (c.top_k && !keep.top_k) from_config.push_back("top-k");
-  if (c.top_p && !keep.top_p) from_config.push_back("top-p");
-  if (c.min_p && !keep.min_p) from_config.push_back("min-p");
-  if (c.repetition_penalty && !keep.repetition_penalty) from_config.push_back("repetition penalty");
+  from_config = moeflux::apply_generation_config(*config, params, keep);
   return {};
 }
 

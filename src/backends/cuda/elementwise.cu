@@ -108,11 +108,24 @@ void fill(float* x, float value, int64_t n, cudaStream_t stream) {
 }
 
 namespace {
+// The host sampler's order as an unsigned key (sampler.cpp's descending_key): larger for a larger value,
+// NaN lowest, −0 as +0.
+__device__ __forceinline__ unsigned descending_key(float v) {
+  if (v != v) return 0;
+  unsigned u = __float_as_uint(v);
+  if (u == 0x80000000u) u = 0;
+  return u ^ (unsigned(int(u) >> 31) | 0x80000000u);
+}
+
+// argmax's key: the value's order above the complement of its index (ties to the lowest index).
 __device__ __forceinline__ unsigned long long argmax_key_of(float v, uint32_t i) {
-  uint32_t u = __float_as_uint(v);
-  if (u == 0x80000000u) u = 0;  // −0 == +0
-  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (static_cast<unsigned long long>(ordered) << 32) | (0xFFFFFFFFu - i);
+  return (static_cast<unsigned long long>(descending_key(v)) << 32) | (0xFFFFFFFFu - i);
+}
+
+// Blocks of a grid-stride pass over n values (~8 a thread), at most 4 an SM.
+unsigned pass_blocks(int64_t n) {
+  const int64_t per_block = int64_t(threads) * 8;
+  return unsigned(std::min<int64_t>((n + per_block - 1) / per_block, 4 * device_attribute<cudaDevAttrMultiProcessorCount>()));
 }
 
 __global__ void argmax_kernel(const float* __restrict__ x, int64_t n, unsigned long long* key) {
@@ -129,13 +142,6 @@ __global__ void argmax_kernel(const float* __restrict__ x, int64_t n, unsigned l
 }  // namespace
 
 namespace {
-// The host sampler's order as an unsigned key (sampler.cpp's descending_key): NaN lowest, −0 as +0.
-__device__ __forceinline__ unsigned descending_key(float v) {
-  if (v != v) return 0;
-  unsigned u = __float_as_uint(v);
-  if (u == 0x80000000u) u = 0;
-  return u ^ (unsigned(int(u) >> 31) | 0x80000000u);
-}
 constexpr int top_shift = 32 - 11;
 static_assert(top_bins == 1 << 11);
 
@@ -179,8 +185,7 @@ __global__ void top_collect_kernel(const float* __restrict__ x, int64_t n, float
 void top_candidates(const float* x, int64_t n, float temperature, int64_t k, unsigned* hist, unsigned* out, int64_t capacity,
                     cudaStream_t stream) {
   if (n <= 0) return;
-  const int64_t per_block = int64_t(threads) * 8;
-  const unsigned blocks = unsigned(std::min<int64_t>((n + per_block - 1) / per_block, 4 * device_attribute<cudaDevAttrMultiProcessorCount>()));
+  const unsigned blocks = pass_blocks(n);
   launch(top_hist_kernel, blocks, threads, 0, stream, x, n, temperature, hist);
   MF_CUDA_CHECK_LAUNCH();
   launch(top_cut_kernel, 1, 32, 0, stream, hist, k);
@@ -191,9 +196,7 @@ void top_candidates(const float* x, int64_t n, float temperature, int64_t k, uns
 
 void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t stream) {
   if (n <= 0) return;
-  const int64_t per_block = int64_t(threads) * 8;  // ~8 values a thread
-  const unsigned blocks = unsigned(std::min<int64_t>((n + per_block - 1) / per_block, 4 * device_attribute<cudaDevAttrMultiProcessorCount>()));
-  launch(argmax_kernel, blocks, threads, 0, stream, x, n, key);
+  launch(argmax_kernel, pass_blocks(n), threads, 0, stream, x, n, key);
   MF_CUDA_CHECK_LAUNCH();
 }
 
