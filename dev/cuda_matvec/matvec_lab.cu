@@ -35,6 +35,11 @@
 //   v22 v10 with v21's tiles (per-job splits)
 //   v23 v13 walking each chunk word by word (8 live x values), __launch_bounds__ for 4+ blocks per SM
 //   v24 v10 with v23's rows
+//   v25 q4 on the integer tensor cores (m16n8k32 u8 x s8), x as four exact signed bytes per group
+//   v26 v10 with v25's tiles (per-job splits)
+//   v27 v25 with x's fragments made by a kernel of their own, read from global memory with the weights
+//   v25r v25 with a blocks-per-SM bound and the most column splits whose blocks are all resident at once
+//   read: read_sum over the matrix's bytes (no product): the ceiling at that size
 // The engine ships v23/v24 for q8 and q4 (x ≤ 48 KiB) and v11/v12 otherwise (src/backends/cuda/matmul.cu).
 // GB/s are weight bytes per second in launches back to back over rotating copies of the weights (more
 // than 320 MB in all, so no launch finds its weights in the 50–60 MB L2); errors are max |y − ref| / Σ|w·x|
@@ -43,6 +48,7 @@
 // Run:   ./matvec_lab                       every shape, format and version; one table each for
 //                                           matrix-vector products and the all-experts launch
 //        ./matvec_lab --old                 also v1, v2, v4
+//        LAB_FORMAT=q4 ./matvec_lab         one format's rows
 //        ./matvec_lab --only SHAPE FMT VER  one case, for ncu (e.g. --only q_proj q4 "v13 R4W8")
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -1522,6 +1528,302 @@ __global__ void __launch_bounds__(32 * W, MinBlocks) matvec_v24(const __grid_con
   if (r0 < job.m.rows) rows_dot_v23<F, R, Affine>(job.m, r0, x_staged24, job.y, first);
 }
 
+// ---- v25: q4 on the integer tensor cores (mma.sync m16n8k32 u8 × s8 → s32), exact sums ---------------
+// v17–v21 decoded nibbles to bf16 and tied the k order to the scale groups (8-byte loads). v25 keeps the
+// pack's bytes as they are: a lane loads 16 bytes (32 columns) of rows g and g + 8, w & 0x0F0F0F0F gives
+// the even columns as bytes q and w & 0xF0F0F0F0 the odd ones as 16·q, each an A register of an integer
+// MMA as is (k order within an MMA is free as long as B follows it). x of each 64-column group becomes
+// integers m = rint(x·2^k) (k from the group's largest |x|: |m| < 2^30, so the only rounding is below
+// 2^-30 of the group's largest |x|), written as four signed bytes (m + 0x808080) ^ 0x808080; B's eight
+// columns are the four bytes of the two groups a 128-column super-chunk holds (lanes t = 0, 1 read
+// group A, t = 2, 3 group B; B is zero where a lane's group is not its column's), so the 16-byte loads
+// need no regrouping. The four MMAs of a super-chunk sum q·byte exactly in int32; each lane then forms
+// its two bytes' sum (16·lo + hi)·256 + (16·lo + hi), converts it once, scales by s·2^(…) and adds
+// b·Σx (one lane per group). ~0.8 thread instructions a weight against the staged kernel's ~4.8.
+constexpr int v25_cols = 128;  // a super-chunk
+
+__device__ __forceinline__ void mma_u8s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Shared memory of v25 for `cols` columns: 32 zero bytes, then per super-chunk 16 × 32 bytes of B
+// fragments (lane type t, byte p: 8 words) and 4 float2 (per lane type: the scale factor, Σx or 0).
+__host__ __device__ constexpr size_t v25_shared_bytes(int cols) { return 32 + size_t(cols / v25_cols) * (512 + 32); }
+
+// Super-chunk c of x (lane l's float4 v: columns 4l … 4l + 3 of it; group A = lanes 0–15) into B
+// fragments at frag (512 bytes a super-chunk) and its scale factors and Σx at fx (4 float2).
+__device__ __forceinline__ void v25_stage_one(float4 v, int c, uint32_t* frag, float2* fx) {
+  const int lane = threadIdx.x & 31;
+  uint32_t mx = max(max(__float_as_uint(v.x) & 0x7fffffffu, __float_as_uint(v.y) & 0x7fffffffu),
+                    max(__float_as_uint(v.z) & 0x7fffffffu, __float_as_uint(v.w) & 0x7fffffffu));
+  float sum = (v.x + v.y) + (v.z + v.w);
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) {
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  }
+  const int eb = int(mx >> 23);             // the group's largest biased exponent
+  const int k = min(156 - eb, 127);          // |x|·2^k < 2^30
+  const float up = __int_as_float((127 + k) << 23);
+  uint32_t u[4];
+  u[0] = uint32_t(__float2int_rn(v.x * up) + 0x808080) ^ 0x808080u;
+  u[1] = uint32_t(__float2int_rn(v.y * up) + 0x808080) ^ 0x808080u;
+  u[2] = uint32_t(__float2int_rn(v.z * up) + 0x808080) ^ 0x808080u;
+  u[3] = uint32_t(__float2int_rn(v.w * up) + 0x808080) ^ 0x808080u;
+  uint32_t n[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) n[i] = __shfl_xor_sync(0xffffffffu, u[i], 1);
+  // Lane 8t + 2wi holds columns 32t + 8wi + 0..3, its odd neighbour + 4..7: the even lane builds the
+  // even columns' words (par 0), the odd lane the odd ones'.
+  const bool odd = lane & 1;
+  const uint32_t a = odd ? n[1] : u[0], b = odd ? n[3] : u[2], cc = odd ? u[1] : n[0], d = odd ? u[3] : n[2];
+  const int t = lane >> 3, wi = (lane >> 1) & 3, i = (wi >> 1) + 2 * int(odd), j = wi & 1;
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const unsigned byte = 3u - unsigned(p), sel = byte | ((byte + 4u) << 4);
+    frag[((c * 4 + t) * 4 + p) * 8 + i * 2 + j] = __byte_perm(__byte_perm(a, b, sel), __byte_perm(cc, d, sel), 0x5410);
+  }
+  if ((lane & 15) == 0) {
+    const float hi = eb == 255 ? __int_as_float(0x7fc00000) : __int_as_float((127 + 12 - k) << 23);
+    fx[c * 4 + 2 * (lane >> 4)] = make_float2(hi, sum);
+    fx[c * 4 + 2 * (lane >> 4) + 1] = make_float2(hi * (1.f / 65536.f), 0.f);
+  }
+}
+
+// Every super-chunk of x (global, cols floats): warp w takes w, w + W, …, four loads in flight at once.
+__device__ __forceinline__ void v25_stage(const float* __restrict__ x, int cols, uint4* zero, uint32_t* frag, float2* fx) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5, n_super = cols / v25_cols;
+  if (threadIdx.x < 2) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
+  for (int c0 = warp; c0 < n_super; c0 += 4 * n_warps) {
+    float4 v[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (c0 + q * n_warps < n_super) v[q] = __ldg(reinterpret_cast<const float4*>(x) + (c0 + q * n_warps) * 32 + lane);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (c0 + q * n_warps < n_super) v25_stage_one(v[q], c0 + q * n_warps, frag, fx);
+  }
+}
+
+template <int P>
+struct V25Load {
+  uint4 wa[P], wb[P];
+  uint32_t sa[P], sb[P], ba[P], bb[P];
+};
+
+template <int P>
+__device__ __forceinline__ void v25_load(V25Load<P>& L, int u, const uint8_t* ra, const uint8_t* rb, const uint32_t* sa, const uint32_t* sb,
+                                         const uint32_t* ba, const uint32_t* bb, int c) {
+  L.wa[u] = __ldg(reinterpret_cast<const uint4*>(ra) + c * 4);
+  L.wb[u] = __ldg(reinterpret_cast<const uint4*>(rb) + c * 4);
+  L.sa[u] = __ldg(sa + c);
+  L.sb[u] = __ldg(sb + c);
+  L.ba[u] = __ldg(ba + c);
+  L.bb[u] = __ldg(bb + c);
+}
+
+template <int W, int P>
+__device__ void v25_tile(const Matrix& m, int block_in_job, int n_split, const float* __restrict__ x, float* __restrict__ y, uint4* smem,
+                         float* partial) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int n_super = m.cols / v25_cols, split = warp % n_split;
+  const int r0 = (block_in_job * (W / n_split) + warp / n_split) * 16;
+  const bool active = r0 < m.rows;
+  const int ra = min(r0 + g, m.rows - 1), rb = min(r0 + g + 8, m.rows - 1);
+  const int half_groups = m.cols / 128;  // uint32 words of scales per row
+  const uint8_t* wa = static_cast<const uint8_t*>(m.data) + size_t(ra) * (m.cols / 2) + 16 * t;
+  const uint8_t* wb = static_cast<const uint8_t*>(m.data) + size_t(rb) * (m.cols / 2) + 16 * t;
+  const uint32_t* sa = static_cast<const uint32_t*>(m.scales) + size_t(ra) * half_groups;
+  const uint32_t* sb = static_cast<const uint32_t*>(m.scales) + size_t(rb) * half_groups;
+  const uint32_t* ba = static_cast<const uint32_t*>(m.biases) + size_t(ra) * half_groups;
+  const uint32_t* bb = static_cast<const uint32_t*>(m.biases) + size_t(rb) * half_groups;
+  V25Load<P> L;
+  if (active) {
+#pragma unroll
+    for (int u = 0; u < P; ++u) v25_load<P>(L, u, wa, wb, sa, sb, ba, bb, min(split + u * n_split, n_super - 1));
+  }
+  uint4* zero = smem;
+  uint32_t* frag = reinterpret_cast<uint32_t*>(smem + 2);
+  float2* fx = reinterpret_cast<float2*>(frag + n_super * 128);
+  v25_stage(x, m.cols, zero, frag, fx);
+  __syncthreads();
+  float acc_a = 0.f, acc_b = 0.f;
+  const bool on = (g >> 2) == (t >> 1);
+  const unsigned sel = t < 2 ? 0x1044u : 0x3244u;
+  if (active) {
+    for (int c0 = split; c0 < n_super; c0 += P * n_split) {
+#pragma unroll
+      for (int u = 0; u < P; ++u) {
+        const int c = c0 + u * n_split;
+        if (c < n_super) {
+          const uint4* fr = on ? reinterpret_cast<const uint4*>(frag + ((c * 4 + t) * 4 + (g & 3)) * 8) : zero;
+          const uint4 f0 = fr[0], f1 = fr[1];
+          const uint4 A = L.wa[u], B = L.wb[u];
+          int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+          mma_u8s8(lo, A.x & 0x0F0F0F0Fu, B.x & 0x0F0F0F0Fu, A.y & 0x0F0F0F0Fu, B.y & 0x0F0F0F0Fu, f0.x, f0.y);
+          mma_u8s8(lo, A.z & 0x0F0F0F0Fu, B.z & 0x0F0F0F0Fu, A.w & 0x0F0F0F0Fu, B.w & 0x0F0F0F0Fu, f0.z, f0.w);
+          mma_u8s8(hi, A.x & 0xF0F0F0F0u, B.x & 0xF0F0F0F0u, A.y & 0xF0F0F0F0u, B.y & 0xF0F0F0F0u, f1.x, f1.y);
+          mma_u8s8(hi, A.z & 0xF0F0F0F0u, B.z & 0xF0F0F0F0u, A.w & 0xF0F0F0F0u, B.w & 0xF0F0F0F0u, f1.z, f1.w);
+          const float2 f = fx[c * 4 + t];
+          const int va = (16 * lo[0] + hi[0]) * 256 + (16 * lo[1] + hi[1]);
+          const int vb = (16 * lo[2] + hi[2]) * 256 + (16 * lo[3] + hi[3]);
+          const float s_a = __uint_as_float(__byte_perm(L.sa[u], 0, sel)), b_a = __uint_as_float(__byte_perm(L.ba[u], 0, sel));
+          const float s_b = __uint_as_float(__byte_perm(L.sb[u], 0, sel)), b_b = __uint_as_float(__byte_perm(L.bb[u], 0, sel));
+          acc_a = fmaf(float(va) * f.x, s_a, fmaf(b_a, f.y, acc_a));
+          acc_b = fmaf(float(vb) * f.x, s_b, fmaf(b_b, f.y, acc_b));
+        }
+        const int cn = c + P * n_split;
+        if (cn < n_super) v25_load<P>(L, u, wa, wb, sa, sb, ba, bb, cn);
+      }
+    }
+  }
+  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
+  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
+  if (n_split == 1) {
+    if (active && t == 0) {
+      if (r0 + g < m.rows) y[r0 + g] = acc_a;
+      if (r0 + g + 8 < m.rows) y[r0 + g + 8] = acc_b;
+    }
+    return;
+  }
+  if (t == 0) partial[warp * 16 + g] = acc_a, partial[warp * 16 + g + 8] = acc_b;
+  __syncthreads();
+  if (active && split == 0 && lane < 16) {
+    float v = 0.f;
+    for (int s = 0; s < n_split; ++s) v += partial[(warp + s) * 16 + lane];
+    if (r0 + lane < m.rows) y[r0 + lane] = v;
+  }
+}
+
+template <int W, int P, int MinBlocks = 1>
+__global__ void __launch_bounds__(32 * W, MinBlocks) matvec_v25(Matrix m, int n_split, const float* __restrict__ x, float* __restrict__ y) {
+  extern __shared__ uint4 smem25[];
+  __shared__ float partial[W * 16];
+  v25_tile<W, P>(m, blockIdx.x, n_split, x, y, smem25, partial);
+}
+
+template <int W, int P, int MinBlocks = 1>
+__global__ void __launch_bounds__(32 * W, MinBlocks) matvec_v26(const __grid_constant__ FlatTable11 t) {
+  extern __shared__ uint4 smem26[];
+  __shared__ float partial[W * 16];
+  const int b = blockIdx.x;
+  int j = 0;
+  while (j + 1 < t.n_jobs && b >= t.tile_start[j + 1]) ++j;
+  const Job& job = t.jobs[j];
+  v25_tile<W, P>(job.m, b - t.tile_start[j], t.n_split[j], job.x, job.y, smem26, partial);
+}
+
+
+// ---- v27: v25 with x's fragments made once by a kernel of their own and read from global memory --------
+// (with the weights, into the same registers: no shared memory, no barrier). Measures v25's main loop
+// without the per-block staging; the launch pays both kernels.
+__global__ void v27_prep(const float* __restrict__ x, int cols, uint4* zero, uint32_t* frag, float2* fx) {
+  const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (blockIdx.x == 0 && threadIdx.x < 2) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
+  if (c < cols / v25_cols) v25_stage_one(__ldg(reinterpret_cast<const float4*>(x) + c * 32 + (threadIdx.x & 31)), c, frag, fx);
+}
+
+template <int P>
+struct V27Load {
+  uint4 wa[P], wb[P], f0[P], f1[P];
+  float2 f[P];
+  uint32_t sa[P], sb[P], ba[P], bb[P];
+};
+
+template <int W, int P>
+__global__ void __launch_bounds__(32 * W) matvec_v27(Matrix m, int n_split, const uint4* __restrict__ frags, float* __restrict__ y) {
+  __shared__ float partial[W * 16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int n_super = m.cols / v25_cols, split = warp % n_split;
+  const int r0 = (blockIdx.x * (W / n_split) + warp / n_split) * 16;
+  const bool active = r0 < m.rows;
+  const int ra = min(r0 + g, m.rows - 1), rb = min(r0 + g + 8, m.rows - 1);
+  const int half_groups = m.cols / 128;
+  const uint4* wa = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(m.data) + size_t(ra) * (m.cols / 2) + 16 * t);
+  const uint4* wb = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(m.data) + size_t(rb) * (m.cols / 2) + 16 * t);
+  const uint32_t* sa = static_cast<const uint32_t*>(m.scales) + size_t(ra) * half_groups;
+  const uint32_t* sb = static_cast<const uint32_t*>(m.scales) + size_t(rb) * half_groups;
+  const uint32_t* ba = static_cast<const uint32_t*>(m.biases) + size_t(ra) * half_groups;
+  const uint32_t* bb = static_cast<const uint32_t*>(m.biases) + size_t(rb) * half_groups;
+  const bool on = (g >> 2) == (t >> 1);
+  // frags: 2 zero uint4, then 32 uint4 a super-chunk, then 4 float2 a super-chunk
+  const uint4* fr_base = on ? frags + 2 + (t * 4 + (g & 3)) * 2 : frags;
+  const int fr_step = on ? 32 : 0;
+  const float2* fxs = reinterpret_cast<const float2*>(frags + 2 + size_t(n_super) * 32) + t;
+  V27Load<P> L;
+  const auto load = [&](int u, int c) {
+    L.wa[u] = __ldg(wa + c * 4);
+    L.wb[u] = __ldg(wb + c * 4);
+    L.sa[u] = __ldg(sa + c);
+    L.sb[u] = __ldg(sb + c);
+    L.ba[u] = __ldg(ba + c);
+    L.bb[u] = __ldg(bb + c);
+    L.f0[u] = __ldg(fr_base + c * fr_step);
+    L.f1[u] = __ldg(fr_base + c * fr_step + 1);
+    L.f[u] = __ldg(fxs + c * 4);
+  };
+  float acc_a = 0.f, acc_b = 0.f;
+  const unsigned sel = t < 2 ? 0x1044u : 0x3244u;
+  if (active) {
+#pragma unroll
+    for (int u = 0; u < P; ++u) load(u, min(split + u * n_split, n_super - 1));
+    for (int c0 = split; c0 < n_super; c0 += P * n_split) {
+#pragma unroll
+      for (int u = 0; u < P; ++u) {
+        const int c = c0 + u * n_split;
+        if (c < n_super) {
+          const uint4 A = L.wa[u], B = L.wb[u], f0 = L.f0[u], f1 = L.f1[u];
+          int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+          mma_u8s8(lo, A.x & 0x0F0F0F0Fu, B.x & 0x0F0F0F0Fu, A.y & 0x0F0F0F0Fu, B.y & 0x0F0F0F0Fu, f0.x, f0.y);
+          mma_u8s8(lo, A.z & 0x0F0F0F0Fu, B.z & 0x0F0F0F0Fu, A.w & 0x0F0F0F0Fu, B.w & 0x0F0F0F0Fu, f0.z, f0.w);
+          mma_u8s8(hi, A.x & 0xF0F0F0F0u, B.x & 0xF0F0F0F0u, A.y & 0xF0F0F0F0u, B.y & 0xF0F0F0F0u, f1.x, f1.y);
+          mma_u8s8(hi, A.z & 0xF0F0F0F0u, B.z & 0xF0F0F0F0u, A.w & 0xF0F0F0F0u, B.w & 0xF0F0F0F0u, f1.z, f1.w);
+          const float2 f = L.f[u];
+          const int va = (16 * lo[0] + hi[0]) * 256 + (16 * lo[1] + hi[1]);
+          const int vb = (16 * lo[2] + hi[2]) * 256 + (16 * lo[3] + hi[3]);
+          const float s_a = __uint_as_float(__byte_perm(L.sa[u], 0, sel)), b_a = __uint_as_float(__byte_perm(L.ba[u], 0, sel));
+          const float s_b = __uint_as_float(__byte_perm(L.sb[u], 0, sel)), b_b = __uint_as_float(__byte_perm(L.bb[u], 0, sel));
+          acc_a = fmaf(float(va) * f.x, s_a, fmaf(b_a, f.y, acc_a));
+          acc_b = fmaf(float(vb) * f.x, s_b, fmaf(b_b, f.y, acc_b));
+        }
+        const int cn = c + P * n_split;
+        if (cn < n_super) load(u, cn);
+      }
+    }
+  }
+  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
+  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
+  if (n_split == 1) {
+    if (active && t == 0) {
+      if (r0 + g < m.rows) y[r0 + g] = acc_a;
+      if (r0 + g + 8 < m.rows) y[r0 + g + 8] = acc_b;
+    }
+    return;
+  }
+  if (t == 0) partial[warp * 16 + g] = acc_a, partial[warp * 16 + g + 8] = acc_b;
+  __syncthreads();
+  if (active && split == 0 && lane < 16) {
+    float v = 0.f;
+    for (int s = 0; s < n_split; ++s) v += partial[(warp + s) * 16 + lane];
+    if (r0 + lane < m.rows) y[r0 + lane] = v;
+  }
+}
+
+// Column splits for v25: warps sharing a 16-row tile until there are ~16 warps an SM or each would get
+// fewer than 2·P super-chunks.
+__host__ __device__ inline int v25_splits(int rows, int cols, int P, int W) {
+  const int tiles = (rows + 15) / 16, supers = cols / v25_cols;
+  int s = 1;
+  while (s < W && supers / (2 * s) >= 2 * P && tiles * s < 132 * 16) s *= 2;
+  return s;
+}
+
 // ---- host side ----------------------------------------------------------------------------------------
 
 struct HostMatrix {
@@ -1771,6 +2073,70 @@ void launch_v23(const Matrix& m, const float* x, float* y) {
   matvec_v23<F, R, W, MinBlocks, Affine><<<(m.rows + W * R - 1) / (W * R), 32 * W, shared>>>(m, x, y);
 }
 
+
+template <int W, int P>
+void launch_v25(const Matrix& m, const float* x, float* y) {
+  const size_t shared = v25_shared_bytes(m.cols);
+  allow_shared(matvec_v25<W, P>, int(shared));
+  const int n_split = v25_splits(m.rows, m.cols, P, W), rows_per_block = W / n_split * 16;
+  matvec_v25<W, P><<<(m.rows + rows_per_block - 1) / rows_per_block, 32 * W, shared>>>(m, n_split, x, y);
+}
+
+// v25 with MinBlocks in the launch bounds and the most warps a tile whose blocks are all resident at once
+// (one wave), at most W and leaving each warp at least P super-chunks.
+template <int W, int P, int MinBlocks>
+void launch_v25r(const Matrix& m, const float* x, float* y) {
+  const size_t shared = v25_shared_bytes(m.cols);
+  allow_shared(matvec_v25<W, P, MinBlocks>, int(shared));
+  int per_sm = 0;
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matvec_v25<W, P, MinBlocks>, 32 * W, shared));
+  const int tiles = (m.rows + 15) / 16, supers = m.cols / v25_cols, resident = per_sm * 132;
+  int n_split = 1;
+  while (2 * n_split <= W && supers / (2 * n_split) >= P && (tiles + W / (2 * n_split) - 1) / (W / (2 * n_split)) <= resident) n_split *= 2;
+  const int rows_per_block = W / n_split * 16;
+  matvec_v25<W, P, MinBlocks><<<(m.rows + rows_per_block - 1) / rows_per_block, 32 * W, shared>>>(m, n_split, x, y);
+}
+
+template <int W, int P>
+void launch_v26(const std::vector<Job>& jobs, const Job*) {
+  FlatTable11 t;
+  t.n_jobs = int(jobs.size());
+  t.tile_start[0] = 0;
+  int max_cols = 0;
+  for (int j = 0; j < t.n_jobs; ++j) {
+    const Matrix& m = jobs[size_t(j)].m;
+    t.jobs[j] = jobs[size_t(j)];
+    t.n_split[j] = int8_t(v25_splits(m.rows, m.cols, P, W));
+    const int rows_per_block = W / t.n_split[j] * 16;
+    t.tile_start[j + 1] = t.tile_start[j] + (m.rows + rows_per_block - 1) / rows_per_block;
+    max_cols = std::max(max_cols, m.cols);
+  }
+  const size_t shared = v25_shared_bytes(max_cols);
+  allow_shared(matvec_v26<W, P>, int(shared));
+  matvec_v26<W, P><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
+}
+
+// v27's fragment buffer (2 MB: up to 2^19 columns), made once.
+uint4* v27_frags() {
+  static uint4* p = nullptr;
+  if (!p) CHECK(cudaMalloc(&p, size_t(2) << 20));
+  return p;
+}
+
+template <int W, int P>
+void launch_v27(const Matrix& m, const float* x, float* y) {
+  uint4* f = v27_frags();
+  const int n_super = m.cols / v25_cols;
+  v27_prep<<<(n_super + 7) / 8, 256>>>(x, m.cols, f, reinterpret_cast<uint32_t*>(f + 2), reinterpret_cast<float2*>(f + 2 + size_t(n_super) * 32));
+  const int n_split = v25_splits(m.rows, m.cols, P, W), rows_per_block = W / n_split * 16;
+  matvec_v27<W, P><<<(m.rows + rows_per_block - 1) / rows_per_block, 32 * W>>>(m, n_split, f, y);
+}
+
+// The bytes of the matrix read by read_sum (no product): the memory-bound ceiling at this size.
+void launch_read(const Matrix& m, const float*, float* y) {
+  read_sum<<<132 * 4, 512>>>(static_cast<const uint4*>(m.data), m.bytes() / 16, y);
+}
+
 // The versions timed per format (R rows per warp, U chunks in flight per lane). --old adds v1, v2, v4.
 std::vector<Variant> variants(Format f, bool old) {
   std::vector<Variant> v;
@@ -1818,6 +2184,13 @@ std::vector<Variant> variants(Format f, bool old) {
       v.push_back({"v23 R4W4B8", launch_v23<Q4, 4, 4, 8, true>});
       v.push_back({"v23 R8W8B3", launch_v23<Q4, 8, 8, 3, true>});
       v.push_back({"v23 R2W8B6", launch_v23<Q4, 2, 8, 6, true>});
+      v.push_back({"read", launch_read});
+      v.push_back({"v25 W8P2", launch_v25<8, 2>});
+      v.push_back({"v25r W8P2B4", launch_v25r<8, 2, 4>});
+      v.push_back({"v25r W8P3B4", launch_v25r<8, 3, 4>});
+      v.push_back({"v25r W8P2B3", launch_v25r<8, 2, 3>});
+      v.push_back({"v25r W16P2B2", launch_v25r<16, 2, 2>});
+      v.push_back({"v25r W4P2B8", launch_v25r<4, 2, 8>});
       break;
   }
   return v;
@@ -1965,7 +2338,7 @@ std::vector<TableVariant> table_variants(Format f) {
   switch (f) {
     case BF16: return {{"v7", launch_v7<BF16>}, {"v10 R2U2", launch_v10<BF16, 2, 2, false>}, {"v12 R2U1", launch_v12<BF16, 2, 1, false>}, {"v14 R4W4", launch_v14<BF16, 4, 4, false, false>}, {"v16 R4W4P4", launch_v16<BF16, 4, 4, 4, false>}, {"v16 R4W8P4", launch_v16<BF16, 4, 8, 4, false>}, {"v24 R4W8B4", launch_v24<BF16, 4, 8, 4, false>}, {"v24 R2W8B6", launch_v24<BF16, 2, 8, 6, false>}};
     case Q8: return {{"v7", launch_v7<Q8>}, {"v10 R4U1", launch_v10<Q8, 4, 1, false>}, {"v12 R4U2", launch_v12<Q8, 4, 2, false>}, {"v14 R4W4", launch_v14<Q8, 4, 4, false, false>}, {"v24 R4W8B4", launch_v24<Q8, 4, 8, 4, false>}, {"v24 R4W4B8", launch_v24<Q8, 4, 4, 8, false>}, {"v24 R2W8B6", launch_v24<Q8, 2, 8, 6, false>}, {"v24 R8W8B3", launch_v24<Q8, 8, 8, 3, false>}};
-    case Q4: return {{"v7", launch_v7<Q4>}, {"v10 R8U1", launch_v10<Q4, 8, 1, true>}, {"v12 R8U1", launch_v12<Q4, 8, 1, true>}, {"v14 R4W4", launch_v14<Q4, 4, 4, false, true>}, {"v16 R4W8P4", launch_v16<Q4, 4, 8, 4, true>}, {"v18 M1G8W4", launch_v18<1, 8, 4>}, {"v22 M2W4", launch_v22<2, 4>}, {"v24 R4W8B4", launch_v24<Q4, 4, 8, 4, true>}, {"v24 R4W4B8", launch_v24<Q4, 4, 4, 8, true>}, {"v24 R2W8B6", launch_v24<Q4, 2, 8, 6, true>}, {"v24 R8W8B3", launch_v24<Q4, 8, 8, 3, true>}};
+    case Q4: return {{"v7", launch_v7<Q4>}, {"v10 R8U1", launch_v10<Q4, 8, 1, true>}, {"v12 R8U1", launch_v12<Q4, 8, 1, true>}, {"v14 R4W4", launch_v14<Q4, 4, 4, false, true>}, {"v16 R4W8P4", launch_v16<Q4, 4, 8, 4, true>}, {"v18 M1G8W4", launch_v18<1, 8, 4>}, {"v22 M2W4", launch_v22<2, 4>}, {"v24 R4W8B4", launch_v24<Q4, 4, 8, 4, true>}, {"v24 R4W4B8", launch_v24<Q4, 4, 4, 8, true>}, {"v24 R2W8B6", launch_v24<Q4, 2, 8, 6, true>}, {"v24 R8W8B3", launch_v24<Q4, 8, 8, 3, true>}, {"v26 W8P2", launch_v26<8, 2>}, {"v26 W8P4", launch_v26<8, 4>}, {"v26 W4P4", launch_v26<4, 4>}};
   }
   return {};
 }
@@ -1987,6 +2360,7 @@ int main(int argc, char** argv) {
   const bool old = argc > 1 && std::strcmp(argv[1], "--old") == 0;
   // --only SHAPE FORMAT VERSION: that one case, for a profiler (e.g. ncu) to look at.
   const bool only = argc > 4 && std::strcmp(argv[1], "--only") == 0;
+  const char* fmt_only = std::getenv("LAB_FORMAT");  // one format's rows only (bf16, q8, q4)
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, %.1f GiB, L2 %d MB\n", prop.name, prop.multiProcessorCount, double(prop.totalGlobalMem) / (1 << 30),
@@ -2022,6 +2396,7 @@ int main(int argc, char** argv) {
   for (const Shape& sh : shapes)
     for (Format f : {BF16, Q8, Q4}) {
       if (only && (std::strstr(sh.what, argv[2]) == nullptr || std::strcmp(format_name(f), argv[3]) != 0)) continue;
+      if (fmt_only && std::strcmp(format_name(f), fmt_only) != 0) continue;
       const HostMatrix h = random_matrix(f, sh.rows, sh.cols, rng);
       const int n_copies = copies_for(h.bytes());
       DeviceCopies d(h, n_copies);
@@ -2039,6 +2414,13 @@ int main(int argc, char** argv) {
         if (only && v.name != argv[4]) continue;
         CHECK(cudaMemset(dy, 0xff, size_t(sh.rows) * 4));  // NaN: a row left unwritten fails the check
         v.launch(d.copies[0], dx, dy);
+        if (v.name == "read") {  // the ceiling: no product to check
+          const Timing t = time_launches([&](int k) { v.launch(d.copies[size_t(k % n_copies)], dx, dy); });
+          char cell[64];
+          std::snprintf(cell, sizeof cell, " read %.0f |", double(h.bytes()) / (t.stream * 1e-3) / 1e9);
+          line += cell;
+          continue;
+        }
         CHECK(cudaGetLastError());
         std::vector<float> y(size_t(sh.rows));
         CHECK(cudaMemcpy(y.data(), dy, y.size() * 4, cudaMemcpyDeviceToHost));
@@ -2070,6 +2452,7 @@ int main(int argc, char** argv) {
   for (const ExpertShape& es : {ExpertShape{"Qwen3-30B-A3B, 8 experts", 8, 768, 2048}, ExpertShape{"Qwen3.5-397B, 10 experts", 10, 1024, 4096},
                                 ExpertShape{"DeepSeek-V3, 8 experts", 8, 2048, 7168}})
     for (Format f : {BF16, Q8, Q4}) {
+      if (fmt_only && std::strcmp(format_name(f), fmt_only) != 0) continue;
       std::vector<HostMatrix> hosts;
       size_t bytes = 0;
       for (int e = 0; e < es.k; ++e)
