@@ -859,7 +859,13 @@ TEST_P(BackendOps, TopCandidatesHoldTheKBest) {
       const int64_t capacity = 8192;
       std::vector<int32_t> ids(capacity);
       std::vector<float> cz(capacity);
-      const int64_t count = be_->top_candidates(d.f(), n, temperature, k, ids.data(), cz.data(), capacity);
+      // With the raw values of a penalty window to gather (repeated ids, NaNs among them: x[id] as it is).
+      std::vector<int32_t> window;
+      for (int64_t i = 0; i < 70; ++i) window.push_back(int32_t((i * 2203 + k) % n));
+      window.push_back(window.front());
+      std::vector<float> gathered(window.size());
+      const int64_t count = be_->top_candidates(d.f(), n, temperature, k, ids.data(), cz.data(), capacity, window.data(),
+                                                int64_t(window.size()), gathered.data());
       if (count < 0) {
         EXPECT_TRUE(be_->host_memory()) << "a device backend offers top_candidates";
         continue;
@@ -876,6 +882,8 @@ TEST_P(BackendOps, TopCandidatesHoldTheKBest) {
         }
       }
       for (int64_t r = 0; r < wanted; ++r) EXPECT_TRUE(got.count(order[size_t(r)])) << what << " k " << k << ": best #" << r << " missing";
+      for (size_t i = 0; i < window.size(); ++i)
+        EXPECT_EQ(std::memcmp(&gathered[i], &x[size_t(window[i])], sizeof(float)), 0) << what << ": gathered x[" << window[i] << "]";
     }
   }
 }

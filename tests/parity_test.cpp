@@ -726,9 +726,10 @@ TEST_P(Cuda, LogitsAndGreedyMatchTransformers) {
   EXPECT_EQ(greedy_continuation(*model, f), f.greedy);
 }
 
-// Sampled decoding on the GPU: top-k sampling from the candidates the GPU selects (TokenPicker, before
-// the logits are copied) draws the token a twin sampler of the same seed draws from the copied row, step
-// by step; settings the candidates cannot serve (no top-k, a penalty) take the row and agree likewise.
+// Sampled decoding on the GPU: top-k sampling and penalized picks from the candidates the GPU selects
+// (TokenPicker, before the logits are copied; a penalty's window logits gathered with them) draw the token
+// a twin sampler of the same seed draws from the copied row, step by step; a setting the candidates cannot
+// serve (top-p without top-k) takes the row and agrees likewise.
 TEST_P(Cuda, SampledTokensMatchSamplingTheRow) {
   SKIP_WITHOUT_GPU();
   const Fixture f = load_fixture(reference_of(GetParam()));
@@ -740,7 +741,13 @@ TEST_P(Cuda, SampledTokensMatchSamplingTheRow) {
   wide.top_k = 1000, wide.top_p = 1.0f, wide.min_p = 0.05f, wide.temperature = 1.3f;
   SamplerParams penalized = top_k;
   penalized.repetition_penalty = 1.3f;
-  for (const SamplerParams& params : {top_k, wide, penalized}) {
+  SamplerParams presence = top_k;
+  presence.presence_penalty = 1.5f, presence.frequency_penalty = 0.25f;
+  SamplerParams greedy_penalized;
+  greedy_penalized.temperature = 0.0f, greedy_penalized.repetition_penalty = 1.5f, greedy_penalized.presence_penalty = 0.5f;
+  SamplerParams top_p_alone = top_k;
+  top_p_alone.top_k = 0;
+  for (const SamplerParams& params : {top_k, wide, penalized, presence, greedy_penalized, top_p_alone}) {
     auto picked = Sampler::create(params, model->n_vocab()), twin = Sampler::create(params, model->n_vocab());
     ASSERT_TRUE(picked && twin);
     auto session = new_session(*model);

@@ -243,7 +243,7 @@ TEST(Sampler, CandidatesDrawAsTheWholeRow) {
       SamplerParams params;
       params.temperature = 0.6f, params.top_k = top_k, params.top_p = top_p, params.min_p = min_p, params.seed = 37;
       Sampler whole = make_sampler(params, n), sparse = make_sampler(params, n);
-      ASSERT_TRUE(sparse.samples_from_top_k());
+      ASSERT_EQ(sparse.candidate_k(), top_k);
       std::vector<float> z(logits);
       for (auto& v : z) v /= params.temperature;
       std::vector<int32_t> order(static_cast<size_t>(n));
@@ -262,9 +262,64 @@ TEST(Sampler, CandidatesDrawAsTheWholeRow) {
       }
     }
   }
-  SamplerParams penalized;
-  penalized.temperature = 0.7f, penalized.top_k = 20, penalized.repetition_penalty = 1.1f;
-  EXPECT_FALSE(make_sampler(penalized, 100).samples_from_top_k());  // penalties change the logits first
+  SamplerParams no_top_k, greedy;
+  no_top_k.temperature = 0.7f, greedy.temperature = 0.0f;
+  EXPECT_EQ(make_sampler(no_top_k, 100).candidate_k(), 0);  // top-p alone needs the whole row
+  EXPECT_EQ(make_sampler(greedy, 100).candidate_k(), 0);    // greedy without a penalty: the argmax serves it
+}
+
+// With penalties, the top candidate_k() of the unpenalized row plus the window's tokens (with their raw
+// logits) draw what sampling the penalized row draws, draw by draw: penalties that push the best tokens
+// down (so tokens past the top k come in) and ones that lift window tokens up, greedy included.
+TEST(Sampler, PenalizedCandidatesDrawAsTheWholeRow) {
+  const int64_t n = 152064;
+  std::vector<float> logits = random_logits(n, 43);
+  for (size_t i = 0; i < logits.size(); i += 3) logits[i] = std::round(logits[i] * 8.0f) / 8.0f;  // ties
+  std::vector<int32_t> by_logit(static_cast<size_t>(n));
+  std::iota(by_logit.begin(), by_logit.end(), 0);
+  std::sort(by_logit.begin(), by_logit.end(), [&](int32_t a, int32_t b) { return logits[a] != logits[b] ? logits[a] > logits[b] : a < b; });
+  struct Case { const char* what; float temperature; int top_k; float top_p, min_p, repetition, presence, frequency; int last_n; };
+  const Case cases[] = {
+      {"repetition 1.3", 0.6f, 20, 0.95f, 0.0f, 1.3f, 0.0f, 0.0f, 64},
+      {"presence 1.5", 0.7f, 20, 1.0f, 0.0f, 1.0f, 1.5f, 0.0f, 64},
+      {"frequency 0.5, min-p, whole history", 0.8f, 40, 1.0f, 0.2f, 1.0f, 0.0f, 0.5f, -1},
+      {"repetition 0.5 lifts", 0.6f, 20, 0.9f, 0.0f, 0.5f, 0.0f, 0.0f, 8},
+      {"presence -2 lifts", 1.0f, 5, 1.0f, 0.0f, 1.0f, -2.0f, 0.0f, 64},
+      {"greedy, presence 3", 0.0f, 0, 1.0f, 0.0f, 1.0f, 3.0f, 0.0f, 64},
+      {"greedy, repetition 0.2 lifts", 0.0f, 0, 1.0f, 0.0f, 0.2f, 0.0f, 0.0f, 64},
+  };
+  for (const Case& c : cases) {
+    SamplerParams params;
+    params.temperature = c.temperature, params.top_k = c.top_k, params.top_p = c.top_p, params.min_p = c.min_p, params.seed = 41;
+    params.repetition_penalty = c.repetition, params.presence_penalty = c.presence, params.frequency_penalty = c.frequency;
+    params.penalty_last_n = c.last_n;
+    Sampler whole = make_sampler(params, n), sparse = make_sampler(params, n);
+    // A history that makes penalties reorder the top: the best tokens where they push down, tokens just
+    // under the top where they lift (lifting keeps the order among lifted tokens); some far down the row.
+    const bool lifts = c.repetition < 1.0f || c.presence < 0.0f;
+    for (int i = 0; i < 12; ++i) whole.accept(by_logit[size_t(i + (lifts ? 30 : 0))]), sparse.accept(by_logit[size_t(i + (lifts ? 30 : 0))]);
+    for (int i = 0; i < 3; ++i) whole.accept(by_logit[size_t(5000 + i)]), sparse.accept(by_logit[size_t(5000 + i)]);
+    const float t = c.temperature > 0 ? c.temperature : 1.0f;
+    std::vector<float> z(logits);
+    for (auto& v : z) v /= t;
+    bool moved = false;
+    for (int draw = 0; draw < 40; ++draw) {
+      const int64_t k = sparse.candidate_k();
+      ASSERT_EQ(k, std::max(c.top_k, 1) + int64_t(sparse.penalty_ids().size())) << c.what;
+      // What a device sends: the k best unpenalized z (the row sorted by logit is sorted by z too), shuffled.
+      std::vector<int32_t> ids(by_logit.begin(), by_logit.begin() + k);
+      std::shuffle(ids.begin(), ids.end(), std::mt19937_64(draw));
+      std::vector<float> cz;
+      for (int32_t id : ids) cz.push_back(z[size_t(id)]);
+      std::vector<float> raw;
+      for (int32_t id : sparse.penalty_ids()) raw.push_back(logits[size_t(id)]);
+      const int32_t got = sparse.sample_candidates(ids.data(), cz.data(), k, raw.data()), want = whole.sample(logits.data());
+      ASSERT_EQ(got, want) << c.what << ", draw " << draw;
+      moved |= got != by_logit[0];
+      whole.accept(want), sparse.accept(got);
+    }
+    EXPECT_TRUE(moved) << c.what << ": the penalties never moved the pick off the best logit, so the case tests nothing";
+  }
 }
 
 TEST(Sampler, MinPCutsRelativeToTheLargestProbabilityAfterTemperature) {

@@ -100,9 +100,12 @@ class Backend {
   // What a top-k sampler needs from a row of logits x[0, n) in backend memory: z = x / temperature (an
   // fp32 division, as the host sampler's) for a set of distinct ids that holds the k best z (higher first,
   // ties to the lower id; all n when k ≥ n), into the host arrays ids and z of `capacity`; returns how
-  // many. −1 where the backend does not offer it, or more than `capacity` candidates tie at its cut (the
-  // caller then copies x and samples there). Waits for the queued work. Default: −1.
-  virtual int64_t top_candidates(const float* x, int64_t n, float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity) {
+  // many. With it, x[id] as it is for each of the n_gather ids in gather (each in [0, n), host) into the
+  // host array gathered: the logits a penalizing sampler changes (Sampler::penalty_ids). −1 where the
+  // backend does not offer it, or more than `capacity` candidates tie at its cut, or n_gather is more than
+  // it takes (the caller then copies x and samples there). Waits for the queued work. Default: −1.
+  virtual int64_t top_candidates(const float* x, int64_t n, float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity,
+                                 const int32_t* gather, int64_t n_gather, float* gathered) {
     return -1;
   }
 

@@ -151,10 +151,12 @@ int32_t Session::greedy_token() const {
   return int32_t(argmax_first(host_logits().data(), n_vocab()));
 }
 
-int64_t Session::top_candidates(float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity) const {
+int64_t Session::top_candidates(float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity, std::span<const int32_t> gather,
+                                float* gathered) const {
   MF_CHECK_MSG(has_logits_, "top_candidates: no logits (evaluate a token first)");
   if (!logits_on_backend_) return -1;
-  return model_.backend().top_candidates(state_->backend_logits, n_vocab(), temperature, k, ids, z, capacity);
+  return model_.backend().top_candidates(state_->backend_logits, n_vocab(), temperature, k, ids, z, capacity, gather.data(),
+                                         int64_t(gather.size()), gathered);
 }
 
 Status Session::forward_batch(const int32_t* tokens, int64_t count, float* logits, bool logits_all) {

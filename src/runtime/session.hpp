@@ -59,11 +59,13 @@ class Session {
   // id, NaN never chosen), picked where the logits are — on a GPU by a kernel, so only the id comes back.
   // The same id as argmax_first(logits(), n_vocab()). Requires has_logits().
   int32_t greedy_token() const;
-  // For a sampler that samples from the top k alone (Sampler::samples_from_top_k): the candidates
-  // selected where the logits are (Backend::top_candidates: ids and z = logit / temperature, at least the
-  // k best), so a GPU sends up to `capacity` candidates instead of the row; −1 where that is not offered (the caller samples
-  // from logits()). Requires has_logits().
-  int64_t top_candidates(float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity) const;
+  // For a sampler that samples from candidates (Sampler::candidate_k): the candidates selected where the
+  // logits are (Backend::top_candidates: ids and z = logit / temperature, at least the k best), and the
+  // raw logits of the `gather` ids (a penalty's window) into gathered, so a GPU sends up to `capacity`
+  // candidates instead of the row; −1 where that is not offered (the caller samples from logits()).
+  // Requires has_logits().
+  int64_t top_candidates(float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity, std::span<const int32_t> gather = {},
+                         float* gathered = nullptr) const;
   int64_t n_past() const { return n_past_; }
   int64_t n_ctx() const;
   int64_t n_vocab() const;

@@ -4,10 +4,14 @@ namespace moeflux {
 
 int32_t TokenPicker::next(const Session& session, Sampler& sampler) {
   if (sampler.picks_argmax()) return session.greedy_token();
-  if (sampler.samples_from_top_k()) {
+  if (const int64_t k = sampler.candidate_k(); k > 0 && k <= capacity) {
     ids_.resize(size_t(capacity)), z_.resize(size_t(capacity));
-    const int64_t n = session.top_candidates(sampler.params().temperature, sampler.params().top_k, ids_.data(), z_.data(), capacity);
-    if (n >= 0) return sampler.sample_candidates(ids_.data(), z_.data(), n);
+    const std::vector<int32_t>& window = sampler.penalty_ids();
+    window_logits_.resize(window.size());
+    // Greedy with a penalty selects by the logit itself: x / 1 is x, bit for bit.
+    const float temperature = sampler.params().temperature > 0.0f ? sampler.params().temperature : 1.0f;
+    const int64_t n = session.top_candidates(temperature, k, ids_.data(), z_.data(), capacity, window, window_logits_.data());
+    if (n >= 0) return sampler.sample_candidates(ids_.data(), z_.data(), n, window_logits_.data());
   }
   return sampler.sample(session.logits());
 }

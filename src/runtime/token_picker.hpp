@@ -9,10 +9,11 @@
 
 namespace moeflux {
 
-// Greedy picks by Session::greedy_token (an id comes back from a GPU, not the row); top-k sampling
-// (Sampler::samples_from_top_k) draws from Session::top_candidates (a GPU sends at most 32 KB of candidates);
-// anything else samples the whole row on the host. The same token as sampler.sample(session.logits()),
-// draw for draw. Does not accept the token. Keeps the candidate buffers between calls.
+// Greedy picks by Session::greedy_token (an id comes back from a GPU, not the row); top-k sampling and
+// penalized greedy or top-k picks (Sampler::candidate_k) draw from Session::top_candidates (a GPU sends at
+// most 32 KB of candidates and the penalty window's raw logits); anything else samples the whole row on
+// the host. The same token as sampler.sample(session.logits()), draw for draw. Does not accept the token.
+// Keeps the candidate buffers between calls.
 class TokenPicker {
  public:
   int32_t next(const Session& session, Sampler& sampler);
@@ -21,6 +22,7 @@ class TokenPicker {
   static constexpr int64_t capacity = 4096;  // candidates at most; more (ties at the cut) falls back to the row
   std::vector<int32_t> ids_;
   std::vector<float> z_;
+  std::vector<float> window_logits_;
 };
 
 }  // namespace moeflux

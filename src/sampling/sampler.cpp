@@ -136,20 +136,39 @@ double Sampler::next_uniform() {
   return static_cast<double>(rng_() >> 11) * 0x1.0p-53;
 }
 
+float Sampler::penalized(float logit, int32_t count) const {
+  if (params_.repetition_penalty != 1.0f) logit = logit > 0 ? logit / params_.repetition_penalty : logit * params_.repetition_penalty;
+  if (params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f)
+    logit -= params_.presence_penalty + params_.frequency_penalty * static_cast<float>(count);
+  return logit;
+}
+
 void Sampler::apply_penalties(float* logits) {
-  const bool repetition = params_.repetition_penalty != 1.0f;
-  const bool additive = params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f;
-  if (history_.empty() || (!repetition && !additive)) return;
+  if (!penalizes() || history_.empty()) return;
   if (penalty_counts_.empty()) penalty_counts_.assign(n_vocab_, 0);
   for (int32_t t : history_) ++penalty_counts_[t];
   for (int32_t t : history_) {
     const int32_t count = penalty_counts_[t];
     if (count == 0) continue;  // this token was already penalized: once per distinct token
-    float& logit = logits[t];
-    if (repetition) logit = logit > 0 ? logit / params_.repetition_penalty : logit * params_.repetition_penalty;
-    logit -= params_.presence_penalty + params_.frequency_penalty * static_cast<float>(count);
+    logits[t] = penalized(logits[t], count);
     penalty_counts_[t] = 0;
   }
+}
+
+const std::vector<int32_t>& Sampler::penalty_ids() {
+  penalty_ids_.clear();
+  if (!penalizes() || history_.empty()) return penalty_ids_;
+  if (penalty_counts_.empty()) penalty_counts_.assign(n_vocab_, 0);
+  for (int32_t t : history_)
+    if (penalty_counts_[t]++ == 0) penalty_ids_.push_back(t);
+  for (int32_t t : penalty_ids_) penalty_counts_[t] = 0;
+  return penalty_ids_;
+}
+
+int64_t Sampler::candidate_k() {
+  const bool greedy = params_.temperature == 0.0f;
+  if (greedy ? !penalizes() : params_.top_k < 1 || params_.top_k > max_candidate_top_k) return 0;
+  return (greedy ? 1 : params_.top_k) + static_cast<int64_t>(penalty_ids().size());
 }
 
 void Sampler::fill_weights(int64_t n_kept, float max_logit) {
@@ -203,23 +222,51 @@ void Sampler::reserve() {
   weights_.resize(n_vocab_);
 }
 
-int32_t Sampler::sample_candidates(const int32_t* ids, const float* z, int64_t count) {
-  const int64_t wanted = std::min<int64_t>(params_.top_k, n_vocab_);
-  MF_CHECK_MSG(samples_from_top_k() && count >= wanted && count <= n_vocab_,
-               "sample_candidates: {} candidates for top-k {} (the sampler {} from the top k alone)", count, params_.top_k,
-               samples_from_top_k() ? "samples" : "does not sample");
+int32_t Sampler::sample_candidates(const int32_t* ids, const float* z, int64_t count, const float* penalty_logits) {
+  const bool greedy = params_.temperature == 0.0f;
+  const int64_t wanted = std::min<int64_t>(greedy ? 1 : params_.top_k, n_vocab_);
+  const bool served = greedy ? penalizes() : params_.top_k >= 1 && params_.top_k <= max_candidate_top_k;
+  MF_CHECK_MSG(served && count >= wanted && count <= n_vocab_,
+               "sample_candidates: {} candidates for top-k {} (the sampler {} from candidates)", count, params_.top_k,
+               served ? "samples" : "does not sample");
+  penalty_ids();  // the order the caller's penalty_logits follow: the same history gives the same ids
+  MF_CHECK_MSG(penalty_ids_.empty() || penalty_logits, "sample_candidates: the raw logits of {} penalized tokens are missing",
+               penalty_ids_.size());
   reserve();
   weights_filled_ = false;
-  float max_logit = -std::numeric_limits<float>::infinity();
+  if (!penalty_ids_.empty() && penalty_counts_.empty()) penalty_counts_.assign(n_vocab_, 0);
+  for (int32_t t : history_)
+    if (!penalty_ids_.empty()) ++penalty_counts_[t];
+  // The candidates outside the window keep the z they came with; the window's tokens take the penalized
+  // z of their raw logits, the arithmetic sample() runs on the row.
+  int64_t n = 0;
   for (int64_t i = 0; i < count; ++i) {
     MF_CHECK_MSG(ids[i] >= 0 && ids[i] < n_vocab_, "sample_candidates: id {} outside the vocabulary [0, {})", ids[i], n_vocab_);
+    if (!penalty_counts_.empty() && penalty_counts_[ids[i]] != 0) continue;
     logits_[ids[i]] = z[i];
-    ids_[i] = ids[i];
-    if (z[i] > max_logit) max_logit = z[i];
+    ids_[n++] = ids[i];
   }
-  std::sort(ids_.begin(), ids_.begin() + count);  // id order, as sample() starts
-  MF_CHECK_MSG(std::isfinite(max_logit), "sampler: no finite logit among {} candidates (largest {})", count, max_logit);
-  return pick(count, max_logit);
+  for (size_t j = 0; j < penalty_ids_.size(); ++j) {
+    const int32_t t = penalty_ids_[j];
+    const float logit = penalized(penalty_logits[j], penalty_counts_[t]);
+    logits_[t] = greedy ? logit : logit / params_.temperature;
+    ids_[n++] = t;
+  }
+  for (int32_t t : history_)
+    if (!penalty_ids_.empty()) penalty_counts_[t] = 0;
+  std::sort(ids_.begin(), ids_.begin() + n);  // id order, as sample() starts
+  if (greedy) {
+    // argmax_first over the candidates: the first (lowest id) of the largest, NaN never chosen, 0 when every
+    // value is NaN (a device selects NaNs last, so then the whole row is NaN).
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; ++i)
+      if (logits_[ids_[i]] == logits_[ids_[i]] && (best < 0 || logits_[ids_[i]] > logits_[ids_[best]])) best = i;
+    return best < 0 ? 0 : ids_[best];
+  }
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logits_[ids_[i]]);
+  MF_CHECK_MSG(std::isfinite(max_logit), "sampler: no finite logit among {} candidates (largest {})", n, max_logit);
+  return pick(n, max_logit);
 }
 
 int32_t Sampler::pick(int64_t n, float max_logit) {

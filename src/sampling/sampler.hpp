@@ -85,17 +85,24 @@ class Sampler {
   // Whether sample() is the plain argmax of the logits (temperature 0, no penalty that could change
   // them): the caller may then take Session::greedy_token(), which needs no copy of the logits.
   bool picks_argmax() const { return params_.temperature == 0.0f && !penalizes(); }
-  // Whether sample() depends only on the top_k best of z = logit / temperature (higher z first, ties to
-  // the lower id): temperature > 0, 1 ≤ top_k ≤ max_candidate_top_k, no penalty that could change the
-  // logits. Then sample_candidates() on any superset of those k (with their z) returns the token sample()
-  // would on the whole row, draw for draw — for a caller that selects them where the logits are.
+  // For a caller that selects candidates where the logits are (a GPU): how many of the best z of the
+  // unpenalized row — z = logit / temperature (the logit itself at temperature 0), higher first, ties to
+  // the lower id — hold, with the penalty window's tokens (penalty_ids()), every token sample() could
+  // return: top_k (1 when greedy) plus the window's distinct tokens, the only logits a penalty changes (a
+  // token outside the window that makes the penalized top k has fewer than k others above it there, and
+  // only window tokens can have moved past it). 0 where sample() needs the whole row: temperature > 0
+  // without 1 ≤ top_k ≤ max_candidate_top_k, or greedy without a penalty (Session::greedy_token serves
+  // that). Then sample_candidates() returns the token sample() would on the whole row, draw for draw.
   static constexpr int max_candidate_top_k = 1024;
-  bool samples_from_top_k() const {
-    return params_.temperature > 0.0f && params_.top_k >= 1 && params_.top_k <= max_candidate_top_k && !penalizes();
-  }
-  // ids [count] distinct, each with z = logit / temperature (divided in fp32, as sample() does), at least
-  // the top_k best of the row among them. Requires samples_from_top_k().
-  int32_t sample_candidates(const int32_t* ids, const float* z, int64_t count);
+  int64_t candidate_k();
+  // The window's distinct tokens in the order sample_candidates() takes their raw logits (empty without a
+  // penalty). Valid until the next accept(), reset() or candidate_k().
+  const std::vector<int32_t>& penalty_ids();
+  // ids [count] distinct, each with z as candidate_k() defines it (divided in fp32, as sample() does), at
+  // least the candidate_k() best of the unpenalized row among them; penalty_logits: the raw logits of
+  // penalty_ids(), in its order (null when it is empty). Window tokens among ids take their penalized z
+  // from these. Requires candidate_k() > 0.
+  int32_t sample_candidates(const int32_t* ids, const float* z, int64_t count, const float* penalty_logits = nullptr);
 
  private:
   Sampler(const SamplerParams& params, int64_t n_vocab, uint64_t seed);
@@ -105,6 +112,8 @@ class Sampler {
            (params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f);
   }
   void reserve();                  // logits_, ids_, weights_ at n_vocab
+  // Steps 1-2 for one logit of a token with `count` occurrences in the window (count ≥ 1).
+  float penalized(float logit, int32_t count) const;
   // Steps 4-7 over ids_[0, n) (in id order), whose scaled logits are in logits_, the largest max_logit.
   int32_t pick(int64_t n, float max_logit);
   double next_uniform();           // [0, 1), 53 bits
@@ -123,6 +132,7 @@ class Sampler {
   std::vector<float> logits_;              // [n_vocab] f32: penalized, then divided by temperature
   std::vector<int32_t> ids_;               // [n_vocab] candidate token ids
   std::vector<int32_t> penalty_counts_;    // [n_vocab] occurrences in the window; all zero between calls
+  std::vector<int32_t> penalty_ids_;       // penalty_ids()
   std::vector<double> weights_;            // [n_vocab], fill_weights
   bool weights_filled_ = false;            // for this sample() call's candidates (a superset of those kept)
   float weights_max_ = 0.0f;               // the max_logit they were taken against

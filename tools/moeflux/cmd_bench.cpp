@@ -40,7 +40,7 @@ struct BenchArgs {
   bool graphs = false;
   // How decode picks each next token: greedy by default (on a GPU without copying the logits), or drawn
   // with these settings as `run` draws them (TokenPicker), to time sampled decoding.
-  SamplerParams sampling{0.0f, 0, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 1};
+  SamplerParams sampling{0.0f, 0, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 64, 1};
 };
 
 struct TierResult {
@@ -281,10 +281,13 @@ int run_bench(const BenchArgs& a) {
   Sampler& sampler = *sampler_result;
   TokenPicker picker;
   const auto next_token = [&] { return picker.next(session, sampler); };
-  const std::string sampling = sampler.picks_argmax()
-                                   ? std::string("greedy")
-                                   : fmt::format("temperature {}, top-k {}, top-p {}, min-p {}", a.sampling.temperature,
-                                                 a.sampling.top_k, a.sampling.top_p, a.sampling.min_p);
+  const SamplerParams& sp = a.sampling;
+  const bool penalized = sp.penalty_last_n != 0 && (sp.repetition_penalty != 1.0f || sp.presence_penalty != 0.0f || sp.frequency_penalty != 0.0f);
+  std::string sampling = sp.temperature == 0.0f ? std::string("greedy")
+                                                : fmt::format("temperature {}, top-k {}, top-p {}, min-p {}", sp.temperature, sp.top_k, sp.top_p, sp.min_p);
+  if (penalized)
+    sampling += fmt::format("; penalties: repetition {}, presence {}, frequency {} over the last {} tokens", sp.repetition_penalty,
+                            sp.presence_penalty, sp.frequency_penalty, sp.penalty_last_n);
   json runs = json::array();
   std::vector<std::pair<PhaseResult, PhaseResult>> results;
   for (int r = 0; r < a.n_runs; ++r) {
@@ -294,8 +297,11 @@ int run_bench(const BenchArgs& a) {
     Status s = measure(prefill, a.n_prompt, [&] { return session.eval_prompt(prompt); });
     if (!s.is_ok()) return report_error("bench", s.with_context("prefill"));
     s = measure(decode, a.n_gen, [&] {
-      for (int i = 0; i < a.n_gen; ++i)
-        MF_TRY(session.eval_token(next_token()).with_context(fmt::format("decode token {}", i)));
+      for (int i = 0; i < a.n_gen; ++i) {
+        const int32_t token = next_token();
+        sampler.accept(token);  // the penalties' window
+        MF_TRY(session.eval_token(token).with_context(fmt::format("decode token {}", i)));
+      }
       return Status::ok();
     });
     if (!s.is_ok()) return report_error("bench", s);
@@ -328,7 +334,11 @@ int run_bench(const BenchArgs& a) {
                               {"temperature", a.sampling.temperature},
                               {"top_k", a.sampling.top_k},
                               {"top_p", a.sampling.top_p},
-                              {"min_p", a.sampling.min_p}}},
+                              {"min_p", a.sampling.min_p},
+                              {"repetition_penalty", a.sampling.repetition_penalty},
+                              {"presence_penalty", a.sampling.presence_penalty},
+                              {"frequency_penalty", a.sampling.frequency_penalty},
+                              {"penalty_last_n", a.sampling.penalty_last_n}}},
                 {"resident_bytes", resident_bytes},
                 {"resident_read_bytes_per_token", resident_read},
                 {"n_expert_used", n_expert_used},
@@ -406,6 +416,11 @@ void register_bench(CLI::App& app, Action& action) {
   sub->add_option("--top-p", args->sampling.top_p, "with --temp: nucleus mass (1 = off)")->capture_default_str();
   sub->add_option("--min-p", args->sampling.min_p, "with --temp: drop tokens below this fraction of the top probability (0 = off)")
       ->capture_default_str();
+  sub->add_option("--repeat-penalty", args->sampling.repetition_penalty, "repetition penalty over the decoded tokens (1 = off)")
+      ->capture_default_str();
+  sub->add_option("--presence-penalty", args->sampling.presence_penalty, "presence penalty (0 = off)")->capture_default_str();
+  sub->add_option("--frequency-penalty", args->sampling.frequency_penalty, "frequency penalty (0 = off)")->capture_default_str();
+  sub->add_option("--repeat-last-n", args->sampling.penalty_last_n, "decoded tokens the penalties see (-1 = all)")->capture_default_str();
   sub->add_option("--runs", args->n_runs, "repetitions over one model: the first with cold caches, later ones warm")->capture_default_str();
   sub->add_option("--split", args->split,
                   "time split per part of the forward pass: on, off, or auto (on for the CPU; off for CUDA, where it synchronizes the "

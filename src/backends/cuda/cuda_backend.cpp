@@ -209,28 +209,47 @@ class CudaBackend final : public Backend {
     return cuda::argmax_index(*argmax_host_);
   }
 
-  int64_t top_candidates(const float* x, int64_t n, float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity) override {
-    if (n <= 0 || n > INT32_MAX || k <= 0 || capacity <= 0 || capacity > max_top_candidates || !(temperature > 0.0f) || recording_) return -1;
+  int64_t top_candidates(const float* x, int64_t n, float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity,
+                         const int32_t* gather, int64_t n_gather, float* gathered) override {
+    if (n <= 0 || n > INT32_MAX || k <= 0 || capacity <= 0 || capacity > max_top_candidates || !(temperature > 0.0f) || recording_ ||
+        n_gather < 0 || n_gather > max_top_candidates)
+      return -1;
+    for (int64_t i = 0; i < n_gather; ++i)
+      MF_CHECK_MSG(gather[i] >= 0 && gather[i] < n, "top_candidates: gathered id {} outside [0, {})", gather[i], n);
     const OpTimer timer(*this, "top_candidates");
     bind();
-    const size_t hist_bytes = (cuda::top_bins + 1) * sizeof(unsigned), out_bytes = (4 + 2 * size_t(max_top_candidates)) * sizeof(unsigned);
+    // Device: the histogram (+ the cut), the output (count, ids, z), the gathered ids and values. Host
+    // (pinned): the output, the gathered ids on their way up and their values on their way down.
+    const size_t hist_bytes = (cuda::top_bins + 1) * sizeof(unsigned), out_bytes = (4 + 2 * size_t(max_top_candidates)) * sizeof(unsigned),
+                 gather_bytes = 2 * size_t(max_top_candidates) * sizeof(unsigned);
     if (!top_device_) {
-      MF_CUDA_CHECK(cudaMalloc(&top_device_, hist_bytes + 16 + out_bytes));
-      MF_CUDA_CHECK(cudaHostAlloc(&top_host_, out_bytes, cudaHostAllocDefault));
+      MF_CUDA_CHECK(cudaMalloc(&top_device_, hist_bytes + 16 + out_bytes + gather_bytes));
+      MF_CUDA_CHECK(cudaHostAlloc(&top_host_, out_bytes + gather_bytes, cudaHostAllocDefault));
     }
     unsigned* hist = static_cast<unsigned*>(top_device_);
     unsigned* out = hist + cuda::top_bins + 1 + 3;  // 16-byte aligned: 2052 unsigneds in
+    int32_t* gather_ids = reinterpret_cast<int32_t*>(out + 4 + 2 * max_top_candidates);
+    float* gather_values = reinterpret_cast<float*>(gather_ids + max_top_candidates);
+    unsigned* host = static_cast<unsigned*>(top_host_);
+    int32_t* host_gather_ids = reinterpret_cast<int32_t*>(host + 4 + 2 * max_top_candidates);
+    float* host_gather_values = reinterpret_cast<float*>(host_gather_ids + max_top_candidates);
+    if (n_gather > 0) {
+      std::memcpy(host_gather_ids, gather, size_t(n_gather) * sizeof(int32_t));
+      MF_CUDA_CHECK(cudaMemcpyAsync(gather_ids, host_gather_ids, size_t(n_gather) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+      cuda::gather(x, gather_ids, n_gather, gather_values, stream_);
+      MF_CUDA_CHECK(cudaMemcpyAsync(host_gather_values, gather_values, size_t(n_gather) * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    }
     MF_CUDA_CHECK(cudaMemsetAsync(top_device_, 0, hist_bytes + 3 * sizeof(unsigned) + 4 * sizeof(unsigned), stream_));
     cuda::top_candidates(x, n, temperature, k, hist, out, capacity, stream_);
     // The count and, past it, as many candidates as fit: one copy of what capacity sets aside.
     const size_t copied = (4 + 2 * size_t(capacity)) * sizeof(unsigned);
-    MF_CUDA_CHECK(cudaMemcpyAsync(top_host_, out, copied, cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaMemcpyAsync(host, out, copied, cudaMemcpyDeviceToHost, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    const unsigned* host = static_cast<const unsigned*>(top_host_);
     const int64_t count = host[0];
     if (count > capacity) return -1;
     std::memcpy(ids, host + 4, size_t(count) * sizeof(int32_t));
     std::memcpy(z, host + 4 + capacity, size_t(count) * sizeof(float));
+    if (n_gather > 0) std::memcpy(gathered, host_gather_values, size_t(n_gather) * sizeof(float));
     return count;
   }
 
@@ -835,8 +854,8 @@ class CudaBackend final : public Backend {
   size_t route_bytes_ = 0;
   unsigned long long* argmax_key_ = nullptr;   // argmax's result on the device
   unsigned long long* argmax_host_ = nullptr;  // and its pinned landing place
-  // top_candidates: the histogram (+ the cut) and the output (count, ids, z) on the device, the output's
-  // pinned landing place; sized for max_top_candidates at the first call.
+  // top_candidates: the histogram (+ the cut), the output (count, ids, z) and the gathered ids and values
+  // on the device, their pinned host side; sized for max_top_candidates at the first call.
   static constexpr int64_t max_top_candidates = 8192;
   void* top_device_ = nullptr;
   void* top_host_ = nullptr;

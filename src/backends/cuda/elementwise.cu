@@ -194,6 +194,19 @@ void top_candidates(const float* x, int64_t n, float temperature, int64_t k, uns
   MF_CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+__global__ void gather_kernel(const float* __restrict__ x, const int32_t* __restrict__ ids, int64_t count, float* __restrict__ out) {
+  dependent_launch_begin();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) out[i] = x[ids[i]];
+}
+}  // namespace
+
+void gather(const float* x, const int32_t* ids, int64_t count, float* out, cudaStream_t stream) {
+  if (count <= 0) return;
+  launch(gather_kernel, pass_blocks(count), threads, 0, stream, x, ids, count, out);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
 void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t stream) {
   if (n <= 0) return;
   launch(argmax_kernel, pass_blocks(n), threads, 0, stream, x, n, key);

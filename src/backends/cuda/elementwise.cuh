@@ -39,6 +39,8 @@ void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t
 constexpr int top_bins = 2048;  // the order-preserving key's top 11 bits
 void top_candidates(const float* x, int64_t n, float temperature, int64_t k, unsigned* hist, unsigned* out, int64_t capacity,
                     cudaStream_t stream);
+// out[i] = x[ids[i]] for i < count (ids on the device, each in x's range).
+void gather(const float* x, const int32_t* ids, int64_t count, float* out, cudaStream_t stream);
 inline int64_t argmax_index(unsigned long long key) { return key == 0 ? 0 : int64_t(0xFFFFFFFFu - uint32_t(key)); }
 
 }  // namespace moeflux::cuda
