@@ -1624,7 +1624,9 @@ __device__ __forceinline__ void v25_load(V25Load<P>& L, int u, const uint8_t* ra
   L.bb[u] = __ldg(bb + c);
 }
 
-template <int W, int P>
+// Ablation (lab only): 0 = the product; 1 = no staging of x (fragments left as shared memory holds them);
+// 2 = the loads alone (no staging, no MMA: each lane folds its words into one value).
+template <int W, int P, int Ablate = 0>
 __device__ void v25_tile(const Matrix& m, int block_in_job, int n_split, const float* __restrict__ x, float* __restrict__ y, uint4* smem,
                          float* partial) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -1647,7 +1649,7 @@ __device__ void v25_tile(const Matrix& m, int block_in_job, int n_split, const f
   uint4* zero = smem;
   uint32_t* frag = reinterpret_cast<uint32_t*>(smem + 2);
   float2* fx = reinterpret_cast<float2*>(frag + n_super * 128);
-  v25_stage(x, m.cols, zero, frag, fx);
+  if (Ablate == 0) v25_stage(x, m.cols, zero, frag, fx);
   __syncthreads();
   float acc_a = 0.f, acc_b = 0.f;
   const bool on = (g >> 2) == (t >> 1);
@@ -1657,7 +1659,13 @@ __device__ void v25_tile(const Matrix& m, int block_in_job, int n_split, const f
 #pragma unroll
       for (int u = 0; u < P; ++u) {
         const int c = c0 + u * n_split;
-        if (c < n_super) {
+        if (Ablate == 2) {
+          if (c < n_super) {
+            const uint4 A = L.wa[u], B = L.wb[u];
+            acc_a += __uint_as_float((A.x ^ A.y ^ A.z ^ A.w ^ L.sa[u] ^ L.ba[u]) & 0x3fffffffu);
+            acc_b += __uint_as_float((B.x ^ B.y ^ B.z ^ B.w ^ L.sb[u] ^ L.bb[u]) & 0x3fffffffu);
+          }
+        } else if (c < n_super) {
           const uint4* fr = on ? reinterpret_cast<const uint4*>(frag + ((c * 4 + t) * 4 + (g & 3)) * 8) : zero;
           const uint4 f0 = fr[0], f1 = fr[1];
           const uint4 A = L.wa[u], B = L.wb[u];
@@ -1699,11 +1707,11 @@ __device__ void v25_tile(const Matrix& m, int block_in_job, int n_split, const f
   }
 }
 
-template <int W, int P, int MinBlocks = 1>
+template <int W, int P, int MinBlocks = 1, int Ablate = 0>
 __global__ void __launch_bounds__(32 * W, MinBlocks) matvec_v25(Matrix m, int n_split, const float* __restrict__ x, float* __restrict__ y) {
   extern __shared__ uint4 smem25[];
   __shared__ float partial[W * 16];
-  v25_tile<W, P>(m, blockIdx.x, n_split, x, y, smem25, partial);
+  v25_tile<W, P, Ablate>(m, blockIdx.x, n_split, x, y, smem25, partial);
 }
 
 template <int W, int P, int MinBlocks = 1>
@@ -2084,17 +2092,17 @@ void launch_v25(const Matrix& m, const float* x, float* y) {
 
 // v25 with MinBlocks in the launch bounds and the most warps a tile whose blocks are all resident at once
 // (one wave), at most W and leaving each warp at least P super-chunks.
-template <int W, int P, int MinBlocks>
+template <int W, int P, int MinBlocks, int Ablate = 0>
 void launch_v25r(const Matrix& m, const float* x, float* y) {
   const size_t shared = v25_shared_bytes(m.cols);
-  allow_shared(matvec_v25<W, P, MinBlocks>, int(shared));
+  allow_shared(matvec_v25<W, P, MinBlocks, Ablate>, int(shared));
   int per_sm = 0;
-  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matvec_v25<W, P, MinBlocks>, 32 * W, shared));
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matvec_v25<W, P, MinBlocks, Ablate>, 32 * W, shared));
   const int tiles = (m.rows + 15) / 16, supers = m.cols / v25_cols, resident = per_sm * 132;
   int n_split = 1;
   while (2 * n_split <= W && supers / (2 * n_split) >= P && (tiles + W / (2 * n_split) - 1) / (W / (2 * n_split)) <= resident) n_split *= 2;
   const int rows_per_block = W / n_split * 16;
-  matvec_v25<W, P, MinBlocks><<<(m.rows + rows_per_block - 1) / rows_per_block, 32 * W, shared>>>(m, n_split, x, y);
+  matvec_v25<W, P, MinBlocks, Ablate><<<(m.rows + rows_per_block - 1) / rows_per_block, 32 * W, shared>>>(m, n_split, x, y);
 }
 
 template <int W, int P>
@@ -2191,6 +2199,10 @@ std::vector<Variant> variants(Format f, bool old) {
       v.push_back({"v25r W8P2B3", launch_v25r<8, 2, 3>});
       v.push_back({"v25r W16P2B2", launch_v25r<16, 2, 2>});
       v.push_back({"v25r W4P2B8", launch_v25r<4, 2, 8>});
+      v.push_back({"read v25r W8P2B3 nostage", launch_v25r<8, 2, 3, 1>});
+      v.push_back({"read v25r W8P2B3 loads", launch_v25r<8, 2, 3, 2>});
+      v.push_back({"read v25r W8P4B3 loads", launch_v25r<8, 4, 3, 2>});
+      v.push_back({"read v25r W8P8B2 loads", launch_v25r<8, 8, 2, 2>});
       break;
   }
   return v;
@@ -2414,10 +2426,10 @@ int main(int argc, char** argv) {
         if (only && v.name != argv[4]) continue;
         CHECK(cudaMemset(dy, 0xff, size_t(sh.rows) * 4));  // NaN: a row left unwritten fails the check
         v.launch(d.copies[0], dx, dy);
-        if (v.name == "read") {  // the ceiling: no product to check
+        if (v.name.rfind("read", 0) == 0) {  // a ceiling or an ablation: no product to check
           const Timing t = time_launches([&](int k) { v.launch(d.copies[size_t(k % n_copies)], dx, dy); });
-          char cell[64];
-          std::snprintf(cell, sizeof cell, " read %.0f |", double(h.bytes()) / (t.stream * 1e-3) / 1e9);
+          char cell[96];
+          std::snprintf(cell, sizeof cell, " %s %.0f |", v.name.c_str(), double(h.bytes()) / (t.stream * 1e-3) / 1e9);
           line += cell;
           continue;
         }
