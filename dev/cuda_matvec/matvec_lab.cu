@@ -83,7 +83,7 @@ struct Matrix {  // device pointers
   const void* data = nullptr;
   const void* scales = nullptr;
   const void* biases = nullptr;
-  size_t bytes() const {
+  __host__ __device__ size_t bytes() const {
     switch (format) {
       case BF16: return size_t(rows) * cols * 2;
       case Q8: return size_t(rows) * cols + size_t(rows) * (cols / 32) * 2;
@@ -2140,6 +2140,25 @@ void launch_v27(const Matrix& m, const float* x, float* y) {
   matvec_v27<W, P><<<(m.rows + rows_per_block - 1) / rows_per_block, 32 * W>>>(m, n_split, f, y);
 }
 
+// Every job's bytes read in one launch (no product): the all-experts launch's ceiling at its size. A flat
+// grid: job j owns blocks tile_start[j] …, each reading one 32 KiB piece of the job's span (its data,
+// scales and biases as DeviceCopies lays them out, from data on).
+constexpr int read_piece = 32 * 1024;
+__global__ void read_table(const __grid_constant__ FlatTable t, float* out) {
+  int j = 0;
+  while (j + 1 < t.n_jobs && int(blockIdx.x) >= t.tile_start[j + 1]) ++j;
+  const uint4* p = static_cast<const uint4*>(t.jobs[j].m.data);
+  const size_t n = t.jobs[j].m.bytes() / 16, first = size_t(blockIdx.x - t.tile_start[j]) * (read_piece / 16);
+  float acc = 0.f;
+#pragma unroll 4
+  for (size_t i = first + threadIdx.x; i < min(n, first + read_piece / 16); i += blockDim.x) {
+    const uint4 v = __ldg(p + i);
+    acc += __uint_as_float(v.x) + __uint_as_float(v.y) + __uint_as_float(v.z) + __uint_as_float(v.w);
+  }
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0 && acc == 12345.f) *out = acc;
+}
+
 // The bytes of the matrix read by read_sum (no product): the memory-bound ceiling at this size.
 void launch_read(const Matrix& m, const float*, float* y) {
   read_sum<<<132 * 4, 512>>>(static_cast<const uint4*>(m.data), m.bytes() / 16, y);
@@ -2346,11 +2365,22 @@ void launch_v24(const std::vector<Job>& jobs, const Job*) {
   matvec_v24<F, R, W, MinBlocks, Affine><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
 }
 
+void launch_read_table(const std::vector<Job>& jobs, const Job*) {
+  FlatTable t;
+  t.n_jobs = int(jobs.size());
+  t.tile_start[0] = 0;
+  for (int j = 0; j < t.n_jobs; ++j) {
+    t.jobs[j] = jobs[size_t(j)];
+    t.tile_start[j + 1] = t.tile_start[j] + int((jobs[size_t(j)].m.bytes() + read_piece - 1) / read_piece);
+  }
+  read_table<<<unsigned(t.tile_start[t.n_jobs]), 256>>>(t, jobs[0].y);
+}
+
 std::vector<TableVariant> table_variants(Format f) {
   switch (f) {
     case BF16: return {{"v7", launch_v7<BF16>}, {"v10 R2U2", launch_v10<BF16, 2, 2, false>}, {"v12 R2U1", launch_v12<BF16, 2, 1, false>}, {"v14 R4W4", launch_v14<BF16, 4, 4, false, false>}, {"v16 R4W4P4", launch_v16<BF16, 4, 4, 4, false>}, {"v16 R4W8P4", launch_v16<BF16, 4, 8, 4, false>}, {"v24 R4W8B4", launch_v24<BF16, 4, 8, 4, false>}, {"v24 R2W8B6", launch_v24<BF16, 2, 8, 6, false>}};
     case Q8: return {{"v7", launch_v7<Q8>}, {"v10 R4U1", launch_v10<Q8, 4, 1, false>}, {"v12 R4U2", launch_v12<Q8, 4, 2, false>}, {"v14 R4W4", launch_v14<Q8, 4, 4, false, false>}, {"v24 R4W8B4", launch_v24<Q8, 4, 8, 4, false>}, {"v24 R4W4B8", launch_v24<Q8, 4, 4, 8, false>}, {"v24 R2W8B6", launch_v24<Q8, 2, 8, 6, false>}, {"v24 R8W8B3", launch_v24<Q8, 8, 8, 3, false>}};
-    case Q4: return {{"v7", launch_v7<Q4>}, {"v10 R8U1", launch_v10<Q4, 8, 1, true>}, {"v12 R8U1", launch_v12<Q4, 8, 1, true>}, {"v14 R4W4", launch_v14<Q4, 4, 4, false, true>}, {"v16 R4W8P4", launch_v16<Q4, 4, 8, 4, true>}, {"v18 M1G8W4", launch_v18<1, 8, 4>}, {"v22 M2W4", launch_v22<2, 4>}, {"v24 R4W8B4", launch_v24<Q4, 4, 8, 4, true>}, {"v24 R4W4B8", launch_v24<Q4, 4, 4, 8, true>}, {"v24 R2W8B6", launch_v24<Q4, 2, 8, 6, true>}, {"v24 R8W8B3", launch_v24<Q4, 8, 8, 3, true>}, {"v26 W8P2", launch_v26<8, 2>}, {"v26 W8P4", launch_v26<8, 4>}, {"v26 W4P4", launch_v26<4, 4>}};
+    case Q4: return {{"read", launch_read_table}, {"v7", launch_v7<Q4>}, {"v10 R8U1", launch_v10<Q4, 8, 1, true>}, {"v12 R8U1", launch_v12<Q4, 8, 1, true>}, {"v14 R4W4", launch_v14<Q4, 4, 4, false, true>}, {"v16 R4W8P4", launch_v16<Q4, 4, 8, 4, true>}, {"v18 M1G8W4", launch_v18<1, 8, 4>}, {"v22 M2W4", launch_v22<2, 4>}, {"v24 R4W8B4", launch_v24<Q4, 4, 8, 4, true>}, {"v24 R4W4B8", launch_v24<Q4, 4, 4, 8, true>}, {"v24 R2W8B6", launch_v24<Q4, 2, 8, 6, true>}, {"v24 R8W8B3", launch_v24<Q4, 8, 8, 3, true>}, {"v26 W8P2", launch_v26<8, 2>}, {"v26 W8P4", launch_v26<8, 4>}, {"v26 W4P4", launch_v26<4, 4>}};
   }
   return {};
 }
@@ -2500,6 +2530,13 @@ int main(int argc, char** argv) {
         CHECK(cudaMemset(dy, 0xff, size_t(3 * es.k) * max_cols * 4));
         v.launch(layers[0], djobs[0]);
         CHECK(cudaGetLastError());
+        if (v.name == "read") {  // the ceiling: no product to check
+          const Timing t = time_launches([&](int k) { v.launch(layers[size_t(k % n_layers)], djobs[size_t(k % n_layers)]); });
+          char cell[64];
+          std::snprintf(cell, sizeof cell, " read %.0f |", double(bytes) / (t.stream * 1e-3) / 1e9);
+          line += cell;
+          continue;
+        }
         std::vector<float> yh(size_t(3 * es.k) * max_cols);
         CHECK(cudaMemcpy(yh.data(), dy, yh.size() * 4, cudaMemcpyDeviceToHost));
         for (size_t i = 0; i < hosts.size(); ++i) {
