@@ -294,6 +294,40 @@ TEST_P(BackendOps, MatmulManyMatchesMatmulAndReference) {
   }
 }
 
+// A launch of many waves (jobs × tokens past three times what the GPU holds at once): the CUDA backend
+// then gives each row tile one warp that walks its sum's splits in turn; every job's y stays bit-identical
+// to matmul alone (on an H100 one wave: split tiles) and within the matmul tolerance of the reference.
+TEST_P(BackendOps, MatmulManyOfManyWavesMatchesMatmulAlone) {
+  for (WeightFormat format : {WeightFormat::q8, WeightFormat::q4}) {
+    SCOPED_TRACE(weight_format_name(format));
+    const int64_t rows = 2048, cols = 7168, n_tokens = 4;  // DeepSeek-V3's expert gate; fewer tokens than a GEMM takes
+    std::vector<QuantizedMatrix> mats;
+    std::vector<std::vector<float>> xs;
+    std::vector<std::unique_ptr<DeviceWeight>> dws;
+    std::vector<std::unique_ptr<DeviceBuffer>> dxs, dys;
+    std::vector<MatmulJob> jobs;
+    for (int j = 0; j < 4; ++j) {  // H100: 4 × 512 split blocks of 4 rows, against 3 × 528 resident
+      const auto w = gaussian(size_t(rows * cols), rng_, 0.05f);
+      mats.push_back(quantize_matrix(w.data(), rows, cols, format));
+      xs.push_back(gaussian(size_t(n_tokens * cols), rng_));
+      dws.push_back(std::make_unique<DeviceWeight>(but(), *be_, mats.back()));
+      dxs.push_back(std::make_unique<DeviceBuffer>(but(), *be_, xs.back()));
+      dys.push_back(std::make_unique<DeviceBuffer>(but(), *be_, size_t(n_tokens * rows) * 4));
+      jobs.push_back({dws.back()->view, dxs.back()->f(), dys.back()->f(), n_tokens});
+    }
+    be_->matmul_many(jobs.data(), int64_t(jobs.size()));
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      DeviceBuffer alone(but(), *be_, size_t(n_tokens * rows) * 4);
+      be_->matmul(jobs[j].w, jobs[j].x, alone.f(), n_tokens);  // one job: two waves' worth of tiles, split
+      const auto y_alone = alone.read(), y_many = dys[j]->read();
+      EXPECT_EQ(std::memcmp(y_alone.data(), y_many.data(), y_alone.size() * 4), 0) << "job " << j << ": differs from matmul alone";
+      std::vector<float> y_ref(size_t(n_tokens * rows));
+      ref_->matmul(mats[j].view(), xs[j].data(), y_ref.data(), n_tokens);
+      expect_matmul_close(mats[j], xs[j], n_tokens, y_many, y_ref);
+    }
+  }
+}
+
 // Inputs spanning twelve decades within one row (past fp16's range), and a huge input on a column of zero
 // weights beside ordinary ones: the batch path must hold every product to the reference's precision, not
 // to the precision of the largest input near it (which a shared scale would). The matrix-vector path is

@@ -31,6 +31,7 @@ struct DeviceJob {
   int64_t n_tokens;
   Path path;
   int8_t n_split;  // warps sharing a row tile, each taking every n_split-th run of chunks
+  int8_t n_virtual;  // staged path, one warp a tile (n_split 1): the splits its row sums keep (staged_splits)
 };
 
 // The input of a launch that normalizes it itself (norm_matmul_jobs): every job's x is one token's
@@ -72,12 +73,18 @@ int64_t staged_blocks(int64_t rows, int n_split, int r) {
   return (rows + per_block - 1) / per_block;
 }
 
+// Rows a warp in a whole launch (launch_path): at 4 the q4 kernel's walk state spilled 60 bytes.
+constexpr int whole_rows = 2;
+
+// Staged blocks resident at once: 4 an SM (the kernel's bounds).
+int64_t staged_resident_blocks() { return 4 * int64_t(device_attribute<cudaDevAttrMultiProcessorCount>()); }
+
 // Rows per warp for a launch of blocks[i] blocks at 1 << i rows: the fewest rows (the most warps over the
 // rows) whose blocks are all resident at once — 4 per SM at 1 or 2 rows (the kernel's bounds) — so that
 // no block waits for another to finish before issuing its loads; 4 where none fits (a large matrix: the
 // most work per block). Decode's q/k/v of Qwen3-30B ([5120, 2048] q8) take 4 (320 blocks), its o_proj 2 (512).
 int staged_rows_for(const int64_t (&blocks)[3]) {
-  const int64_t resident = 4 * int64_t(device_attribute<cudaDevAttrMultiProcessorCount>());
+  const int64_t resident = staged_resident_blocks();
   for (int r = 0; r < 3; ++r)
     if (blocks[r] <= resident) return 1 << r;
   return 4;
@@ -149,8 +156,10 @@ __device__ __forceinline__ void stage_swiglu(const float* __restrict__ gate, con
 // (q4 128–168 bytes, q8 16–48), and those loads then had to land before x could be staged (Qwen3.5-35B
 // decode +2.4%, Qwen3-30B +1.2%, H100, session 14). Mode stage_norm: one token whose x every job
 // shares, normalized while staged (stage_normed); stage_glu: one token's x = swiglu(gate, up), formed
-// while staged (stage_swiglu).
-template <WeightFormat F, int R, int Mode>
+// while staged (stage_swiglu). Whole (a launch of many waves, launch_path): one warp a tile walks every
+// one of its row sums' n_virtual splits in turn, each summed as the split's own warp would and added in
+// the same order: the bits of the split tiles without their shared-memory exchange.
+template <WeightFormat F, int R, int Mode, bool Whole = false>
 __global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4)
     matmul_staged_kernel(const __grid_constant__ JobTable table, const NormIn norm) {
   extern __shared__ float4 x_staged[];
@@ -172,7 +181,24 @@ __global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4)
 #pragma unroll
       for (int u = 0; u < U; ++u) load_rows<F, R>(c[u], m, r0, rows, min(i0 + u * step, n_chunks - 1));
     };
-    if (active) load(first);  // in flight while x is staged
+    // Whole: the runs of 32 chunks in the order the warp takes them — split 0's (0, V, 2V, …), then split
+    // 1's (1, V + 1, …) — for the loads (lv, lrun) and the sums (cv, crun).
+    const int n_virtual = Whole ? m.n_virtual : 1, runs = (n_chunks + 31) / 32;
+    int lv = 0, lrun = 0;
+    const auto load_whole = [&] {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (lv < n_virtual) {
+          load_rows<F, R>(c[u], m, r0, rows, min(lrun * 32 + lane, n_chunks - 1));
+          if ((lrun += n_virtual) >= runs) lrun = ++lv;
+        }
+    };
+    if (active) {  // in flight while x is staged
+      if constexpr (Whole)
+        load_whole();
+      else
+        load(first);
+    }
     if (t == blockIdx.z) dependent_launch_begin();  // the weights need no wait, x does
     __syncthreads();  // the previous token's x and partial sums are no longer read
     if constexpr (Mode == stage_norm)
@@ -185,16 +211,42 @@ __global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4)
     float acc[R];
 #pragma unroll
     for (int q = 0; q < R; ++q) acc[q] = 0.f;
-    if (active) {
-      for (int i0 = first; i0 < n_chunks; i0 += U * step) {
-        if (i0 != first) load(i0);
+    if constexpr (Whole) {
+      float total = 0.f;  // lane q < R: row q's sum (one register, not R: the q4 form spilled 108 bytes)
+      if (active) {
+        int cv = 0, crun = 0;
+        for (bool first_round = true; cv < n_virtual; first_round = false) {
+          if (!first_round) load_whole();
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-          if (i0 + u * step < n_chunks) chunk_dots<F, R>(c[u], x_staged + (i0 + u * step) * staged_pitch(F), acc);
+          for (int u = 0; u < U; ++u)
+            if (cv < n_virtual) {
+              if (crun * 32 + lane < n_chunks) chunk_dots<F, R>(c[u], x_staged + (crun * 32 + lane) * staged_pitch(F), acc);
+              if ((crun += n_virtual) >= runs) {  // split cv's sum is whole: add it as the split warps' exchange does
+#pragma unroll
+                for (int q = 0; q < R; ++q) {
+                  const float split_sum = warp_sum(acc[q]);
+                  if (lane == q) total += split_sum;
+                  acc[q] = 0.f;
+                }
+                crun = ++cv;
+              }
+            }
+        }
       }
-    }
 #pragma unroll
-    for (int q = 0; q < R; ++q) acc[q] = warp_sum(acc[q]);
+      for (int q = 0; q < R; ++q) acc[q] = total;  // read by lane q alone below
+    } else {
+      if (active) {
+        for (int i0 = first; i0 < n_chunks; i0 += U * step) {
+          if (i0 != first) load(i0);
+#pragma unroll
+          for (int u = 0; u < U; ++u)
+            if (i0 + u * step < n_chunks) chunk_dots<F, R>(c[u], x_staged + (i0 + u * step) * staged_pitch(F), acc);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < R; ++q) acc[q] = warp_sum(acc[q]);
+    }
     if (n_split > 1) {
       if (lane == 0) {
 #pragma unroll
@@ -397,7 +449,14 @@ int rows_per_block(Path path, int n_split, int staged_rows) {
 }
 
 template <WeightFormat F, int Mode>
-void launch_staged(int rows, dim3 grid, size_t shared, cudaStream_t stream, const JobTable& table, const NormIn& norm) {
+void launch_staged(int rows, dim3 grid, size_t shared, cudaStream_t stream, const JobTable& table, const NormIn& norm, bool whole = false) {
+  if constexpr (Mode == stage_plain) {
+    if (whole) {  // launch_path sets whole_rows a warp for it
+      launch(matmul_staged_kernel<F, whole_rows, Mode, true>, grid, 32 * staged_warps, shared, stream, table, norm);
+      MF_CUDA_CHECK_LAUNCH();
+      return;
+    }
+  }
   if (rows == 4)
     launch(matmul_staged_kernel<F, 4, Mode>, grid, 32 * staged_warps, shared, stream, table, norm);
   else if (rows == 2)
@@ -417,8 +476,14 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     if (norm && !glu) return job.w.format == F;
     return job.w.format == F && job.n_tokens > 0 && job.w.rows > 0 && !gemm_takes(job) && (path_of(job) == Path::staged_x) == staged;
   };
-  // Staged rows per tile: the fewest whose blocks all fit on the GPU at once (4 per SM), else 4.
+  // Staged rows per tile: the fewest whose blocks all fit on the GPU at once (4 per SM), else 4. A plain
+  // launch of more than three waves even at 4 rows takes a warp a tile (whole, whole_rows a warp) with
+  // the same bits: its split tiles' exchange is then cost (all experts of a layer, H100, session 18:
+  // DeepSeek-V3's 7.3 waves q8 79 → 93% of the copy rate, q4 67 → 71%; Qwen3.5-397B's 7.3 q8 73 → 82%,
+  // its 4.8 q4 59 → 58%). Fewer keep their splits: Qwen3-30B's q8 at 2.4 waves lost 2% whole, and
+  // q_proj [16384, 4096] q8 in two split waves runs at 88%, in one unsplit wave 78%.
   int staged_rows = 4;
+  bool whole = false;
   if (staged || norm) {
     int64_t blocks[3] = {0, 0, 0};  // at 1, 2, 4 rows per tile
     for (int64_t i = 0; i < n_jobs; ++i)
@@ -426,6 +491,8 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
         for (int r = 0; r < 3; ++r)
           blocks[r] += staged_blocks(jobs[i].w.rows, staged_splits(F, jobs[i].w.cols), 1 << r) * std::min<int64_t>(jobs[i].n_tokens, 65535);
     staged_rows = staged_rows_for(blocks);
+    whole = !norm && blocks[2] > 3 * staged_resident_blocks();
+    if (whole) staged_rows = whole_rows;
   }
   JobTable table;
   int n = 0;
@@ -445,7 +512,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
         if (glu)
           launch_staged<F, stage_glu>(staged_rows, grid, shared, stream, table, *norm);
         else
-          launch_staged<F, stage_plain>(staged_rows, grid, shared, stream, table, NormIn{});
+          launch_staged<F, stage_plain>(staged_rows, grid, shared, stream, table, NormIn{}, whole);
         n = 0, max_tokens = 0, max_cols = 0;
         return;
       }
@@ -460,11 +527,12 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     if (!takes(job)) continue;
     const WeightView& w = job.w;
     const Path path = norm && !glu ? Path::staged_x : path_of(job);
-    const int n_split = path == Path::direct ? direct_splits<F>(w.rows, w.cols) : path == Path::staged_x ? staged_splits(F, w.cols) : 1;
+    const int n_virtual = path == Path::staged_x ? staged_splits(F, w.cols) : 1;
+    const int n_split = path == Path::direct ? direct_splits<F>(w.rows, w.cols) : path == Path::staged_x && !whole ? n_virtual : 1;
     const int per_block = rows_per_block<F>(path, n_split, staged_rows);
     const int64_t tiles = (w.rows + per_block - 1) / per_block;
     if (n > 0 && int64_t(table.block_start[n]) + tiles > INT_MAX) flush();
-    table.jobs[n] = {w.data, w.scales, w.biases, job.x, job.y, int(w.rows), int(w.cols), job.n_tokens, path, int8_t(n_split)};
+    table.jobs[n] = {w.data, w.scales, w.biases, job.x, job.y, int(w.rows), int(w.cols), job.n_tokens, path, int8_t(n_split), int8_t(n_virtual)};
     table.block_start[n + 1] = int(table.block_start[n] + tiles);
     ++n;
     max_tokens = std::max(max_tokens, job.n_tokens);
