@@ -1607,6 +1607,48 @@ __device__ __forceinline__ void v25_stage(const float* __restrict__ x, int cols,
   }
 }
 
+// One super-chunk of rows g and g + 8 (A, B: the lane's 16 bytes of each) against x's fragments f0, f1
+// and its factors f (scale factor, Σx or 0), with the rows' scale and bias words (sel picks the lane's
+// group's half): four MMAs, then each lane's two bytes' sums into its partial row sums.
+__device__ __forceinline__ void v25_super_chunk(uint4 A, uint4 B, uint4 f0, uint4 f1, float2 f, uint32_t sa, uint32_t sb, uint32_t ba,
+                                                uint32_t bb, unsigned sel, float& acc_a, float& acc_b) {
+  int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+  mma_u8s8(lo, A.x & 0x0F0F0F0Fu, B.x & 0x0F0F0F0Fu, A.y & 0x0F0F0F0Fu, B.y & 0x0F0F0F0Fu, f0.x, f0.y);
+  mma_u8s8(lo, A.z & 0x0F0F0F0Fu, B.z & 0x0F0F0F0Fu, A.w & 0x0F0F0F0Fu, B.w & 0x0F0F0F0Fu, f0.z, f0.w);
+  mma_u8s8(hi, A.x & 0xF0F0F0F0u, B.x & 0xF0F0F0F0u, A.y & 0xF0F0F0F0u, B.y & 0xF0F0F0F0u, f1.x, f1.y);
+  mma_u8s8(hi, A.z & 0xF0F0F0F0u, B.z & 0xF0F0F0F0u, A.w & 0xF0F0F0F0u, B.w & 0xF0F0F0F0u, f1.z, f1.w);
+  const int va = (16 * lo[0] + hi[0]) * 256 + (16 * lo[1] + hi[1]);
+  const int vb = (16 * lo[2] + hi[2]) * 256 + (16 * lo[3] + hi[3]);
+  const float s_a = __uint_as_float(__byte_perm(sa, 0, sel)), b_a = __uint_as_float(__byte_perm(ba, 0, sel));
+  const float s_b = __uint_as_float(__byte_perm(sb, 0, sel)), b_b = __uint_as_float(__byte_perm(bb, 0, sel));
+  acc_a = fmaf(float(va) * f.x, s_a, fmaf(b_a, f.y, acc_a));
+  acc_b = fmaf(float(vb) * f.x, s_b, fmaf(b_b, f.y, acc_b));
+}
+
+// The tile's row sums: the four lanes of a row added, then (n_split > 1) the tile's warps in order.
+__device__ __forceinline__ void v25_store(float acc_a, float acc_b, int r0, int rows, bool active, int n_split, float* __restrict__ y,
+                                          float* partial) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3, split = warp % n_split;
+  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
+  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
+  if (n_split == 1) {
+    if (active && t == 0) {
+      if (r0 + g < rows) y[r0 + g] = acc_a;
+      if (r0 + g + 8 < rows) y[r0 + g + 8] = acc_b;
+    }
+    return;
+  }
+  if (t == 0) partial[warp * 16 + g] = acc_a, partial[warp * 16 + g + 8] = acc_b;
+  __syncthreads();
+  if (active && split == 0 && lane < 16) {
+    float v = 0.f;
+    for (int s = 0; s < n_split; ++s) v += partial[(warp + s) * 16 + lane];
+    if (r0 + lane < rows) y[r0 + lane] = v;
+  }
+}
+
 template <int P>
 struct V25Load {
   uint4 wa[P], wb[P];
@@ -1667,44 +1709,14 @@ __device__ void v25_tile(const Matrix& m, int block_in_job, int n_split, const f
           }
         } else if (c < n_super) {
           const uint4* fr = on ? reinterpret_cast<const uint4*>(frag + ((c * 4 + t) * 4 + (g & 3)) * 8) : zero;
-          const uint4 f0 = fr[0], f1 = fr[1];
-          const uint4 A = L.wa[u], B = L.wb[u];
-          int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
-          mma_u8s8(lo, A.x & 0x0F0F0F0Fu, B.x & 0x0F0F0F0Fu, A.y & 0x0F0F0F0Fu, B.y & 0x0F0F0F0Fu, f0.x, f0.y);
-          mma_u8s8(lo, A.z & 0x0F0F0F0Fu, B.z & 0x0F0F0F0Fu, A.w & 0x0F0F0F0Fu, B.w & 0x0F0F0F0Fu, f0.z, f0.w);
-          mma_u8s8(hi, A.x & 0xF0F0F0F0u, B.x & 0xF0F0F0F0u, A.y & 0xF0F0F0F0u, B.y & 0xF0F0F0F0u, f1.x, f1.y);
-          mma_u8s8(hi, A.z & 0xF0F0F0F0u, B.z & 0xF0F0F0F0u, A.w & 0xF0F0F0F0u, B.w & 0xF0F0F0F0u, f1.z, f1.w);
-          const float2 f = fx[c * 4 + t];
-          const int va = (16 * lo[0] + hi[0]) * 256 + (16 * lo[1] + hi[1]);
-          const int vb = (16 * lo[2] + hi[2]) * 256 + (16 * lo[3] + hi[3]);
-          const float s_a = __uint_as_float(__byte_perm(L.sa[u], 0, sel)), b_a = __uint_as_float(__byte_perm(L.ba[u], 0, sel));
-          const float s_b = __uint_as_float(__byte_perm(L.sb[u], 0, sel)), b_b = __uint_as_float(__byte_perm(L.bb[u], 0, sel));
-          acc_a = fmaf(float(va) * f.x, s_a, fmaf(b_a, f.y, acc_a));
-          acc_b = fmaf(float(vb) * f.x, s_b, fmaf(b_b, f.y, acc_b));
+          v25_super_chunk(L.wa[u], L.wb[u], fr[0], fr[1], fx[c * 4 + t], L.sa[u], L.sb[u], L.ba[u], L.bb[u], sel, acc_a, acc_b);
         }
         const int cn = c + P * n_split;
         if (cn < n_super) v25_load<P>(L, u, wa, wb, sa, sb, ba, bb, cn);
       }
     }
   }
-  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
-  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
-  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
-  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
-  if (n_split == 1) {
-    if (active && t == 0) {
-      if (r0 + g < m.rows) y[r0 + g] = acc_a;
-      if (r0 + g + 8 < m.rows) y[r0 + g + 8] = acc_b;
-    }
-    return;
-  }
-  if (t == 0) partial[warp * 16 + g] = acc_a, partial[warp * 16 + g + 8] = acc_b;
-  __syncthreads();
-  if (active && split == 0 && lane < 16) {
-    float v = 0.f;
-    for (int s = 0; s < n_split; ++s) v += partial[(warp + s) * 16 + lane];
-    if (r0 + lane < m.rows) y[r0 + lane] = v;
-  }
+  v25_store(acc_a, acc_b, r0, m.rows, active, n_split, y, partial);
 }
 
 template <int W, int P, int MinBlocks = 1, int Ablate = 0>
@@ -1784,43 +1796,14 @@ __global__ void __launch_bounds__(32 * W) matvec_v27(Matrix m, int n_split, cons
       for (int u = 0; u < P; ++u) {
         const int c = c0 + u * n_split;
         if (c < n_super) {
-          const uint4 A = L.wa[u], B = L.wb[u], f0 = L.f0[u], f1 = L.f1[u];
-          int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
-          mma_u8s8(lo, A.x & 0x0F0F0F0Fu, B.x & 0x0F0F0F0Fu, A.y & 0x0F0F0F0Fu, B.y & 0x0F0F0F0Fu, f0.x, f0.y);
-          mma_u8s8(lo, A.z & 0x0F0F0F0Fu, B.z & 0x0F0F0F0Fu, A.w & 0x0F0F0F0Fu, B.w & 0x0F0F0F0Fu, f0.z, f0.w);
-          mma_u8s8(hi, A.x & 0xF0F0F0F0u, B.x & 0xF0F0F0F0u, A.y & 0xF0F0F0F0u, B.y & 0xF0F0F0F0u, f1.x, f1.y);
-          mma_u8s8(hi, A.z & 0xF0F0F0F0u, B.z & 0xF0F0F0F0u, A.w & 0xF0F0F0F0u, B.w & 0xF0F0F0F0u, f1.z, f1.w);
-          const float2 f = L.f[u];
-          const int va = (16 * lo[0] + hi[0]) * 256 + (16 * lo[1] + hi[1]);
-          const int vb = (16 * lo[2] + hi[2]) * 256 + (16 * lo[3] + hi[3]);
-          const float s_a = __uint_as_float(__byte_perm(L.sa[u], 0, sel)), b_a = __uint_as_float(__byte_perm(L.ba[u], 0, sel));
-          const float s_b = __uint_as_float(__byte_perm(L.sb[u], 0, sel)), b_b = __uint_as_float(__byte_perm(L.bb[u], 0, sel));
-          acc_a = fmaf(float(va) * f.x, s_a, fmaf(b_a, f.y, acc_a));
-          acc_b = fmaf(float(vb) * f.x, s_b, fmaf(b_b, f.y, acc_b));
+          v25_super_chunk(L.wa[u], L.wb[u], L.f0[u], L.f1[u], L.f[u], L.sa[u], L.sb[u], L.ba[u], L.bb[u], sel, acc_a, acc_b);
         }
         const int cn = c + P * n_split;
         if (cn < n_super) load(u, cn);
       }
     }
   }
-  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
-  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
-  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
-  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
-  if (n_split == 1) {
-    if (active && t == 0) {
-      if (r0 + g < m.rows) y[r0 + g] = acc_a;
-      if (r0 + g + 8 < m.rows) y[r0 + g + 8] = acc_b;
-    }
-    return;
-  }
-  if (t == 0) partial[warp * 16 + g] = acc_a, partial[warp * 16 + g + 8] = acc_b;
-  __syncthreads();
-  if (active && split == 0 && lane < 16) {
-    float v = 0.f;
-    for (int s = 0; s < n_split; ++s) v += partial[(warp + s) * 16 + lane];
-    if (r0 + lane < m.rows) y[r0 + lane] = v;
-  }
+  v25_store(acc_a, acc_b, r0, m.rows, active, n_split, y, partial);
 }
 
 // Column splits for v25: warps sharing a 16-row tile until there are ~16 warps an SM or each would get
@@ -2003,6 +1986,25 @@ void allow_shared(Kernel k, int bytes) {
   if (bytes > 48 * 1024) CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// A flat table of jobs whose blocks are W / n_split warps of rows_per_warp rows, n_split per job from
+// splits(matrix); *max_cols gets the widest job's columns.
+template <typename Splits>
+FlatTable11 split_table(const std::vector<Job>& jobs, Splits splits, int W, int rows_per_warp, int* max_cols) {
+  FlatTable11 t;
+  t.n_jobs = int(jobs.size());
+  t.tile_start[0] = 0;
+  *max_cols = 0;
+  for (int j = 0; j < t.n_jobs; ++j) {
+    const Matrix& m = jobs[size_t(j)].m;
+    t.jobs[j] = jobs[size_t(j)];
+    t.n_split[j] = int8_t(splits(m));
+    const int rows_per_block = W / t.n_split[j] * rows_per_warp;
+    t.tile_start[j + 1] = t.tile_start[j] + (m.rows + rows_per_block - 1) / rows_per_block;
+    *max_cols = std::max(*max_cols, m.cols);
+  }
+  return t;
+}
+
 // A kernel version for one format: its name and how to launch it on one matrix.
 using LaunchFn = void (*)(const Matrix&, const float*, float*);
 struct Variant { std::string name; LaunchFn launch; };
@@ -2107,18 +2109,8 @@ void launch_v25r(const Matrix& m, const float* x, float* y) {
 
 template <int W, int P>
 void launch_v26(const std::vector<Job>& jobs, const Job*) {
-  FlatTable11 t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  int max_cols = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    const Matrix& m = jobs[size_t(j)].m;
-    t.jobs[j] = jobs[size_t(j)];
-    t.n_split[j] = int8_t(v25_splits(m.rows, m.cols, P, W));
-    const int rows_per_block = W / t.n_split[j] * 16;
-    t.tile_start[j + 1] = t.tile_start[j] + (m.rows + rows_per_block - 1) / rows_per_block;
-    max_cols = std::max(max_cols, m.cols);
-  }
+  int max_cols;
+  const FlatTable11 t = split_table(jobs, [](const Matrix& m) { return v25_splits(m.rows, m.cols, P, W); }, W, 16, &max_cols);
   const size_t shared = v25_shared_bytes(max_cols);
   allow_shared(matvec_v26<W, P>, int(shared));
   matvec_v26<W, P><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
@@ -2255,16 +2247,8 @@ void launch_v10(const std::vector<Job>& jobs, const Job*) {
 
 template <Format F, int R, int U, bool Affine>
 void launch_v12(const std::vector<Job>& jobs, const Job*) {
-  FlatTable11 t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    const Matrix& m = jobs[size_t(j)].m;
-    t.jobs[j] = jobs[size_t(j)];
-    t.n_split[j] = int8_t(v11_splits<F, U>(m.cols));
-    const int rows_per_block = v11_warps / t.n_split[j] * R;
-    t.tile_start[j + 1] = t.tile_start[j] + (m.rows + rows_per_block - 1) / rows_per_block;
-  }
+  int max_cols;
+  const FlatTable11 t = split_table(jobs, [](const Matrix& m) { return v11_splits<F, U>(m.cols); }, v11_warps, R, &max_cols);
   matvec_v12<F, R, U, Affine><<<unsigned(t.tile_start[t.n_jobs]), 32 * v11_warps>>>(t);
 }
 
@@ -2332,18 +2316,8 @@ void launch_v20(const std::vector<Job>& jobs, const Job*) {
 
 template <int MT, int W>
 void launch_v22(const std::vector<Job>& jobs, const Job*) {
-  FlatTable11 t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  int max_cols = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    const Matrix& m = jobs[size_t(j)].m;
-    t.jobs[j] = jobs[size_t(j)];
-    t.n_split[j] = int8_t(v21_splits(m.rows, m.cols, MT));
-    const int rows_per_block = W / t.n_split[j] * 16 * MT;
-    t.tile_start[j + 1] = t.tile_start[j] + (m.rows + rows_per_block - 1) / rows_per_block;
-    max_cols = std::max(max_cols, m.cols);
-  }
+  int max_cols;
+  const FlatTable11 t = split_table(jobs, [](const Matrix& m) { return v21_splits(m.rows, m.cols, MT); }, W, 16 * MT, &max_cols);
   const size_t shared = v17_shared_bytes(max_cols);
   allow_shared(matvec_v22<MT, W>, int(shared));
   matvec_v22<MT, W><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
