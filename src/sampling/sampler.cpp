@@ -234,15 +234,17 @@ int32_t Sampler::sample_candidates(const int32_t* ids, const float* z, int64_t c
                penalty_ids_.size());
   reserve();
   weights_filled_ = false;
-  if (!penalty_ids_.empty() && penalty_counts_.empty()) penalty_counts_.assign(n_vocab_, 0);
-  for (int32_t t : history_)
-    if (!penalty_ids_.empty()) ++penalty_counts_[t];
+  const bool windowed = !penalty_ids_.empty();
+  if (windowed) {
+    if (penalty_counts_.empty()) penalty_counts_.assign(n_vocab_, 0);
+    for (int32_t t : history_) ++penalty_counts_[t];
+  }
   // The candidates outside the window keep the z they came with; the window's tokens take the penalized
   // z of their raw logits, the arithmetic sample() runs on the row.
   int64_t n = 0;
   for (int64_t i = 0; i < count; ++i) {
     MF_CHECK_MSG(ids[i] >= 0 && ids[i] < n_vocab_, "sample_candidates: id {} outside the vocabulary [0, {})", ids[i], n_vocab_);
-    if (!penalty_counts_.empty() && penalty_counts_[ids[i]] != 0) continue;
+    if (windowed && penalty_counts_[ids[i]] != 0) continue;
     logits_[ids[i]] = z[i];
     ids_[n++] = ids[i];
   }
@@ -252,8 +254,8 @@ int32_t Sampler::sample_candidates(const int32_t* ids, const float* z, int64_t c
     logits_[t] = greedy ? logit : logit / params_.temperature;
     ids_[n++] = t;
   }
-  for (int32_t t : history_)
-    if (!penalty_ids_.empty()) penalty_counts_[t] = 0;
+  if (windowed)
+    for (int32_t t : history_) penalty_counts_[t] = 0;
   std::sort(ids_.begin(), ids_.begin() + n);  // id order, as sample() starts
   if (greedy) {
     // argmax_first over the candidates: the first (lowest id) of the largest, NaN never chosen, 0 when every

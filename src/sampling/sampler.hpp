@@ -82,6 +82,11 @@ class Sampler {
 
   const SamplerParams& params() const { return params_; }
   int64_t n_vocab() const { return n_vocab_; }
+  // Whether any penalty can change the logits (a window and a penalty that is not off).
+  bool penalizes() const {
+    return params_.penalty_last_n != 0 &&
+           (params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f);
+  }
   // Whether sample() is the plain argmax of the logits (temperature 0, no penalty that could change
   // them): the caller may then take Session::greedy_token(), which needs no copy of the logits.
   bool picks_argmax() const { return params_.temperature == 0.0f && !penalizes(); }
@@ -96,7 +101,7 @@ class Sampler {
   static constexpr int max_candidate_top_k = 1024;
   int64_t candidate_k();
   // The window's distinct tokens in the order sample_candidates() takes their raw logits (empty without a
-  // penalty). Valid until the next accept(), reset() or candidate_k().
+  // penalty). Valid until the next accept(), reset(), candidate_k() or sample_candidates().
   const std::vector<int32_t>& penalty_ids();
   // ids [count] distinct, each with z as candidate_k() defines it (divided in fp32, as sample() does), at
   // least the candidate_k() best of the unpenalized row among them; penalty_logits: the raw logits of
@@ -107,10 +112,6 @@ class Sampler {
  private:
   Sampler(const SamplerParams& params, int64_t n_vocab, uint64_t seed);
 
-  bool penalizes() const {
-    return params_.penalty_last_n != 0 &&
-           (params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f);
-  }
   void reserve();                  // logits_, ids_, weights_ at n_vocab
   // Steps 1-2 for one logit of a token with `count` occurrences in the window (count ≥ 1).
   float penalized(float logit, int32_t count) const;

@@ -282,10 +282,9 @@ int run_bench(const BenchArgs& a) {
   TokenPicker picker;
   const auto next_token = [&] { return picker.next(session, sampler); };
   const SamplerParams& sp = a.sampling;
-  const bool penalized = sp.penalty_last_n != 0 && (sp.repetition_penalty != 1.0f || sp.presence_penalty != 0.0f || sp.frequency_penalty != 0.0f);
   std::string sampling = sp.temperature == 0.0f ? std::string("greedy")
                                                 : fmt::format("temperature {}, top-k {}, top-p {}, min-p {}", sp.temperature, sp.top_k, sp.top_p, sp.min_p);
-  if (penalized)
+  if (sampler.penalizes())
     sampling += fmt::format("; penalties: repetition {}, presence {}, frequency {} over the last {} tokens", sp.repetition_penalty,
                             sp.presence_penalty, sp.frequency_penalty, sp.penalty_last_n);
   json runs = json::array();

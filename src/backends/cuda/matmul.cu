@@ -480,8 +480,8 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
   // launch of more than three waves even at 4 rows takes a warp a tile (whole, whole_rows a warp) with
   // the same bits: its split tiles' exchange is then cost (all experts of a layer, H100, session 18:
   // DeepSeek-V3's q8 at 14.5 waves 79 → 93% of the copy rate, its q4 at 7.3 67 → 71%; Qwen3.5-397B's q8
-  // at 7.3 73 → 82%, its q4 at 4.8 59 → 58%). Fewer keep their splits: Qwen3-30B's q8 at 2.4 waves lost 2% whole, and
-  // q_proj [16384, 4096] q8 in two split waves runs at 88%, in one unsplit wave 78%.
+  // at 7.3 73 → 82%, its q4 at 4.8 59 → 58%). Fewer waves keep their splits: Qwen3-30B's q8 at 2.4 lost
+  // 2% whole, and q_proj [16384, 4096] q8 in two split waves runs at 88%, in one unsplit wave 78%.
   int staged_rows = 4;
   bool whole = false;
   if (staged || norm) {
