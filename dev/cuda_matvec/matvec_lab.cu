@@ -1986,6 +1986,22 @@ void allow_shared(Kernel k, int bytes) {
   if (bytes > 48 * 1024) CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// A flat table of jobs, job j owning blocks_of(its matrix) consecutive blocks; *max_cols (if given) gets
+// the widest job's columns.
+template <typename Blocks>
+FlatTable flat_table(const std::vector<Job>& jobs, Blocks blocks_of, int* max_cols = nullptr) {
+  FlatTable t;
+  t.n_jobs = int(jobs.size());
+  t.tile_start[0] = 0;
+  if (max_cols) *max_cols = 0;
+  for (int j = 0; j < t.n_jobs; ++j) {
+    t.jobs[j] = jobs[size_t(j)];
+    t.tile_start[j + 1] = t.tile_start[j] + int(blocks_of(jobs[size_t(j)].m));
+    if (max_cols) *max_cols = std::max(*max_cols, jobs[size_t(j)].m.cols);
+  }
+  return t;
+}
+
 // A flat table of jobs whose blocks are W / n_split warps of rows_per_warp rows, n_split per job from
 // splits(matrix); *max_cols gets the widest job's columns.
 template <typename Splits>
@@ -2235,13 +2251,7 @@ void launch_v7(const std::vector<Job>& jobs, const Job* djobs) {
 
 template <Format F, int R, int U, bool Affine>
 void launch_v10(const std::vector<Job>& jobs, const Job*) {
-  FlatTable t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    t.jobs[j] = jobs[size_t(j)];
-    t.tile_start[j + 1] = t.tile_start[j] + (jobs[size_t(j)].m.rows + v8_warps * R - 1) / (v8_warps * R);
-  }
+  const FlatTable t = flat_table(jobs, [](const Matrix& m) { return (m.rows + v8_warps * R - 1) / (v8_warps * R); });
   matvec_v10<F, R, U, Affine><<<unsigned(t.tile_start[t.n_jobs]), 32 * v8_warps>>>(t);
 }
 
@@ -2254,15 +2264,8 @@ void launch_v12(const std::vector<Job>& jobs, const Job*) {
 
 template <Format F, int R, int W, bool Prefetch, bool Affine>
 void launch_v14(const std::vector<Job>& jobs, const Job*) {
-  FlatTable t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  int max_cols = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    t.jobs[j] = jobs[size_t(j)];
-    t.tile_start[j + 1] = t.tile_start[j] + (jobs[size_t(j)].m.rows + W * R - 1) / (W * R);
-    max_cols = std::max(max_cols, jobs[size_t(j)].m.cols);
-  }
+  int max_cols;
+  const FlatTable t = flat_table(jobs, [](const Matrix& m) { return (m.rows + W * R - 1) / (W * R); }, &max_cols);
   const size_t shared = x_shared_bytes<F>(max_cols);
   allow_shared(matvec_v14<F, R, W, Prefetch, Affine>, int(shared));
   matvec_v14<F, R, W, Prefetch, Affine><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
@@ -2270,13 +2273,7 @@ void launch_v14(const std::vector<Job>& jobs, const Job*) {
 
 template <Format F, int R, int W, int P, bool Affine>
 void launch_v16(const std::vector<Job>& jobs, const Job*) {
-  FlatTable t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    t.jobs[j] = jobs[size_t(j)];
-    t.tile_start[j + 1] = t.tile_start[j] + (jobs[size_t(j)].m.rows + W * R - 1) / (W * R);
-  }
+  const FlatTable t = flat_table(jobs, [](const Matrix& m) { return (m.rows + W * R - 1) / (W * R); });
   constexpr int shared = v15_shared_bytes<F, R, W, P>();
   allow_shared(matvec_v16<F, R, W, P, Affine>, shared);
   matvec_v16<F, R, W, P, Affine><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
@@ -2284,15 +2281,8 @@ void launch_v16(const std::vector<Job>& jobs, const Job*) {
 
 template <int MT, int G, int W>
 void launch_v18(const std::vector<Job>& jobs, const Job*) {
-  FlatTable t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  int max_cols = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    t.jobs[j] = jobs[size_t(j)];
-    t.tile_start[j + 1] = t.tile_start[j] + (jobs[size_t(j)].m.rows + W * 16 * MT - 1) / (W * 16 * MT);
-    max_cols = std::max(max_cols, jobs[size_t(j)].m.cols);
-  }
+  int max_cols;
+  const FlatTable t = flat_table(jobs, [](const Matrix& m) { return (m.rows + W * 16 * MT - 1) / (W * 16 * MT); }, &max_cols);
   const size_t shared = v17_shared_bytes(max_cols);
   allow_shared(matvec_v18<MT, G, W>, int(shared));
   matvec_v18<MT, G, W><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
@@ -2300,15 +2290,8 @@ void launch_v18(const std::vector<Job>& jobs, const Job*) {
 
 template <int MT, int W>
 void launch_v20(const std::vector<Job>& jobs, const Job*) {
-  FlatTable t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  int max_cols = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    t.jobs[j] = jobs[size_t(j)];
-    t.tile_start[j + 1] = t.tile_start[j] + (jobs[size_t(j)].m.rows + W * 16 * MT - 1) / (W * 16 * MT);
-    max_cols = std::max(max_cols, jobs[size_t(j)].m.cols);
-  }
+  int max_cols;
+  const FlatTable t = flat_table(jobs, [](const Matrix& m) { return (m.rows + W * 16 * MT - 1) / (W * 16 * MT); }, &max_cols);
   const size_t shared = v17_shared_bytes(max_cols);
   allow_shared(matvec_v20<MT, W>, int(shared));
   matvec_v20<MT, W><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
@@ -2325,28 +2308,15 @@ void launch_v22(const std::vector<Job>& jobs, const Job*) {
 
 template <Format F, int R, int W, int MinBlocks, bool Affine>
 void launch_v24(const std::vector<Job>& jobs, const Job*) {
-  FlatTable t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  int max_cols = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    t.jobs[j] = jobs[size_t(j)];
-    t.tile_start[j + 1] = t.tile_start[j] + (jobs[size_t(j)].m.rows + W * R - 1) / (W * R);
-    max_cols = std::max(max_cols, jobs[size_t(j)].m.cols);
-  }
+  int max_cols;
+  const FlatTable t = flat_table(jobs, [](const Matrix& m) { return (m.rows + W * R - 1) / (W * R); }, &max_cols);
   const size_t shared = x_shared_bytes<F>(max_cols);
   allow_shared(matvec_v24<F, R, W, MinBlocks, Affine>, int(shared));
   matvec_v24<F, R, W, MinBlocks, Affine><<<unsigned(t.tile_start[t.n_jobs]), 32 * W, shared>>>(t);
 }
 
 void launch_read_table(const std::vector<Job>& jobs, const Job*) {
-  FlatTable t;
-  t.n_jobs = int(jobs.size());
-  t.tile_start[0] = 0;
-  for (int j = 0; j < t.n_jobs; ++j) {
-    t.jobs[j] = jobs[size_t(j)];
-    t.tile_start[j + 1] = t.tile_start[j] + int((jobs[size_t(j)].m.bytes() + read_piece - 1) / read_piece);
-  }
+  const FlatTable t = flat_table(jobs, [](const Matrix& m) { return (m.bytes() + read_piece - 1) / read_piece; });
   read_table<<<unsigned(t.tile_start[t.n_jobs]), 256>>>(t, jobs[0].y);
 }
 

@@ -121,6 +121,7 @@ Sampler::Sampler(const SamplerParams& params, int64_t n_vocab, uint64_t seed)
 void Sampler::accept(int32_t token) {
   MF_CHECK_MSG(token >= 0 && token < n_vocab_, "token {} outside the vocabulary [0, {})", token, n_vocab_);
   if (params_.penalty_last_n == 0) return;
+  penalty_ids_current_ = false;
   history_.push_back(token);
   if (params_.penalty_last_n > 0 && static_cast<int64_t>(history_.size()) > params_.penalty_last_n)
     history_.pop_front();
@@ -128,6 +129,7 @@ void Sampler::accept(int32_t token) {
 
 void Sampler::reset() {
   history_.clear();
+  penalty_ids_current_ = false;
   rng_.seed(seed_);
 }
 
@@ -156,6 +158,8 @@ void Sampler::apply_penalties(float* logits) {
 }
 
 const std::vector<int32_t>& Sampler::penalty_ids() {
+  if (penalty_ids_current_) return penalty_ids_;
+  penalty_ids_current_ = true;
   penalty_ids_.clear();
   if (!penalizes() || history_.empty()) return penalty_ids_;
   if (penalty_counts_.empty()) penalty_counts_.assign(n_vocab_, 0);
@@ -225,11 +229,10 @@ void Sampler::reserve() {
 int32_t Sampler::sample_candidates(const int32_t* ids, const float* z, int64_t count, const float* penalty_logits) {
   const bool greedy = params_.temperature == 0.0f;
   const int64_t wanted = std::min<int64_t>(greedy ? 1 : params_.top_k, n_vocab_);
-  const bool served = greedy ? penalizes() : params_.top_k >= 1 && params_.top_k <= max_candidate_top_k;
+  const bool served = candidate_k() > 0;  // and penalty_ids_ is the window the caller's penalty_logits follow
   MF_CHECK_MSG(served && count >= wanted && count <= n_vocab_,
                "sample_candidates: {} candidates for top-k {} (the sampler {} from candidates)", count, params_.top_k,
                served ? "samples" : "does not sample");
-  penalty_ids();  // the order the caller's penalty_logits follow: the same history gives the same ids
   MF_CHECK_MSG(penalty_ids_.empty() || penalty_logits, "sample_candidates: the raw logits of {} penalized tokens are missing",
                penalty_ids_.size());
   reserve();

@@ -101,7 +101,7 @@ class Sampler {
   static constexpr int max_candidate_top_k = 1024;
   int64_t candidate_k();
   // The window's distinct tokens in the order sample_candidates() takes their raw logits (empty without a
-  // penalty). Valid until the next accept(), reset(), candidate_k() or sample_candidates().
+  // penalty); worked out once per window. Valid until the next accept() or reset().
   const std::vector<int32_t>& penalty_ids();
   // ids [count] distinct, each with z as candidate_k() defines it (divided in fp32, as sample() does), at
   // least the candidate_k() best of the unpenalized row among them; penalty_logits: the raw logits of
@@ -133,8 +133,9 @@ class Sampler {
   std::vector<float> logits_;              // [n_vocab] f32: penalized, then divided by temperature
   std::vector<int32_t> ids_;               // [n_vocab] candidate token ids
   std::vector<int32_t> penalty_counts_;    // [n_vocab] occurrences in the window; all zero between calls
-  std::vector<int32_t> penalty_ids_;       // penalty_ids()
+  std::vector<int32_t> penalty_ids_;       // penalty_ids(), of the window as it is when penalty_ids_current_
   std::vector<double> weights_;            // [n_vocab], fill_weights
+  bool penalty_ids_current_ = false;
   bool weights_filled_ = false;            // for this sample() call's candidates (a superset of those kept)
   float weights_max_ = 0.0f;               // the max_logit they were taken against
 };
