@@ -1375,10 +1375,11 @@ TEST(CudaTrace, WritesARowPerOpOnOneClock) {
 
 // The device routers write ids and weights to backend memory; they must choose as the host routers do.
 // Expert counts cover each form of the CUDA softmax router: 4, 8, 16 and 32 experts a lane in registers
-// (61 and 1000: a partly filled last column), and the shared-memory form beyond 1024.
+// (61 and 1000: a partly filled last column), and the shared-memory form beyond 1024; k 40 and 64 choose
+// more experts than a warp has lanes (each weight renormalized).
 TEST_P(BackendOps, DeviceRoutersMatchHostRouters) {
   for (const auto& [T, E, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 128, 8}, {3, 512, 10}, {2, 64, 4}, {2, 61, 6}, {2, 256, 8},
-                                {1, 1000, 16}, {2, 1500, 8}}) {
+                                {1, 1000, 16}, {2, 1500, 8}, {2, 256, 40}, {1, 1500, 64}}) {
     const auto logits = gaussian(size_t(T * E), rng_, 2.0f);
     std::vector<int32_t> ids_ref(size_t(T * k));
     std::vector<float> w_ref(ids_ref.size());

@@ -103,7 +103,8 @@ __device__ void softmax_topk_warp(const float* logits, int n_expert, int k, bool
     if (lane == 0) chosen[j] = e, chosen_w[j] = pe;
   }
   __syncwarp();
-  if (normalize && lane < k) chosen_w[lane] /= selected;
+  if (normalize)
+    for (int j = lane; j < k; j += 32) chosen_w[j] /= selected;  // k may exceed the lanes (up to max_router_k)
 }
 
 // softmax_topk_warp with lane l's experts l, l + 32, … (fewer than 32 · PL) in registers: the same
@@ -146,7 +147,8 @@ __device__ void softmax_topk_regs(const float* logits, int n_expert, int k, bool
     if (lane == 0) chosen[j] = int(0xffffffffu - lo), chosen_w[j] = pe;
   }
   __syncwarp();
-  if (normalize && lane < k) chosen_w[lane] /= selected;
+  if (normalize)
+    for (int j = lane; j < k; j += 32) chosen_w[j] /= selected;  // k may exceed the lanes (up to max_router_k)
 }
 
 // Experts per lane of the register form for n_expert experts (0: more than 1024, the shared-memory form).
