@@ -5,7 +5,8 @@
 // weight bytes (data + scales + biases) per second against the measured device-to-device copy.
 // Build: with the project (CMake target matmul_bench, when CUDA is on). Run: ./build/dev/matmul_bench, or
 // ./build/dev/matmul_bench --batches for the batch table alone (with MOEFLUX_CUDA_GEMM=0 to compare), --moe
-// for one decode token's routed experts (router top-k + moe_decode) alone.
+// for one decode token's routed experts (router top-k + moe_decode) alone, --layer for a decode step's
+// chain of ops at Qwen3-30B's dimensions, each op left out in turn.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/attention.cuh"
 #include "backends/cuda/matmul.cuh"
 #include "backends/cuda/moe.cuh"
 
@@ -117,10 +119,58 @@ void batch_table(float* x, float* y) {
     }
 }
 
+// `count` random expert blobs of format f laid out as a pack's (gate, up, down parts at 256-byte
+// offsets), `copies` times over in device memory; scales and biases small and finite (q8 fp16, q4 bf16),
+// bf16 data tamed likewise.
+struct ExpertBlobs {
+  moeflux::ExpertLayout layout;
+  size_t blob = 0;    // bytes a blob
+  size_t active = 0;  // weight bytes of one expert (data, scales, biases)
+  int count = 0;
+  uint8_t* device = nullptr;
+  ExpertBlobs(WeightFormat f, int count_, int copies, int64_t inter, int64_t hidden, uint64_t seed) : count(count_) {
+    const auto gate = moeflux::weight_part_bytes(f, inter, hidden), down = moeflux::weight_part_bytes(f, hidden, inter);
+    const auto align = [](size_t b) { return (b + 255) / 256 * 256; };
+    const auto place = [&](WeightView& v, const moeflux::WeightPartBytes& p, int64_t rows, int64_t cols) {
+      const auto offset = [](size_t o) { return reinterpret_cast<const void*>(uintptr_t(o)); };
+      v.format = f, v.rows = rows, v.cols = cols;
+      v.data = offset(blob), blob += align(p.data);
+      v.scales = p.scales ? offset(blob) : nullptr, blob += align(p.scales);
+      v.biases = p.biases ? offset(blob) : nullptr, blob += align(p.biases);
+    };
+    place(layout.gate, gate, inter, hidden), place(layout.up, gate, inter, hidden), place(layout.down, down, hidden, inter);
+    active = 2 * gate.total() + down.total();
+    std::vector<uint8_t> bytes(blob * size_t(count));
+    fill_random(bytes, seed);
+    for (int e = 0; e < count; ++e)
+      for (const WeightView* v : {&layout.gate, &layout.up, &layout.down}) {
+        const auto p = moeflux::weight_part_bytes(f, v->rows, v->cols);
+        uint8_t* b = bytes.data() + size_t(e) * blob;
+        for (auto [off, len] : {std::pair{uintptr_t(v->scales), p.scales}, std::pair{uintptr_t(v->biases), p.biases}})
+          for (size_t i = 1; i < len; i += 2) b[off + i] = uint8_t((b[off + i] & 0x80) | (f == WeightFormat::q8 ? 0x1C : 0x3C));
+        if (f == WeightFormat::bf16)
+          for (size_t i = 1; i < p.data; i += 2) b[uintptr_t(v->data) + i] = uint8_t((b[uintptr_t(v->data) + i] & 0x80) | 0x3C);
+      }
+    MF_CUDA_CHECK(cudaMalloc(&device, bytes.size() * size_t(copies)));
+    for (int c = 0; c < copies; ++c) MF_CUDA_CHECK(cudaMemcpy(device + bytes.size() * size_t(c), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+  }
+  ~ExpertBlobs() { cudaFree(device); }
+  const uint8_t* at(int copy, int e) const { return device + blob * (size_t(copy) * size_t(count) + size_t(e)); }
+};
+
+// Device memory holding host values.
+template <typename T>
+T* upload(const std::vector<T>& v) {
+  T* p;
+  MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), v.size() * sizeof(T)));
+  MF_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
 // One decode token's routed experts as the engine runs them (router top-k on the device, then
-// cuda::moe_decode: gate/up + SwiGLU, down + ordered combine), over rotating copies of each expert blob
-// laid out as a pack's (gate, up, down parts at 256-byte offsets), µs per token and weight bytes per
-// second. The logits are random and fixed, so the same k experts are chosen each call.
+// cuda::moe_decode: gate/up + SwiGLU, down + ordered combine), over rotating copies of each expert blob,
+// µs per token and weight bytes per second. The logits are random and fixed, so the same k experts are
+// chosen each call.
 void moe_table(float* x, float* y, double copy_gbs) {
   std::printf("\n| routed experts of one token: router top-k + moe_decode (engine) | MB | bf16 µs | q8 µs | q4 µs | bf16 / q8 / q4 %% of copy |\n"
               "|---|---|---|---|---|---|\n");
@@ -131,73 +181,125 @@ void moe_table(float* x, float* y, double copy_gbs) {
     double us[3], pct[3], mb = 0;
     int fi = 0;
     for (WeightFormat f : {WeightFormat::bf16, WeightFormat::q8, WeightFormat::q4}) {
-      const auto gate = moeflux::weight_part_bytes(f, l.inter, l.hidden), down = moeflux::weight_part_bytes(f, l.hidden, l.inter);
-      const auto align = [](size_t b) { return (b + 255) / 256 * 256; };
-      moeflux::ExpertLayout layout;
-      size_t at = 0;
-      const auto place = [&](WeightView& v, const moeflux::WeightPartBytes& p, int64_t rows, int64_t cols) {
-        const auto offset = [](size_t o) { return reinterpret_cast<const void*>(uintptr_t(o)); };
-        v.format = f, v.rows = rows, v.cols = cols;
-        v.data = offset(at), at += align(p.data);
-        v.scales = p.scales ? offset(at) : nullptr, at += align(p.scales);
-        v.biases = p.biases ? offset(at) : nullptr, at += align(p.biases);
-      };
-      place(layout.gate, gate, l.inter, l.hidden), place(layout.up, gate, l.inter, l.hidden), place(layout.down, down, l.hidden, l.inter);
-      const size_t blob = at, active = size_t(l.k) * (2 * gate.total() + down.total());
+      const size_t active = size_t(l.k) * (2 * moeflux::weight_part_bytes(f, l.inter, l.hidden).total() +
+                                           moeflux::weight_part_bytes(f, l.hidden, l.inter).total());
       const int n = copies_for(active);
-      std::vector<uint8_t> bytes(blob * size_t(l.k));
-      fill_random(bytes, seed += 7);
-      // Scales and biases small and finite (q8 fp16, q4 bf16); bf16 data tamed likewise.
-      for (int e = 0; e < l.k; ++e)
-        for (const WeightView* v : {&layout.gate, &layout.up, &layout.down}) {
-          const auto p = moeflux::weight_part_bytes(f, v->rows, v->cols);
-          uint8_t* b = bytes.data() + size_t(e) * blob;
-          for (auto [off, len] : {std::pair{uintptr_t(v->scales), p.scales}, std::pair{uintptr_t(v->biases), p.biases}})
-            for (size_t i = 1; i < len; i += 2) b[off + i] = uint8_t((b[off + i] & 0x80) | (f == WeightFormat::q8 ? 0x1C : 0x3C));
-          if (f == WeightFormat::bf16)
-            for (size_t i = 1; i < p.data; i += 2) b[uintptr_t(v->data) + i] = uint8_t((b[uintptr_t(v->data) + i] & 0x80) | 0x3C);
-        }
-      // n copies; copy c's table maps expert ids to its blobs (only the chosen ids are ever read).
-      uint8_t* d_blobs;
-      MF_CUDA_CHECK(cudaMalloc(&d_blobs, bytes.size() * size_t(n)));
-      for (int c = 0; c < n; ++c) MF_CUDA_CHECK(cudaMemcpy(d_blobs + bytes.size() * size_t(c), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
-      std::vector<float> logits(size_t(l.n_expert));
-      std::vector<uint8_t> lb(logits.size() * 4);
+      const ExpertBlobs blobs(f, l.k, n, l.inter, l.hidden, seed += 7);
+      std::vector<uint8_t> lb(size_t(l.n_expert) * 4);
       fill_random(lb, seed += 7);
+      std::vector<float> logits(size_t(l.n_expert));
       for (size_t i = 0; i < logits.size(); ++i) logits[i] = float(lb[4 * i]) / 64.f;
       std::vector<int> order(logits.size());
       for (size_t i = 0; i < order.size(); ++i) order[i] = int(i);
       std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits[size_t(a)] > logits[size_t(b)]; });
+      // n copies; copy c's table maps expert ids to its blobs (only the chosen ids are ever read).
       std::vector<const void*> tables(size_t(n) * size_t(l.n_expert), nullptr);
       for (int c = 0; c < n; ++c)
-        for (int j = 0; j < l.k; ++j)
-          tables[size_t(c * l.n_expert + order[size_t(j)])] = d_blobs + bytes.size() * size_t(c) + blob * size_t(j);
-      const void** d_tables;
-      float *d_logits, *d_weights, *h;
+        for (int j = 0; j < l.k; ++j) tables[size_t(c * l.n_expert + order[size_t(j)])] = blobs.at(c, j);
+      const void** d_tables = upload(tables);
+      float* d_logits = upload(logits);
+      float *d_weights, *h;
       int32_t* d_ids;
-      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_tables), tables.size() * sizeof(void*)));
-      MF_CUDA_CHECK(cudaMemcpy(d_tables, tables.data(), tables.size() * sizeof(void*), cudaMemcpyHostToDevice));
-      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_logits), logits.size() * 4));
-      MF_CUDA_CHECK(cudaMemcpy(d_logits, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice));
       MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_ids), 64 * 4));
       MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_weights), 64 * 4));
       MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&h), size_t(l.k) * size_t(l.inter) * 4));
       const float ms = ms_per_call([&](int i) {
         moeflux::cuda::router_softmax_topk(d_logits, 1, l.n_expert, l.k, true, d_ids, d_weights, nullptr);
-        moeflux::cuda::moe_decode(layout, d_tables + size_t(i % n) * size_t(l.n_expert), d_ids, d_weights, l.k, x, h, nullptr, y, false,
+        moeflux::cuda::moe_decode(blobs.layout, d_tables + size_t(i % n) * size_t(l.n_expert), d_ids, d_weights, l.k, x, h, nullptr, y, false,
                                   nullptr);
       }, 200);
       MF_CUDA_CHECK(cudaGetLastError());
       us[fi] = double(ms) * 1e3;
       pct[fi++] = 100.0 * double(active) / (ms * 1e-3) / 1e9 / copy_gbs;
       mb = double(active) / 1e6;
-      for (void* p : {static_cast<void*>(d_blobs), static_cast<void*>(d_tables), static_cast<void*>(d_logits), static_cast<void*>(d_ids),
-                      static_cast<void*>(d_weights), static_cast<void*>(h)})
+      for (void* p : {static_cast<void*>(d_tables), static_cast<void*>(d_logits), static_cast<void*>(d_ids), static_cast<void*>(d_weights),
+                      static_cast<void*>(h)})
         MF_CUDA_CHECK(cudaFree(p));
     }
     std::printf("| %s | %.1f (q4) | %.1f | %.1f | %.1f | %.0f%% / %.0f%% / %.0f%% |\n", l.what, mb, us[0], us[1], us[2], pct[0], pct[1], pct[2]);
     std::fflush(stdout);
   }
+}
+
+// One decode step's chain at Qwen3-30B-A3B's dimensions as the engine launches it (48 layers: norm +
+// q/k/v, q/k norms + rotary + attention over 600 cached keys, o_proj, norm + router, top-k, routed
+// experts; dense q8, router bf16, experts q4 as the bench's synthetic pack), each layer its own weights
+// and cache (the experts from four sets of 128, so every step reads from device memory, not the L2).
+// Then the step with each op left out, and each op alone 48 times: what an op costs where it sits in
+// the chain, apart from the trace's per-op events. µs a layer (median of 7 runs of 20 steps).
+void layer_table(double copy_gbs) {
+  constexpr int L = 48, E = 128, K = 8, sets = 4;
+  constexpr int64_t H = 2048, Q = 4096, KV = 512, I = 768, ctx = 1024, n_past = 600;
+  const auto layout = moeflux::AttentionLayout::gqa(32, 4, 128);
+  Copies qkv_q(WeightFormat::q8, Q, H, L, 11), qkv_k(WeightFormat::q8, KV, H, L, 12), qkv_v(WeightFormat::q8, KV, H, L, 13);
+  Copies o_proj(WeightFormat::q8, H, Q, L, 14), router(WeightFormat::bf16, E, H, L, 15);
+  const ExpertBlobs experts(WeightFormat::q4, E, sets, I, H, 16);
+  std::vector<const void*> tables(size_t(sets) * E);
+  for (int c = 0; c < sets; ++c)
+    for (int e = 0; e < E; ++e) tables[size_t(c * E + e)] = experts.at(c, e);
+  const void** d_tables = upload(tables);
+  std::vector<uint8_t> rb(size_t(ctx * KV * 2 * L) * 4 + size_t(8 * H) * 4);
+  fill_random(rb, 17);
+  std::vector<float> host(rb.size() / 4);
+  for (size_t i = 0; i < host.size(); ++i) host[i] = (float(rb[4 * i]) - 127.5f) / 128.f;  // in (−1, 1)
+  float* kv = upload(host);  // [L][K rows, V rows] of ctx · KV, then 8 vectors of H
+  float* vec = kv + size_t(ctx * KV * 2 * L);
+  float *x0 = vec, *x1 = vec + H, *y = vec + 2 * H, *norm_w = vec + 3 * H, *qk_w = vec + 4 * H, *inv_freq = vec + 5 * H;
+  float *q, *attn, *h, *logits, *weights, *hbuf;
+  int32_t* ids;
+  for (auto [p, n] : {std::pair{&q, Q}, {&attn, Q}, {&h, H}, {&logits, int64_t(E)}, {&weights, int64_t(64)}, {&hbuf, K * I}})
+    MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(p), size_t(n) * 4));
+  MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ids), 64 * 4));
+  MF_CUDA_CHECK(cudaMemset(ids, 0, 64 * 4));
+  MF_CUDA_CHECK(cudaMemset(weights, 0, 64 * 4));
+  const moeflux::cuda::QkNormRope qk{qk_w, qk_w + 128, 1e-6f, 64, float(n_past), inv_freq};
+  enum Op { qkv, attention, o, route, topk, moe, n_ops };
+  const char* names[n_ops] = {"norm + q/k/v", "attention (q/k norm, rotary)", "o_proj", "norm + router", "router top-k", "experts (gate/up, down)"};
+  // mask: the ops that run.
+  const auto step = [&](unsigned mask) {
+    for (int l = 0; l < L; ++l) {
+      float* k_cache = kv + size_t(l) * ctx * KV * 2;
+      float* v_cache = k_cache + ctx * KV;
+      if (mask & 1u << qkv) {
+        const MatmulJob jobs[] = {{qkv_q.views[size_t(l)], h, q, 1}, {qkv_k.views[size_t(l)], h, k_cache + n_past * KV, 1},
+                                  {qkv_v.views[size_t(l)], h, v_cache + n_past * KV, 1}};
+        if (!moeflux::cuda::norm_matmul_jobs(x0, y, norm_w, 1e-6f, H, x1, h, jobs, 3, nullptr)) std::abort();
+      }
+      if (mask & 1u << attention)
+        if (!moeflux::cuda::attention_qk_norm_rope(q, k_cache, v_cache, n_past, layout, 0.088f, attn, qk, nullptr)) std::abort();
+      if (mask & 1u << o) {
+        const MatmulJob job{o_proj.views[size_t(l)], attn, y, 1};
+        moeflux::cuda::matmul_jobs(&job, 1, nullptr);
+      }
+      if (mask & 1u << route) {
+        const MatmulJob job{router.views[size_t(l)], h, logits, 1};
+        if (!moeflux::cuda::norm_matmul_jobs(x1, y, norm_w, 1e-6f, H, x0, h, &job, 1, nullptr)) std::abort();
+      }
+      if (mask & 1u << topk) moeflux::cuda::router_softmax_topk(logits, 1, E, K, true, ids, weights, nullptr);
+      if (mask & 1u << moe)
+        moeflux::cuda::moe_decode(experts.layout, d_tables + size_t(l % sets) * E, ids, weights, K, h, hbuf, nullptr, y, false, nullptr);
+    }
+  };
+  const auto us_per_layer = [&](unsigned mask) {
+    std::vector<float> runs;
+    for (int r = 0; r < 7; ++r) runs.push_back(ms_per_call([&](int) { step(mask); }, 20) * 1e3f / L);
+    std::sort(runs.begin(), runs.end());
+    return double(runs[3]);
+  };
+  const unsigned all = (1u << n_ops) - 1;
+  const double full = us_per_layer(all);
+  const double bytes = double(qkv_q.bytes + qkv_k.bytes + qkv_v.bytes + o_proj.bytes + router.bytes + K * experts.active);
+  std::printf("\n| decode layer chain, Qwen3-30B-A3B dims (engine) | µs a layer | without it: µs (saves) | alone ×48: µs |\n|---|---|---|---|\n");
+  std::printf("| whole layer (%.1f MB of weights: %.1f µs at the copy rate) | %.1f | | |\n", bytes / 1e6, bytes / copy_gbs / 1e3, full);
+  for (int op = 0; op < n_ops; ++op) {
+    const double without = us_per_layer(all & ~(1u << op)), alone = us_per_layer(1u << op);
+    std::printf("| %s | | %.1f (%.1f) | %.1f |\n", names[op], without, full - without, alone);
+    std::fflush(stdout);
+  }
+  MF_CUDA_CHECK(cudaGetLastError());
+  for (void* p : {static_cast<void*>(d_tables), static_cast<void*>(kv), static_cast<void*>(q), static_cast<void*>(attn), static_cast<void*>(h),
+                  static_cast<void*>(logits), static_cast<void*>(weights), static_cast<void*>(hbuf), static_cast<void*>(ids)})
+    MF_CUDA_CHECK(cudaFree(p));
 }
 
 int main(int argc, char** argv) {
@@ -233,6 +335,12 @@ int main(int argc, char** argv) {
     }, 100);
     std::printf("[%lld, %lld] %s: %.2f us, %.0f GB/s, %.0f%% of copy\n", (long long)rows, (long long)cols, moeflux::weight_format_name(f),
                 double(ms) * 1e3, double(bytes) / (ms * 1e-3) / 1e9, 100.0 * double(bytes) / (ms * 1e-3) / 1e9 / copy_gbs);
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--layer") == 0) {
+    layer_table(copy_gbs);
+    MF_CUDA_CHECK(cudaFree(x));
+    MF_CUDA_CHECK(cudaFree(y));
     return 0;
   }
   if (moe_only) {

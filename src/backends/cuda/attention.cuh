@@ -40,10 +40,11 @@ namespace moeflux::cuda {
 // labs and tests (tiled still falls back to simple where it cannot run).
 enum class AttentionPath { automatic, simple, tiled };
 
-// The tiled kernel's shape, for labs: rows per warp (1, 2 or 4), warps per block (1 … 8) and how many
-// waves of resident blocks a split decode aims at; 0 keeps the measured choice.
+// The tiled kernel's shape, for labs: rows per warp (1, 2 or 4), warps per block (1 … 8), how many
+// waves of resident blocks a split decode aims at, and key tiles per split (instead of the waves); 0
+// keeps the measured choice.
 struct AttentionTuning {
-  int rows_per_warp = 0, warps = 0, waves = 0;
+  int rows_per_warp = 0, warps = 0, waves = 0, split_tiles = 0;
 };
 
 void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
