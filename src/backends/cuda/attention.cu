@@ -153,18 +153,25 @@ constexpr int max_splits = 256;  // a warp's combine weights (combine_row)
 // out[row] = Σ_s e^(m_s − M) o_s / Σ_s e^(m_s − M) l_s over the split partials, M = max_s m_s; a split
 // that saw no key of the row (m = −inf) weighs 0. By one warp (lanes over the splits, then over float4
 // columns, each in split order), w: n_split floats of shared memory for the warp. The partials are read
-// past L1 (__ldcg): other blocks wrote them during this kernel when the last split combines.
+// past L1 (__ldcg): other blocks wrote them during this kernel when the last split combines. Each read is
+// a round trip to the L2, which is most of a short decode's combine: a lane's (m, l) pair is read once,
+// and its column's partials combine_batch at a time, all in flight before the first is added.
+constexpr int combine_batch = 8;
 __device__ void combine_row(const float* __restrict__ part_o, const float* __restrict__ part_ml, int n_split, int64_t rows_out,
                             int64_t v_dim, int64_t row, float* __restrict__ out, float* w) {
   const int lane = threadIdx.x & 31;
-  float m_max = -INFINITY;
-  for (int s = lane; s < n_split; s += 32) m_max = fmaxf(m_max, __ldcg(part_ml + (s * rows_out + row) * 2));
+  // Splits 0 … 31 (a decode's usual count) from the one read; any past them read again for the weights.
+  const auto ml_at = [&](int s) { return __ldcg(reinterpret_cast<const float2*>(part_ml) + s * rows_out + row); };
+  const float2 first = lane < n_split ? ml_at(lane) : make_float2(-INFINITY, 0.f);
+  float m_max = first.x;
+  for (int s = lane + 32; s < n_split; s += 32) m_max = fmaxf(m_max, ml_at(s).x);
   m_max = warp_max(m_max);
   float total = 0.f;
   for (int s = lane; s < n_split; s += 32) {
-    const float m = __ldcg(part_ml + (s * rows_out + row) * 2), ws = m == -INFINITY ? 0.f : exp2f(m - m_max);
+    const float2 ml = s == lane ? first : ml_at(s);
+    const float ws = ml.x == -INFINITY ? 0.f : exp2f(ml.x - m_max);
     w[s] = ws;
-    total = fmaf(ws, __ldcg(part_ml + (s * rows_out + row) * 2 + 1), total);
+    total = fmaf(ws, ml.y, total);
   }
   const float inv_total = 1.f / warp_sum(total);
   __syncwarp();
@@ -172,11 +179,17 @@ __device__ void combine_row(const float* __restrict__ part_o, const float* __res
   const float4* po = reinterpret_cast<const float4*>(part_o) + row * v4;
   for (int64_t c = lane; c < v4; c += 32) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = 0; s < n_split; ++s) {
-      const float4 p = __ldcg(po + s * rows_out * v4 + c);
-      const float ws = w[s];
-      o.x = fmaf(ws, p.x, o.x), o.y = fmaf(ws, p.y, o.y), o.z = fmaf(ws, p.z, o.z), o.w = fmaf(ws, p.w, o.w);
+    for (int s0 = 0; s0 < n_split; s0 += combine_batch) {
+      float4 p[combine_batch];
+#pragma unroll
+      for (int i = 0; i < combine_batch; ++i)
+        if (s0 + i < n_split) p[i] = __ldcg(po + (s0 + i) * rows_out * v4 + c);
+#pragma unroll
+      for (int i = 0; i < combine_batch; ++i) {
+        if (s0 + i >= n_split) break;
+        const float ws = w[s0 + i];
+        o.x = fmaf(ws, p[i].x, o.x), o.y = fmaf(ws, p[i].y, o.y), o.z = fmaf(ws, p[i].z, o.z), o.w = fmaf(ws, p[i].w, o.w);
+      }
     }
     reinterpret_cast<float4*>(out + row * v_dim)[c] = make_float4(o.x * inv_total, o.y * inv_total, o.z * inv_total, o.w * inv_total);
   }
@@ -271,6 +284,12 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   float k_new[max_lane_dims];
   if (a.q_norm) {
     const int per = k4i * 4 / 32;
+    // The new key's loads go out with the q rows' (both were written by the q/k/v kernel just before).
+    float* cached = a.k_cache_out + a.n_past * a.l.k_stride + kv * a.l.k_dim;
+    if (new_key_here && warp == 0) {
+#pragma unroll
+      for (int m = 0; m < max_lane_dims; ++m) k_new[m] = m < per ? cached[lane + 32 * m] : 0.f;
+    }
     for (int r = 0; r < RW; ++r) {
       const int64_t row = row0 + warp * RW + r;
       float v[max_lane_dims] = {};  // rows past the last stay 0, as the staging above leaves them
@@ -286,9 +305,6 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
         if (m < per) dst[lane + 32 * m] = v[m];
     }
     if (new_key_here && warp == 0) {
-      float* cached = a.k_cache_out + a.n_past * a.l.k_stride + kv * a.l.k_dim;
-#pragma unroll
-      for (int m = 0; m < max_lane_dims; ++m) k_new[m] = m < per ? cached[lane + 32 * m] : 0.f;
       norm_rope_lanes(k_new, per, a.k_norm, a, cos_a, sin_a, 1.f);
 #pragma unroll
       for (int m = 0; m < max_lane_dims; ++m)
@@ -388,10 +404,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
       const int col = lane + 32 * c;
       if (col < v4) o[col] = make_float4(acc[r][c][0] * inv, acc[r][c][1] * inv, acc[r][c][2] * inv, acc[r][c][3] * inv);
     }
-    if (!direct && lane == 0) {
-      a.part_ml[(split * a.rows_out + orow) * 2] = m[r];
-      a.part_ml[(split * a.rows_out + orow) * 2 + 1] = l[r];
-    }
+    if (!direct && lane == 0) reinterpret_cast<float2*>(a.part_ml)[split * a.rows_out + orow] = make_float2(m[r], l[r]);
   }
   if (a.part_o && a.counters) {
     // The last split of this block column to finish combines the column's rows: the partials are
@@ -444,7 +457,8 @@ int key_pitch(int64_t dim) { return int(dim + (36 - dim % 32) % 32); }
 // (decode): as many splits as fill it, each at least one key tile. Then launches the kernel, and the
 // combine when split.
 template <int RW, int VPL>
-void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, int64_t n_keys, float* out, cudaStream_t stream) {
+void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, int split_tiles, int64_t n_keys, float* out,
+                  cudaStream_t stream) {
   const auto kernel = attention_tiled_kernel<RW, VPL>;
   if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
   int resident = 0;
@@ -452,6 +466,7 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
   const int64_t blocks = a.n_row_tiles * a.l.n_head_kv, wave = int64_t(std::max(resident, 1)) * n_sm * waves;
   int64_t n_split = 1;
   if (blocks < wave) n_split = std::min<int64_t>({wave / blocks, (n_keys + tile_keys - 1) / tile_keys, int64_t(max_splits)});
+  if (split_tiles > 0) n_split = std::clamp<int64_t>((n_keys + split_tiles * tile_keys - 1) / (split_tiles * tile_keys), 1, max_splits);
   a.keys_per_split = ((n_keys + n_split - 1) / n_split + tile_keys - 1) / tile_keys * tile_keys;
   n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
   a.out = out;
@@ -475,13 +490,13 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
 }
 
 template <int RW>
-void launch_tiled_rw(const TiledArgs& a, int vpl, int warps, size_t shared, int n_sm, int waves, int64_t n_keys, float* out,
-                     cudaStream_t stream) {
+void launch_tiled_rw(const TiledArgs& a, int vpl, int warps, size_t shared, int n_sm, int waves, int split_tiles, int64_t n_keys,
+                     float* out, cudaStream_t stream) {
   switch (vpl) {
-    case 1: return launch_tiled<RW, 1>(a, warps, shared, n_sm, waves, n_keys, out, stream);
-    case 2: return launch_tiled<RW, 2>(a, warps, shared, n_sm, waves, n_keys, out, stream);
-    case 4: return launch_tiled<RW, 4>(a, warps, shared, n_sm, waves, n_keys, out, stream);
-    default: return launch_tiled<RW, 8>(a, warps, shared, n_sm, waves, n_keys, out, stream);
+    case 1: return launch_tiled<RW, 1>(a, warps, shared, n_sm, waves, split_tiles, n_keys, out, stream);
+    case 2: return launch_tiled<RW, 2>(a, warps, shared, n_sm, waves, split_tiles, n_keys, out, stream);
+    case 4: return launch_tiled<RW, 4>(a, warps, shared, n_sm, waves, split_tiles, n_keys, out, stream);
+    default: return launch_tiled<RW, 8>(a, warps, shared, n_sm, waves, split_tiles, n_keys, out, stream);
   }
 }
 
@@ -569,9 +584,9 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
   const int64_t n_keys = n_past + n_tokens;
   const int waves = tuning.waves >= 1 ? tuning.waves : 1;
   switch (rw) {
-    case 1: launch_tiled_rw<1>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
-    case 2: launch_tiled_rw<2>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
-    default: launch_tiled_rw<4>(a, vpl, warps, shared, n_sm, waves, n_keys, out, stream); break;
+    case 1: launch_tiled_rw<1>(a, vpl, warps, shared, n_sm, waves, tuning.split_tiles, n_keys, out, stream); break;
+    case 2: launch_tiled_rw<2>(a, vpl, warps, shared, n_sm, waves, tuning.split_tiles, n_keys, out, stream); break;
+    default: launch_tiled_rw<4>(a, vpl, warps, shared, n_sm, waves, tuning.split_tiles, n_keys, out, stream); break;
   }
   return true;
 }
