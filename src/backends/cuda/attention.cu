@@ -369,26 +369,43 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
           for (int e = 0; e < 4; ++e) acc[r][c][e] *= correction;
       }
       // Weighted sum: lane i takes value columns 4·(i + 32·c); key j's p comes from lane 4·(j / 4).
-      for (int jg = 0; 4 * jg < nk; ++jg)
-        for (int k = 0; k < 4; ++k) {
-          float pj[RW];
-          for (int r = 0; r < RW; ++r) pj[r] = __shfl_sync(0xffffffffu, p[r][k], 4 * jg);
-          const int j = 4 * jg + k;
-          if (j >= nk) break;  // uniform; a stale row times p = 0 could still be NaN
-          const float4* v_row = vs + j * vp4;
-          for (int c = 0; c < VPL; ++c) {
-            const int col = lane + 32 * c;
-            if (col < v4i) {
-              const float4 vv = v_row[col];
-              for (int r = 0; r < RW; ++r) {
-                acc[r][c][0] = fmaf(pj[r], vv.x, acc[r][c][0]);
-                acc[r][c][1] = fmaf(pj[r], vv.y, acc[r][c][1]);
-                acc[r][c][2] = fmaf(pj[r], vv.z, acc[r][c][2]);
-                acc[r][c][3] = fmaf(pj[r], vv.w, acc[r][c][3]);
-              }
+      const auto add_key = [&](int j, const float (&pj)[RW]) {
+        const float4* v_row = vs + j * vp4;
+        for (int c = 0; c < VPL; ++c) {
+          const int col = lane + 32 * c;
+          if (col < v4i) {
+            const float4 vv = v_row[col];
+            for (int r = 0; r < RW; ++r) {
+              acc[r][c][0] = fmaf(pj[r], vv.x, acc[r][c][0]);
+              acc[r][c][1] = fmaf(pj[r], vv.y, acc[r][c][1]);
+              acc[r][c][2] = fmaf(pj[r], vv.z, acc[r][c][2]);
+              acc[r][c][3] = fmaf(pj[r], vv.w, acc[r][c][3]);
             }
           }
         }
+      };
+      if (nk == tile_keys) {
+        // A whole tile (every tile but a split's last): no key to stop at, so each group's p and value
+        // rows are asked for ahead of their multiply-adds (the same additions in the same order).
+#pragma unroll 1
+        for (int jg = 0; jg < tile_keys / 4; ++jg) {
+          float pj[4][RW];
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            for (int r = 0; r < RW; ++r) pj[k][r] = __shfl_sync(0xffffffffu, p[r][k], 4 * jg);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) add_key(4 * jg + k, pj[k]);
+        }
+      } else {
+        for (int jg = 0; 4 * jg < nk; ++jg)
+          for (int k = 0; k < 4; ++k) {
+            float pj[RW];
+            for (int r = 0; r < RW; ++r) pj[r] = __shfl_sync(0xffffffffu, p[r][k], 4 * jg);
+            const int j = 4 * jg + k;
+            if (j >= nk) break;  // uniform; a stale row times p = 0 could still be NaN
+            add_key(j, pj);
+          }
+      }
     }
     __syncthreads();  // the buffer is refilled by the next iteration's issue
   }
