@@ -200,6 +200,23 @@ int device_attribute() {
   return v;
 }
 
+// Dynamic shared memory for a launch of `blocks` blocks that each need `bytes`: where the launch has no
+// more blocks than the GPU has SMs, enough that no two of them can share an SM (half the opt-in maximum,
+// and a little). Measured on a decode step's small launches, whose blocks each wait on their own chains of
+// loads (H100, matmul_bench --layer at Qwen3-30B's dimensions: a layer 49.4 -> 48.3 µs from attention and
+// down + combine); the likely cause is that the scheduler otherwise stacks blocks on the SMs that the
+// kernel before frees first, where they share issue slots while other SMs idle. MOEFLUX_CUDA_SPREAD=0
+// keeps `bytes` (a developer's switch for comparisons, read once). The caller raises the kernel's
+// dynamic shared memory limit to the result. Host-only.
+inline size_t spread_shared(size_t bytes, int64_t blocks) {
+  static const bool on = [] {
+    const char* e = std::getenv("MOEFLUX_CUDA_SPREAD");
+    return !(e && e[0] == '0');
+  }();
+  if (!on || blocks > device_attribute<cudaDevAttrMultiProcessorCount>()) return bytes;
+  return std::max(bytes, size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) / 2 + 1024);
+}
+
 // Grid size for n elements at `threads` per block, a grid-stride loop covering the rest.
 inline unsigned grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
