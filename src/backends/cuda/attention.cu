@@ -497,7 +497,7 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
     const int64_t tile_floats = 2 * tile_keys * (a.k_pitch + (a.latent ? 0 : a.v_pitch));
     if (blocks <= stream_counter_slots && warps * n_split <= tile_floats && combine_in_kernel()) a.counters = stream_counters(stream);
   }
-  const size_t launch_shared = spread_shared(shared, blocks * n_split);
+  const size_t launch_shared = spread_shared(shared, blocks * n_split, spread_attention);
   if (launch_shared > std::max(shared, size_t(48 * 1024)))
     MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(launch_shared)));
   launch(kernel, dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, launch_shared, stream, a);

@@ -200,20 +200,20 @@ int device_attribute() {
   return v;
 }
 
-// Dynamic shared memory for a launch of `blocks` blocks that each need `bytes`: where the launch has no
-// more blocks than the GPU has SMs, enough that no two of them can share an SM (half the opt-in maximum,
-// and a little). Measured on a decode step's small launches, whose blocks each wait on their own chains of
-// loads (H100, matmul_bench --layer at Qwen3-30B's dimensions: a layer 49.4 -> 48.3 µs from attention and
-// down + combine); the likely cause is that the scheduler otherwise stacks blocks on the SMs that the
-// kernel before frees first, where they share issue slots while other SMs idle. MOEFLUX_CUDA_SPREAD=0
-// keeps `bytes` (a developer's switch for comparisons, read once). The caller raises the kernel's
-// dynamic shared memory limit to the result. Host-only.
-inline size_t spread_shared(size_t bytes, int64_t blocks) {
-  static const bool on = [] {
+// Dynamic shared memory for a launch of `blocks` blocks that each need `bytes`, where the developer's switch
+// MOEFLUX_CUDA_SPREAD (read once; a mask: 1 a decode token's attention splits, 2 down + combine) names
+// the launch and it has no more blocks than the GPU has SMs: enough that no two of its blocks can share an
+// SM (half the opt-in maximum, and a little). Off by default: on the H100 (session 19, decode tok/s in one
+// run) both on took Qwen3-30B dims from 394-397 to 402-405 (matmul_bench --layer: 49.4 -> 48.4 µs a layer)
+// but Qwen3.5-35B dims from 312-326 to 292-308, and neither alone was measured clear of the noise there.
+// The caller raises the kernel's dynamic shared memory limit to the result. Host-only.
+constexpr int spread_attention = 1, spread_down = 2;
+inline size_t spread_shared(size_t bytes, int64_t blocks, int which) {
+  static const int mask = [] {
     const char* e = std::getenv("MOEFLUX_CUDA_SPREAD");
-    return !(e && e[0] == '0');
+    return e ? std::atoi(e) : 0;
   }();
-  if (!on || blocks > device_attribute<cudaDevAttrMultiProcessorCount>()) return bytes;
+  if (!(mask & which) || blocks > device_attribute<cudaDevAttrMultiProcessorCount>()) return bytes;
   return std::max(bytes, size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) / 2 + 1024);
 }
 

@@ -444,7 +444,7 @@ void launch_down(const ExpertLayout& l, const void* const* table, const int32_t*
   for (int j0 = 0; j0 < k; j0 += fit) {
     const int n = std::min(fit, k - j0);
     const unsigned blocks = unsigned((H + rows_per_block - 1) / rows_per_block);
-    const size_t shared = spread_shared(size_t(n) * per_expert + down_dots_bytes, blocks) - down_dots_bytes;
+    const size_t shared = spread_shared(size_t(n) * per_expert + down_dots_bytes, blocks, spread_down) - down_dots_bytes;
     allow_shared(down_combine_kernel<F, R, C>, shared, down_dots_bytes);
     launch(down_combine_kernel<F, R, C>, blocks, 32 * moe_warps, shared, stream, table,
            ids + j0, weights + j0, n, parts_of(l.down), h + size_t(j0) * I, I, H, G, accumulate || j0 > 0, y);
