@@ -12,7 +12,8 @@
 // Last, a sweep of the tiled kernel's shape (cuda::AttentionTuning) at 32K-key decode and 512-token
 // prefill.
 // Outputs of each new version are compared with v1's (already checked against the CPU reference by
-// the op tests). Build: ninja -C build attention_lab. Run: build/dev/attention_lab (one table per op).
+// the op tests). Build: ninja -C build attention_lab. Run: build/dev/attention_lab (one table per op), or
+// build/dev/attention_lab --short for the short-context decode sweep alone (key tiles per split).
 #include <cuda_runtime.h>
 
 #include <algorithm>

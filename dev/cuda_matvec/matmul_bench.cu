@@ -154,6 +154,8 @@ struct ExpertBlobs {
     MF_CUDA_CHECK(cudaMalloc(&device, bytes.size() * size_t(copies)));
     for (int c = 0; c < copies; ++c) MF_CUDA_CHECK(cudaMemcpy(device + bytes.size() * size_t(c), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
   }
+  ExpertBlobs(const ExpertBlobs&) = delete;  // owns `device`
+  ExpertBlobs& operator=(const ExpertBlobs&) = delete;
   ~ExpertBlobs() { cudaFree(device); }
   const uint8_t* at(int copy, int e) const { return device + blob * (size_t(copy) * size_t(count) + size_t(e)); }
 };
