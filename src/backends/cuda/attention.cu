@@ -155,11 +155,23 @@ constexpr int max_splits = 256;  // a warp's combine weights (combine_row)
 // columns, each in split order), w: n_split floats of shared memory for the warp. The partials are read
 // past L1 (__ldcg): other blocks wrote them during this kernel when the last split combines. Each read is
 // a round trip to the L2, which is most of a short decode's combine: a lane's (m, l) pair is read once,
-// and its column's partials combine_batch at a time, all in flight before the first is added.
-constexpr int combine_batch = 8;
+// its column's partials B at a time, all in flight before the first is added, and (Early) the first batch
+// goes out with the (m, l) read (neither depends on the other). Decode's one row a warp takes B = 16, Early
+// (19 splits: two round trips after the count, where 8 without Early took four); the forms with more rows
+// a warp keep 8, late, whose registers it would raise past 128.
+template <int B, bool Early>
 __device__ void combine_row(const float* __restrict__ part_o, const float* __restrict__ part_ml, int n_split, int64_t rows_out,
                             int64_t v_dim, int64_t row, float* __restrict__ out, float* w) {
   const int lane = threadIdx.x & 31;
+  const int64_t v4 = v_dim / 4;
+  const float4* po = reinterpret_cast<const float4*>(part_o) + row * v4;
+  float4 p[B];
+  const auto load_batch = [&](int64_t c, int s0) {
+#pragma unroll
+    for (int i = 0; i < B; ++i)
+      if (s0 + i < n_split) p[i] = __ldcg(po + (s0 + i) * rows_out * v4 + c);
+  };
+  if (Early && lane < v4) load_batch(lane, 0);
   // Splits 0 … 31 (a decode's usual count) from the one read; any past them read again for the weights.
   const auto ml_at = [&](int s) { return __ldcg(reinterpret_cast<const float2*>(part_ml) + s * rows_out + row); };
   const float2 first = lane < n_split ? ml_at(lane) : make_float2(-INFINITY, 0.f);
@@ -175,17 +187,12 @@ __device__ void combine_row(const float* __restrict__ part_o, const float* __res
   }
   const float inv_total = 1.f / warp_sum(total);
   __syncwarp();
-  const int64_t v4 = v_dim / 4;
-  const float4* po = reinterpret_cast<const float4*>(part_o) + row * v4;
   for (int64_t c = lane; c < v4; c += 32) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = 0; s0 < n_split; s0 += combine_batch) {
-      float4 p[combine_batch];
+    for (int s0 = 0; s0 < n_split; s0 += B) {
+      if (!Early || c != lane || s0 != 0) load_batch(c, s0);
 #pragma unroll
-      for (int i = 0; i < combine_batch; ++i)
-        if (s0 + i < n_split) p[i] = __ldcg(po + (s0 + i) * rows_out * v4 + c);
-#pragma unroll
-      for (int i = 0; i < combine_batch; ++i) {
+      for (int i = 0; i < B; ++i) {
         if (s0 + i >= n_split) break;
         const float ws = w[s0 + i];
         o.x = fmaf(ws, p[i].x, o.x), o.y = fmaf(ws, p[i].y, o.y), o.z = fmaf(ws, p[i].z, o.z), o.w = fmaf(ws, p[i].w, o.w);
@@ -438,7 +445,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
       const int64_t row = row0 + warp * RW + r;
       if (row >= a.rows_per_kv) break;
       const int64_t orow = (row / a.group) * a.l.n_head + kv * a.group + row % a.group;
-      combine_row(a.part_o, a.part_ml, int(gridDim.y), a.rows_out, a.l.v_dim, orow, a.out, w);
+      combine_row<RW == 1 ? 16 : 8, RW == 1>(a.part_o, a.part_ml, int(gridDim.y), a.rows_out, a.l.v_dim, orow, a.out, w);
     }
     if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;  // for the next launch
   }
@@ -453,7 +460,7 @@ __global__ void __launch_bounds__(32 * combine_warps)
   __shared__ float w[combine_warps][max_splits];
   const int warp = threadIdx.x >> 5;
   const int64_t row = int64_t(blockIdx.x) * combine_warps + warp;
-  if (row < rows_out) combine_row(part_o, part_ml, n_split, rows_out, v_dim, row, out, w[warp]);
+  if (row < rows_out) combine_row<16, true>(part_o, part_ml, n_split, rows_out, v_dim, row, out, w[warp]);
 }
 
 // Whether the last split combines in the attention kernel (else a combine kernel follows), unless
