@@ -6,10 +6,12 @@
 // Build: with the project (CMake target matmul_bench, when CUDA is on). Run: ./build/dev/matmul_bench, or
 // ./build/dev/matmul_bench --batches for the batch table alone (with MOEFLUX_CUDA_GEMM=0 to compare), --moe
 // for one decode token's routed experts (router top-k + moe_decode) alone, --layer for a decode step's
-// chain of ops at Qwen3-30B's dimensions, each op left out in turn.
+// chain of ops at Qwen3-30B's dimensions, each op left out in turn; --layer-trace for that chain's kernels
+// one by one, when built with MOEFLUX_CUDA_WAIT_TRACE (each launch from the wait's release to the next's).
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -20,6 +22,7 @@
 #include "backends/cuda/attention.cuh"
 #include "backends/cuda/matmul.cuh"
 #include "backends/cuda/moe.cuh"
+#include "backends/cuda/wait_trace.hpp"
 
 namespace {
 
@@ -229,7 +232,90 @@ void moe_table(float* x, float* y, double copy_gbs) {
 // and cache (the experts from four sets of 128, so every step reads from device memory, not the L2).
 // Then the step with each op left out, and each op alone 48 times: what an op costs where it sits in
 // the chain, apart from the trace's per-op events. µs a layer (median of 7 runs of 20 steps).
-void layer_table(double copy_gbs) {
+// A chain of L layers' launches recorded by the wait probe (wait_trace.hpp): per launch of a layer, the
+// means over the layers between the first and last of when its first block was let go to when the next
+// launch's was (what the kernel costs where it sits in the chain: the next waits for all of it), how long
+// before that its first block had reached the wait (launched early), and the spread of its blocks'
+// releases (blocks that found no room until others left).
+void wait_trace_table(const std::vector<moeflux::cuda::WaitRecord>& records, int L, const char* const* names, int n_names) {
+  struct Launch {
+    unsigned long long grid, first_arrive = ~0ull, first_release = ~0ull, last_release = 0;
+    int blocks = 0, early = 0;
+  };
+  std::vector<Launch> launches;
+  std::vector<moeflux::cuda::WaitRecord> r = records;
+  std::sort(r.begin(), r.end(), [](const auto& a, const auto& b) { return a.grid < b.grid; });
+  for (const auto& rec : r) {
+    if (launches.empty() || launches.back().grid != rec.grid) launches.push_back({rec.grid});
+    Launch& l = launches.back();
+    l.blocks++;
+    l.first_arrive = std::min(l.first_arrive, rec.arrive);
+    l.first_release = std::min(l.first_release, rec.release);
+    l.last_release = std::max(l.last_release, rec.release);
+  }
+  for (auto& l : launches)
+    for (const auto& rec : r)
+      if (rec.grid == l.grid && rec.arrive + 500 < l.first_release) l.early++;
+  if (launches.size() % size_t(L) != 0) {
+    std::printf("wait trace: %zu launches for %d layers\n", launches.size(), L);
+    return;
+  }
+  const int per = int(launches.size()) / L;
+  std::printf("\n| launch of a layer (wait trace, %d layers; means of layers 2 … %d) | blocks | µs to the next release | first block waited µs | blocks early | release spread µs |\n|---|---|---|---|---|---|\n",
+              L, L - 1);
+  double total = 0;
+  for (int p = 0; p < per; ++p) {
+    double dur = 0, waited = 0, spread = 0, early = 0;
+    int n = 0;
+    for (int l = 1; l + 1 < L; ++l) {
+      const Launch& a = launches[size_t(l * per + p)];
+      const Launch& b = launches[size_t(l * per + p + 1)];
+      dur += double(b.first_release - a.first_release) * 1e-3;
+      waited += double(a.first_release - a.first_arrive) * 1e-3;
+      spread += double(a.last_release - a.first_release) * 1e-3;
+      early += a.early;
+      ++n;
+    }
+    total += dur / n;
+    std::printf("| %s | %d | %.2f | %.2f | %.0f | %.2f |\n", p < n_names ? names[p] : "?", launches[size_t(per + p)].blocks, dur / n,
+                waited / n, early / n, spread / n);
+  }
+  std::printf("| layer | | %.2f | | | |\n", total);
+  // Launches whose kernel marks points of its own (wait_trace_mark): each point's time after the launch's
+  // first release, mean and latest over its blocks (means over the layers as above).
+  for (int p = 0; p < per; ++p) {
+    double mean[6] = {}, latest[6] = {}, count[6] = {};
+    for (int l = 1; l + 1 < L; ++l) {
+      const Launch& a = launches[size_t(l * per + p)];
+      double lmax[6] = {};
+      for (const auto& rec : r) {
+        if (rec.grid != a.grid) continue;
+        for (int k = 0; k < 6; ++k) {
+          if (!rec.marks[k]) continue;
+          const double t = (double(rec.marks[k]) - double(a.first_release)) * 1e-3;
+          mean[k] += t, count[k] += 1, lmax[k] = std::max(lmax[k], t);
+        }
+      }
+      for (int k = 0; k < 6; ++k) latest[k] += lmax[k] / (L - 2);
+    }
+    if (count[0] + count[1] == 0) continue;
+    double cycles = 0, ns = 0;  // the SM clock over the marked stretch
+    for (const auto& rec : r)
+      for (int k = 5; k >= 1; --k)
+        if (rec.marks[k] && rec.clock_mark && rec.grid >= launches[size_t(per + p)].grid) {
+          cycles += double(rec.clock_mark - rec.clock_release), ns += double(rec.marks[k] - rec.release);
+          break;
+        }
+    if (ns > 0) std::printf("SM clock over the marks: %.2f GHz\n", cycles / ns);
+    std::printf("%s: marks after the first release, µs (mean over blocks / latest):", p < n_names ? names[p] : "?");
+    for (int k = 0; k < 6; ++k)
+      if (count[k] > 0) std::printf("  %d: %.2f / %.2f (%.0f blocks)", k, mean[k] / count[k], latest[k], count[k] / (L - 2));
+    std::printf("\n");
+  }
+  std::fflush(stdout);
+}
+
+void layer_table(double copy_gbs, bool trace_only, unsigned trace_mask) {
   constexpr int L = 48, E = 128, K = 8, sets = 4;
   constexpr int64_t H = 2048, Q = 4096, KV = 512, I = 768, ctx = 1024, n_past = 600;
   const auto layout = moeflux::AttentionLayout::gqa(32, 4, 128);
@@ -289,6 +375,40 @@ void layer_table(double copy_gbs) {
     return double(runs[3]);
   };
   const unsigned all = (1u << n_ops) - 1;
+  if (trace_only) {
+    constexpr unsigned capacity = 1u << 18;
+    const size_t bytes = sizeof(moeflux::cuda::WaitTrace) + sizeof(moeflux::cuda::WaitRecord) * capacity;
+    moeflux::cuda::WaitTrace* trace;
+    MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&trace), bytes));
+    const unsigned head[2] = {0, capacity};
+    const unsigned mask = trace_mask ? trace_mask & all : all;
+    const char* op_launches[n_ops][2] = {{"norm + q/k/v"}, {"attention"}, {"o_proj"}, {"norm + router"}, {"top-k"}, {"gate/up", "down + combine"}};
+    std::vector<const char*> launch_names;
+    for (int op = 0; op < n_ops; ++op)
+      for (const char* name : op_launches[op])
+        if (name && (mask & 1u << op)) launch_names.push_back(name);
+    for (int run = 0; run < 3; ++run) {
+      for (int warm = 0; warm < 5; ++warm) step(mask);
+      MF_CUDA_CHECK(cudaDeviceSynchronize());
+      MF_CUDA_CHECK(cudaMemcpy(trace, head, sizeof head, cudaMemcpyHostToDevice));
+      if (!moeflux::cuda::enable_wait_trace(trace)) {
+        std::printf("--layer-trace: this build has no wait probe (configure with -DMOEFLUX_CUDA_WAIT_TRACE=ON)\n");
+        std::exit(1);
+      }
+      step(mask);
+      MF_CUDA_CHECK(cudaDeviceSynchronize());
+      moeflux::cuda::enable_wait_trace(nullptr);
+      unsigned n = 0;
+      MF_CUDA_CHECK(cudaMemcpy(&n, trace, sizeof n, cudaMemcpyDeviceToHost));
+      std::vector<moeflux::cuda::WaitRecord> records(std::min(n, capacity));
+      MF_CUDA_CHECK(cudaMemcpy(records.data(), reinterpret_cast<char*>(trace) + offsetof(moeflux::cuda::WaitTrace, records),
+                               records.size() * sizeof(moeflux::cuda::WaitRecord), cudaMemcpyDeviceToHost));
+      if (n > capacity) std::printf("wait trace: %u records, %u kept\n", n, capacity);
+      wait_trace_table(records, L, launch_names.data(), int(launch_names.size()));
+    }
+    MF_CUDA_CHECK(cudaFree(trace));
+    return;
+  }
   const double full = us_per_layer(all);
   const double bytes = double(qkv_q.bytes + qkv_k.bytes + qkv_v.bytes + o_proj.bytes + router.bytes + K * experts.active);
   std::printf("\n| decode layer chain, Qwen3-30B-A3B dims (engine) | µs a layer | without it: µs (saves) | alone ×48: µs |\n|---|---|---|---|\n");
@@ -339,8 +459,9 @@ int main(int argc, char** argv) {
                 double(ms) * 1e3, double(bytes) / (ms * 1e-3) / 1e9, 100.0 * double(bytes) / (ms * 1e-3) / 1e9 / copy_gbs);
     return 0;
   }
-  if (argc > 1 && std::strcmp(argv[1], "--layer") == 0) {
-    layer_table(copy_gbs);
+  if (argc > 1 && (std::strcmp(argv[1], "--layer") == 0 || std::strcmp(argv[1], "--layer-trace") == 0)) {
+    // --layer-trace [MASK]: the ops of the mask alone (1 q/k/v, 2 attention, 4 o_proj, 8 router, 16 top-k, 32 experts).
+    layer_table(copy_gbs, std::strcmp(argv[1], "--layer-trace") == 0, argc > 2 ? unsigned(std::atoi(argv[2])) : 0u);
     MF_CUDA_CHECK(cudaFree(x));
     MF_CUDA_CHECK(cudaFree(y));
     return 0;

@@ -32,6 +32,7 @@
 #include "backends/cuda/matmul.cuh"
 #include "backends/cuda/moe.cuh"
 #include "backends/cuda/norm_rope.cuh"
+#include "backends/cuda/wait_trace.hpp"
 #include "core/status.hpp"
 
 namespace moeflux {
@@ -888,6 +889,23 @@ bool stream_of(Backend& backend, int* device, cudaStream_t* stream) {
   *device = cuda->device();
   *stream = cuda->stream();
   return true;
+}
+
+namespace {
+std::vector<void (*)(WaitTrace*)>& wait_trace_setters() {
+  static std::vector<void (*)(WaitTrace*)> setters;
+  return setters;
+}
+}  // namespace
+
+int register_wait_trace_setter(void (*set)(WaitTrace*)) {
+  wait_trace_setters().push_back(set);
+  return int(wait_trace_setters().size());
+}
+
+bool enable_wait_trace(WaitTrace* device_buffer) {
+  for (auto* set : wait_trace_setters()) set(device_buffer);
+  return !wait_trace_setters().empty();
 }
 
 }  // namespace cuda

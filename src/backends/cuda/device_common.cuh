@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/wait_trace.hpp"
 #include "quant/weight_format.hpp"
 
 namespace moeflux::cuda {
@@ -105,9 +106,72 @@ __device__ __forceinline__ float weight_at(WeightFormat format, int64_t cols, co
 // memory another kernel may touch (it waits until the previous kernel has finished and its writes are
 // visible); it also lets the next kernel be scheduled. Reads of memory no kernel writes (the weights) may
 // come before it. Elsewhere (older GPUs, plain <<<>>> launches) it does nothing.
+//
+// With MOEFLUX_CUDA_WAIT_TRACE (a developer's build option, CMake's of the same name) thread 0 of every
+// block also records when it reached the wait and when the wait let it go (wait_trace.hpp): in a chain of
+// dependent launches the first release of a launch is when the one before it finished, so the releases
+// show what each kernel costs where it sits in the chain, without the events that break the chain.
+#ifdef MOEFLUX_CUDA_WAIT_TRACE
+namespace {
+__constant__ WaitTrace* wait_trace_buffer;
+// Each .cu file has its own copy of the symbol: each registers its own setter.
+const int wait_trace_registered = register_wait_trace_setter(
+    [](WaitTrace* buffer) { MF_CUDA_CHECK(cudaMemcpyToSymbol(wait_trace_buffer, &buffer, sizeof buffer)); });
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// The block's record, from its wait on (~0u: none).
+__device__ __forceinline__ unsigned& wait_trace_slot() {
+  __shared__ unsigned slot;
+  return slot;
+}
+}  // namespace
+#endif
+
+// A kernel's own points in its block's record (thread 0's clock; at = 0 takes now): nothing without the
+// probe, or before the block's dependent_launch_begin.
+__device__ __forceinline__ unsigned long long wait_trace_now() {
+#ifdef MOEFLUX_CUDA_WAIT_TRACE
+  return threadIdx.x == 0 ? global_ns() : 0;
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ void wait_trace_mark(int k, unsigned long long at = 0) {
+#ifdef MOEFLUX_CUDA_WAIT_TRACE
+  if (threadIdx.x == 0 && wait_trace_buffer && wait_trace_slot() < wait_trace_buffer->capacity) {
+    WaitRecord& record = wait_trace_buffer->records[wait_trace_slot()];
+    record.marks[k] = at ? at : global_ns();
+    if (!at) record.clock_mark = clock64();
+  }
+#endif
+}
+
 __device__ __forceinline__ void dependent_launch_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef MOEFLUX_CUDA_WAIT_TRACE
+  const bool first = threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0;
+  WaitTrace* const trace = first ? wait_trace_buffer : nullptr;
+  const unsigned long long arrive = trace ? global_ns() : 0;
+#endif
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#ifdef MOEFLUX_CUDA_WAIT_TRACE
+  if (trace) {
+    const unsigned long long release = global_ns();
+    unsigned long long grid;
+    unsigned sm;
+    asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const unsigned i = atomicAdd(&trace->n, 1u);
+    wait_trace_slot() = i;
+    if (i < trace->capacity)
+      trace->records[i] = {grid, arrive, release, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), sm, {}, (unsigned long long)clock64(), 0};
+  } else if (first) {
+    wait_trace_slot() = ~0u;
+  }
+#endif
   asm volatile("griddepcontrol.launch_dependents;\n" :::);
 #endif
 }
@@ -126,6 +190,17 @@ inline bool dependent_launch_enabled() {
     s = major >= 9 && !(env && env[0] == '0') ? 2 : 1;
   }
   return s == 2;
+}
+
+// Which kernels ask for their first weights before the dependent-launch wait (a developer's switch for
+// comparisons, MOEFLUX_CUDA_PRELOAD, a mask: 1 the staged matmul of a plain x, 2 of a normed or SwiGLU x,
+// 4 down + combine; all by default).
+inline bool preload_weights(int bit) {
+  static const int mask = [] {
+    const char* env = std::getenv("MOEFLUX_CUDA_PRELOAD");
+    return env && *env ? std::atoi(env) : 7;
+  }();
+  return (mask & bit) != 0;
 }
 
 // kernel<<<grid, block, shared, stream>>>(args…) with programmatic dependent launch where enabled; the
