@@ -620,12 +620,13 @@ TEST_P(BackendOps, QkNormRopeMatchesReference) {
 // qk_norm_rope and attention as one op (a GPU takes a decode token's head norms and rotary inside the
 // attention kernel): out and the new key rows in the cache to the bit as the two ops in turn leave them,
 // the rest of the cache untouched. Decode steps over 100 and 700 keys (one block holds the new key; at
-// 700 the keys are split across blocks), a partial rotary, Qwen3.5's wider heads; and steps a GPU
-// composes: 20 keys (its simple kernel), three tokens.
+// 700 the keys are split across blocks) and 2000 (a GPU's splits then take two key tiles each), a
+// partial rotary, Qwen3.5's wider heads; and steps a GPU composes: 20 keys (its simple kernel), three
+// tokens.
 TEST_P(BackendOps, QkNormRopeAttentionMatchesTheOpsInTurn) {
   struct Case { int64_t n_tokens, n_past, n_head, n_head_kv, head_dim, rot_dim; };
-  for (const Case& c : {Case{1, 99, 32, 4, 128, 128}, Case{1, 699, 32, 4, 128, 128}, Case{1, 300, 16, 2, 256, 64}, Case{1, 19, 32, 4, 128, 128},
-                        Case{3, 200, 8, 2, 64, 32}}) {
+  for (const Case& c : {Case{1, 99, 32, 4, 128, 128}, Case{1, 699, 32, 4, 128, 128}, Case{1, 1999, 32, 4, 128, 128},
+                        Case{1, 300, 16, 2, 256, 64}, Case{1, 19, 32, 4, 128, 128}, Case{3, 200, 8, 2, 64, 32}}) {
     SCOPED_TRACE("T=" + std::to_string(c.n_tokens) + " past=" + std::to_string(c.n_past) + " head_dim=" + std::to_string(c.head_dim));
     const int64_t kv_dim = c.n_head_kv * c.head_dim, n_ctx = c.n_past + c.n_tokens;
     const auto q = gaussian(size_t(c.n_tokens * c.n_head * c.head_dim), rng_, 3.0f);

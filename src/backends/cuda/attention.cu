@@ -2,6 +2,7 @@
 // kernel (one block per KV head, tile of query rows and slice of keys) and the combine of split partials.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "backends/cuda/attention.cuh"
 #include "backends/cuda/cuda_check.hpp"
@@ -135,12 +136,25 @@ __device__ __forceinline__ void norm_rope_lanes(float (&v)[max_lane_dims], int p
 #pragma unroll
   for (int m = 0; m < max_lane_dims; ++m)
     if (m < per) v[m] = v[m] * inv_rms * w[lane + 32 * m];
+  // Dim m's partner is dim m + pairs of the lane: a constant in each case below, so that v stays in
+  // registers (indexed by the runtime count, v and k_new went to the stack, 96 bytes a thread; the layer
+  // chain of matmul_bench --layer 49.2 -> 48.6 µs).
+  const auto rotate = [&](auto n_pairs) {
+    constexpr int P = decltype(n_pairs)::value;
 #pragma unroll
-  for (int m = 0; m < max_lane_dims / 2; ++m) {
-    if (m >= pairs) break;
-    const float x0 = v[m], x1 = v[m + pairs];
-    v[m] = x0 * c[m] - x1 * sn[m];
-    v[m + pairs] = x1 * c[m] + x0 * sn[m];
+    for (int m = 0; m < P; ++m) {
+      const float x0 = v[m], x1 = v[m + P];
+      v[m] = x0 * c[m] - x1 * sn[m];
+      v[m + P] = x1 * c[m] + x0 * sn[m];
+    }
+  };
+  static_assert(max_lane_dims == 8, "rotate's cases");
+  switch (pairs) {
+    case 0: break;
+    case 1: rotate(std::integral_constant<int, 1>{}); break;
+    case 2: rotate(std::integral_constant<int, 2>{}); break;
+    case 3: rotate(std::integral_constant<int, 3>{}); break;
+    default: rotate(std::integral_constant<int, 4>{}); break;
   }
   if (post_scale != 1.f) {
 #pragma unroll
@@ -205,6 +219,7 @@ __device__ void combine_row(const float* __restrict__ part_o, const float* __res
 
 template <int RW, int VPL>
 __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(TiledArgs a) {
+  const unsigned long long entered = wait_trace_now();
   extern __shared__ float4 shared4[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   const int rows = n_warps * RW;
@@ -270,6 +285,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     }
   }
   dependent_launch_begin();
+  wait_trace_mark(0, entered);
   if (!early && key_begin < key_end) issue(key_begin, 0);
   cp_async_commit();
   for (int i = threadIdx.x; i < (a.q_norm ? 0 : rows * k4i); i += blockDim.x) {
@@ -319,6 +335,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     }
   }
 
+  wait_trace_mark(1);
   int buf = 0;
   for (int64_t kb = key_begin; kb < key_end; kb += tile_keys, buf ^= 1) {
     const int nk = key_end - kb < tile_keys ? int(key_end - kb) : tile_keys;
@@ -326,6 +343,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     cp_async_commit();  // possibly empty: the wait below counts groups
     cp_async_wait<1>();
     __syncthreads();    // this tile (and, the first time, qs) is in shared memory for every thread
+    if (kb == key_begin) wait_trace_mark(2);
     if (new_key_here && kb <= a.n_past && a.n_past < kb + nk) {  // the tile may hold it raw or half written back
       if (warp == 0) {
         float* row = reinterpret_cast<float*>(tiles + buf * tile4 + (a.n_past - kb) * kp4);
@@ -417,6 +435,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     __syncthreads();  // the buffer is refilled by the next iteration's issue
   }
 
+  wait_trace_mark(3);
   for (int r = 0; r < RW; ++r) {
     const int64_t row = row0 + warp * RW + r;
     if (row >= a.rows_per_kv) break;
@@ -438,6 +457,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1u) == gridDim.y - 1;
     __syncthreads();
+    wait_trace_mark(4);
     if (!last) return;
     __threadfence();
     float* w = reinterpret_cast<float*>(tiles) + warp * int(gridDim.y);  // the tiles are no longer read
@@ -448,6 +468,10 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
       combine_row<RW == 1 ? 16 : 8, RW == 1>(a.part_o, a.part_ml, int(gridDim.y), a.rows_out, a.l.v_dim, orow, a.out, w);
     }
     if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;  // for the next launch
+#ifdef MOEFLUX_CUDA_WAIT_TRACE
+    __syncthreads();
+    wait_trace_mark(5);
+#endif
   }
 }
 
@@ -488,8 +512,15 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
   int resident = 0;
   MF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, 32 * warps, shared));
   const int64_t blocks = a.n_row_tiles * a.l.n_head_kv, wave = int64_t(std::max(resident, 1)) * n_sm * waves;
+  const int64_t n_tiles = (n_keys + tile_keys - 1) / tile_keys;
   int64_t n_split = 1;
-  if (blocks < wave) n_split = std::min<int64_t>({wave / blocks, (n_keys + tile_keys - 1) / tile_keys, int64_t(max_splits)});
+  if (blocks < wave) n_split = std::min<int64_t>({wave / blocks, n_tiles, int64_t(max_splits)});
+  // Past 40 splits of one tile each, two tiles a split: a row's combine reads its partials 16 at a time,
+  // a round trip to the L2 each, and there a tile more a block costs less than the third and fourth
+  // (attention_lab --short, H100, µs, one tile -> two: Qwen3-30B 1500 keys 12.7 -> 12.5, 2048 keys 15.9 ->
+  // 13.9; Qwen3.5-397B 30.3 -> 26.3, 38.4 -> 31.6; at 1100 keys, 35 splits, 11.5 -> 12.1 and 25.6 -> 25.5,
+  // and at 600 keys one tile is best, 9.5 against 11.3).
+  if (n_split > 40 && (n_tiles + n_split - 1) / n_split == 1) n_split = (n_tiles + 1) / 2;
   if (split_tiles > 0) n_split = std::clamp<int64_t>((n_keys + split_tiles * tile_keys - 1) / (split_tiles * tile_keys), 1, max_splits);
   a.keys_per_split = ((n_keys + n_split - 1) / n_split + tile_keys - 1) / tile_keys * tile_keys;
   n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
