@@ -299,10 +299,10 @@ void wait_trace_table(const std::vector<moeflux::cuda::WaitRecord>& records, int
       for (int k = 0; k < 6; ++k) latest[k] += lmax[k] / (L - 2);
     }
     if (count[0] + count[1] == 0) continue;
-    double cycles = 0, ns = 0;  // the SM clock over the marked stretch
+    double cycles = 0, ns = 0;  // the SM clock from the wait to a block's last mark, over every marked block
     for (const auto& rec : r)
       for (int k = 5; k >= 1; --k)
-        if (rec.marks[k] && rec.clock_mark && rec.grid >= launches[size_t(per + p)].grid) {
+        if (rec.marks[k] && rec.clock_mark) {
           cycles += double(rec.clock_mark - rec.clock_release), ns += double(rec.marks[k] - rec.release);
           break;
         }
