@@ -27,13 +27,11 @@ void gqa_attention(Backend& be, const AttentionWeights& w, const AttentionShape&
   const MatmulJob qkv[] = {{w.q_proj, x, q_out, n_tokens}, {w.k_proj, x, k_rows, n_tokens}, {w.v_proj, x, v_rows, n_tokens}};
   project(be, norm, n_tokens, qkv, 3);
   if (w.output_gate) {
-    // Rows of head_dim floats alternate query, gate, query, gate, … (one pair per head and token).
+    // Rows of head_dim floats alternate query, gate, query, gate, … (one pair per head and token): two
+    // strided copies (no index rows to build and send).
     const int64_t n_rows = n_tokens * s.n_head;
-    scratch.rows.resize(size_t(n_rows));
-    for (int64_t i = 0; i < n_rows; ++i) scratch.rows[size_t(i)] = int32_t(2 * i);
-    be.gather_rows(scratch.q_gate, scratch.rows.data(), n_rows, s.head_dim, scratch.q);
-    for (int64_t i = 0; i < n_rows; ++i) scratch.rows[size_t(i)] = int32_t(2 * i + 1);
-    be.gather_rows(scratch.q_gate, scratch.rows.data(), n_rows, s.head_dim, scratch.gate);
+    be.copy_rows(scratch.q_gate, 2 * s.head_dim, scratch.q, s.head_dim, n_rows, s.head_dim);
+    be.copy_rows(scratch.q_gate + s.head_dim, 2 * s.head_dim, scratch.gate, s.head_dim, n_rows, s.head_dim);
   }
   // Per-head RMSNorm comes before rotary (qwen3: q_norm/k_norm shared by all heads).
   const AttentionLayout layout = AttentionLayout::gqa(s.n_head, s.n_head_kv, s.head_dim);

@@ -52,7 +52,6 @@ struct AttentionScratch {
   float* out = nullptr;     // [T, nH·hd]
   float* q_gate = nullptr;  // [T, nH·2·hd] (output_gate only) q_proj's output before the split
   float* gate = nullptr;    // [T, nH·hd] (output_gate only)
-  std::vector<int32_t> rows;  // split indices (output_gate only)
 };
 
 // x: [T, H] normalized input; k_cache/v_cache: [n_ctx, nKV·hd] of this layer; positions: [T] host,
