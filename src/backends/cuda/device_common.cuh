@@ -132,15 +132,16 @@ __device__ __forceinline__ unsigned& wait_trace_slot() {
 
 // A kernel's own points in its block's record (thread 0's clock; at = 0 takes now): nothing without the
 // probe, or before the block's dependent_launch_begin.
+// (sm_90+, as the wait: elsewhere the block's record slot is never set.)
 __device__ __forceinline__ unsigned long long wait_trace_now() {
-#ifdef MOEFLUX_CUDA_WAIT_TRACE
+#if defined(MOEFLUX_CUDA_WAIT_TRACE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   return threadIdx.x == 0 ? global_ns() : 0;
 #else
   return 0;
 #endif
 }
 __device__ __forceinline__ void wait_trace_mark(int k, unsigned long long at = 0) {
-#ifdef MOEFLUX_CUDA_WAIT_TRACE
+#if defined(MOEFLUX_CUDA_WAIT_TRACE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (threadIdx.x == 0 && wait_trace_buffer && wait_trace_slot() < wait_trace_buffer->capacity) {
     WaitRecord& record = wait_trace_buffer->records[wait_trace_slot()];
     record.marks[k] = at ? at : global_ns();
@@ -190,17 +191,6 @@ inline bool dependent_launch_enabled() {
     s = major >= 9 && !(env && env[0] == '0') ? 2 : 1;
   }
   return s == 2;
-}
-
-// Which kernels ask for their first weights before the dependent-launch wait (a developer's switch for
-// comparisons, MOEFLUX_CUDA_PRELOAD, a mask: 1 the staged matmul of a plain x, 2 of a normed or SwiGLU x,
-// 4 down + combine; all by default).
-inline bool preload_weights(int bit) {
-  static const int mask = [] {
-    const char* env = std::getenv("MOEFLUX_CUDA_PRELOAD");
-    return env && *env ? std::atoi(env) : 7;
-  }();
-  return (mask & bit) != 0;
 }
 
 // kernel<<<grid, block, shared, stream>>>(args…) with programmatic dependent launch where enabled; the

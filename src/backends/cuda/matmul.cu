@@ -45,7 +45,6 @@ struct NormIn {
   float* h;
   float eps;
   int dim, threads;  // threads: rms_norm_threads(dim / 4), at most a block's
-  bool late;         // the weights' first loads after the dependent-launch wait (preload_weights)
 };
 
 constexpr int max_jobs_per_launch = 40;
@@ -194,14 +193,13 @@ __global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4)
           if ((lrun += n_virtual) >= runs) lrun = ++lv;
         }
     };
-    if (norm.late && t == blockIdx.z) dependent_launch_begin();
     if (active) {  // in flight while x is staged
       if constexpr (Whole)
         load_whole();
       else
         load(first);
     }
-    if (!norm.late && t == blockIdx.z) dependent_launch_begin();  // the weights need no wait, x does
+    if (t == blockIdx.z) dependent_launch_begin();  // the weights need no wait, x does
     __syncthreads();  // the previous token's x and partial sums are no longer read
     if constexpr (Mode == stage_norm)
       stage_normed<F>(norm, x_staged, blockIdx.x == 0);
@@ -451,8 +449,7 @@ int rows_per_block(Path path, int n_split, int staged_rows) {
 }
 
 template <WeightFormat F, int Mode>
-void launch_staged(int rows, dim3 grid, size_t shared, cudaStream_t stream, const JobTable& table, NormIn norm, bool whole = false) {
-  norm.late = !preload_weights(Mode == stage_plain ? 1 : 2);
+void launch_staged(int rows, dim3 grid, size_t shared, cudaStream_t stream, const JobTable& table, const NormIn& norm, bool whole = false) {
   if constexpr (Mode == stage_plain) {
     if (whole) {  // launch_path sets whole_rows a warp for it
       launch(matmul_staged_kernel<F, whole_rows, Mode, true>, grid, 32 * staged_warps, shared, stream, table, norm);

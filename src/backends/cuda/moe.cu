@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* con
 template <WeightFormat F, int R, int C>
 __global__ void __launch_bounds__(32 * moe_warps)
     down_combine_kernel(const void* const* table, const int32_t* ids, const float* __restrict__ w, int k, Parts down,
-                        const float* __restrict__ h, int I, int H, int G, bool accumulate, float* __restrict__ y, bool late) {
+                        const float* __restrict__ h, int I, int H, int G, bool accumulate, float* __restrict__ y) {
   extern __shared__ float4 hs[];
   __shared__ float dots[moe_warps][R][max_moe_k];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -352,10 +352,9 @@ __global__ void __launch_bounds__(32 * moe_warps)
       for (int q = 0; q < R; ++q) c[m][q] = Row<F>(blob, down, r0 + min(q, rows - 1), I).chunk(i);
     }
   };
-  if (late) dependent_launch_begin();
   const uint8_t* blob = active && slot < k ? blob_of(table, ids, slot) : nullptr;
   if (blob) load(blob, g_lane);
-  if (!late) dependent_launch_begin();
+  dependent_launch_begin();
   stage_chunked<F, 4>(h, k * I, hs);  // the experts' rows are contiguous, and so are their staged chunks
   __syncthreads();
   if (!active) return;
@@ -448,7 +447,7 @@ void launch_down(const ExpertLayout& l, const void* const* table, const int32_t*
     const size_t shared = spread_shared(size_t(n) * per_expert + down_dots_bytes, blocks, spread_down) - down_dots_bytes;
     allow_shared(down_combine_kernel<F, R, C>, shared, down_dots_bytes);
     launch(down_combine_kernel<F, R, C>, blocks, 32 * moe_warps, shared, stream, table,
-           ids + j0, weights + j0, n, parts_of(l.down), h + size_t(j0) * I, I, H, G, accumulate || j0 > 0, y, !preload_weights(4));
+           ids + j0, weights + j0, n, parts_of(l.down), h + size_t(j0) * I, I, H, G, accumulate || j0 > 0, y);
     MF_CUDA_CHECK_LAUNCH();
   }
 }
