@@ -11,6 +11,7 @@ namespace {
 // m = state ++ x, [hist + T, channels]; thread c reads and rewrites only column c.
 __global__ void causal_conv1d_silu_kernel(const float* __restrict__ x, float* __restrict__ conv_state, const float* __restrict__ weight,
                                           int64_t n_tokens, int64_t channels, int64_t kernel, float* __restrict__ out) {
+  dependent_launch_begin();
   const int64_t hist = kernel - 1;
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < channels; c += int64_t(gridDim.x) * blockDim.x) {
     auto m = [&](int64_t i) { return i < hist ? conv_state[i * channels + c] : x[(i - hist) * channels + c]; };
@@ -27,6 +28,7 @@ __global__ void causal_conv1d_silu_kernel(const float* __restrict__ x, float* __
 __global__ void gated_delta_gates_kernel(const float* __restrict__ a, const float* __restrict__ b, const float* __restrict__ a_log,
                                          const float* __restrict__ dt_bias, int64_t n, int64_t n_heads, float* __restrict__ g,
                                          float* __restrict__ beta) {
+  dependent_launch_begin();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t h = i % n_heads;
     const float x = a[i] + dt_bias[h];
@@ -61,6 +63,7 @@ struct DeltaArgs {
 
 template <int RPT>
 __global__ void __launch_bounds__(32 * recurrent_warps) gated_delta_recurrent_kernel(DeltaArgs a) {
+  dependent_launch_begin();
   __shared__ float2 partial[2][recurrent_warps][32];  // per warp and column: (Σ S k, Σ S q) over its rows
   __shared__ float3 norms[2][recurrent_warps];        // per warp: (Σ q², Σ k², Σ q·k) over its rows
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -176,6 +179,7 @@ size_t chunk_prepare_shared_floats(int64_t v_dim) {
 // Block (chunk of the pass, value head). DKP: k_dim rounded up to a multiple of 32 (zeros past k_dim).
 template <int DKP>
 __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_prepare_kernel(ChunkArgs a) {
+  dependent_launch_begin();
   constexpr int kp = DKP + 4, n_warps = chunk_threads / 32;
   extern __shared__ float4 shared4[];
   const DeltaArgs& d = a.d;
@@ -340,6 +344,7 @@ constexpr size_t chunk_state_shared_floats() {
 // Block (32 state columns, value head), the chunks of the pass in order. n_chunks: chunks of the pass.
 template <int DKP>
 __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(ChunkArgs a, int64_t n_chunks) {
+  dependent_launch_begin();
   constexpr int n_warps = chunk_threads / 32, rows_update = DKP / n_warps;
   extern __shared__ float4 shared4[];
   float* st = reinterpret_cast<float*>(shared4);  // [DKP, 32] state tile
@@ -482,7 +487,7 @@ __global__ void __launch_bounds__(chunk_threads) gated_delta_chunk_state_kernel(
 void causal_conv1d_silu(const float* x, float* conv_state, const float* weight, int64_t n_tokens, int64_t channels,
                         int64_t kernel, float* out, cudaStream_t stream) {
   if (channels <= 0 || n_tokens < 0) return;
-  causal_conv1d_silu_kernel<<<grid_for(channels, 128), 128, 0, stream>>>(x, conv_state, weight, n_tokens, channels, kernel, out);
+  launch(causal_conv1d_silu_kernel, grid_for(channels, 128), 128, 0, stream, x, conv_state, weight, n_tokens, channels, kernel, out);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -490,7 +495,7 @@ void gated_delta_gates(const float* a, const float* b, const float* a_log, const
                        int64_t n_heads, float* g, float* beta, cudaStream_t stream) {
   const int64_t n = n_tokens * n_heads;
   if (n <= 0) return;
-  gated_delta_gates_kernel<<<grid_for(n, 256), 256, 0, stream>>>(a, b, a_log, dt_bias, n, n_heads, g, beta);
+  launch(gated_delta_gates_kernel, grid_for(n, 256), 256, 0, stream, a, b, a_log, dt_bias, n, n_heads, g, beta);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -499,7 +504,7 @@ namespace {
 template <int RPT>
 void launch_recurrent(const DeltaArgs& a, cudaStream_t stream) {
   const dim3 grid{unsigned((a.v_dim + 31) / 32), unsigned(a.n_v_heads)};
-  gated_delta_recurrent_kernel<RPT><<<grid, 32 * recurrent_warps, 0, stream>>>(a);
+  launch(gated_delta_recurrent_kernel<RPT>, grid, 32 * recurrent_warps, 0, stream, a);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -525,9 +530,9 @@ bool run_chunked(const DeltaArgs& d, cudaStream_t stream) {
   for (int64_t c = 0; c < n_chunks; c += pass_chunks) {
     const int64_t chunks = std::min(pass_chunks, n_chunks - c);
     a.t_begin = c * chunk_tokens;
-    gated_delta_chunk_prepare_kernel<DKP><<<dim3{unsigned(chunks), unsigned(d.n_v_heads)}, chunk_threads, shared_prepare, stream>>>(a);
+    launch(gated_delta_chunk_prepare_kernel<DKP>, dim3{unsigned(chunks), unsigned(d.n_v_heads)}, chunk_threads, shared_prepare, stream, a);
     MF_CUDA_CHECK_LAUNCH();
-    gated_delta_chunk_state_kernel<DKP><<<dim3{unsigned((d.v_dim + 31) / 32), unsigned(d.n_v_heads)}, chunk_threads, shared_state, stream>>>(a, chunks);
+    launch(gated_delta_chunk_state_kernel<DKP>, dim3{unsigned((d.v_dim + 31) / 32), unsigned(d.n_v_heads)}, chunk_threads, shared_state, stream, a, chunks);
     MF_CUDA_CHECK_LAUNCH();
   }
   return true;
