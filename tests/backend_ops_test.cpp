@@ -657,6 +657,29 @@ TEST_P(BackendOps, QkNormRopeAttentionMatchesTheOpsInTurn) {
   }
 }
 
+// Qwen3.5's gated norm of the delta rule's output (a GPU takes it in one kernel): to the bit what rms_norm
+// then swiglu leave, in place as the model calls it and into another buffer, over 128-wide heads (the
+// model's) and rows of other widths (a GPU's wider blocks, and a width not a multiple of 4, which a GPU
+// composes from the two ops).
+TEST_P(BackendOps, GatedRmsNormMatchesTheOpsInTurn) {
+  for (const auto& [n_rows, dim] : {std::pair<int64_t, int64_t>{32, 128}, {3, 2048}, {5, 36}, {4, 6}}) {
+    SCOPED_TRACE("rows=" + std::to_string(n_rows) + " dim=" + std::to_string(dim));
+    const auto x = gaussian(size_t(n_rows * dim), rng_, 2.0f), gate = gaussian(size_t(n_rows * dim), rng_, 3.0f);
+    const auto weight = gaussian(size_t(dim), rng_);
+    const size_t bytes = size_t(n_rows * dim) * 4;
+    DeviceBuffer dw(but(), *be_, weight), dg(but(), *be_, gate);
+    DeviceBuffer in_place(but(), *be_, x), dx(but(), *be_, x), dout(but(), *be_, bytes), composed(but(), *be_, x);
+    be_->gated_rms_norm(in_place.f(), dw.f(), 1e-6f, n_rows, dim, dg.f(), in_place.f());
+    be_->gated_rms_norm(dx.f(), dw.f(), 1e-6f, n_rows, dim, dg.f(), dout.f());
+    be_->rms_norm(composed.f(), dw.f(), 1e-6f, n_rows, dim, composed.f());
+    be_->swiglu(dg.f(), composed.f(), composed.f(), n_rows * dim);
+    const auto want = composed.read();
+    EXPECT_EQ(in_place.read(), want);
+    EXPECT_EQ(dout.read(), want);
+    EXPECT_EQ(dx.read(), x) << "x changed when out is another buffer";
+  }
+}
+
 TEST_P(BackendOps, AttentionMatchesReference) {
   struct Case { int64_t n_tokens, n_past, n_head, n_head_kv, head_dim; };
   for (const Case& c : {Case{1, 0, 4, 4, 64}, Case{1, 37, 8, 2, 128}, Case{3, 5, 8, 4, 64}, Case{17, 40, 4, 1, 128},

@@ -32,6 +32,11 @@ void Backend::add_rms_norm(float* x, const float* y, const float* weight, float 
   rms_norm(x, weight, eps, n_rows, dim, out);
 }
 
+void Backend::gated_rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, const float* gate, float* out) {
+  rms_norm(x, weight, eps, n_rows, dim, out);
+  swiglu(gate, out, out, n_rows * dim);
+}
+
 void Backend::qk_norm_rope(float* q, float* k, int64_t n_tokens, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim,
                            const float* q_norm, const float* k_norm, float eps, const int32_t* positions, const float* inv_freq) {
   rms_norm(q, q_norm, eps, n_tokens * n_head, head_dim, q);

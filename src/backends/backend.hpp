@@ -128,6 +128,11 @@ class Backend {
   // not y.
   virtual void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out);
 
+  // Qwen3.5's gated norm of the delta rule's output, in one pass: out = swiglu(gate, rms_norm(x)·weight)
+  // (silu(gate) times the normed row) — the same results as rms_norm(x, …, out) followed by
+  // swiglu(gate, out, out, n_rows · dim). out may alias x, not gate.
+  virtual void gated_rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, const float* gate, float* out);
+
   // A norm and the matmuls that read it, as one op (a GPU normalizes a decode token inside the matmul's
   // blocks instead of launching a norm before it): x_out = x + y as add_rms_norm adds (y null: x_out is
   // x and is not written), h = rms_norm(x_out)·weight, then matmul_many(jobs), whose inputs are h. x_out

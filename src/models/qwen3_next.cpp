@@ -557,8 +557,7 @@ class Qwen3NextGraph final : public ModelGraph {
     be_.gated_delta_rule(s.conv_out, s.conv_out + Kd, s.conv_out + 2 * Kd, conv_dim, s.g, s.beta, recurrent_state, T,
                          p_.lin_k_heads, nv, p_.lin_k_dim, p_.lin_v_dim, 1.0f / std::sqrt(float(p_.lin_k_dim)), s.core);
     // Norm before gate: RMSNorm(o_h) · w, then · silu(z_h).
-    be_.rms_norm(s.core, w.norm, float(p_.rms_norm_eps), T * nv, p_.lin_v_dim, s.core);
-    be_.swiglu(s.z, s.core, s.core, T * Vd);
+    be_.gated_rms_norm(s.core, w.norm, float(p_.rms_norm_eps), T * nv, p_.lin_v_dim, s.z, s.core);
     be_.matmul(w.out_proj, s.core, s.y, T);
   }
 

@@ -411,6 +411,15 @@ class CudaBackend final : public Backend {
     cuda::rms_norm(x, weight, eps, n_rows, dim, out, stream_);
   }
 
+  void gated_rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, const float* gate, float* out) override {
+    {
+      const OpTimer timer(*this, "gated_rms_norm");
+      bind();
+      if (cuda::gated_rms_norm(x, weight, eps, n_rows, dim, gate, out, stream_)) return;
+    }
+    Backend::gated_rms_norm(x, weight, eps, n_rows, dim, gate, out);
+  }
+
   void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out) override {
     const OpTimer timer(*this, "add_rms_norm");
     bind();

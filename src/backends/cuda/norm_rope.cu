@@ -11,9 +11,10 @@ namespace {
 // One block per row: x (+ y) held in registers, V float4s per thread; out = x · rsqrt(mean(x²) + eps) · w.
 // With y, x + y first, written to x_out (x itself, or another buffer: the same float addition axpy makes,
 // 1 · y + x, an exact product), so add_rms_norm gives exactly axpy followed by rms_norm. out may alias x.
-template <int V, bool Add>
+// With Gate, out = swiglu_of(gate, the normed value) (gated_rms_norm: the swiglu kernel's arithmetic).
+template <int V, bool Add, bool Gate = false>
 __global__ void rms_norm_vec_kernel(const float* x, const float* __restrict__ y, float* x_out, const float* __restrict__ weight, float eps,
-                                    int dim, float* out) {
+                                    int dim, float* out, const float* __restrict__ gate) {
   dependent_launch_begin();
   const int n4 = dim / 4;
   const float4* xr = reinterpret_cast<const float4*>(x + int64_t(blockIdx.x) * dim);
@@ -41,7 +42,12 @@ __global__ void rms_norm_vec_kernel(const float* x, const float* __restrict__ y,
   for (int q = 0; q < V; ++q) {
     const int i = threadIdx.x + q * blockDim.x;
     if (i >= n4) break;
-    o[i] = rms_scaled4(v[q], inv_rms, reinterpret_cast<const float4*>(weight)[i]);
+    float4 r = rms_scaled4(v[q], inv_rms, reinterpret_cast<const float4*>(weight)[i]);
+    if constexpr (Gate) {
+      const float4 g = reinterpret_cast<const float4*>(gate + int64_t(blockIdx.x) * dim)[i];
+      r = make_float4(swiglu_of(g.x, r.x), swiglu_of(g.y, r.y), swiglu_of(g.z, r.z), swiglu_of(g.w, r.w));
+    }
+    o[i] = r;
   }
 }
 
@@ -82,13 +88,35 @@ void launch_rms_norm(const float* x, const float* y, float* x_out, const float* 
     const int threads = rms_norm_threads(n4);
     const int per = (n4 + threads - 1) / threads;
     if (per <= 1)
-      launch(rms_norm_vec_kernel<1, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out);
+      launch(rms_norm_vec_kernel<1, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out,
+             nullptr);
     else if (per == 2)
-      launch(rms_norm_vec_kernel<2, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out);
+      launch(rms_norm_vec_kernel<2, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out,
+             nullptr);
     else
-      launch(rms_norm_vec_kernel<4, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out);
+      launch(rms_norm_vec_kernel<4, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out,
+             nullptr);
   }
   MF_CUDA_CHECK_LAUNCH();
+}
+
+// gated_rms_norm on the vectorized path (the one rms_norm takes for these rows, so the same Σx²); false,
+// having launched nothing, elsewhere.
+bool launch_gated_rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, const float* gate, float* out,
+                           cudaStream_t stream) {
+  if (n_rows <= 0) return true;
+  if (!(dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight) && aligned16(gate))) return false;
+  const int n4 = int(dim / 4);
+  const int threads = rms_norm_threads(n4);
+  const int per = (n4 + threads - 1) / threads;
+  if (per <= 1)
+    launch(rms_norm_vec_kernel<1, false, true>, unsigned(n_rows), threads, 0, stream, x, nullptr, nullptr, weight, eps, int(dim), out, gate);
+  else if (per == 2)
+    launch(rms_norm_vec_kernel<2, false, true>, unsigned(n_rows), threads, 0, stream, x, nullptr, nullptr, weight, eps, int(dim), out, gate);
+  else
+    launch(rms_norm_vec_kernel<4, false, true>, unsigned(n_rows), threads, 0, stream, x, nullptr, nullptr, weight, eps, int(dim), out, gate);
+  MF_CUDA_CHECK_LAUNCH();
+  return true;
 }
 
 // Per-head RMSNorm then rotary (rope_neox_kernel's arithmetic), in place: one warp per head of a token,
@@ -147,6 +175,11 @@ __global__ void rope_neox_kernel(float* x, int64_t n_heads, int64_t head_dim, in
 }
 
 }  // namespace
+
+bool gated_rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, const float* gate, float* out,
+                    cudaStream_t stream) {
+  return launch_gated_rms_norm(x, weight, eps, n_rows, dim, gate, out, stream);
+}
 
 void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream) {
   launch_rms_norm<true>(x, y, x, weight, eps, n_rows, dim, out, stream);

@@ -15,6 +15,10 @@ void add_rms_norm(float* x, const float* y, const float* weight, float eps, int6
 void add_rms_norm_to(const float* x, const float* y, float* x_out, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out,
                      cudaStream_t stream);
 void rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream);
+// Backend::gated_rms_norm in one kernel (the same bits as rms_norm, then swiglu); false, having launched
+// nothing, where rms_norm would not take its vectorized path (the caller composes the two).
+bool gated_rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, const float* gate, float* out,
+                    cudaStream_t stream);
 
 // Per-head RMSNorm of q [T, n_head, head_dim] and k [T, n_head_kv, head_dim] (weights q_norm, k_norm:
 // [head_dim]), then rotary over the first rot_dim dims, in place. positions, inv_freq: device memory.
