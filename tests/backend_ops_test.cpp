@@ -620,13 +620,14 @@ TEST_P(BackendOps, QkNormRopeMatchesReference) {
 // qk_norm_rope and attention as one op (a GPU takes a decode token's head norms and rotary inside the
 // attention kernel): out and the new key rows in the cache to the bit as the two ops in turn leave them,
 // the rest of the cache untouched. Decode steps over 100 and 700 keys (one block holds the new key; at
-// 700 the keys are split across blocks) and 2000 (a GPU's splits then take two key tiles each), a
-// partial rotary, Qwen3.5's wider heads; and steps a GPU composes: 20 keys (its simple kernel), three
-// tokens.
+// 700 the keys are split across blocks) and 2000 (a GPU's splits then take two rounds of key chunks), a
+// partial rotary, Qwen3.5's wider heads (groups of 8 and 16), a group of 16 narrow heads, 20 keys (less
+// than one round of chunks); and steps a GPU composes: three tokens of 64-dim heads.
 TEST_P(BackendOps, QkNormRopeAttentionMatchesTheOpsInTurn) {
   struct Case { int64_t n_tokens, n_past, n_head, n_head_kv, head_dim, rot_dim; };
   for (const Case& c : {Case{1, 99, 32, 4, 128, 128}, Case{1, 699, 32, 4, 128, 128}, Case{1, 1999, 32, 4, 128, 128},
-                        Case{1, 300, 16, 2, 256, 64}, Case{1, 19, 32, 4, 128, 128}, Case{3, 200, 8, 2, 64, 32}}) {
+                        Case{1, 300, 16, 2, 256, 64}, Case{1, 1000, 32, 2, 256, 64}, Case{1, 500, 64, 4, 128, 128},
+                        Case{1, 19, 32, 4, 128, 128}, Case{3, 200, 8, 2, 64, 32}}) {
     SCOPED_TRACE("T=" + std::to_string(c.n_tokens) + " past=" + std::to_string(c.n_past) + " head_dim=" + std::to_string(c.head_dim));
     const int64_t kv_dim = c.n_head_kv * c.head_dim, n_ctx = c.n_past + c.n_tokens;
     const auto q = gaussian(size_t(c.n_tokens * c.n_head * c.head_dim), rng_, 3.0f);
@@ -1288,6 +1289,8 @@ TEST_P(BackendOps, AttentionOverLongContextsMatchesReference) {
       {3, 2000, AttentionLayout::gqa(8, 4, 64), false},       // several tokens: each split masks causally
       {40, 700, AttentionLayout::gqa(4, 1, 128), false},      // prefill: 160 rows over five row tiles
       {1, 2200, AttentionLayout::gqa(4, 4, 256), false},      // no grouping, Qwen3.5's head_dim
+      {1, 2500, AttentionLayout::gqa(32, 2, 256), false},     // Qwen3.5-397B's group of 16 wide heads
+      {1, 1800, AttentionLayout::gqa(64, 4, 128), false},     // Qwen3-235B's group of 16
       {1, 1500, {128, 1, 576, 512, 576, 576}, true},          // DeepSeek-V3's latent decode, all heads
       {2, 2500, {16, 1, 576, 512, 576, 576}, true},           // latent, two tokens
   };

@@ -6,6 +6,8 @@
 //   attention  v1  one block per (query head, token) (cuda::AttentionPath::simple, still the fallback)
 //              v2  tiled: one block per (KV head, row tile, key split), K/V tiles in shared memory,
 //                  split partials merged by a combine kernel (cuda::AttentionPath::tiled)
+//              v3  decode: one token, q rows and keys in each warp's registers, splits as one cluster
+//                  merged through shared memory (cuda::AttentionPath::decode; the --short sweep)
 //   delta rule v1  one block per value head, the state in shared memory, tokens in order (copied below)
 //              v2  token by token, block per (32 state columns, value head), state in registers
 //              v3  chunked (WY) form, 64-token chunks: prepare kernel + state kernel
@@ -13,7 +15,8 @@
 // prefill.
 // Outputs of each new version are compared with v1's (already checked against the CPU reference by
 // the op tests). Build: ninja -C build attention_lab. Run: build/dev/attention_lab (one table per op), or
-// build/dev/attention_lab --short for the short-context decode sweep alone (key tiles per split).
+// build/dev/attention_lab --short for the short-context decode sweep alone (v2's key tiles per split, v3's
+// rounds of chunks per split and cluster sizes).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -277,6 +280,21 @@ void attention_short_sweep() {
           CHECK(cudaDeviceSynchronize());
           const double diff = max_diff(h1, to_host(o2, o_floats)) / 1.7;
           std::printf(" [%dx%d,%d] %.1f%s", rw, warps, split_tiles, us, diff > 1e-5 ? "(WRONG)" : "");
+        }
+      }
+      if (!m.latent) {  // the decode kernel (cuda::AttentionPath::decode), rounds of chunks per split
+        std::printf("\n%-16s decode kernel [rounds a split, cluster]:", "");
+        for (auto [split_rounds, cluster] : {std::pair{0, 0}, {0, -1}, {0, 4}, {0, 8}, {0, 16}, {1, -1}, {2, -1}, {4, -1}, {8, -1}}) {
+          cuda::AttentionTuning tuning{0, 0, 0, split_rounds};
+          tuning.cluster = cluster;
+          const double us = time_us([&](int it) {
+            cuda::attention(q, k + size_t(it % copies) * k_floats, v + size_t(it % copies) * v_floats, 1, n_past, l, scale, o2, nullptr,
+                            cuda::AttentionPath::decode, tuning);
+          });
+          cuda::attention(q, k, v, 1, n_past, l, scale, o2, nullptr, cuda::AttentionPath::decode, tuning);
+          CHECK(cudaDeviceSynchronize());
+          const double diff = max_diff(h1, to_host(o2, o_floats)) / 1.7;
+          std::printf(" [%d,%d] %.1f%s", split_rounds, cluster, us, diff > 1e-5 ? "(WRONG)" : "");
         }
       }
       std::printf("\n");

@@ -342,7 +342,8 @@ void layer_table(double copy_gbs, bool trace_only, unsigned trace_mask) {
   MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ids), 64 * 4));
   MF_CUDA_CHECK(cudaMemset(ids, 0, 64 * 4));
   MF_CUDA_CHECK(cudaMemset(weights, 0, 64 * 4));
-  const moeflux::cuda::QkNormRope qk{qk_w, qk_w + 128, 1e-6f, 64, float(n_past), inv_freq};
+  const float* inv_freq_host = host.data() + (inv_freq - kv);  // the fused kernel takes them by value
+  const moeflux::cuda::QkNormRope qk{qk_w, qk_w + 128, 1e-6f, 64, float(n_past), inv_freq_host};
   enum Op { qkv, attention, o, route, topk, moe, n_ops };
   const char* names[n_ops] = {"norm + q/k/v", "attention (q/k norm, rotary)", "o_proj", "norm + router", "router top-k", "experts (gate/up, down)"};
   // mask: the ops that run.

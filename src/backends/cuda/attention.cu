@@ -2,7 +2,11 @@
 // kernel (one block per KV head, tile of query rows and slice of keys) and the combine of split partials.
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <tuple>
 #include <type_traits>
+
+#include <cooperative_groups.h>
 
 #include "backends/cuda/attention.cuh"
 #include "backends/cuda/cuda_check.hpp"
@@ -10,6 +14,8 @@
 
 namespace moeflux::cuda {
 namespace {
+
+namespace cg = cooperative_groups;
 
 // --- The simple kernel ------------------------------------------------------------------------------
 
@@ -87,6 +93,7 @@ void attention_simple(const float* q, const float* k_cache, const float* v_cache
 // across the warp's lanes, in base 2 (q is pre-scaled by scale·log2 e).
 
 constexpr int tile_keys = 32;
+constexpr int max_rotary_half = 128;  // 32 · max_lane_dims / 2
 constexpr int tiled_threads_max = 256;
 
 struct TiledArgs {
@@ -114,28 +121,33 @@ struct TiledArgs {
   // cache for later steps and into its shared tile.
   const float* q_norm;
   const float* k_norm;
-  const float* inv_freq;   // [half]
   float eps, position;
   int half;
+  // The rotary frequencies by value, in the kernel's parameters (read from the constant bank): a load
+  // from device memory before the wait took a decode block ~2 µs while q/k/v streamed its weights, so
+  // that most blocks reached the wait only after q/k/v had finished (the wait probe, session 21).
+  float inv_freq[max_rotary_half];
+  int cluster;  // the decode kernel: its splits are a cluster of this many blocks (else 0)
 };
 
 // qk_norm_rope_kernel's arithmetic (norm_rope.cu) on one head row held by a warp in registers, lane l
-// holding dims l, l + 32, … (dim ≤ 32 · max_lane_dims, half a multiple of 32, so that both dims of each
-// rotary pair sit in the same lane): rms_norm with weight w, then rotary over the first 2·half dims with
-// the lane's cos/sin, then × post_scale.
+// holding dims l, l + 32, … (dim ≤ 32 · N, half a multiple of 32, so that both dims of each rotary pair
+// sit in the same lane): rms_norm with weight w(m) (dim l + 32·m's), then rotary over the first 2·half
+// dims with the lane's cos/sin, then × post_scale.
 constexpr int max_lane_dims = 8;
-__device__ __forceinline__ void norm_rope_lanes(float (&v)[max_lane_dims], int per, const float* __restrict__ w, const TiledArgs& a,
-                                                const float (&c)[max_lane_dims / 2], const float (&sn)[max_lane_dims / 2], float post_scale) {
-  const int lane = threadIdx.x & 31, dim = 32 * per, pairs = a.half / 32;
+template <int N, typename Weight>
+__device__ __forceinline__ void norm_rope_lanes(float (&v)[N], int per, Weight w, const TiledArgs& a, const float (&c)[N / 2],
+                                                const float (&sn)[N / 2], float post_scale) {
+  const int dim = 32 * per, pairs = a.half / 32;
   float sum_sq = 0.f;
 #pragma unroll
-  for (int m = 0; m < max_lane_dims; ++m)
+  for (int m = 0; m < N; ++m)
     if (m < per) sum_sq += v[m] * v[m];
   sum_sq = warp_sum(sum_sq);
   const float inv_rms = 1.0f / sqrtf(sum_sq / float(dim) + a.eps);
 #pragma unroll
-  for (int m = 0; m < max_lane_dims; ++m)
-    if (m < per) v[m] = v[m] * inv_rms * w[lane + 32 * m];
+  for (int m = 0; m < N; ++m)
+    if (m < per) v[m] = v[m] * inv_rms * w(m);
   // Dim m's partner is dim m + pairs of the lane: a constant in each case below, so that v stays in
   // registers (indexed by the runtime count, v and k_new went to the stack, 96 bytes a thread; the layer
   // chain of matmul_bench --layer 49.2 -> 48.6 µs).
@@ -148,21 +160,22 @@ __device__ __forceinline__ void norm_rope_lanes(float (&v)[max_lane_dims], int p
       v[m + P] = x1 * c[m] + x0 * sn[m];
     }
   };
-  static_assert(max_lane_dims == 8, "rotate's cases");
-  switch (pairs) {
+  static_assert(N == 4 || N == 8, "rotate's cases");
+  switch (pairs) {  // at most per / 2 (the callers check 2·half ≤ dim)
     case 0: break;
     case 1: rotate(std::integral_constant<int, 1>{}); break;
     case 2: rotate(std::integral_constant<int, 2>{}); break;
-    case 3: rotate(std::integral_constant<int, 3>{}); break;
-    default: rotate(std::integral_constant<int, 4>{}); break;
+    case 3: rotate(std::integral_constant<int, N == 8 ? 3 : 2>{}); break;
+    default: rotate(std::integral_constant<int, N / 2>{}); break;
   }
   if (post_scale != 1.f) {
 #pragma unroll
-    for (int m = 0; m < max_lane_dims; ++m) v[m] *= post_scale;
+    for (int m = 0; m < N; ++m) v[m] *= post_scale;
   }
 }
 
 constexpr int max_splits = 256;  // a warp's combine weights (combine_row)
+constexpr int max_cluster = 16;  // the decode kernel's splits as one cluster (past 8, Hopper's non-portable sizes)
 
 // out[row] = Σ_s e^(m_s − M) o_s / Σ_s e^(m_s − M) l_s over the split partials, M = max_s m_s; a split
 // that saw no key of the row (m = −inf) weighs 0. By one warp (lanes over the splits, then over float4
@@ -218,7 +231,7 @@ __device__ void combine_row(const float* __restrict__ part_o, const float* __res
 }
 
 template <int RW, int VPL>
-__global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(TiledArgs a) {
+__global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(const __grid_constant__ TiledArgs a) {
   const unsigned long long entered = wait_trace_now();
   extern __shared__ float4 shared4[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
@@ -273,7 +286,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
   };
   // Before the dependent-launch wait, what no kernel of this step writes: the first tile when all its
   // keys are from earlier steps (below n_past; this step's q/k/v kernel writes key n_past on), and the
-  // rotary angles (inv_freq is copied in before the step's first kernel).
+  // rotary angles (inv_freq is in the parameters).
   const bool early = key_begin < key_end && key_begin + tile_keys <= a.n_past;
   if (early) issue(key_begin, 0);
   float cos_a[max_lane_dims / 2], sin_a[max_lane_dims / 2];
@@ -320,7 +333,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
         const float* src = a.q + ((row / a.group) * a.l.n_head + kv * a.group + row % a.group) * a.l.k_dim;
 #pragma unroll
         for (int m = 0; m < max_lane_dims; ++m) v[m] = m < per ? src[lane + 32 * m] : 0.f;
-        norm_rope_lanes(v, per, a.q_norm, a, cos_a, sin_a, a.q_scale);
+        norm_rope_lanes(v, per, [&](int m) { return a.q_norm[lane + 32 * m]; }, a, cos_a, sin_a, a.q_scale);
       }
       float* dst = reinterpret_cast<float*>(qs + (warp * RW + r) * k4i);
 #pragma unroll
@@ -328,7 +341,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(Tile
         if (m < per) dst[lane + 32 * m] = v[m];
     }
     if (new_key_here && warp == 0) {
-      norm_rope_lanes(k_new, per, a.k_norm, a, cos_a, sin_a, 1.f);
+      norm_rope_lanes(k_new, per, [&](int m) { return a.k_norm[lane + 32 * m]; }, a, cos_a, sin_a, 1.f);
 #pragma unroll
       for (int m = 0; m < max_lane_dims; ++m)
         if (m < per) cached[lane + 32 * m] = k_new[m];
@@ -487,6 +500,325 @@ __global__ void __launch_bounds__(32 * combine_warps)
   if (row < rows_out) combine_row<16, true>(part_o, part_ml, n_split, rows_out, v_dim, row, out, w[warp]);
 }
 
+// --- The decode kernel ------------------------------------------------------------------------------
+//
+// One token over a cache of plain heads (k_dim = v_dim = 32·KP, KP 4 or 8), the keys read straight into
+// registers: the tiled kernel's shared tiles are read by every warp of the block (each of a decode
+// group's 8 rows re-reads all of them), and its per-tile chain of shared loads, shuffles and weighted
+// sums took ~7,400 cycles a tile in the layer chain (the wait probe, session 21). Here a block takes (KV
+// head, split of keys) with its warps in row groups × key groups: warp (g, j) holds the group's query
+// rows g·R … g·R + R − 1 in registers, lane l holding dims l + 32·m (m < KP), as norm_rope_lanes wants,
+// and takes chunks of C keys (chunk i of key group j: keys key_begin + (i·KG + j)·C …), each key's K and V
+// rows loaded with the same layout — the first chunk before the dependent-launch wait when all its keys
+// are from earlier steps. Each lane's partial dot products (C keys × R rows) are summed across the warp
+// by a transposing butterfly (each step keeps half the values and adds the partner's), after which lane
+// l holds one score, of (key, row) index l >> (5 − log2(C·R)); the online softmax runs on those, and the
+// weighted sum reads the probabilities and corrections back from a few floats of shared memory. The
+// block's key groups merge through shared memory (as splits merge: max, rescaled sums), then the split
+// partials as in the tiled kernel (its last block combines). q's norm and rotary, and the new key's, are
+// norm_rope_lanes, with the weights in registers from before the wait.
+// The transposing butterfly over a warp: lane l's n values s[0 … n) (n a power of two ≤ 32) summed over
+// the warp so that lane l ends with the sum of value index l >> (5 − log2 n) in s[0]: at each step a lane
+// keeps the half of its values its bit o names (the upper when set) and adds the partner's same half;
+// once one value is left the remaining steps add plainly.
+template <int N, int O>
+__device__ __forceinline__ void transpose_sum(float* s, int lane) {
+  if constexpr (O > 0) {
+    if constexpr (N > 1) {
+      const bool upper = (lane & O) != 0;
+#pragma unroll
+      for (int j = 0; j < N / 2; ++j) {
+        const float keep = upper ? s[j + N / 2] : s[j], send = upper ? s[j] : s[j + N / 2];
+        s[j] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+      }
+      transpose_sum<N / 2, O / 2>(s, lane);
+    } else {
+      s[0] += __shfl_xor_sync(0xffffffffu, s[0], O);
+      transpose_sum<1, O / 2>(s, lane);
+    }
+  }
+}
+
+// A float (float2) of block `rank`'s shared memory in this cluster at the shared address `at` of this
+// block's copy (mapa + ld.shared::cluster; volatile keeps them after the cluster barrier, and in order,
+// but each is only waited for where its value is used).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ float ld_cluster_float(unsigned at, int rank) {
+  unsigned remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(at), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote));
+  return v;
+}
+__device__ __forceinline__ float2 ld_cluster_float2(unsigned at, int rank) {
+  unsigned remote;
+  float2 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(at), "r"(rank));
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(remote));
+  return v;
+}
+#endif
+
+template <int KP, int R, int C>
+__global__ void __launch_bounds__(256) attention_decode_kernel(const __grid_constant__ TiledArgs a) {
+  constexpr int V = C * R, LV = V == 32 ? 5 : V == 16 ? 4 : 3, LC = C == 8 ? 3 : C == 4 ? 2 : 1;
+  static_assert((V == 8 || V == 16 || V == 32) && (C == 2 || C == 4 || C == 8), "the butterfly's shapes");
+  constexpr int D = 32 * KP;
+  const unsigned long long entered = wait_trace_now();
+  extern __shared__ float4 shared4[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  const int n_rg = int((a.group + R - 1) / R), n_kg = n_warps / n_rg;
+  const int rg = warp % n_rg, kgi = warp / n_rg;
+  const int64_t kv = blockIdx.x, split = blockIdx.y;
+  const int64_t key_begin = split * a.keys_per_split;
+  const int64_t key_end = key_begin + a.keys_per_split < a.n_past + 1 ? key_begin + a.keys_per_split : a.n_past + 1;
+  const int64_t k_stride = a.l.k_stride, v_stride = a.l.v_stride;
+  const float* k_base = a.k_cache + kv * D + lane;
+  const float* v_base = a.v_cache + kv * D + lane;
+  // Shared memory: the merge's [n_warps, R, D] sums and [n_warps, R] (max, sum), then per warp V
+  // probabilities and R corrections.
+  float* merge_o = reinterpret_cast<float*>(shared4);
+  float2* merge_ml = reinterpret_cast<float2*>(merge_o + n_warps * R * D);
+  float* p_buf = reinterpret_cast<float*>(merge_ml + n_warps * R) + warp * (V + R);
+  float* c_buf = p_buf + V;
+  // In a cluster, the block's merged partials: [group, D] sums and [group] (max, sum).
+  float* cluster_o = reinterpret_cast<float*>(merge_ml + n_warps * R) + n_warps * (V + R);
+  float2* cluster_ml = reinterpret_cast<float2*>(cluster_o + a.group * D);
+
+  float kc[C][KP], vc[C][KP];
+  const auto load = [&](int64_t k0, float (&kd)[C][KP], float (&vd)[C][KP]) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const bool in = k0 + c < key_end;
+#pragma unroll
+      for (int m = 0; m < KP; ++m) {
+        kd[c][m] = in ? k_base[(k0 + c) * k_stride + 32 * m] : 0.f;
+        vd[c][m] = in ? v_base[(k0 + c) * v_stride + 32 * m] : 0.f;
+      }
+    }
+  };
+  // Before the wait, what no kernel of this step writes: the first chunk when its keys are all below
+  // n_past, the norms' weights and the rotary angles (inv_freq is in the parameters).
+  const int64_t first = key_begin + int64_t(kgi) * C, chunk_step = int64_t(n_kg) * C;
+  const bool early = first + C <= a.n_past;
+  if (early) load(first, kc, vc);
+
+  float qw[KP], kw[KP], cos_a[KP / 2], sin_a[KP / 2];
+  if (a.q_norm) {
+#pragma unroll
+    for (int m = 0; m < KP; ++m) qw[m] = a.q_norm[lane + 32 * m], kw[m] = a.k_norm[lane + 32 * m];
+#pragma unroll
+    for (int i = 0; i < KP / 2; ++i) {
+      const float angle = i < a.half / 32 ? a.position * a.inv_freq[lane + 32 * i] : 0.f;  // fp32, as the reference
+      cos_a[i] = cosf(angle), sin_a[i] = sinf(angle);
+    }
+  }
+  dependent_launch_begin();
+  wait_trace_mark(0, entered);
+  if (!early && first < key_end) load(first, kc, vc);
+  // The warp's q rows (0 past the group), normalized and rotated here with the norms set, then scaled.
+  float q[R][KP];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = int64_t(rg) * R + r;
+    const float* src = a.q + (kv * a.group + row) * D + lane;
+#pragma unroll
+    for (int m = 0; m < KP; ++m) q[r][m] = row < a.group ? src[32 * m] : 0.f;
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (a.q_norm) {
+      if (int64_t(rg) * R + r < a.group) norm_rope_lanes(q[r], KP, [&](int m) { return qw[m]; }, a, cos_a, sin_a, a.q_scale);
+    } else {
+#pragma unroll
+      for (int m = 0; m < KP; ++m) q[r][m] *= a.q_scale;
+    }
+  }
+  wait_trace_mark(1);
+
+  // Lane l's (key, row) after the butterfly, and the online softmax state of that row.
+  const int idx = lane >> (5 - LV), my_c = idx / R;
+  float m_row = -INFINITY, l_row = 0.f, acc[R][KP];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < KP; ++m) acc[r][m] = 0.f;
+
+  for (int64_t k0 = first; k0 < key_end; k0 += chunk_step) {
+    // The next chunk's rows on their way while this one is used (in L1 instead, prefetched before the
+    // wait, the chain of matmul_bench --layer ran 2 µs slower).
+    float kn[C][KP], vn[C][KP];
+    const bool more = k0 + chunk_step < key_end;
+    if (more) load(k0 + chunk_step, kn, vn);
+    if (a.k_norm && k0 <= a.n_past && a.n_past < k0 + C) {
+      // The new key (raw from the q/k/v kernel, loaded after the wait): normalized and rotated, written
+      // back to the cache for later steps.
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+        if (k0 + c == a.n_past) {
+          norm_rope_lanes(kc[c], KP, [&](int m) { return kw[m]; }, a, cos_a, sin_a, 1.f);
+          float* cached = a.k_cache_out + a.n_past * k_stride + kv * D + lane;
+#pragma unroll
+          for (int m = 0; m < KP; ++m) cached[32 * m] = kc[c][m];
+        }
+    }
+    // Scores: the lane's partial dot products, then the transposing butterfly.
+    float s[V];
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float d = 0.f;
+#pragma unroll
+        for (int m = 0; m < KP; ++m) d = fmaf(q[r][m], kc[c][m], d);
+        s[c * R + r] = d;
+      }
+    transpose_sum<V, 16>(s, lane);
+    const float score = k0 + my_c < key_end ? s[0] : -INFINITY;
+    // The row's max and sum over the chunk's keys: the lanes of one row differ in their top LC bits.
+    float chunk_max = score;
+#pragma unroll
+    for (int o = 16; o > (16 >> LC); o >>= 1) chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, o));
+    const float m_new = fmaxf(m_row, chunk_max);  // > −inf: a chunk holds at least one key below key_end
+    const float p = exp2f(score - m_new), correction = exp2f(m_row - m_new);  // 0 for −inf
+    float p_sum = p;
+#pragma unroll
+    for (int o = 16; o > (16 >> LC); o >>= 1) p_sum += __shfl_xor_sync(0xffffffffu, p_sum, o);
+    l_row = l_row * correction + p_sum;
+    m_row = m_new;
+    p_buf[idx] = p;
+    if (my_c == 0) c_buf[idx] = correction;
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float cr = c_buf[r];
+#pragma unroll
+      for (int m = 0; m < KP; ++m) acc[r][m] *= cr;
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float pc = p_buf[c * R + r];
+#pragma unroll
+        for (int m = 0; m < KP; ++m) acc[r][m] = fmaf(pc, vc[c][m], acc[r][m]);
+      }
+    __syncwarp();  // p_buf is rewritten by the next chunk
+    if (more) {
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int m = 0; m < KP; ++m) kc[c][m] = kn[c][m], vc[c][m] = vn[c][m];
+    }
+  }
+  wait_trace_mark(3);
+
+  // The block's key groups merge: row r of row group g is in warps g, g + n_rg, … (a warp that had no
+  // key weighs 0).
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < KP; ++m) merge_o[(warp * R + r) * D + lane + 32 * m] = acc[r][m];
+  if (my_c == 0) merge_ml[warp * R + idx] = make_float2(m_row, l_row);
+  __syncthreads();
+  // Warp w merges rows w, w + n_warps, …, lane l dims l + 32·m as the warps hold them: the weights once
+  // a row, every sum's shared loads in flight together.
+  const bool direct = gridDim.y == 1;
+  constexpr int max_kg = 8;
+  for (int row = warp; row < a.group; row += n_warps) {
+    const int g = row / R, r = row - g * R;
+    float2 ml[max_kg];
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < max_kg; ++j)
+      if (j < n_kg) ml[j] = merge_ml[(j * n_rg + g) * R + r], m_max = fmaxf(m_max, ml[j].x);
+    float wt[max_kg], l_sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < max_kg; ++j)
+      if (j < n_kg) {
+        wt[j] = ml[j].x == -INFINITY ? 0.f : exp2f(ml[j].x - m_max);
+        l_sum = fmaf(wt[j], ml[j].y, l_sum);
+      }
+    const int64_t orow = kv * a.group + row;
+#pragma unroll
+    for (int m = 0; m < KP; ++m) {
+      const int d = lane + 32 * m;
+      float o = 0.f;
+#pragma unroll
+      for (int j = 0; j < max_kg; ++j)
+        if (j < n_kg) o = fmaf(wt[j], merge_o[((j * n_rg + g) * R + r) * D + d], o);
+      if (direct) {
+        a.out[orow * D + d] = o / l_sum;  // one split, which holds key 0: l_sum ≥ 1
+      } else if (a.cluster) {
+        cluster_o[row * D + d] = o;
+      } else {
+        a.part_o[(split * a.rows_out + orow) * D + d] = o;
+      }
+    }
+    if (lane == 0 && !direct) {
+      if (a.cluster) cluster_ml[row] = make_float2(m_max, l_sum);
+      else reinterpret_cast<float2*>(a.part_ml)[split * a.rows_out + orow] = make_float2(m_max, l_sum);
+    }
+  }
+  wait_trace_mark(2);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.cluster) {
+    // The splits of this KV head are one cluster: its blocks combine the partials from each other's shared
+    // memory, each block a slice of the (row, dim) elements, and wait for each other before leaving (a
+    // block's shared memory goes with it). sm_90 on: the host asks for clusters only there.
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    wait_trace_mark(4);
+    // Units of 32 dims (a row's dims 32·m …) spread over the blocks' warps: unit split + n·warp, ….
+    const int n = a.cluster;
+    for (int u = int(split) + n * warp; u < a.group * KP; u += n * n_warps) {
+      const int row = u / KP, e = row * D + 32 * (u - row * KP) + lane;
+      // Every block's (max, sum) and sum of this element asked for before any is used.
+      float2 ml[max_cluster];
+      float ov[max_cluster];
+      const unsigned ml_at = unsigned(__cvta_generic_to_shared(cluster_ml + row)), o_at = unsigned(__cvta_generic_to_shared(cluster_o + e));
+#pragma unroll
+      for (int j = 0; j < max_cluster; ++j)
+        if (j < n) ml[j] = ld_cluster_float2(ml_at, j), ov[j] = ld_cluster_float(o_at, j);
+      float m_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < max_cluster; ++j)
+        if (j < n) m_max = fmaxf(m_max, ml[j].x);
+      float o = 0.f, l_sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < max_cluster; ++j)
+        if (j < n) {
+          const float wt = ml[j].x == -INFINITY ? 0.f : exp2f(ml[j].x - m_max);
+          o = fmaf(wt, ov[j], o);
+          l_sum = fmaf(wt, ml[j].y, l_sum);
+        }
+      a.out[(kv * a.group + row) * D + (e - row * D)] = o / l_sum;
+    }
+    wait_trace_mark(5);
+    cluster.sync();
+    return;
+  }
+#endif
+  if (a.part_o && a.counters) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    wait_trace_mark(4);
+    if (!last) return;
+    __threadfence();
+    float* w = merge_o + warp * int(gridDim.y);  // the merge is done with its shared memory
+    for (int64_t row = warp; row < a.group; row += n_warps)
+      combine_row<16, true>(a.part_o, a.part_ml, int(gridDim.y), a.rows_out, D, kv * a.group + row, a.out, w);
+    if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;  // for the next launch
+#ifdef MOEFLUX_CUDA_WAIT_TRACE
+    __syncthreads();
+    wait_trace_mark(5);
+#endif
+  }
+}
+
 // Whether the last split combines in the attention kernel (else a combine kernel follows), unless
 // MOEFLUX_CUDA_FUSE_COMBINE=0 (a developer's switch for comparisons).
 bool combine_in_kernel() {
@@ -547,6 +879,119 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
   }
 }
 
+// The decode kernel's shapes: heads of 128 dims take 8 rows a warp in chunks of 4 keys (4 rows in chunks
+// of 8 for groups of up to 4), heads of 256 dims 4 rows in chunks of 4; a group of up to 8 warps' rows.
+bool decode_supported(const AttentionLayout& l, int64_t group) {
+  const int rows = l.k_dim == 128 && group > 4 ? 8 : 4;
+  return (l.k_dim == 128 || l.k_dim == 256) && l.v_dim == l.k_dim && group <= 8 * rows;
+}
+
+// The largest cluster of the decode kernel's blocks (16, 8 or 0) that the device can place once: 16 is
+// beyond the portable size (a GPC may hold fewer SMs on some parts), and before sm_90 there are none.
+// Asked once a kernel; also lets the kernel take non-portable sizes.
+template <typename Kernel>
+int decode_cluster_limit(Kernel kernel, int threads, size_t shared) {
+  static std::map<std::tuple<int, const void*, size_t>, int> known;  // host-side, as the stream scratch
+  int device = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(device, reinterpret_cast<const void*>(kernel), shared);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  int limit = 0;
+  if (device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9) {
+    if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+    MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    for (const int size : {16, 8}) {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3{1, unsigned(size)};
+      config.blockDim = dim3{unsigned(threads)};
+      config.dynamicSmemBytes = shared;
+      cudaLaunchAttribute attribute;
+      attribute.id = cudaLaunchAttributeClusterDimension;
+      attribute.val.clusterDim.x = 1, attribute.val.clusterDim.y = unsigned(size), attribute.val.clusterDim.z = 1;
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
+        limit = size;
+        break;
+      }
+      (void)cudaGetLastError();  // a size the device cannot place is an answer, not an error
+    }
+  }
+  known.emplace(key, limit);
+  return limit;
+}
+
+// Splits each KV head's keys across blocks and launches: up to 6 rounds of chunks a split, the splits
+// as one cluster of up to 16 blocks (each a sixteenth of the keys); past that, or without clusters,
+// ~2.8·√rounds splits merged through the L2, or split_rounds rounds each (a lab's choice, as `cluster`).
+template <int KP, int R, int C>
+void launch_decode(TiledArgs a, int n_sm, int split_rounds, int cluster, float* out, cudaStream_t stream) {
+  const auto kernel = attention_decode_kernel<KP, R, C>;
+  const int n_rg = int((a.group + R - 1) / R), n_kg = std::max(1, 8 / n_rg), warps = n_rg * n_kg;
+  const int64_t n_keys = a.n_past + 1, round = int64_t(n_kg) * C, n_rounds = (n_keys + round - 1) / round;
+  // The splits as one cluster (combined through each other's shared memory, without the partials'
+  // round trips to the L2 and the count): alone (attention_lab --short) a cluster of 16 was up to 2 µs
+  // slower than the L2's splits at Qwen3-30B's heads, but in the layer chain, where each round trip waits
+  // behind the next launch's weights, 16 took matmul_bench --layer from 49.3-49.5 to 46.7-46.8 µs and
+  // decode at 1800 keys from 368-372 to 389-391 tok/s (H100, session 22); up to 6 rounds a split.
+  // MOEFLUX_CUDA_ATTN_CLUSTER (a developer's switch: a size, or -1 for none) or the lab's tuning overrides.
+  static const int cluster_env = [] {
+    const char* e = std::getenv("MOEFLUX_CUDA_ATTN_CLUSTER");
+    return e ? std::atoi(e) : 0;
+  }();
+  if (cluster == 0) cluster = split_rounds > 0 ? -1 : cluster_env;
+  if (cluster == 0) cluster = n_rounds <= 6 * max_cluster ? max_cluster : -1;
+  cluster = cluster > 0 ? int(std::min<int64_t>({int64_t(cluster), int64_t(max_cluster), n_rounds})) : 0;
+  const size_t shared_plain = size_t(warps) * (R * 32 * KP + 2 * R + C * R + R) * sizeof(float);
+  const size_t shared_cluster = shared_plain + size_t(a.group) * (32 * KP + 2) * sizeof(float);
+  cluster = std::min(cluster, decode_cluster_limit(kernel, 32 * warps, shared_cluster));
+  if (cluster < 2) cluster = 0;
+  const size_t shared = cluster ? shared_cluster : shared_plain;
+  if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+  if (cluster) {
+    // Splits of whole chunks (a split's keys need not fill its rounds).
+    a.keys_per_split = ((n_keys + cluster - 1) / cluster + C - 1) / C * C;
+    a.cluster = int((n_keys + a.keys_per_split - 1) / a.keys_per_split);
+    a.out = out;
+    a.n_row_tiles = 1;
+    if (a.cluster >= 2) {
+      launch_clustered(kernel, dim3{unsigned(a.l.n_head_kv), unsigned(a.cluster)}, 32 * warps, shared, stream,
+                       dim3{1, unsigned(a.cluster), 1}, a);
+      MF_CUDA_CHECK_LAUNCH();
+      return;
+    }
+    a.cluster = 0;
+  }
+  int resident = 0;
+  MF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, 32 * warps, shared));
+  const int64_t blocks = a.l.n_head_kv, wave = int64_t(std::max(resident, 1)) * n_sm;
+  // A split's chain grows with its rounds and the combine with the splits: ~2.8·√rounds splits
+  // (attention_lab --short, H100: the best of 1 … 8 rounds a split over 128 … 8192 keys, Qwen3-30B's and
+  // Qwen3.5-397B's heads, lay within 10% of it), at most a wave.
+  int64_t n_split = std::llround(2.8 * std::sqrt(double(n_rounds)));
+  n_split = std::clamp<int64_t>(n_split, 1, std::min<int64_t>({blocks < wave ? wave / blocks : 1, n_rounds, int64_t(max_splits)}));
+  if (split_rounds > 0) n_split = std::clamp<int64_t>((n_keys + split_rounds * round - 1) / (split_rounds * round), 1, max_splits);
+  a.keys_per_split = ((n_keys + n_split - 1) / n_split + round - 1) / round * round;
+  n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
+  a.out = out;
+  a.n_row_tiles = 1;
+  if (n_split > 1) {
+    const size_t part_o_floats = size_t(n_split * a.rows_out * a.l.v_dim);
+    float* scratch = static_cast<float*>(stream_scratch(stream, (part_o_floats + size_t(n_split * a.rows_out * 2)) * sizeof(float)));
+    a.part_o = scratch;
+    a.part_ml = scratch + part_o_floats;
+    if (blocks <= stream_counter_slots && combine_in_kernel()) a.counters = stream_counters(stream);  // w fits: 8·256 floats
+  }
+  launch(kernel, dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, shared, stream, a);
+  MF_CUDA_CHECK_LAUNCH();
+  if (n_split > 1 && !a.counters) {
+    launch(attention_combine_kernel, unsigned((a.rows_out + combine_warps - 1) / combine_warps), 32 * combine_warps, 0, stream, a.part_o,
+           a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
+    MF_CUDA_CHECK_LAUNCH();
+  }
+}
+
 template <int RW>
 void launch_tiled_rw(const TiledArgs& a, int vpl, int warps, size_t shared, int n_sm, int waves, int split_tiles, int64_t n_keys,
                      float* out, cudaStream_t stream) {
@@ -581,7 +1026,7 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
   // The latent layout: each value row is the prefix of its key row, so the key tile serves as both.
   const bool latent = v_cache == k_cache && layout.v_stride == layout.k_stride && layout.v_dim <= layout.k_dim &&
                       (layout.n_head_kv == 1 || layout.v_dim == layout.k_dim);
-  // The tiled kernel for every supported shape, a decode step over a few keys too: alone the simple
+  // The decode or tiled kernel for every supported shape, a decode step over a few keys too: alone the simple
   // kernel's one launch was faster there (attention_lab, H200: 9.0 against 11.0 µs at 33 keys, 14.8
   // against 11.1 at 65), but the tiled one takes the q/k norms and rotary as well (one kernel fewer),
   // and fused and composed must give the same bits.
@@ -598,6 +1043,25 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
   int device = 0, n_sm = 0, shared_max = 0;
   MF_CUDA_CHECK(cudaGetDevice(&device));
   MF_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+  const int64_t group = layout.n_head / layout.n_head_kv;
+  // One token over plain heads: the decode kernel (both with the norms and without, so that fused and
+  // composed give the same bits).
+  if (n_tokens == 1 && !latent && (path == AttentionPath::automatic || path == AttentionPath::decode) && decode_supported(layout, group)) {
+    TiledArgs a{};
+    a.q = q, a.k_cache = k_cache, a.v_cache = v_cache, a.l = layout, a.n_past = n_past;
+    a.group = group, a.rows_per_kv = group, a.rows_out = layout.n_head;
+    a.q_scale = scale * 1.4426950408889634f;
+    if (qk) {
+      a.q_norm = qk->q_norm, a.k_norm = qk->k_norm;
+      std::copy(qk->inv_freq, qk->inv_freq + std::min(qk->half, max_rotary_half), a.inv_freq);
+      a.eps = qk->eps, a.position = qk->position, a.half = qk->half;
+      a.k_cache_out = k_cache_out;
+    }
+    if (layout.k_dim == 256) launch_decode<8, 4, 4>(a, n_sm, tuning.split_tiles, tuning.cluster, out, stream);
+    else if (group > 4) launch_decode<4, 8, 4>(a, n_sm, tuning.split_tiles, tuning.cluster, out, stream);
+    else launch_decode<4, 4, 8>(a, n_sm, tuning.split_tiles, tuning.cluster, out, stream);
+    return true;
+  }
   MF_CUDA_CHECK(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
 
   TiledArgs a{};
@@ -632,7 +1096,8 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
     return true;
   }
   if (qk) {
-    a.q_norm = qk->q_norm, a.k_norm = qk->k_norm, a.inv_freq = qk->inv_freq;
+    a.q_norm = qk->q_norm, a.k_norm = qk->k_norm;
+    std::copy(qk->inv_freq, qk->inv_freq + std::min(qk->half, max_rotary_half), a.inv_freq);
     a.eps = qk->eps, a.position = qk->position, a.half = qk->half;
     a.k_cache_out = k_cache_out;
   }

@@ -1,6 +1,16 @@
 // CUDA causal softmax attention over a KV cache (Backend::attention, any AttentionLayout: GQA, MLA's
-// expanded and latent forms). Two kernels:
-//  - tiled (the default): one block per (KV head, tile of up to 32 query rows, slice of keys). A row is
+// expanded and latent forms). Three kernels:
+//  - decode: one token over plain heads of 128 or 256 dims (k_dim = v_dim, groups up to 64 or 32), a
+//    block per (KV head, split of keys), the group's q rows in each warp's registers and each warp's
+//    keys read straight into them in chunks of 4 (no shared tiles; the next chunk in flight while one
+//    is used). Short of ~100 rounds of chunks the splits of a KV head are one cluster (16 blocks where
+//    the GPU places that, sm_90 on) that merges its partials through the blocks' shared memory; else,
+//    and before sm_90, the splits merge through the L2 as the tiled kernel's do. With the q/k norms
+//    (attention_qk_norm_rope) it takes them too, as the tiled kernel does. Bytes moved: K and V of
+//    every key once, q and out once (plus the partials twice without a cluster). attention_lab --short
+//    (H100, µs, against the tiled kernel): Qwen3-30B heads 600 keys 7.4 (9.5), 2048 10.7 (14.9), 8192
+//    19.6 (28.7); Qwen3.5-397B 600 keys 13.4 (19.7), 8192 47.4 (58.1).
+//  - tiled (the rest): one block per (KV head, tile of up to 32 query rows, slice of keys). A row is
 //    a (token, query head) pair of the KV head, so the tile is the GQA group of a decode token, a few
 //    prefill tokens, or a slice of MLA's heads. Tiles of 32 keys are copied from device memory once per
 //    block into shared memory (cp.async, double-buffered: the next tile loads while this one is used;
@@ -36,15 +46,17 @@
 
 namespace moeflux::cuda {
 
-// Which kernel runs: automatic picks the tiled kernel where its requirements hold; the others are for
-// labs and tests (tiled still falls back to simple where it cannot run).
-enum class AttentionPath { automatic, simple, tiled };
+// Which kernel runs: automatic picks the decode kernel for one token over heads it takes, else the tiled
+// kernel where its requirements hold; the others are for labs and tests (tiled and decode still fall back
+// where they cannot run).
+enum class AttentionPath { automatic, simple, tiled, decode };
 
 // The tiled kernel's shape, for labs: rows per warp (1, 2 or 4), warps per block (1 … 8), how many
-// waves of resident blocks a split decode aims at, and key tiles per split (instead of the waves); 0
-// keeps the measured choice.
+// waves of resident blocks a split decode aims at, and key tiles per split (instead of the waves; for
+// the decode kernel, rounds of chunks per split); 0 keeps the measured choice.
 struct AttentionTuning {
   int rows_per_warp = 0, warps = 0, waves = 0, split_tiles = 0;
+  int cluster = 0;  // the decode kernel's splits as one cluster of this many blocks (≤ 16), −1 never, 0 its choice
 };
 
 void attention(const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens, int64_t n_past,
@@ -53,20 +65,19 @@ void attention(const float* q, const float* k_cache, const float* v_cache, int64
 
 // Backend::qk_norm_rope_attention for one token: q [n_head, k_dim] and the new key (k_cache's row
 // n_past) normalized per head (q_norm, k_norm) and rotated over the first 2·half dims at `position` as
-// qk_norm_rope does it (the same bits), inside the tiled kernel: each warp takes its q rows in registers
-// as the block stages them; warp 0 of the one block whose keys hold the new one (a decode token's GQA
-// group is one row tile) takes that key while the first tile loads, writes it back to the cache and into
-// the tile when it arrives. q is left as it was. False, having launched nothing, where the tiled kernel
-// would not run that step alone (more than one token, the latent layout, a group wider than a row tile,
-// a head wider than 256 or a rotary half not a multiple of 32): the caller composes qk_norm_rope and
-// attention.
+// qk_norm_rope does it (the same bits), inside the attention kernel: each warp takes its q rows in
+// registers (the decode kernel, or the tiled kernel as its block stages them); the one warp whose keys
+// hold the new one takes that key, writes it back to the cache and uses it. q is left as it was. False,
+// having launched nothing, where neither kernel would run that step alone (more than one token, the
+// latent layout, a group wider than a row tile, a head wider than 256 or a rotary half not a multiple of
+// 32): the caller composes qk_norm_rope and attention.
 struct QkNormRope {
   const float* q_norm;
   const float* k_norm;
   float eps;
   int half;
   float position;
-  const float* inv_freq;  // [half], device memory
+  const float* inv_freq;  // [half], host memory: the values go into the kernel's parameters
 };
 bool attention_qk_norm_rope(const float* q, float* k_cache, const float* v_cache, int64_t n_past, const AttentionLayout& layout, float scale,
                             float* out, const QkNormRope& qk, cudaStream_t stream);

@@ -455,8 +455,7 @@ class CudaBackend final : public Backend {
       const OpTimer timer(*this, "qk_norm_rope_attention");
       MF_CHECK(rot_dim % 2 == 0 && rot_dim <= layout.k_dim && layout.n_head_kv > 0 && layout.n_head % layout.n_head_kv == 0);
       bind();
-      const auto* d_inv_freq = rot_dim > 0 ? static_cast<const float*>(stage({{inv_freq, size_t(rot_dim / 2) * 4}})[0]) : nullptr;
-      const cuda::QkNormRope qk{q_norm, k_norm, eps, int(rot_dim / 2), float(positions[0]), d_inv_freq};
+      const cuda::QkNormRope qk{q_norm, k_norm, eps, int(rot_dim / 2), float(positions[0]), inv_freq};
       if (cuda::attention_qk_norm_rope(q, k_cache, v_cache, n_past, layout, scale, out, qk, stream_)) return;
     }
     Backend::qk_norm_rope_attention(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, rot_dim, q_norm, k_norm, eps, positions,

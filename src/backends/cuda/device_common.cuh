@@ -193,23 +193,34 @@ inline bool dependent_launch_enabled() {
   return s == 2;
 }
 
-// kernel<<<grid, block, shared, stream>>>(args…) with programmatic dependent launch where enabled; the
-// kernel must call dependent_launch_begin() (above).
+// kernel<<<grid, block, shared, stream>>>(args…) with programmatic dependent launch where enabled, as a
+// grid of clusters of `cluster` blocks where that is more than one (Hopper's thread block clusters:
+// co-scheduled on one GPC, each block able to read the others' shared memory); the kernel must call
+// dependent_launch_begin() (above).
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream, Args&&... args) {
+void launch_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream, dim3 cluster, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = shared;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
+  cudaLaunchAttribute attribute[2];
+  config.attrs = attribute;
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attribute[config.numAttrs].id = cudaLaunchAttributeClusterDimension;
+    attribute[config.numAttrs].val.clusterDim.x = cluster.x, attribute[config.numAttrs].val.clusterDim.y = cluster.y;
+    attribute[config.numAttrs++].val.clusterDim.z = cluster.z;
+  }
   if (dependent_launch_enabled()) {
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
+    attribute[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[config.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
   }
   MF_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream, Args&&... args) {
+  launch_clustered(kernel, grid, block, shared, stream, dim3{1, 1, 1}, std::forward<Args>(args)...);
 }
 
 // A table of jobs passed by value as a kernel's parameter (≤ 4 KiB, __grid_constant__: read in place, no
