@@ -174,6 +174,17 @@ __device__ __forceinline__ void norm_rope_lanes(float (&v)[N], int per, Weight w
   }
 }
 
+// The lane's rotary cos/sin for norm_rope_lanes: pair i (dims lane + 32·i and its partner) at a.position.
+template <int H>
+__device__ __forceinline__ void rotary_lanes(const TiledArgs& a, float (&c)[H], float (&sn)[H]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < H; ++i) {
+    const float angle = i < a.half / 32 ? a.position * a.inv_freq[lane + 32 * i] : 0.f;  // fp32, as the reference
+    c[i] = cosf(angle), sn[i] = sinf(angle);
+  }
+}
+
 constexpr int max_splits = 256;  // a warp's combine weights (combine_row)
 constexpr int max_cluster = 16;  // the decode kernel's splits as one cluster (past 8, Hopper's non-portable sizes)
 
@@ -304,13 +315,7 @@ __global__ void __launch_bounds__(tiled_threads_max) attention_tiled_kernel(cons
   const bool early = key_begin < key_end && key_begin + tile_keys <= a.n_past;
   if (early) issue(key_begin, 0);
   float cos_a[max_lane_dims / 2], sin_a[max_lane_dims / 2];
-  if (a.q_norm) {
-#pragma unroll
-    for (int i = 0; i < max_lane_dims / 2; ++i) {
-      const float angle = i < a.half / 32 ? a.position * a.inv_freq[lane + 32 * i] : 0.f;  // fp32, as the reference
-      cos_a[i] = cosf(angle), sin_a[i] = sinf(angle);
-    }
-  }
+  if (a.q_norm) rotary_lanes(a, cos_a, sin_a);
   dependent_launch_begin();
   wait_trace_mark(0, entered);
   if (!early && key_begin < key_end) issue(key_begin, 0);
@@ -613,11 +618,7 @@ __global__ void __launch_bounds__(256) attention_decode_kernel(const __grid_cons
   if (a.q_norm) {
 #pragma unroll
     for (int m = 0; m < KP; ++m) qw[m] = a.q_norm[lane + 32 * m], kw[m] = a.k_norm[lane + 32 * m];
-#pragma unroll
-    for (int i = 0; i < KP / 2; ++i) {
-      const float angle = i < a.half / 32 ? a.position * a.inv_freq[lane + 32 * i] : 0.f;  // fp32, as the reference
-      cos_a[i] = cosf(angle), sin_a[i] = sinf(angle);
-    }
+    rotary_lanes(a, cos_a, sin_a);
   }
   dependent_launch_begin();
   wait_trace_mark(0, entered);
@@ -832,6 +833,23 @@ bool combine_in_kernel() {
 // consecutive rows (one phase of a 16-byte shared load) hit 8 distinct groups of 4 banks.
 int key_pitch(int64_t dim) { return int(dim + (36 - dim % 32) % 32); }
 
+// The split partials in the stream's scratch: [n_split, rows_out, v_dim] sums, then [n_split, rows_out]
+// (max, sum) pairs.
+void split_partials(TiledArgs& a, int64_t n_split, cudaStream_t stream) {
+  const size_t part_o_floats = size_t(n_split * a.rows_out * a.l.v_dim);
+  float* scratch = static_cast<float*>(stream_scratch(stream, (part_o_floats + size_t(n_split * a.rows_out * 2)) * sizeof(float)));
+  a.part_o = scratch;
+  a.part_ml = scratch + part_o_floats;
+}
+
+// The combine kernel after a split launch whose blocks do not combine themselves (no counters).
+void combine_after(const TiledArgs& a, int64_t n_split, float* out, cudaStream_t stream) {
+  if (n_split <= 1 || a.counters) return;
+  launch(attention_combine_kernel, unsigned((a.rows_out + combine_warps - 1) / combine_warps), 32 * combine_warps, 0, stream, a.part_o,
+         a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
 // Splits the keys when the (row tile, KV head) blocks alone would not fill one wave of resident blocks
 // (decode): as many splits as fill it, each at least one key tile. Then launches the kernel, and the
 // combine when split.
@@ -857,10 +875,7 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
   n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
   a.out = out;
   if (n_split > 1) {
-    const size_t part_o_floats = size_t(n_split * a.rows_out * a.l.v_dim);
-    float* scratch = static_cast<float*>(stream_scratch(stream, (part_o_floats + size_t(n_split * a.rows_out * 2)) * sizeof(float)));
-    a.part_o = scratch;
-    a.part_ml = scratch + part_o_floats;
+    split_partials(a, n_split, stream);
     // The combine in the kernel's last split where a counter per block column and the warps' weights (in
     // the freed tiles) fit.
     const int64_t tile_floats = 2 * tile_keys * (a.k_pitch + (a.latent ? 0 : a.v_pitch));
@@ -871,11 +886,7 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
     MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(launch_shared)));
   launch(kernel, dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, launch_shared, stream, a);
   MF_CUDA_CHECK_LAUNCH();
-  if (n_split > 1 && !a.counters) {
-    launch(attention_combine_kernel, unsigned((a.rows_out + combine_warps - 1) / combine_warps), 32 * combine_warps, 0, stream, a.part_o,
-           a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
-    MF_CUDA_CHECK_LAUNCH();
-  }
+  combine_after(a, n_split, out, stream);
 }
 
 // The decode kernel's shapes: heads of 128 dims take 8 rows a warp in chunks of 4 keys (4 rows in chunks
@@ -976,19 +987,12 @@ void launch_decode(TiledArgs a, int n_sm, int split_rounds, int cluster, float* 
   a.out = out;
   a.n_row_tiles = 1;
   if (n_split > 1) {
-    const size_t part_o_floats = size_t(n_split * a.rows_out * a.l.v_dim);
-    float* scratch = static_cast<float*>(stream_scratch(stream, (part_o_floats + size_t(n_split * a.rows_out * 2)) * sizeof(float)));
-    a.part_o = scratch;
-    a.part_ml = scratch + part_o_floats;
+    split_partials(a, n_split, stream);
     if (blocks <= stream_counter_slots && combine_in_kernel()) a.counters = stream_counters(stream);  // w fits: 8·256 floats
   }
   launch(kernel, dim3{unsigned(blocks), unsigned(n_split)}, 32 * warps, shared, stream, a);
   MF_CUDA_CHECK_LAUNCH();
-  if (n_split > 1 && !a.counters) {
-    launch(attention_combine_kernel, unsigned((a.rows_out + combine_warps - 1) / combine_warps), 32 * combine_warps, 0, stream, a.part_o,
-           a.part_ml, int(n_split), a.rows_out, a.l.v_dim, out);
-    MF_CUDA_CHECK_LAUNCH();
-  }
+  combine_after(a, n_split, out, stream);
 }
 
 template <int RW>
