@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -901,10 +902,12 @@ bool decode_supported(const AttentionLayout& l, int64_t group) {
 // Asked once a kernel; also lets the kernel take non-portable sizes.
 template <typename Kernel>
 int decode_cluster_limit(Kernel kernel, int threads, size_t shared) {
-  static std::map<std::tuple<int, const void*, size_t>, int> known;  // host-side, as the stream scratch
+  static std::mutex mutex;  // sessions on other host threads may launch too
+  static std::map<std::tuple<int, const void*, size_t>, int> known;
   int device = 0;
   MF_CUDA_CHECK(cudaGetDevice(&device));
   const auto key = std::make_tuple(device, reinterpret_cast<const void*>(kernel), shared);
+  std::lock_guard<std::mutex> lock(mutex);
   if (const auto it = known.find(key); it != known.end()) return it->second;
   int limit = 0;
   if (device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9) {
@@ -943,8 +946,9 @@ void launch_decode(TiledArgs a, int n_sm, int split_rounds, int cluster, float* 
   // The splits as one cluster (combined through each other's shared memory, without the partials'
   // round trips to the L2 and the count): alone (attention_lab --short) a cluster of 16 was up to 2 µs
   // slower than the L2's splits at Qwen3-30B's heads, but in the layer chain, where each round trip waits
-  // behind the next launch's weights, 16 took matmul_bench --layer from 49.3-49.5 to 46.7-46.8 µs and
-  // decode at 1800 keys from 368-372 to 389-391 tok/s (H100, session 22); up to 6 rounds a split.
+  // behind the next launch's weights, 16 took matmul_bench --layer from 48.2-48.3 to 45.3-45.5 µs, and
+  // before its merge was a warp a row decode at 1800 keys from 368-372 to 389-391 tok/s (H100, session
+  // 22); up to 6 rounds a split.
   // MOEFLUX_CUDA_ATTN_CLUSTER (a developer's switch: a size, or -1 for none) or the lab's tuning overrides.
   static const int cluster_env = [] {
     const char* e = std::getenv("MOEFLUX_CUDA_ATTN_CLUSTER");
