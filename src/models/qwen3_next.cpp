@@ -549,7 +549,7 @@ class Qwen3NextGraph final : public ModelGraph {
   // Gated DeltaNet on s.h (the pending norm's) → s.y: projections, causal conv + SiLU (conv_state), gates,
   // the delta rule (recurrent_state), gated RMSNorm per value head, out_proj.
   void delta_net(const LinearAttnWeights& w, Scratch& s, int64_t T, float* conv_state, float* recurrent_state, const PendingNorm& norm) {
-    const int64_t nv = p_.lin_v_heads, Kd = p_.key_dim(), Vd = p_.value_dim(), conv_dim = p_.conv_dim();
+    const int64_t nv = p_.lin_v_heads, Kd = p_.key_dim(), conv_dim = p_.conv_dim();
     const MatmulJob proj[] = {{w.in_qkv, s.h, s.qkv, T}, {w.in_z, s.h, s.z, T}, {w.in_b, s.h, s.b, T}, {w.in_a, s.h, s.a, T}};
     project(be_, &norm, T, proj, 4);
     be_.causal_conv1d_silu(s.qkv, conv_state, w.conv, T, conv_dim, p_.conv_kernel, s.conv_out);
