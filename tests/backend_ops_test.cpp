@@ -619,10 +619,11 @@ TEST_P(BackendOps, QkNormRopeMatchesReference) {
 
 // qk_norm_rope and attention as one op (a GPU takes a decode token's head norms and rotary inside the
 // attention kernel): out and the new key rows in the cache to the bit as the two ops in turn leave them,
-// the rest of the cache untouched. Decode steps over 100 and 700 keys (one block holds the new key; at
-// 700 the keys are split across blocks) and 2000 (a GPU's splits then take two rounds of key chunks), a
-// partial rotary, Qwen3.5's wider heads (groups of 8 and 16), a group of 16 narrow heads, 20 keys (less
-// than one round of chunks); and steps a GPU composes: three tokens of 64-dim heads.
+// the rest of the cache untouched. Decode steps over 100, 700 and 2000 keys (one block holds the new key;
+// a GPU's splits of a KV head then form one cluster, of 4 rounds of key chunks each at 2000), a partial
+// rotary, Qwen3.5's wider heads (a group of 8; Qwen3.5-397B's 16 over 1000 keys, which a GPU splits
+// through the L2), a group of 16 narrow heads, 20 keys (less than one round of chunks: no split); and
+// steps a GPU composes: three tokens of 64-dim heads.
 TEST_P(BackendOps, QkNormRopeAttentionMatchesTheOpsInTurn) {
   struct Case { int64_t n_tokens, n_past, n_head, n_head_kv, head_dim, rot_dim; };
   for (const Case& c : {Case{1, 99, 32, 4, 128, 128}, Case{1, 699, 32, 4, 128, 128}, Case{1, 1999, 32, 4, 128, 128},
