@@ -834,6 +834,14 @@ bool combine_in_kernel() {
 // consecutive rows (one phase of a 16-byte shared load) hit 8 distinct groups of 4 banks.
 int key_pitch(int64_t dim) { return int(dim + (36 - dim % 32) % 32); }
 
+// Keys per split for about n_split splits (or `units` units a split, where a lab asks), whole units
+// (a tile or a round of chunks) each; returns the splits that makes.
+int64_t split_keys(TiledArgs& a, int64_t n_keys, int64_t n_split, int64_t unit, int units) {
+  if (units > 0) n_split = std::clamp<int64_t>((n_keys + units * unit - 1) / (units * unit), 1, max_splits);
+  a.keys_per_split = ((n_keys + n_split - 1) / n_split + unit - 1) / unit * unit;
+  return (n_keys + a.keys_per_split - 1) / a.keys_per_split;
+}
+
 // The split partials in the stream's scratch: [n_split, rows_out, v_dim] sums, then [n_split, rows_out]
 // (max, sum) pairs.
 void split_partials(TiledArgs& a, int64_t n_split, cudaStream_t stream) {
@@ -871,9 +879,7 @@ void launch_tiled(TiledArgs a, int warps, size_t shared, int n_sm, int waves, in
   // 13.9; Qwen3.5-397B 30.3 -> 26.3, 38.4 -> 31.6; at 1100 keys, 35 splits, 11.5 -> 12.1 and 25.6 -> 25.5,
   // and at 600 keys one tile is best, 9.5 against 11.3).
   if (n_split > 40 && (n_tiles + n_split - 1) / n_split == 1) n_split = (n_tiles + 1) / 2;
-  if (split_tiles > 0) n_split = std::clamp<int64_t>((n_keys + split_tiles * tile_keys - 1) / (split_tiles * tile_keys), 1, max_splits);
-  a.keys_per_split = ((n_keys + n_split - 1) / n_split + tile_keys - 1) / tile_keys * tile_keys;
-  n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
+  n_split = split_keys(a, n_keys, n_split, tile_keys, split_tiles);
   a.out = out;
   if (n_split > 1) {
     split_partials(a, n_split, stream);
@@ -968,7 +974,6 @@ void launch_decode(TiledArgs a, int n_sm, int split_rounds, int cluster, float* 
     a.keys_per_split = ((n_keys + cluster - 1) / cluster + C - 1) / C * C;
     a.cluster = int((n_keys + a.keys_per_split - 1) / a.keys_per_split);
     a.out = out;
-    a.n_row_tiles = 1;
     if (a.cluster >= 2) {
       launch_clustered(kernel, dim3{unsigned(a.l.n_head_kv), unsigned(a.cluster)}, 32 * warps, shared, stream,
                        dim3{1, unsigned(a.cluster), 1}, a);
@@ -985,11 +990,8 @@ void launch_decode(TiledArgs a, int n_sm, int split_rounds, int cluster, float* 
   // Qwen3.5-397B's heads, lay within 10% of it), at most a wave.
   int64_t n_split = std::llround(2.8 * std::sqrt(double(n_rounds)));
   n_split = std::clamp<int64_t>(n_split, 1, std::min<int64_t>({blocks < wave ? wave / blocks : 1, n_rounds, int64_t(max_splits)}));
-  if (split_rounds > 0) n_split = std::clamp<int64_t>((n_keys + split_rounds * round - 1) / (split_rounds * round), 1, max_splits);
-  a.keys_per_split = ((n_keys + n_split - 1) / n_split + round - 1) / round * round;
-  n_split = (n_keys + a.keys_per_split - 1) / a.keys_per_split;
+  n_split = split_keys(a, n_keys, n_split, round, split_rounds);
   a.out = out;
-  a.n_row_tiles = 1;
   if (n_split > 1) {
     split_partials(a, n_split, stream);
     if (blocks <= stream_counter_slots && combine_in_kernel()) a.counters = stream_counters(stream);  // w fits: 8·256 floats
@@ -1051,19 +1053,22 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
   MF_CUDA_CHECK(cudaGetDevice(&device));
   MF_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
   const int64_t group = layout.n_head / layout.n_head_kv;
+  TiledArgs a{};
+  a.q = q, a.k_cache = k_cache, a.v_cache = v_cache, a.l = layout, a.n_past = n_past;
+  a.group = group;
+  a.rows_per_kv = n_tokens * group;
+  a.rows_out = n_tokens * layout.n_head;
+  a.latent = latent;
+  a.q_scale = scale * 1.4426950408889634f;
+  if (qk) {
+    a.q_norm = qk->q_norm, a.k_norm = qk->k_norm;
+    std::copy(qk->inv_freq, qk->inv_freq + std::min(qk->half, max_rotary_half), a.inv_freq);
+    a.eps = qk->eps, a.position = qk->position, a.half = qk->half;
+    a.k_cache_out = k_cache_out;
+  }
   // One token over plain heads: the decode kernel (both with the norms and without, so that fused and
   // composed give the same bits).
   if (n_tokens == 1 && !latent && (path == AttentionPath::automatic || path == AttentionPath::decode) && decode_supported(layout, group)) {
-    TiledArgs a{};
-    a.q = q, a.k_cache = k_cache, a.v_cache = v_cache, a.l = layout, a.n_past = n_past;
-    a.group = group, a.rows_per_kv = group, a.rows_out = layout.n_head;
-    a.q_scale = scale * 1.4426950408889634f;
-    if (qk) {
-      a.q_norm = qk->q_norm, a.k_norm = qk->k_norm;
-      std::copy(qk->inv_freq, qk->inv_freq + std::min(qk->half, max_rotary_half), a.inv_freq);
-      a.eps = qk->eps, a.position = qk->position, a.half = qk->half;
-      a.k_cache_out = k_cache_out;
-    }
     if (layout.k_dim == 256) launch_decode<8, 4, 4>(a, n_sm, tuning.split_tiles, tuning.cluster, out, stream);
     else if (group > 4) launch_decode<4, 8, 4>(a, n_sm, tuning.split_tiles, tuning.cluster, out, stream);
     else launch_decode<4, 4, 8>(a, n_sm, tuning.split_tiles, tuning.cluster, out, stream);
@@ -1071,15 +1076,8 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
   }
   MF_CUDA_CHECK(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
 
-  TiledArgs a{};
-  a.q = q, a.k_cache = k_cache, a.v_cache = v_cache, a.l = layout, a.n_past = n_past;
-  a.group = layout.n_head / layout.n_head_kv;
-  a.rows_per_kv = n_tokens * a.group;
-  a.rows_out = n_tokens * layout.n_head;
   a.k_pitch = key_pitch(layout.k_dim);
   a.v_pitch = latent ? a.k_pitch : key_pitch(layout.v_dim);
-  a.latent = latent;
-  a.q_scale = scale * 1.4426950408889634f;
 
   // Rows per warp and warps per block: enough rows to share each K/V tile among (the GQA group, or 32
   // rows), and no more warps than rows need; smaller when shared memory is short (consumer GPUs, MLA).
@@ -1101,12 +1099,6 @@ bool run_attention(const float* q, const float* k_cache, const float* v_cache, i
   if (shared > size_t(shared_max)) {
     attention_simple(q, k_cache, v_cache, n_tokens, n_past, layout, scale, out, stream);
     return true;
-  }
-  if (qk) {
-    a.q_norm = qk->q_norm, a.k_norm = qk->k_norm;
-    std::copy(qk->inv_freq, qk->inv_freq + std::min(qk->half, max_rotary_half), a.inv_freq);
-    a.eps = qk->eps, a.position = qk->position, a.half = qk->half;
-    a.k_cache_out = k_cache_out;
   }
 
   const int64_t v4 = layout.v_dim / 4, vpl_needed = (v4 + 31) / 32;

@@ -72,51 +72,36 @@ __global__ void rms_norm_kernel(const float* x, const float* __restrict__ y, flo
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv_rms * weight[i];
 }
 
+// rms_norm_vec_kernel with enough threads that each holds at most 4 float4s (and as few as one warp for
+// a 128-wide head).
+template <bool Add, bool Gate>
+void launch_rms_norm_vec(const float* x, const float* y, float* x_out, const float* weight, float eps, int64_t n_rows, int64_t dim,
+                         float* out, const float* gate, cudaStream_t stream) {
+  const int n4 = int(dim / 4);
+  const int threads = rms_norm_threads(n4);
+  const int per = (n4 + threads - 1) / threads;
+  const auto kernel = per <= 1 ? rms_norm_vec_kernel<1, Add, Gate> : per == 2 ? rms_norm_vec_kernel<2, Add, Gate> : rms_norm_vec_kernel<4, Add, Gate>;
+  launch(kernel, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out, gate);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+// Whether rms_norm_vec_kernel takes rows of dim at these addresses. It depends on x, out and weight only
+// (and x_out, gate where given), so add_rms_norm, rms_norm and gated_rms_norm on the same x sum alike.
+bool rms_norm_vec_fits(int64_t dim, const float* x, const float* out, const float* weight) {
+  return dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight);
+}
+
 template <bool Add>
 void launch_rms_norm(const float* x, const float* y, float* x_out, const float* weight, float eps, int64_t n_rows, int64_t dim,
                      float* out, cudaStream_t stream) {
   if (n_rows <= 0) return;
   // n_rows ≤ 2^31 − 1 blocks.
-  // The path depends on x, out and weight only, so add_rms_norm and rms_norm on the same x sum alike.
-  const bool vec = dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight) &&
-                   (!Add || aligned16(x_out));
-  if (!vec) {
-    launch(rms_norm_kernel<Add>, unsigned(n_rows), 256, 0, stream, x, y, x_out, weight, eps, dim, out);
+  if (rms_norm_vec_fits(dim, x, out, weight) && (!Add || aligned16(x_out))) {
+    launch_rms_norm_vec<Add, false>(x, y, x_out, weight, eps, n_rows, dim, out, nullptr, stream);
   } else {
-    // Enough threads that each holds at most 4 float4s (and as few as one warp for a 128-wide head).
-    const int n4 = int(dim / 4);
-    const int threads = rms_norm_threads(n4);
-    const int per = (n4 + threads - 1) / threads;
-    if (per <= 1)
-      launch(rms_norm_vec_kernel<1, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out,
-             nullptr);
-    else if (per == 2)
-      launch(rms_norm_vec_kernel<2, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out,
-             nullptr);
-    else
-      launch(rms_norm_vec_kernel<4, Add>, unsigned(n_rows), threads, 0, stream, x, y, x_out, weight, eps, int(dim), out,
-             nullptr);
+    launch(rms_norm_kernel<Add>, unsigned(n_rows), 256, 0, stream, x, y, x_out, weight, eps, dim, out);
+    MF_CUDA_CHECK_LAUNCH();
   }
-  MF_CUDA_CHECK_LAUNCH();
-}
-
-// gated_rms_norm on the vectorized path (the one rms_norm takes for these rows, so the same Σx²); false,
-// having launched nothing, elsewhere.
-bool launch_gated_rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, const float* gate, float* out,
-                           cudaStream_t stream) {
-  if (n_rows <= 0) return true;
-  if (!(dim % 4 == 0 && dim <= 4 * 4 * 1024 && aligned16(x) && aligned16(out) && aligned16(weight) && aligned16(gate))) return false;
-  const int n4 = int(dim / 4);
-  const int threads = rms_norm_threads(n4);
-  const int per = (n4 + threads - 1) / threads;
-  if (per <= 1)
-    launch(rms_norm_vec_kernel<1, false, true>, unsigned(n_rows), threads, 0, stream, x, nullptr, nullptr, weight, eps, int(dim), out, gate);
-  else if (per == 2)
-    launch(rms_norm_vec_kernel<2, false, true>, unsigned(n_rows), threads, 0, stream, x, nullptr, nullptr, weight, eps, int(dim), out, gate);
-  else
-    launch(rms_norm_vec_kernel<4, false, true>, unsigned(n_rows), threads, 0, stream, x, nullptr, nullptr, weight, eps, int(dim), out, gate);
-  MF_CUDA_CHECK_LAUNCH();
-  return true;
 }
 
 // Per-head RMSNorm then rotary (rope_neox_kernel's arithmetic), in place: one warp per head of a token,
@@ -178,7 +163,11 @@ __global__ void rope_neox_kernel(float* x, int64_t n_heads, int64_t head_dim, in
 
 bool gated_rms_norm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, const float* gate, float* out,
                     cudaStream_t stream) {
-  return launch_gated_rms_norm(x, weight, eps, n_rows, dim, gate, out, stream);
+  if (n_rows <= 0) return true;
+  // Only on the vectorized path, the one rms_norm takes for these rows (the same Σx²): else the caller composes.
+  if (!rms_norm_vec_fits(dim, x, out, weight) || !aligned16(gate)) return false;
+  launch_rms_norm_vec<false, true>(x, nullptr, nullptr, weight, eps, n_rows, dim, out, gate, stream);
+  return true;
 }
 
 void add_rms_norm(float* x, const float* y, const float* weight, float eps, int64_t n_rows, int64_t dim, float* out, cudaStream_t stream) {
