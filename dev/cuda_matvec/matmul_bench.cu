@@ -208,9 +208,11 @@ void moe_table(float* x, float* y, double copy_gbs) {
       MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_ids), 64 * 4));
       MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_weights), 64 * 4));
       MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&h), size_t(l.k) * size_t(l.inter) * 4));
+      moeflux::ExpertLayout layout = blobs.layout;
+      layout.n_table = l.n_expert;  // as the engine names it
       const float ms = ms_per_call([&](int i) {
         moeflux::cuda::router_softmax_topk(d_logits, 1, l.n_expert, l.k, true, d_ids, d_weights, nullptr);
-        moeflux::cuda::moe_decode(blobs.layout, d_tables + size_t(i % n) * size_t(l.n_expert), d_ids, d_weights, l.k, x, h, nullptr, y, false,
+        moeflux::cuda::moe_decode(layout, d_tables + size_t(i % n) * size_t(l.n_expert), d_ids, d_weights, l.k, x, h, nullptr, y, false,
                                   nullptr);
       }, 200);
       MF_CUDA_CHECK(cudaGetLastError());
@@ -323,7 +325,8 @@ void layer_table(double copy_gbs, bool trace_only, unsigned trace_mask) {
   const auto layout = moeflux::AttentionLayout::gqa(32, 4, 128);
   Copies qkv_q(WeightFormat::q8, Q, H, L, 11), qkv_k(WeightFormat::q8, KV, H, L, 12), qkv_v(WeightFormat::q8, KV, H, L, 13);
   Copies o_proj(WeightFormat::q8, H, Q, L, 14), router(WeightFormat::bf16, E, H, L, 15);
-  const ExpertBlobs experts(WeightFormat::q4, E, sets, I, H, 16);
+  ExpertBlobs experts(WeightFormat::q4, E, sets, I, H, 16);
+  experts.layout.n_table = E;  // as the engine names it
   std::vector<const void*> tables(size_t(sets) * E);
   for (int c = 0; c < sets; ++c)
     for (int e = 0; e < E; ++e) tables[size_t(c * E + e)] = experts.at(c, e);

@@ -44,6 +44,9 @@ struct MatmulJob {
 // data / scales / biases hold byte offsets from the blob's start instead of addresses.
 struct ExpertLayout {
   WeightView gate, up, down;  // [I, H], [I, H], [H, I]
+  // The table's entries (the layer's experts), where the caller knows them: a backend may then read the
+  // whole table before the router's ids are in. 0: unknown.
+  int64_t n_table = 0;
 };
 
 class Backend {

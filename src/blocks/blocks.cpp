@@ -82,7 +82,8 @@ Status device_routed_token(Backend& be, ExpertStore& store, const Pack& pack, in
                                           s.normalize_topk, s.scaling, scratch.device_ids, scratch.device_weights);
   else
     be.router_softmax_topk_device(scratch.router_logits, 1, s.n_expert, k, s.normalize_topk, scratch.device_ids, scratch.device_weights);
-  const ExpertLayout layout = expert_layout(pack);
+  ExpertLayout layout = expert_layout(pack);
+  layout.n_table = s.n_expert;
   const void* const* table = store.expert_table(layer);
   if (store.holds_layer(layer)) {
     store.record_held_uses(layer, int(k));
