@@ -1438,6 +1438,48 @@ TEST_P(BackendOps, DeviceRoutersMatchHostRouters) {
   }
 }
 
+// A decode token's norm, router and top-k as one op against the ops in turn on the same backend: x_out
+// and h to the bit, the logits as a matmul of h (the fused form may sum a row in another order), the same
+// experts and their weights within the routers' 1e-6. Cases: Qwen3-30B's router (128 experts, a GPU's
+// warp a row), Qwen3.5-35B's (256: two rows a warp), Qwen3.5-397B's (512 over 4096 columns: a row in two
+// rounds of loads), a partial lane column (61), and no residual (y null).
+TEST_P(BackendOps, NormRouteMatchesTheOpsInTurn) {
+  struct Case { int64_t dim, n_expert, k; bool add; };
+  const float eps = 1e-6f;
+  for (const Case& c : {Case{2048, 128, 8, true}, Case{2048, 256, 8, true}, Case{4096, 512, 10, true}, Case{512, 61, 6, true},
+                        Case{2048, 128, 8, false}}) {
+    SCOPED_TRACE("dim " + std::to_string(c.dim) + " experts " + std::to_string(c.n_expert));
+    const size_t n = size_t(c.dim);
+    const auto x = gaussian(n, rng_, 3.0f), y = gaussian(n, rng_, 2.0f), weight = gaussian(n, rng_);
+    const auto w = gaussian(size_t(c.n_expert * c.dim), rng_, 0.05f);
+    const QuantizedMatrix router = quantize_matrix(w.data(), c.n_expert, c.dim, WeightFormat::bf16);
+    DeviceWeight dr(but(), *be_, router);
+    DeviceBuffer dx(but(), *be_, x), dy(but(), *be_, y), dw(but(), *be_, weight);
+    DeviceBuffer dx_out(but(), *be_, n * 4), dh(but(), *be_, n * 4), dl(but(), *be_, size_t(c.n_expert) * 4);
+    DeviceBuffer di(but(), *be_, size_t(c.k) * 4), dwt(but(), *be_, size_t(c.k) * 4);
+    be_->add_rms_norm_route_device(dx.f(), c.add ? dy.f() : nullptr, dw.f(), eps, c.dim, c.add ? dx_out.f() : dx.f(), dh.f(), dr.view,
+                                   dl.f(), c.k, true, reinterpret_cast<int32_t*>(di.raw()), dwt.f());
+    DeviceBuffer dx_out2(but(), *be_, n * 4), dh2(but(), *be_, n * 4), dl2(but(), *be_, size_t(c.n_expert) * 4);
+    DeviceBuffer di2(but(), *be_, size_t(c.k) * 4), dwt2(but(), *be_, size_t(c.k) * 4);
+    const MatmulJob job{dr.view, dh2.f(), dl2.f(), 1};
+    be_->add_rms_norm_matmul(dx.f(), c.add ? dy.f() : nullptr, dw.f(), eps, 1, c.dim, c.add ? dx_out2.f() : dx.f(), dh2.f(), &job, 1);
+    be_->router_softmax_topk_device(dl2.f(), 1, c.n_expert, c.k, true, reinterpret_cast<int32_t*>(di2.raw()), dwt2.f());
+    const auto h = dh.read();
+    EXPECT_EQ(h, dh2.read());
+    if (c.add) {
+      EXPECT_EQ(dx_out.read(), dx_out2.read());
+    }
+    const auto logits = dl.read();
+    std::vector<float> logits_ref(logits.size());
+    ref_->matmul(router.view(), h.data(), logits_ref.data(), 1);
+    expect_matmul_close(router, h, 1, logits, logits_ref);
+    // Random gaussian logits have no near ties at these sizes (as in DeviceRoutersMatchHostRouters).
+    EXPECT_EQ(di.read(), di2.read());
+    const auto got_w = dwt.read(), turn_w = dwt2.read();
+    for (size_t i = 0; i < got_w.size(); ++i) EXPECT_NEAR(got_w[i], turn_w[i], 1e-6f);  // softmax outputs ≤ 1
+  }
+}
+
 // moe_decode against the reference's expert-by-expert loop, with blobs laid out as a pack lays them (gate,
 // up, down, each part 64-byte aligned) at scattered table entries, in every expert format; the second
 // shape has Qwen3.5-397B's 10 experts × 1024 intermediate (a GPU stages all their h at once), the third

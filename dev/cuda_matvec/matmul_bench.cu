@@ -365,11 +365,16 @@ void layer_table(double copy_gbs, bool trace_only, unsigned trace_mask) {
         const MatmulJob job{o_proj.views[size_t(l)], attn, y, 1};
         moeflux::cuda::matmul_jobs(&job, 1, nullptr);
       }
-      if (mask & 1u << route) {
-        const MatmulJob job{router.views[size_t(l)], h, logits, 1};
-        if (!moeflux::cuda::norm_matmul_jobs(x1, y, norm_w, 1e-6f, H, x0, h, &job, 1, nullptr)) std::abort();
+      // Both: one launch where the engine's add_rms_norm_route_device takes one (MOEFLUX_CUDA_FUSE_ROUTE=0: two).
+      const bool both = (mask & 1u << route) && (mask & 1u << topk);
+      if (!both || !moeflux::cuda::norm_route_topk(x1, y, norm_w, 1e-6f, H, x0, h, router.views[size_t(l)], logits, K, true, ids, weights,
+                                                    nullptr)) {
+        if (mask & 1u << route) {
+          const MatmulJob job{router.views[size_t(l)], h, logits, 1};
+          if (!moeflux::cuda::norm_matmul_jobs(x1, y, norm_w, 1e-6f, H, x0, h, &job, 1, nullptr)) std::abort();
+        }
+        if (mask & 1u << topk) moeflux::cuda::router_softmax_topk(logits, 1, E, K, true, ids, weights, nullptr);
       }
-      if (mask & 1u << topk) moeflux::cuda::router_softmax_topk(logits, 1, E, K, true, ids, weights, nullptr);
       if (mask & 1u << moe)
         moeflux::cuda::moe_decode(experts.layout, d_tables + size_t(l % sets) * E, ids, weights, K, h, hbuf, nullptr, y, false, nullptr);
     }

@@ -76,6 +76,14 @@ void Backend::router_softmax_topk_device(const float* logits, int64_t n_tokens, 
   router_softmax_topk(logits, n_tokens, n_expert, k, normalize, ids, weights);  // host memory is this backend's memory
 }
 
+void Backend::add_rms_norm_route_device(const float* x, const float* y, const float* weight, float eps, int64_t dim, float* x_out,
+                                        float* h, const WeightView& router, float* logits, int64_t k, bool normalize, int32_t* ids,
+                                        float* weights) {
+  const MatmulJob job{router, h, logits, 1};
+  add_rms_norm_matmul(x, y, weight, eps, 1, dim, x_out, h, &job, 1);
+  router_softmax_topk_device(logits, 1, router.rows, k, normalize, ids, weights);
+}
+
 void Backend::router_sigmoid_grouped_topk_device(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert,
                                                  int64_t n_group, int64_t topk_group, int64_t k, bool normalize, float scaling, int32_t* ids,
                                                  float* weights) {

@@ -201,6 +201,14 @@ class Backend {
   // with the same logits choose the same experts.
   virtual void router_softmax_topk_device(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool normalize,
                                           int32_t* ids, float* weights);
+  // One decode token routed on the device, as one op (a GPU runs it as one launch, the top-k inside the
+  // router's): add_rms_norm_matmul(x, y, weight, eps, 1, dim, x_out, h, {router, h, logits, 1}) then
+  // router_softmax_topk_device(logits, 1, router.rows, k, normalize, ids, weights). x_out and h as that
+  // op writes them, to the bit; logits within the matmul's tolerance (a fused form may sum a row in
+  // another order); ids and weights as the router takes them from those logits.
+  virtual void add_rms_norm_route_device(const float* x, const float* y, const float* weight, float eps, int64_t dim, float* x_out,
+                                         float* h, const WeightView& router, float* logits, int64_t k, bool normalize, int32_t* ids,
+                                         float* weights);
   virtual void router_sigmoid_grouped_topk_device(const float* logits, const float* bias, int64_t n_tokens, int64_t n_expert,
                                                   int64_t n_group, int64_t topk_group, int64_t k, bool normalize, float scaling,
                                                   int32_t* ids, float* weights);

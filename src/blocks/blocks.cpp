@@ -74,13 +74,15 @@ ExpertLayout expert_layout(const Pack& pack) {
   return layout;
 }
 
+// routed: the ids and weights are already in scratch (add_rms_norm_route_device); else the router's
+// logits are, and the device router ranks them here.
 Status device_routed_token(Backend& be, ExpertStore& store, const Pack& pack, int layer, const MoeShape& s, const float* x,
-                           MoeScratch& scratch, float* y) {
+                           MoeScratch& scratch, float* y, bool routed) {
   const int64_t k = s.n_expert_used;
-  if (s.sigmoid_grouped)
+  if (!routed && s.sigmoid_grouped)
     be.router_sigmoid_grouped_topk_device(scratch.router_logits, s.bias_backend, 1, s.n_expert, s.n_group, s.topk_group, k,
                                           s.normalize_topk, s.scaling, scratch.device_ids, scratch.device_weights);
-  else
+  else if (!routed)
     be.router_softmax_topk_device(scratch.router_logits, 1, s.n_expert, k, s.normalize_topk, scratch.device_ids, scratch.device_weights);
   ExpertLayout layout = expert_layout(pack);
   layout.n_table = s.n_expert;
@@ -114,11 +116,16 @@ Status routed_moe(Backend& be, ExpertStore& store, const Pack& pack, int layer, 
                   const MatmulJob* also, int64_t n_also) {
   const int64_t k = s.n_expert_used;
   MF_CHECK(n_also >= 0 && n_also <= 3);
+  const bool on_device = n_tokens == 1 && store.expert_table(layer) && scratch.device_ids;
+  if (on_device && norm && norm->h == x && n_also == 0 && !s.sigmoid_grouped) {  // the norm, router and top-k as one op
+    be.add_rms_norm_route_device(norm->x, norm->y, norm->weight, norm->eps, norm->dim, norm->x_out, norm->h, router,
+                                 scratch.router_logits, k, s.normalize_topk, scratch.device_ids, scratch.device_weights);
+    return device_routed_token(be, store, pack, layer, s, x, scratch, y, /*routed=*/true);
+  }
   MatmulJob route[4] = {{router, x, scratch.router_logits, n_tokens}};
   for (int64_t i = 0; i < n_also; ++i) route[i + 1] = also[i];
   project(be, norm, n_tokens, route, 1 + n_also);
-  if (n_tokens == 1 && store.expert_table(layer) && scratch.device_ids)
-    return device_routed_token(be, store, pack, layer, s, x, scratch, y);
+  if (on_device) return device_routed_token(be, store, pack, layer, s, x, scratch, y, /*routed=*/false);
   scratch.ids.resize(size_t(n_tokens * k));
   scratch.weights.resize(size_t(n_tokens * k));
   if (s.sigmoid_grouped)

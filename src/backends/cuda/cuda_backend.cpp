@@ -526,6 +526,18 @@ class CudaBackend final : public Backend {
     cuda::router_sigmoid_grouped_topk(logits, bias, n_tokens, n_expert, n_group, topk_group, k, normalize, scaling, ids, weights, stream_);
   }
 
+  void add_rms_norm_route_device(const float* x, const float* y, const float* weight, float eps, int64_t dim, float* x_out, float* h,
+                                 const WeightView& router, float* logits, int64_t k, bool normalize, int32_t* ids,
+                                 float* weights) override {
+    {
+      const OpTimer timer(*this, "add_rms_norm_route_device");
+      bind();
+      if (fuse_switches().norm && cuda::norm_route_topk(x, y, weight, eps, dim, x_out, h, router, logits, k, normalize, ids, weights, stream_))
+        return;
+    }
+    Backend::add_rms_norm_route_device(x, y, weight, eps, dim, x_out, h, router, logits, k, normalize, ids, weights);
+  }
+
   void moe_decode(const ExpertLayout& layout, const void* const* table, const int32_t* ids, const float* weights, int64_t k,
                   const float* x, float* h, float* part, float* y, bool accumulate) override {
     const OpTimer timer(*this, "moe_decode");

@@ -1,6 +1,8 @@
 // The matmul kernels of matmul.cuh: two paths per format, chosen per job from its own shape and alignment
 // (so a job's result does not depend on what else is in the launch), each a flat grid over the row tiles
 // of every job in a table passed as the kernel's parameter.
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <climits>
 
@@ -9,6 +11,7 @@
 #include "backends/cuda/gemm.cuh"
 #include "backends/cuda/matmul.cuh"
 #include "backends/cuda/matvec.cuh"
+#include "backends/cuda/topk.cuh"
 
 namespace moeflux::cuda {
 namespace {
@@ -543,6 +546,127 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
 }
 
 }  // namespace
+
+namespace {
+
+// ---- a decode token's norm, softmax router and top-k in one launch (sm_90+) --------------------------
+//
+// add_rms_norm_matmul into the router's logits, then router_softmax_topk, as one cluster of route_blocks
+// blocks: each block normalizes x as the staged kernel does (stage_normed, the same bits; block 0 writes
+// x_out and h), each warp takes router rows (a row's first route_chunks chunks a lane asked for before
+// the dependent-launch wait), each row's sum goes to `logits` and into block 0's shared memory, and
+// after the cluster's barrier block 0's first warp ranks them with the router kernel's arithmetic
+// (softmax_topk_regs). The top-k's launch, and its read of the logits through the L2, are gone.
+constexpr int route_blocks = 8, route_warps = 16, route_chunks = 8;
+
+struct RouteArgs {
+  const uint8_t* router;  // bf16 [n_expert, cols]
+  int n_expert, cols, k;
+  bool normalize;
+  float* logits;
+  int32_t* ids;
+  float* weights;
+};
+
+template <int PL>
+__global__ void __launch_bounds__(32 * route_warps, 1) norm_route_kernel(const NormIn norm, const RouteArgs a) {
+  constexpr WeightFormat F = WeightFormat::bf16;
+  extern __shared__ float4 x_staged[];
+  __shared__ float logits_s[32 * PL];  // block 0's: every row's sum
+  __shared__ int chosen[max_router_k];
+  __shared__ float chosen_w[max_router_k];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, rank = int(blockIdx.x);
+  const int n_chunks = a.cols / chunk_cols(F), per_pass = route_blocks * route_warps;
+  const int64_t stride = row_bytes(F, a.cols);
+  int r = rank * route_warps + warp;
+  Chunk c[route_chunks];
+  const auto load = [&](int row, int i0) {
+#pragma unroll
+    for (int m = 0; m < route_chunks; ++m) c[m] = load_chunk<F>(a.router + row * stride, nullptr, nullptr, min(i0 + 32 * m, n_chunks - 1));
+  };
+  bool preloaded = r < a.n_expert;
+  if (preloaded) load(r, lane);
+  dependent_launch_begin();
+  stage_normed<F>(norm, x_staged, rank == 0);
+  __syncthreads();
+  const unsigned logits_at = static_cast<unsigned>(__cvta_generic_to_shared(logits_s));
+  for (; r < a.n_expert; r += per_pass) {
+    float acc[1] = {0.f};
+    for (int i0 = lane; i0 < n_chunks; i0 += 32 * route_chunks) {
+      if (preloaded)
+        preloaded = false;
+      else
+        load(r, i0);
+#pragma unroll
+      for (int m = 0; m < route_chunks; ++m) {
+        const Chunk one[1] = {c[m]};
+        if (i0 + 32 * m < n_chunks) chunk_dots<F, 1>(one, x_staged + (i0 + 32 * m) * staged_pitch(F), acc);
+      }
+    }
+    const float v = warp_sum(acc[0]);
+    if (lane == 0) {
+      a.logits[r] = v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      unsigned remote;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(remote) : "r"(logits_at + 4u * unsigned(r)));
+      asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
+#endif
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();  // block 0 has every sum (release / acquire)
+#endif
+  if (rank != 0 || warp != 0) return;
+  softmax_topk_regs<PL>(logits_s, a.n_expert, a.k, a.normalize, chosen, chosen_w);
+  __syncwarp();
+  for (int j = lane; j < a.k; j += 32) a.ids[j] = chosen[j], a.weights[j] = chosen_w[j];
+}
+
+// MOEFLUX_CUDA_FUSE_ROUTE=0 (a developer's switch, read once) composes norm_route_topk from its ops.
+bool fuse_route_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("MOEFLUX_CUDA_FUSE_ROUTE");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
+}  // namespace
+
+bool norm_route_topk(const float* x, const float* y, const float* weight, float eps, int64_t dim, float* x_out, float* h,
+                     const WeightView& router, float* logits, int64_t k, bool normalize, int32_t* ids, float* weights,
+                     cudaStream_t stream) {
+  // Hopper's clusters; a bf16 router (as packs store them) of at most 1024 experts over h; buffers apart as
+  // norm_matmul_jobs asks.
+  const int64_t n_expert = router.rows;
+  if (!fuse_route_enabled() || device_attribute<cudaDevAttrComputeCapabilityMajor>() < 9 || router.format != WeightFormat::bf16 ||
+      router.cols != dim || dim <= 0 || dim % chunk_cols(WeightFormat::bf16) != 0 || dim > INT_MAX / 4 || !aligned16(router.data) ||
+      k < 1 || k > max_router_k || k > n_expert || router_lane_experts(n_expert) == 0 ||
+      staged_x_bytes(WeightFormat::bf16, dim) > int64_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) - 8 * 1024)
+    return false;
+  const int threads = rms_norm_threads(int(dim / 4));
+  if (threads > 32 * route_warps) return false;
+  for (const void* p : {static_cast<const void*>(x), static_cast<const void*>(weight), static_cast<const void*>(h)})
+    if (!aligned16(p)) return false;
+  const auto apart = [dim](const float* a, const float* b) { return a == nullptr || b == nullptr || a + dim <= b || b + dim <= a; };
+  if (!apart(h, x) || !apart(h, y)) return false;
+  if (y && (!aligned16(y) || !aligned16(x_out) || !apart(x_out, x) || !apart(x_out, y) || !apart(x_out, h))) return false;
+  const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads};
+  const RouteArgs args{static_cast<const uint8_t*>(router.data), int(n_expert), int(dim), int(k), normalize, logits, ids, weights};
+  const size_t shared = size_t(staged_x_bytes(WeightFormat::bf16, dim));
+  const auto go = [&](auto kernel) {
+    if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+    launch_clustered(kernel, route_blocks, 32 * route_warps, shared, stream, dim3{route_blocks, 1, 1}, norm, args);
+  };
+  switch (router_lane_experts(n_expert)) {
+    case 4: go(norm_route_kernel<4>); break;
+    case 8: go(norm_route_kernel<8>); break;
+    case 16: go(norm_route_kernel<16>); break;
+    default: go(norm_route_kernel<32>); break;
+  }
+  MF_CUDA_CHECK_LAUNCH();
+  return true;
+}
 
 bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float eps, int64_t dim, float* x_out, float* h,
                       const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream) {

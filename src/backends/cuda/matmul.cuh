@@ -36,6 +36,15 @@ bool glu_matmul_job(const float* gate, const float* up, const MatmulJob& job, cu
 // jobs: host array; their weights, x and y are device memory. Empty jobs are skipped.
 void matmul_jobs(const MatmulJob* jobs, int64_t n_jobs, cudaStream_t stream);
 
+// One decode token's add_rms_norm_matmul into a softmax router's logits [router.rows] followed by its
+// top-k (router_softmax_topk's ids and weights), as one launch on sm_90+ (a cluster: the router's rows
+// spread over its blocks, the top-k in the first). False, having launched nothing, where that does not
+// apply (an older GPU, a router not in bf16 or over more than 1024 experts, buffers that overlap): the
+// caller composes the ops.
+bool norm_route_topk(const float* x, const float* y, const float* weight, float eps, int64_t dim, float* x_out, float* h,
+                     const WeightView& router, float* logits, int64_t k, bool normalize, int32_t* ids, float* weights,
+                     cudaStream_t stream);
+
 // Backend::add_rms_norm_matmul for one token in one launch: x_out = x + y (y may be null: then x_out is
 // not written), h = rms_norm(x_out)·weight with rms_norm's arithmetic (the same bits), then the jobs,
 // every one reading h, on the staged path (any format). Every block normalizes x itself; block 0 writes
