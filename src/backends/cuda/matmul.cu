@@ -549,6 +549,16 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
 
 namespace {
 
+// Whether a fused norm's buffers suit a launch whose blocks each read x and y (and weight) while block 0
+// writes x_out and h: 16-byte aligned, and h and x_out clear of what is read. y null: no residual.
+bool norm_buffers_apart(const float* x, const float* y, const float* weight, int64_t dim, const float* x_out, const float* h) {
+  for (const void* p : {static_cast<const void*>(x), static_cast<const void*>(weight), static_cast<const void*>(h)})
+    if (!aligned16(p)) return false;
+  const auto apart = [dim](const float* a, const float* b) { return a == nullptr || b == nullptr || a + dim <= b || b + dim <= a; };
+  if (!apart(h, x) || !apart(h, y)) return false;
+  return !y || (aligned16(y) && aligned16(x_out) && apart(x_out, x) && apart(x_out, y) && apart(x_out, h));
+}
+
 // ---- a decode token's norm, softmax router and top-k in one launch (sm_90+) --------------------------
 //
 // add_rms_norm_matmul into the router's logits, then router_softmax_topk, as one cluster of route_blocks
@@ -645,12 +655,10 @@ bool norm_route_topk(const float* x, const float* y, const float* weight, float 
       staged_x_bytes(WeightFormat::bf16, dim) > int64_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) - 8 * 1024)
     return false;
   const int threads = rms_norm_threads(int(dim / 4));
-  if (threads > 32 * route_warps) return false;
-  for (const void* p : {static_cast<const void*>(x), static_cast<const void*>(weight), static_cast<const void*>(h)})
-    if (!aligned16(p)) return false;
-  const auto apart = [dim](const float* a, const float* b) { return a == nullptr || b == nullptr || a + dim <= b || b + dim <= a; };
-  if (!apart(h, x) || !apart(h, y)) return false;
-  if (y && (!aligned16(y) || !aligned16(x_out) || !apart(x_out, x) || !apart(x_out, y) || !apart(x_out, h))) return false;
+  if (threads > 32 * route_warps || !norm_buffers_apart(x, y, weight, dim, x_out, h)) return false;
+  // The logits are written while other blocks still read x and y.
+  for (const float* v : {x, y, static_cast<const float*>(x_out), static_cast<const float*>(h)})
+    if (v && !(logits + n_expert <= v || v + dim <= logits)) return false;
   const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads};
   const RouteArgs args{static_cast<const uint8_t*>(router.data), int(n_expert), int(dim), int(k), normalize, logits, ids, weights};
   const size_t shared = size_t(staged_x_bytes(WeightFormat::bf16, dim));
@@ -675,12 +683,8 @@ bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float
   // h in one format, with rows the staged kernel takes, at most one launch's worth.
   if (dim <= 0 || dim % 4 != 0 || n_jobs <= 0 || n_jobs > max_jobs_per_launch) return false;
   const int threads = rms_norm_threads(int(std::min<int64_t>(dim / 4, INT_MAX / 4)));
-  if (threads > 32 * staged_warps) return false;
-  for (const void* p : {static_cast<const void*>(x), static_cast<const void*>(weight), static_cast<const void*>(h)})
-    if (!aligned16(p)) return false;
+  if (threads > 32 * staged_warps || !norm_buffers_apart(x, y, weight, dim, x_out, h)) return false;
   const auto apart = [dim](const float* a, const float* b) { return a == nullptr || b == nullptr || a + dim <= b || b + dim <= a; };
-  if (!apart(h, x) || !apart(h, y)) return false;
-  if (y && (!aligned16(y) || !aligned16(x_out) || !apart(x_out, x) || !apart(x_out, y) || !apart(x_out, h))) return false;
   const WeightFormat f = jobs[0].w.format;
   for (int64_t i = 0; i < n_jobs; ++i) {
     const MatmulJob& j = jobs[i];
