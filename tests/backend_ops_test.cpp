@@ -1441,8 +1441,8 @@ TEST_P(BackendOps, DeviceRoutersMatchHostRouters) {
 // A decode token's norm, router and top-k as one op against the ops in turn on the same backend: x_out
 // and h to the bit, the logits as a matmul of h (the fused form may sum a row in another order), the same
 // experts and their weights within the routers' 1e-6. Cases: Qwen3-30B's router (128 experts, a GPU's
-// warp a row), Qwen3.5-35B's (256: two rows a warp), Qwen3.5-397B's (512 over 4096 columns: a row in two
-// rounds of loads), a partial lane column (61), and no residual (y null).
+// warp a row), 256 experts (two rows a warp), a partial lane column (61), no residual (y null), and
+// Qwen3.5-397B's 512 experts over 4096 columns (more than a GPU fuses: the ops in turn).
 TEST_P(BackendOps, NormRouteMatchesTheOpsInTurn) {
   struct Case { int64_t dim, n_expert, k; bool add; };
   const float eps = 1e-6f;
