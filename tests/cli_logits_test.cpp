@@ -25,7 +25,10 @@ class CliLogits : public testing::Test {
     const auto r = test::run_cli("convert '" + fixture_ + "' '" + dir_ + "/pack' --quant bf16 --force --quiet", dir_);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     std::ifstream in(fixture_ + "/tokens.json");
-    for (int t : nlohmann::json::parse(in)) tokens_ += (tokens_.empty() ? "" : ",") + std::to_string(t);
+    for (int t : nlohmann::json::parse(in)) {
+      if (!tokens_.empty()) tokens_ += ',';
+      tokens_ += std::to_string(t);
+    }
   }
   void TearDown() override { fs::remove_all(dir_); }
 

@@ -38,7 +38,10 @@ TEST_F(CliText, TokenizeAndDecodeRoundTrip) {
   // The special token written in the text is recognized as its single id (2 in the demo vocab).
   EXPECT_NE(std::find(ids.begin(), ids.end(), 2), ids.end()) << r.out;
   std::string list;
-  for (int id : ids) list += (list.empty() ? "" : ",") + std::to_string(id);
+  for (int id : ids) {
+    if (!list.empty()) list += ',';
+    list += std::to_string(id);
+  }
   r = test::run_cli("tokenize --tokenizer '" + pack() + "/tokenizer' --decode " + list, dir_);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "A fortune: <|im_end|> ok\n");
