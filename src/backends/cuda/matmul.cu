@@ -563,8 +563,8 @@ bool norm_buffers_apart(const float* x, const float* y, const float* weight, int
 //
 // add_rms_norm_matmul into the router's logits, then router_softmax_topk, as one cluster of route_blocks
 // blocks: each block normalizes x as the staged kernel does (stage_normed, the same bits; block 0 writes
-// x_out and h), each warp takes router rows (a row's first route_chunks chunks a lane asked for before
-// the dependent-launch wait), each row's sum goes to `logits` and into block 0's shared memory, and
+// x_out and h), each warp takes router rows (a lane's route_chunks chunks of its first row asked for
+// before the dependent-launch wait), each row's sum goes to `logits` and into block 0's shared memory, and
 // after the cluster's barrier block 0's first warp ranks them with the router kernel's arithmetic
 // (softmax_topk_regs). The top-k's launch, and its read of the logits through the L2, are gone.
 constexpr int route_blocks = 8, route_warps = 16, route_chunks = 8;
@@ -589,29 +589,24 @@ __global__ void __launch_bounds__(32 * route_warps, 1) norm_route_kernel(const N
   const int n_chunks = a.cols / chunk_cols(F), per_pass = route_blocks * route_warps;
   const int64_t stride = row_bytes(F, a.cols);
   int r = rank * route_warps + warp;
+  // A row's chunks are one load a lane (the launcher's limit on cols): the first row's before the wait.
   Chunk c[route_chunks];
-  const auto load = [&](int row, int i0) {
+  const auto load = [&](int row) {
 #pragma unroll
-    for (int m = 0; m < route_chunks; ++m) c[m] = load_chunk<F>(a.router + row * stride, nullptr, nullptr, min(i0 + 32 * m, n_chunks - 1));
+    for (int m = 0; m < route_chunks; ++m) c[m] = load_chunk<F>(a.router + row * stride, nullptr, nullptr, min(lane + 32 * m, n_chunks - 1));
   };
-  bool preloaded = r < a.n_expert;
-  if (preloaded) load(r, lane);
+  if (r < a.n_expert) load(r);
   dependent_launch_begin();
   stage_normed<F>(norm, x_staged, rank == 0);
   __syncthreads();
   const unsigned logits_at = static_cast<unsigned>(__cvta_generic_to_shared(logits_s));
-  for (; r < a.n_expert; r += per_pass) {
+  for (int first = r; r < a.n_expert; r += per_pass) {
+    if (r != first) load(r);
     float acc[1] = {0.f};
-    for (int i0 = lane; i0 < n_chunks; i0 += 32 * route_chunks) {
-      if (preloaded)
-        preloaded = false;
-      else
-        load(r, i0);
 #pragma unroll
-      for (int m = 0; m < route_chunks; ++m) {
-        const Chunk one[1] = {c[m]};
-        if (i0 + 32 * m < n_chunks) chunk_dots<F, 1>(one, x_staged + (i0 + 32 * m) * staged_pitch(F), acc);
-      }
+    for (int m = 0; m < route_chunks; ++m) {
+      const Chunk one[1] = {c[m]};
+      if (lane + 32 * m < n_chunks) chunk_dots<F, 1>(one, x_staged + (lane + 32 * m) * staged_pitch(F), acc);
     }
     const float v = warp_sum(acc[0]);
     if (lane == 0) {
