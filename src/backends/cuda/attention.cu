@@ -792,6 +792,7 @@ __global__ void __launch_bounds__(256) attention_decode_kernel(const __grid_cons
 #pragma unroll
       for (int j = 0; j < max_cluster; ++j)
         if (j < n) m_max = fmaxf(m_max, ml[j].x);
+      if (u == int(split)) wait_trace_mark(6);
       float o = 0.f, l_sum = 0.f;
 #pragma unroll
       for (int j = 0; j < max_cluster; ++j)
@@ -804,6 +805,7 @@ __global__ void __launch_bounds__(256) attention_decode_kernel(const __grid_cons
     }
     wait_trace_mark(5);
     cluster.sync();
+    wait_trace_mark(7);
     return;
   }
 #endif

@@ -48,6 +48,9 @@ struct NormIn {
   float* h;
   float eps;
   int dim, threads;  // threads: rms_norm_threads(dim / 4), at most a block's
+  // The weight copied into shared memory before the dependent-launch wait (stage_norm_weight), after the
+  // staged x: the launcher reserved dim floats more.
+  bool weight_early;
 };
 
 constexpr int max_jobs_per_launch = 40;
@@ -106,6 +109,29 @@ __device__ __forceinline__ void load_rows(Chunk (&c)[R], const DeviceJob& m, int
   }
 }
 
+// The norm's weight into shared memory after the staged x (one cp.async group of this thread's float4s,
+// those stage_normed rescales), issued before the dependent-launch wait: no kernel writes a weight, and
+// after the block's Σ(x + y)² it is then a shared read away, not a round trip to memory.
+template <WeightFormat F>
+__device__ __forceinline__ float4* norm_weight_staged(const NormIn& n, float4* x_staged) {
+  return x_staged + staged_bytes(F, n.dim) / 16;
+}
+template <WeightFormat F>
+__device__ __forceinline__ void stage_norm_weight(const NormIn& n, float4* x_staged) {
+  if (!n.weight_early) return;
+  float4* dst = norm_weight_staged<F>(n, x_staged);
+  const int n4 = n.dim / 4, t = threadIdx.x;
+  if (t < n.threads) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int i = t + q * n.threads;
+      if (i >= n4) break;
+      cp_async16(dst + i, reinterpret_cast<const float4*>(n.weight) + i);
+    }
+  }
+  cp_async_commit();
+}
+
 // Stages h = rms_norm(x + y)·weight (NormIn) in the staged layout: x + y first, then, after the block's
 // Σ(x + y)², each thread rescales the float4s it staged itself. writer: also store h and x + y.
 template <WeightFormat F>
@@ -129,12 +155,17 @@ __device__ __forceinline__ void stage_normed(const NormIn& n, float4* dst, bool 
   }
   sum_sq = block_sum(sum_sq);
   const float inv_rms = 1.0f / sqrtf(sum_sq / float(n.dim) + n.eps);
+  const float4* weight = reinterpret_cast<const float4*>(n.weight);
+  if (n.weight_early) {
+    cp_async_wait<0>();  // this thread's own copies: no barrier needed
+    weight = norm_weight_staged<F>(n, dst);
+  }
   if (t < n.threads) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int i = t + q * n.threads;
       if (i >= n4) break;
-      const float4 o = rms_scaled4(dst[staged_at<F>(i)], inv_rms, reinterpret_cast<const float4*>(n.weight)[i]);
+      const float4 o = rms_scaled4(dst[staged_at<F>(i)], inv_rms, weight[i]);
       dst[staged_at<F>(i)] = o;
       if (writer) reinterpret_cast<float4*>(n.h)[i] = o;
     }
@@ -202,6 +233,7 @@ __global__ void __launch_bounds__(32 * staged_warps, R == 4 ? 3 : 4)
       else
         load(first);
     }
+    if constexpr (Mode == stage_norm) stage_norm_weight<F>(norm, x_staged);  // one token
     if (t == blockIdx.z) dependent_launch_begin();  // the weights need no wait, x does
     __syncthreads();  // the previous token's x and partial sums are no longer read
     if constexpr (Mode == stage_norm)
@@ -504,7 +536,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     if (n == 0) return;
     table.n_jobs = n;
     const dim3 grid(unsigned(table.block_start[n]), 1, unsigned(std::min<int64_t>(max_tokens, 65535)));
-    const size_t shared = size_t(staged_x_bytes(F, max_cols));
+    const size_t shared = size_t(staged_x_bytes(F, max_cols)) + (norm && !glu && norm->weight_early ? size_t(norm->dim) * 4 : 0);
     if (norm && !glu) {
       launch_staged<F, stage_norm>(staged_rows, grid, shared, stream, table, *norm);
       n = 0, max_tokens = 0, max_cols = 0;
@@ -596,9 +628,13 @@ __global__ void __launch_bounds__(32 * route_warps, 1) norm_route_kernel(const N
     for (int m = 0; m < route_chunks; ++m) c[m] = load_chunk<F>(a.router + row * stride, nullptr, nullptr, min(lane + 32 * m, n_chunks - 1));
   };
   if (r < a.n_expert) load(r);
+  stage_norm_weight<F>(norm, x_staged);
+  const unsigned long long entered = wait_trace_now();
   dependent_launch_begin();
+  wait_trace_mark(0, entered);
   stage_normed<F>(norm, x_staged, rank == 0);
   __syncthreads();
+  wait_trace_mark(1);
   const unsigned logits_at = static_cast<unsigned>(__cvta_generic_to_shared(logits_s));
   for (int first = r; r < a.n_expert; r += per_pass) {
     if (r != first) load(r);
@@ -618,13 +654,26 @@ __global__ void __launch_bounds__(32 * route_warps, 1) norm_route_kernel(const N
 #endif
     }
   }
+  wait_trace_mark(2);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cooperative_groups::this_cluster().sync();  // block 0 has every sum (release / acquire)
 #endif
+  wait_trace_mark(3);
   if (rank != 0 || warp != 0) return;
   softmax_topk_regs<PL>(logits_s, a.n_expert, a.k, a.normalize, chosen, chosen_w);
   __syncwarp();
+  wait_trace_mark(4);
   for (int j = lane; j < a.k; j += 32) a.ids[j] = chosen[j], a.weights[j] = chosen_w[j];
+}
+
+// MOEFLUX_CUDA_NORM_EARLY=0 (a developer's switch, read once): the fused norms read their weight after
+// the block's sum of squares, from memory.
+bool norm_weight_early() {
+  static const bool on = [] {
+    const char* e = std::getenv("MOEFLUX_CUDA_NORM_EARLY");
+    return !(e && e[0] == '0');
+  }();
+  return on;
 }
 
 // MOEFLUX_CUDA_FUSE_ROUTE=0 (a developer's switch, read once) composes norm_route_topk from its ops.
@@ -656,9 +705,9 @@ bool norm_route_topk(const float* x, const float* y, const float* weight, float 
   // The logits are written while other blocks still read x and y.
   for (const float* v : {x, y, static_cast<const float*>(x_out), static_cast<const float*>(h)})
     if (v && !(logits + n_expert <= v || v + dim <= logits)) return false;
-  const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads};
+  const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads, norm_weight_early()};
   const RouteArgs args{static_cast<const uint8_t*>(router.data), int(n_expert), int(dim), int(k), normalize, logits, ids, weights};
-  const size_t shared = size_t(staged_x_bytes(WeightFormat::bf16, dim));
+  const size_t shared = size_t(staged_x_bytes(WeightFormat::bf16, dim)) + (norm.weight_early ? size_t(dim) * 4 : 0);
   const auto go = [&](auto kernel) {
     if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
     launch_clustered(kernel, route_blocks, 32 * route_warps, shared, stream, dim3{route_blocks, 1, 1}, norm, args);
@@ -689,7 +738,9 @@ bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float
       return false;
     if (!apart(j.y, x) || !apart(j.y, y) || !apart(j.y, h) || (y && !apart(j.y, x_out))) return false;
   }
-  const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads};
+  // The weight early where it fits beside x in the staged kernel's shared memory.
+  const bool early = norm_weight_early() && staged_x_bytes(f, dim) + dim * 4 <= staged_x_max_bytes;
+  const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads, early};
   with_format(f, [&](auto format) { launch_path<decltype(format)::value>(jobs, n_jobs, true, stream, &norm); });
   return true;
 }
@@ -705,7 +756,7 @@ bool glu_matmul_job(const float* gate, const float* up, const MatmulJob& job, cu
   if (!apart(gate, up)) return false;
   const auto clear = [&](const float* v) { return v + w.cols <= job.y || job.y + w.rows <= v; };
   if (!clear(gate) || !clear(up)) return false;
-  const NormIn in{gate, up, nullptr, nullptr, nullptr, 0.f, int(w.cols), 0};
+  const NormIn in{gate, up, nullptr, nullptr, nullptr, 0.f, int(w.cols), 0, false};
   with_format(w.format, [&](auto format) {
     if constexpr (decltype(format)::value == WeightFormat::q8 || decltype(format)::value == WeightFormat::q4)
       launch_path<decltype(format)::value>(&job, 1, true, stream, &in, true);

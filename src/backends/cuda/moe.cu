@@ -237,7 +237,9 @@ __global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* con
   __shared__ unsigned long long preloaded[max_preload_table];
   for (int e = threadIdx.x; e < n_table; e += blockDim.x) preloaded[e] = __ldcg(reinterpret_cast<const unsigned long long*>(table) + e);
   if (n_table > 0) __syncthreads();
+  const unsigned long long entered = wait_trace_now();
   dependent_launch_begin();
+  wait_trace_mark(0, entered);
   extern __shared__ float4 xs[];
   const int j = blockIdx.y, lane = threadIdx.x & 31;
   const int r0 = (blockIdx.x * moe_warps + (threadIdx.x >> 5)) * R;
@@ -247,6 +249,7 @@ __global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* con
   if (n_table > 0 && unsigned(id) >= unsigned(n_table)) __trap();  // the router's ids are below n_expert
   const uint8_t* blob = n_table > 0 ? reinterpret_cast<const uint8_t*>(preloaded[id]) : blob_of(table, ids, j);
   if (!blob) __trap();  // the caller guarantees every chosen expert is in the table
+  wait_trace_mark(1);
   Chunk c[U][2 * R];  // gate rows, then up rows
   const auto load = [&](int i0) {
 #pragma unroll
@@ -263,6 +266,7 @@ __global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* con
   if (active) load(lane);
   stage_chunked<F, 4>(x, H, xs);
   __syncthreads();
+  wait_trace_mark(2);
   if (!active) return;
   float acc[2 * R];
 #pragma unroll
@@ -274,12 +278,15 @@ __global__ void __launch_bounds__(32 * moe_warps) gate_up_kernel(const void* con
       const int i = i0 + 32 * v;
       if (i < n_chunks) chunk_dots<F, 2 * R>(c[v], xs + i * staged_pitch(F), acc);
     }
+    if (i0 == lane) wait_trace_mark(3);
   }
+  wait_trace_mark(4);
 #pragma unroll
   for (int q = 0; q < R; ++q) {
     const float gv = warp_sum(acc[q]), uv = warp_sum(acc[R + q]);
     if (lane == 0 && q < rows) h[size_t(j) * I + r0 + q] = swiglu_of(gv, uv);
   }
+  wait_trace_mark(5);
 }
 
 // grid: x = tiles of moe_warps · down_rows rows of H. A warp takes down_rows output rows over every
@@ -312,9 +319,12 @@ __global__ void __launch_bounds__(32 * moe_warps)
   };
   const uint8_t* blob = active && slot < k ? blob_of(table, ids, slot) : nullptr;
   if (blob) load(blob, g_lane);
+  const unsigned long long entered = wait_trace_now();
   dependent_launch_begin();
+  wait_trace_mark(0, entered);
   stage_chunked<F, 4>(h, k * I, hs);  // the experts' rows are contiguous, and so are their staged chunks
   __syncthreads();
+  wait_trace_mark(1);
   if (!active) return;
   for (int j0 = 0; j0 < k; j0 += per_pass) {
     const int j = j0 + slot;
@@ -340,11 +350,13 @@ __global__ void __launch_bounds__(32 * moe_warps)
     }
   }
   __syncwarp();
+  wait_trace_mark(2);
   if (lane < rows) {
     float acc = accumulate ? y[r0 + lane] : 0.f;
     for (int j = 0; j < k; ++j) acc += w[j] * dots[warp][lane][j];
     y[r0 + lane] = acc;
   }
+  wait_trace_mark(3);
 }
 
 Parts parts_of(const WeightView& v) {

@@ -12,7 +12,7 @@ struct WaitRecord {
   unsigned long long arrive;   // %globaltimer (ns) at the wait
   unsigned long long release;  // and after it
   unsigned block, sm;
-  unsigned long long marks[6];  // wait_trace_mark's points in a kernel that sets them (0: none)
+  unsigned long long marks[8];  // wait_trace_mark's points in a kernel that sets them (0: none)
   unsigned long long clock_release, clock_mark;  // the SM's clock64 after the wait and at the last mark
 };
 
