@@ -263,6 +263,13 @@ void wait_trace_table(const std::vector<moeflux::cuda::WaitRecord>& records, int
     return;
   }
   const int per = int(launches.size()) / L;
+  // One launch fewer than named: the router's top-k ran inside the norm + router launch.
+  std::vector<const char*> fused;
+  if (per == n_names - 1) {
+    for (int i = 0; i < n_names; ++i)
+      if (std::strcmp(names[i], "top-k") != 0) fused.push_back(std::strcmp(names[i], "norm + router") == 0 ? "norm + router + top-k" : names[i]);
+    names = fused.data(), n_names = int(fused.size());
+  }
   std::printf("\n| launch of a layer (wait trace, %d layers; means of layers 2 … %d) | blocks | µs to the next release | first block waited µs | blocks early | release spread µs |\n|---|---|---|---|---|---|\n",
               L, L - 1);
   double total = 0;
