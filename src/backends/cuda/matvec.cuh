@@ -56,6 +56,16 @@ __device__ __forceinline__ Chunk load_chunk(const uint8_t* row, const uint16_t* 
   c.bias = F == WeightFormat::q4 ? __ldg(biases + i / 2) : 0;
   return c;
 }
+// The same, read as a stream (ld.global.cs: evict first from the L1 and the L2), for weights a launch reads
+// once (a decode token's experts): the L2 then keeps what kernels hand each other.
+template <WeightFormat F>
+__device__ __forceinline__ Chunk load_chunk_once(const uint8_t* row, const uint16_t* scales, const uint16_t* biases, int i) {
+  Chunk c;
+  c.w = __ldcs(reinterpret_cast<const uint4*>(row) + i);
+  c.scale = F == WeightFormat::q8 || F == WeightFormat::q4 ? __ldcs(scales + i / 2) : 0;
+  c.bias = F == WeightFormat::q4 ? __ldcs(biases + i / 2) : 0;
+  return c;
+}
 
 // acc[n] += chunk c[n]'s contribution to its row's dot product with x, whose chunk is the float4s at xc
 // (staged): N chunks of N rows at the same columns share each read of x (and q4's Σx).
