@@ -47,23 +47,24 @@ struct Chunk {
   uint16_t scale, bias;
 };
 
+// A weight read: through the read-only path, or as a stream (Stream: ld.global.cs, evict first from the L1
+// and the L2) for weights a launch reads once (a decode token's experts), so that the L2 keeps what kernels
+// hand each other.
+template <bool Stream, typename T>
+__device__ __forceinline__ T load_weight(const T* p) {
+  if constexpr (Stream)
+    return __ldcs(p);
+  else
+    return __ldg(p);
+}
+
 // Chunk i of the row at `row` (its scales and biases rows at `scales`, `biases`).
-template <WeightFormat F>
+template <WeightFormat F, bool Stream = false>
 __device__ __forceinline__ Chunk load_chunk(const uint8_t* row, const uint16_t* scales, const uint16_t* biases, int i) {
   Chunk c;
-  c.w = __ldg(reinterpret_cast<const uint4*>(row) + i);
-  c.scale = F == WeightFormat::q8 || F == WeightFormat::q4 ? __ldg(scales + i / 2) : 0;
-  c.bias = F == WeightFormat::q4 ? __ldg(biases + i / 2) : 0;
-  return c;
-}
-// The same, read as a stream (ld.global.cs: evict first from the L1 and the L2), for weights a launch reads
-// once (a decode token's experts): the L2 then keeps what kernels hand each other.
-template <WeightFormat F>
-__device__ __forceinline__ Chunk load_chunk_once(const uint8_t* row, const uint16_t* scales, const uint16_t* biases, int i) {
-  Chunk c;
-  c.w = __ldcs(reinterpret_cast<const uint4*>(row) + i);
-  c.scale = F == WeightFormat::q8 || F == WeightFormat::q4 ? __ldcs(scales + i / 2) : 0;
-  c.bias = F == WeightFormat::q4 ? __ldcs(biases + i / 2) : 0;
+  c.w = load_weight<Stream>(reinterpret_cast<const uint4*>(row) + i);
+  c.scale = F == WeightFormat::q8 || F == WeightFormat::q4 ? load_weight<Stream>(scales + i / 2) : 0;
+  c.bias = F == WeightFormat::q4 ? load_weight<Stream>(biases + i / 2) : 0;
   return c;
 }
 

@@ -210,7 +210,7 @@ struct Row {
       : data(blob + p.data + int64_t(r) * row_bytes(F, cols)),
         scales(reinterpret_cast<const uint16_t*>(blob + p.scales) + int64_t(r) * groups_per_row(F, cols)),
         biases(reinterpret_cast<const uint16_t*>(blob + p.biases) + int64_t(r) * groups_per_row(F, cols)) {}
-  __device__ __forceinline__ Chunk chunk(int i) const { return load_chunk_once<F>(data, scales, biases, i); }  // one token's
+  __device__ __forceinline__ Chunk chunk(int i) const { return load_chunk<F, true>(data, scales, biases, i); }  // read once a token
 };
 
 // Through L2 (ld.cg): down_combine reads the ids and the table before its dependent-launch wait, where
