@@ -319,6 +319,9 @@ __global__ void __launch_bounds__(32 * moe_warps)
   };
   const uint8_t* blob = active && slot < k ? blob_of(table, ids, slot) : nullptr;
   if (blob) load(blob, g_lane);
+  // The router's weights too, written with the ids: lane l holds w[l] and w[l + 32], passed by shuffles
+  // in the combine (after the wait every warp read the same few bytes there).
+  const float w_lo = lane < k ? __ldcg(w + lane) : 0.f, w_hi = lane + 32 < k ? __ldcg(w + lane + 32) : 0.f;
   const unsigned long long entered = wait_trace_now();
   dependent_launch_begin();
   wait_trace_mark(0, entered);
@@ -351,11 +354,12 @@ __global__ void __launch_bounds__(32 * moe_warps)
   }
   __syncwarp();
   wait_trace_mark(2);
-  if (lane < rows) {
-    float acc = accumulate ? y[r0 + lane] : 0.f;
-    for (int j = 0; j < k; ++j) acc += w[j] * dots[warp][lane][j];
-    y[r0 + lane] = acc;
+  float acc = lane < rows && accumulate ? y[r0 + lane] : 0.f;
+  for (int j = 0; j < k; ++j) {
+    const float wj = __shfl_sync(0xffffffffu, j < 32 ? w_lo : w_hi, j & 31);
+    if (lane < rows) acc += wj * dots[warp][lane][j];
   }
+  if (lane < rows) y[r0 + lane] = acc;
   wait_trace_mark(3);
 }
 
