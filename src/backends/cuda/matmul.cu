@@ -64,8 +64,10 @@ static_assert(sizeof(JobTable) <= 4096, "kernel parameters are limited to 4 KiB"
 
 constexpr int staged_warps = 8;
 __host__ __device__ constexpr int64_t staged_x_bytes(WeightFormat f, int64_t cols) { return staged_bytes(f, cols); }
-// The default shared-memory limit, less the kernel's own partial sums (static, up to 4 rows per warp).
+// The default shared-memory limit, less the kernel's own partial sums (static, up to 4 rows per warp), and
+// with a norm staged (stage_normed) less block_sum's 32 partials too.
 constexpr int64_t staged_x_max_bytes = 48 * 1024 - sizeof(float) * staged_warps * 4;
+constexpr int64_t staged_norm_max_bytes = staged_x_max_bytes - sizeof(float) * 32;
 
 // Warps sharing a row tile on the staged path: each lane then holds at most ~2 chunks of a row.
 int staged_splits(WeightFormat f, int64_t cols) {
@@ -734,12 +736,12 @@ bool norm_matmul_jobs(const float* x, const float* y, const float* weight, float
     const MatmulJob& j = jobs[i];
     const WeightView& w = j.w;
     if (j.n_tokens != 1 || j.x != h || w.cols != dim || w.format != f || w.rows <= 0 || w.rows > INT_MAX / 2 || !aligned16(w.data) ||
-        !aligned16(j.y) || !weight_format_fits(f, w.cols) || staged_x_bytes(f, w.cols) > staged_x_max_bytes)
+        !aligned16(j.y) || !weight_format_fits(f, w.cols) || staged_x_bytes(f, w.cols) > staged_norm_max_bytes)
       return false;
     if (!apart(j.y, x) || !apart(j.y, y) || !apart(j.y, h) || (y && !apart(j.y, x_out))) return false;
   }
   // The weight early where it fits beside x in the staged kernel's shared memory.
-  const bool early = norm_weight_early() && staged_x_bytes(f, dim) + dim * 4 <= staged_x_max_bytes;
+  const bool early = norm_weight_early() && staged_x_bytes(f, dim) + dim * 4 <= staged_norm_max_bytes;
   const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads, early};
   with_format(f, [&](auto format) { launch_path<decltype(format)::value>(jobs, n_jobs, true, stream, &norm); });
   return true;
