@@ -469,7 +469,10 @@ TEST_P(BackendOps, AddRmsNormMatchesAxpyThenRmsNorm) {
 // output as matmul_many gives it on h — to the bit where the format's one-token path is the same (q8,
 // q4), else within the matmul's tolerance against the reference on that h (a GPU may take bf16 and f32
 // rows through its staged kernel there instead of the direct one). Cases a GPU composes too: three
-// tokens, a row wider than one block normalizes (7168), jobs in two formats.
+// tokens, a row wider than one block normalizes (7168), jobs in two formats. And a q4 width (5760) whose x
+// and norm weight staged together fit the plain staged kernel's shared memory but not the norm launch's
+// at 4 rows a warp (its block sum's partials too), with enough rows (6144) that a GPU takes 4 rows a
+// warp: it must then read the weight after the sum, not fail to launch.
 TEST_P(BackendOps, AddRmsNormMatmulMatchesTheOpsInTurn) {
   struct Job { WeightFormat f; int64_t rows; };
   struct Case { int64_t dim, n_rows; bool add; std::vector<Job> jobs; };
@@ -482,6 +485,7 @@ TEST_P(BackendOps, AddRmsNormMatmulMatchesTheOpsInTurn) {
       {7168, 1, true, {{WeightFormat::q8, 64}}},
       {2048, 3, true, {{WeightFormat::q8, 100}}},
       {2048, 1, true, {{WeightFormat::q8, 64}, {WeightFormat::bf16, 32}}},
+      {5760, 1, true, {{WeightFormat::q4, 6144}}},
   };
   const float eps = 1e-6f;
   for (const Case& c : cases) {
