@@ -292,34 +292,35 @@ void wait_trace_table(const std::vector<moeflux::cuda::WaitRecord>& records, int
   std::printf("| layer | | %.2f | | | |\n", total);
   // Launches whose kernel marks points of its own (wait_trace_mark): each point's time after the launch's
   // first release, mean and latest over its blocks (means over the layers as above).
+  constexpr int M = moeflux::cuda::wait_marks;
   for (int p = 0; p < per; ++p) {
-    double mean[8] = {}, latest[8] = {}, count[8] = {}, layers[8] = {};
+    double mean[M] = {}, latest[M] = {}, count[M] = {}, layers[M] = {};
     for (int l = 1; l + 1 < L; ++l) {
       const Launch& a = launches[size_t(l * per + p)];
-      double lmax[8];
-      std::fill(lmax, lmax + 8, -1e300);  // mark 0 (entering the kernel) is mostly before the release
+      double lmax[M];
+      std::fill(lmax, lmax + M, -1e300);  // mark 0 (entering the kernel) is mostly before the release
       for (const auto& rec : r) {
         if (rec.grid != a.grid) continue;
-        for (int k = 0; k < 8; ++k) {
+        for (int k = 0; k < M; ++k) {
           if (!rec.marks[k]) continue;
           const double t = (double(rec.marks[k]) - double(a.first_release)) * 1e-3;
           mean[k] += t, count[k] += 1, lmax[k] = std::max(lmax[k], t);
         }
       }
-      for (int k = 0; k < 8; ++k)
+      for (int k = 0; k < M; ++k)
         if (lmax[k] > -1e300) latest[k] += lmax[k], layers[k] += 1;
     }
     if (count[0] + count[1] == 0) continue;
     double cycles = 0, ns = 0;  // the SM clock from the wait to a block's last mark, over every marked block
     for (const auto& rec : r)
-      for (int k = 7; k >= 1; --k)
+      for (int k = M - 1; k >= 1; --k)
         if (rec.marks[k] && rec.clock_mark) {
           cycles += double(rec.clock_mark - rec.clock_release), ns += double(rec.marks[k] - rec.release);
           break;
         }
     if (ns > 0) std::printf("SM clock over the marks: %.2f GHz\n", cycles / ns);
     std::printf("%s: marks after the first release, µs (mean over blocks / latest):", p < n_names ? names[p] : "?");
-    for (int k = 0; k < 8; ++k)
+    for (int k = 0; k < M; ++k)
       if (count[k] > 0) std::printf("  %d: %.2f / %.2f (%.0f blocks)", k, mean[k] / count[k], latest[k] / layers[k], count[k] / (L - 2));
     std::printf("\n");
   }

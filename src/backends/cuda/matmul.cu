@@ -111,6 +111,9 @@ __device__ __forceinline__ void load_rows(Chunk (&c)[R], const DeviceJob& m, int
   }
 }
 
+// The shared memory the norm's early weight (below) takes beyond the staged x: the launchers add it.
+inline size_t norm_weight_bytes(const NormIn& n) { return n.weight_early ? size_t(n.dim) * sizeof(float) : 0; }
+
 // The norm's weight into shared memory after the staged x (one cp.async group of this thread's float4s,
 // those stage_normed rescales), issued before the dependent-launch wait: no kernel writes a weight, and
 // after the block's Σ(x + y)² it is then a shared read away, not a round trip to memory.
@@ -538,7 +541,7 @@ void launch_path(const MatmulJob* jobs, int64_t n_jobs, bool staged, cudaStream_
     if (n == 0) return;
     table.n_jobs = n;
     const dim3 grid(unsigned(table.block_start[n]), 1, unsigned(std::min<int64_t>(max_tokens, 65535)));
-    const size_t shared = size_t(staged_x_bytes(F, max_cols)) + (norm && !glu && norm->weight_early ? size_t(norm->dim) * 4 : 0);
+    const size_t shared = size_t(staged_x_bytes(F, max_cols)) + (norm && !glu ? norm_weight_bytes(*norm) : 0);
     if (norm && !glu) {
       launch_staged<F, stage_norm>(staged_rows, grid, shared, stream, table, *norm);
       n = 0, max_tokens = 0, max_cols = 0;
@@ -709,7 +712,7 @@ bool norm_route_topk(const float* x, const float* y, const float* weight, float 
     if (v && !(logits + n_expert <= v || v + dim <= logits)) return false;
   const NormIn norm{x, y, weight, x_out, h, eps, int(dim), threads, norm_weight_early()};
   const RouteArgs args{static_cast<const uint8_t*>(router.data), int(n_expert), int(dim), int(k), normalize, logits, ids, weights};
-  const size_t shared = size_t(staged_x_bytes(WeightFormat::bf16, dim)) + (norm.weight_early ? size_t(dim) * 4 : 0);
+  const size_t shared = size_t(staged_x_bytes(WeightFormat::bf16, dim)) + norm_weight_bytes(norm);
   const auto go = [&](auto kernel) {
     if (shared > 48 * 1024) MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
     launch_clustered(kernel, route_blocks, 32 * route_warps, shared, stream, dim3{route_blocks, 1, 1}, norm, args);

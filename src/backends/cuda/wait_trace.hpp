@@ -7,12 +7,14 @@
 
 namespace moeflux::cuda {
 
+constexpr int wait_marks = 8;  // points a kernel may mark (wait_trace_mark's k)
+
 struct WaitRecord {
   unsigned long long grid;     // %gridid: one per launch, increasing in launch order
   unsigned long long arrive;   // %globaltimer (ns) at the wait
   unsigned long long release;  // and after it
   unsigned block, sm;
-  unsigned long long marks[8];  // wait_trace_mark's points in a kernel that sets them (0: none)
+  unsigned long long marks[wait_marks];  // wait_trace_mark's points in a kernel that sets them (0: none)
   unsigned long long clock_release, clock_mark;  // the SM's clock64 after the wait and at the last mark
 };
 
