@@ -1815,6 +1815,123 @@ __host__ __device__ inline int v25_splits(int rows, int cols, int P, int W) {
   return s;
 }
 
+// ---- v28: q4 tiles of whole rows copied to shared memory by the TMA (cp.async.bulk), x in registers ----
+// A block (one an SM, a grid-stride walk over tiles of TR consecutive rows) keeps P tiles in flight: thread
+// 0 asks for each tile's data, scales and biases as three bulk copies that complete on the stage's
+// mbarrier, so the bytes in flight cost no registers and ~no instructions. A row is S spans of 1024
+// columns; warp (span s, row group g) holds x's 32 columns 32·lane … of span s in registers (loaded once)
+// and takes rows g, g + RG, … of each tile: a 16-byte shared load a lane per row and span, q4's nibbles as
+// 2 + q/64 (v9), one warp sum per (row, span), the spans added in order through shared memory.
+constexpr int v28_span = 1024;
+__host__ __device__ constexpr int v28_row_bytes(int cols) { return cols / 2 + cols / 16; }  // data, scales, biases
+
+__device__ __forceinline__ float v28_nibble(uint32_t w, int k) { return __uint_as_float(__byte_perm(w, 0x40000000u, 0x7054u | (unsigned(k) << 8))); }
+
+__device__ __forceinline__ void v28_wait(uint32_t bar, uint32_t phase) {
+  asm volatile(
+      "{\n .reg .pred p;\n"
+      "V28_WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra V28_WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(phase)
+      : "memory");
+}
+
+__device__ __forceinline__ void v28_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst), "l"(src), "r"(bytes),
+               "r"(bar)
+               : "memory");
+}
+
+template <int P>
+__global__ void __launch_bounds__(512, 1) matvec_v28(Matrix m, int TR, int S, int RG, const float* __restrict__ x, float* __restrict__ y) {
+  extern __shared__ __align__(128) uint8_t smem28[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = warp % S, g = warp / S;
+  const int cols = m.cols, half = cols / 2, groups = cols / 64;
+  const size_t stage_bytes = size_t(TR) * v28_row_bytes(cols);
+  float* part = reinterpret_cast<float*>(smem28 + P * stage_bytes);  // [TR][S]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(part + TR * S + (TR * S & 1));
+  const uint32_t smem_at = uint32_t(__cvta_generic_to_shared(smem28)), bar_at = uint32_t(__cvta_generic_to_shared(bars));
+  const int n_tiles = (m.rows + TR - 1) / TR;
+  const auto issue = [&](int tile, int stage) {
+    const int r0 = tile * TR, n = min(TR, m.rows - r0);
+    const uint32_t d = smem_at + uint32_t(stage * stage_bytes), bar = bar_at + 8u * unsigned(stage);
+    const uint32_t db = uint32_t(n * half), sb = uint32_t((n * groups * 2 + 15) & ~15);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(db + 2 * sb) : "memory");
+    v28_copy(d, static_cast<const uint8_t*>(m.data) + size_t(r0) * half, db, bar);
+    v28_copy(d + uint32_t(TR * half), static_cast<const uint8_t*>(m.scales) + size_t(r0) * groups * 2, sb, bar);
+    v28_copy(d + uint32_t(TR * half + TR * groups * 2), static_cast<const uint8_t*>(m.biases) + size_t(r0) * groups * 2, sb, bar);
+  };
+  if (threadIdx.x == 0) {
+    for (int p = 0; p < P; ++p) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar_at + 8u * unsigned(p)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int p = 0; p < P; ++p)
+      if (int(blockIdx.x) + p * int(gridDim.x) < n_tiles) issue(int(blockIdx.x) + p * int(gridDim.x), p);
+  }
+  // x: this lane's 32 columns of span s, and their sum (q4's bias term).
+  const bool on = warp < S * RG && s * v28_span + 32 * lane < cols;
+  float xv[32];
+  float xsum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float4 v = on ? __ldg(reinterpret_cast<const float4*>(x + s * v28_span + 32 * lane) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+    xv[4 * i] = v.x, xv[4 * i + 1] = v.y, xv[4 * i + 2] = v.z, xv[4 * i + 3] = v.w;
+    xsum += (v.x + v.y) + (v.z + v.w);
+  }
+  __syncthreads();  // the barriers' init before anyone waits on them
+  int i = 0;
+  for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x, ++i) {
+    const int stage = i % P, r0 = tile * TR, n = min(TR, m.rows - r0);
+    v28_wait(bar_at + 8u * unsigned(stage), unsigned(i / P) & 1u);
+    const uint8_t* base = smem28 + stage * stage_bytes;
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(base + TR * half);
+    const uint16_t* bi = reinterpret_cast<const uint16_t*>(base + TR * half + TR * groups * 2);
+    if (warp < S * RG) {
+      for (int r = g; r < n; r += RG) {
+        float acc = 0.f;
+        if (on) {
+          const uint4 w = *reinterpret_cast<const uint4*>(base + size_t(r) * half + s * (v28_span / 2) + 16 * lane);
+          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+          float f[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const uint32_t lo = words[k] & 0x0F0F0F0Fu, hi = (words[k] >> 4) & 0x0F0F0F0Fu;
+            float a = v28_nibble(lo, 0) * xv[8 * k];
+            a = fmaf(v28_nibble(hi, 0), xv[8 * k + 1], a);
+            a = fmaf(v28_nibble(lo, 1), xv[8 * k + 2], a);
+            a = fmaf(v28_nibble(hi, 1), xv[8 * k + 3], a);
+            a = fmaf(v28_nibble(lo, 2), xv[8 * k + 4], a);
+            a = fmaf(v28_nibble(hi, 2), xv[8 * k + 5], a);
+            a = fmaf(v28_nibble(lo, 3), xv[8 * k + 6], a);
+            f[k] = fmaf(v28_nibble(hi, 3), xv[8 * k + 7], a);
+          }
+          const int grp = r * groups + s * (v28_span / 64) + lane / 2;
+          const float scale = __uint_as_float(uint32_t(sc[grp]) << 16), bias = __uint_as_float(uint32_t(bi[grp]) << 16);
+          acc = fmaf(64.f * scale, (f[0] + f[1]) + (f[2] + f[3]), fmaf(-128.f, scale, bias) * xsum);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) {
+          if (S == 1)
+            y[r0 + r] = acc;
+          else
+            part[r * S + s] = acc;
+        }
+      }
+    }
+    __syncthreads();  // the stage is read, and the spans' sums are in part
+    if (S > 1 && int(threadIdx.x) < n) {
+      float sum = 0.f;
+      for (int k = 0; k < S; ++k) sum += part[threadIdx.x * S + k];
+      y[r0 + threadIdx.x] = sum;
+    }
+    if (threadIdx.x == 0 && tile + P * int(gridDim.x) < n_tiles) {
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic reads before the copy's writes
+      issue(tile + P * int(gridDim.x), stage);
+    }
+    if (S > 1) __syncthreads();  // part is read before the next tile writes it
+  }
+}
+
 // ---- host side ----------------------------------------------------------------------------------------
 
 struct HostMatrix {
@@ -2148,6 +2265,20 @@ void launch_v27(const Matrix& m, const float* x, float* y) {
   matvec_v27<W, P><<<(m.rows + rows_per_block - 1) / rows_per_block, 32 * W>>>(m, n_split, f, y);
 }
 
+// v28's shape: spans S of 1024 columns (cols a multiple of 1024, at most 16 spans), row groups RG (S · RG ≤ 16
+// warps), tiles of TR rows (~36 KB, a multiple of RG), P stages; one block an SM.
+template <int P>
+void launch_v28(const Matrix& m, const float* x, float* y) {
+  const int S = m.cols / v28_span, RG = std::max(1, 16 / S);
+  int TR = 4;
+  while (TR * 2 * v28_row_bytes(m.cols) <= 36 * 1024 && TR < 64) TR *= 2;
+  TR = std::max(TR, RG);
+  const size_t shared = size_t(P) * TR * v28_row_bytes(m.cols) + size_t(TR * S + 2) * 4 + 8 * P + 8;
+  allow_shared(matvec_v28<P>, int(shared));
+  const int n_tiles = (m.rows + TR - 1) / TR;
+  matvec_v28<P><<<std::min(n_tiles, 132), 32 * S * RG, shared>>>(m, TR, S, RG, x, y);
+}
+
 // Every job's bytes read in one launch (no product): the all-experts launch's ceiling at its size. A flat
 // grid: job j owns blocks tile_start[j] …, each reading one 32 KiB piece of the job's span (its data,
 // scales and biases as DeviceCopies lays them out, from data on).
@@ -2220,6 +2351,9 @@ std::vector<Variant> variants(Format f, bool old) {
       v.push_back({"v23 R8W8B3", launch_v23<Q4, 8, 8, 3, true>});
       v.push_back({"v23 R2W8B6", launch_v23<Q4, 2, 8, 6, true>});
       v.push_back({"read", launch_read});
+      v.push_back({"v28 P3", launch_v28<3>});
+      v.push_back({"v28 P4", launch_v28<4>});
+      v.push_back({"v28 P6", launch_v28<6>});
       v.push_back({"v25 W8P2", launch_v25<8, 2>});
       v.push_back({"v25r W8P2B4", launch_v25r<8, 2, 4>});
       v.push_back({"v25r W8P3B4", launch_v25r<8, 3, 4>});
