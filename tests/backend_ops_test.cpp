@@ -946,10 +946,92 @@ TEST_P(BackendOps, TopCandidatesHoldTheKBest) {
         }
       }
       for (int64_t r = 0; r < wanted; ++r) EXPECT_TRUE(got.count(order[size_t(r)])) << what << " k " << k << ": best #" << r << " missing";
+      // A prefix of the order: every id whose z is above the lowest z returned (top-p walks it).
+      float lowest = std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < count; ++i)
+        if (cz[size_t(i)] == cz[size_t(i)]) lowest = std::min(lowest, cz[size_t(i)]);
+      for (int32_t id : order) {
+        if (z[size_t(id)] > lowest) {
+          ASSERT_TRUE(got.count(id)) << what << " k " << k << ": id " << id << " above the lowest candidate missing";
+        }
+      }
       for (size_t i = 0; i < window.size(); ++i)
         EXPECT_EQ(std::memcmp(&gathered[i], &x[size_t(window[i])], sizeof(float)), 0) << what << ": gathered x[" << window[i] << "]";
     }
   }
+}
+
+// A temperature draw over the whole row where the logits are (Sampler::device_draw): the token the host
+// sampler draws on the same row with the same random bits, draw for draw — rows with ties, NaNs, a flat
+// and a peaked shape, at three temperatures, with and without min-p; and −1 for a row with no finite
+// value (the host reports that).
+TEST_P(BackendOps, DrawTokenDrawsAsTheSamplerOnTheRow) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto rounded = gaussian(151936, rng_, 3.0f);
+  for (auto& v : rounded) v = std::round(v * 4.0f) / 4.0f;
+  auto with_nan = gaussian(151936, rng_, 3.0f);
+  for (size_t i = 0; i < with_nan.size(); i += 101) with_nan[i] = nan;
+  auto peaked = gaussian(248320, rng_, 2.0f);
+  for (size_t i = 0; i < peaked.size(); i += 9973) peaked[i] += 25.0f;
+  const std::vector<std::pair<std::string, std::vector<float>>> rows = {{"gaussian", gaussian(151936, rng_, 3.0f)},
+                                                                        {"flat", gaussian(151936, rng_, 0.05f)},
+                                                                        {"rounded", rounded},
+                                                                        {"NaNs", with_nan},
+                                                                        {"peaked", peaked},
+                                                                        {"short", gaussian(12, rng_)}};
+  std::mt19937_64 bits_rng(3);
+  for (const auto& [what, x] : rows) {
+    const int64_t n = int64_t(x.size());
+    DeviceBuffer d(but(), *be_, x);
+    for (const float temperature : {0.6f, 1.0f, 1.7f})
+      for (const float min_p : {0.0f, 0.05f}) {
+        SamplerParams params;
+        params.temperature = temperature, params.min_p = min_p, params.seed = 1;
+        auto sampler = Sampler::create(params, n);
+        ASSERT_TRUE(sampler);
+        Sampler::DeviceDraw draw;
+        ASSERT_TRUE(sampler->device_draw(&draw));
+        for (int i = 0; i < 8; ++i) {
+          const uint64_t bits = bits_rng() >> 11;
+          const int64_t token = be_->draw_token(d.f(), n, draw.temperature, draw.log_min_p, bits);
+          if (token < 0) {
+            ASSERT_TRUE(be_->host_memory()) << "a device backend offers draw_token";
+            break;
+          }
+          ASSERT_EQ(token, sampler->sample(x.data(), bits)) << what << ", temperature " << temperature << ", min_p " << min_p << ", draw " << i;
+        }
+      }
+  }
+  DeviceBuffer none(but(), *be_, std::vector<float>(1000, nan));
+  EXPECT_EQ(be_->draw_token(none.f(), 1000, 1.0f, -std::numeric_limits<float>::infinity(), 12345), -1);
+}
+
+// The row's total draw weight where the logits are: Σ draw_weight(z − z_max) over the row, exact (the
+// sum of integers in any order), for the rows above; false for a row of NaNs.
+TEST_P(BackendOps, RowMassIsTheExactSumOfTheWeights) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto with_nan = gaussian(151936, rng_, 3.0f);
+  for (size_t i = 0; i < with_nan.size(); i += 101) with_nan[i] = nan;
+  for (const auto& x : {gaussian(151936, rng_, 3.0f), gaussian(151936, rng_, 0.05f), with_nan, gaussian(12, rng_)}) {
+    const int64_t n = int64_t(x.size());
+    DeviceBuffer d(but(), *be_, x);
+    for (const float temperature : {0.6f, 1.3f}) {
+      DrawMass mass = 0;
+      if (!be_->row_mass(d.f(), n, temperature, &mass)) {
+        ASSERT_TRUE(be_->host_memory()) << "a device backend offers row_mass";
+        return;
+      }
+      float z_max = -std::numeric_limits<float>::infinity();
+      for (float v : x)
+        if (v == v) z_max = std::max(z_max, v / temperature);
+      DrawMass want = 0;
+      for (float v : x) want += draw_weight(v / temperature - z_max);
+      EXPECT_TRUE(mass == want) << "n " << n << ", temperature " << temperature << ": " << double(mass) << " against " << double(want);
+    }
+  }
+  DeviceBuffer none(but(), *be_, std::vector<float>(1000, nan));
+  DrawMass mass = 0;
+  EXPECT_FALSE(be_->row_mass(none.f(), 1000, 1.0f, &mass));
 }
 
 TEST_P(BackendOps, SwigluMatchesReference) {

@@ -747,7 +747,12 @@ TEST_P(Cuda, SampledTokensMatchSamplingTheRow) {
   greedy_penalized.temperature = 0.0f, greedy_penalized.repetition_penalty = 1.5f, greedy_penalized.presence_penalty = 0.5f;
   SamplerParams top_p_alone = top_k;
   top_p_alone.top_k = 0;
-  for (const SamplerParams& params : {top_k, wide, penalized, presence, greedy_penalized, top_p_alone}) {
+  SamplerParams temperature_alone;  // drawn on the GPU (Backend::draw_token)
+  temperature_alone.temperature = 1.0f, temperature_alone.seed = 5;
+  SamplerParams min_p_alone = temperature_alone;
+  min_p_alone.temperature = 0.8f, min_p_alone.min_p = 0.1f;
+  for (const SamplerParams& params :
+       {top_k, wide, penalized, presence, greedy_penalized, top_p_alone, temperature_alone, min_p_alone}) {
     auto picked = Sampler::create(params, model->n_vocab()), twin = Sampler::create(params, model->n_vocab());
     ASSERT_TRUE(picked && twin);
     auto session = new_session(*model);
@@ -755,7 +760,7 @@ TEST_P(Cuda, SampledTokensMatchSamplingTheRow) {
     TokenPicker picker;
     for (int step = 0; step < 12; ++step) {
       const int32_t a = picker.next(*session, *picked), b = twin->sample(session->logits());
-      ASSERT_EQ(a, b) << "top-k " << params.top_k << ", step " << step;
+      ASSERT_EQ(a, b) << "top-k " << params.top_k << ", temperature " << params.temperature << ", min-p " << params.min_p << ", step " << step;
       picked->accept(a), twin->accept(b);
       ASSERT_TRUE(session->eval_token(a).is_ok());
     }

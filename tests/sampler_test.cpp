@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <fstream>
 #include <numeric>
 #include <random>
@@ -14,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "sampling/draw_weight.hpp"
 #include "sampling/generation_config.hpp"
 #include "sampling/sampler.hpp"
 
@@ -197,7 +199,8 @@ TEST(Sampler, TopPAndMinPOverA152kVocabularyMatchAFullSort) {
 
 // Top-k over a vocabulary past the sampler's selection shortcut, the logits rounded to few values so
 // that the k-th is tied with many: the same tokens as a full sort in the documented order (higher
-// logit first, ties to the lower id), the documented weights and the documented uniform, draw by draw.
+// logit first, ties to the lower id), the documented weights (draw_weight) and target (draw_target),
+// draw by draw.
 TEST(Sampler, TopKOverA152kVocabularyDrawsAsAFullSort) {
   const int64_t n = 152064;
   std::vector<float> logits = random_logits(n, 21);
@@ -217,13 +220,13 @@ TEST(Sampler, TopKOverA152kVocabularyDrawsAsAFullSort) {
     order.resize(size_t(top_k));
     std::mt19937_64 rng(params.seed);
     for (int draw = 0; draw < 20; ++draw) {
-      double total = 0;
-      for (int32_t id : order) total += std::exp(static_cast<double>(z[id] - z[order[0]]));
-      const double target = static_cast<double>(rng() >> 11) * 0x1.0p-53 * total;
-      double cumulative = 0;
-      int32_t expected = order.back();
+      DrawMass total = 0;
+      for (int32_t id : order) total += draw_weight(z[id] - z[order[0]]);
+      const DrawMass target = draw_target(rng() >> 11, total);
+      DrawMass cumulative = 0;
+      int32_t expected = -1;
       for (int32_t id : order)
-        if ((cumulative += std::exp(static_cast<double>(z[id] - z[order[0]]))) > target) {
+        if ((cumulative += draw_weight(z[id] - z[order[0]])) > target) {
           expected = id;
           break;
         }
@@ -449,6 +452,130 @@ TEST(Sampler, DrawsMatchAKnownDistribution) {
   params.temperature = 1.0f;
   params.top_k = 2;
   check(params, logits, {0.0, 0.0, 3.0 / 7, 4.0 / 7});
+}
+
+// The draw's weight is exp(d) · 2^62, floored: within 1e-15 of it relative (the Taylor polynomial's
+// ~2e-16 and a few roundings; libm's exp is the reference), exactly 2^62 at 0, 0 where e^d · 2^62 < 1,
+// for NaN and −inf, and never larger at a smaller d.
+TEST(DrawWeight, IsExpTimesTwoToThe62Floored) {
+  const double one = std::ldexp(1.0, draw_weight_bits);
+  EXPECT_EQ(draw_weight(0.0f), uint64_t(1) << draw_weight_bits);
+  EXPECT_EQ(draw_weight(-0.0f), uint64_t(1) << draw_weight_bits);
+  EXPECT_EQ(draw_weight(std::numeric_limits<float>::quiet_NaN()), 0u);
+  EXPECT_EQ(draw_weight(-std::numeric_limits<float>::infinity()), 0u);
+  EXPECT_EQ(draw_weight(-43.5f), 0u);
+  EXPECT_EQ(draw_weight(-1000.0f), 0u);
+  std::mt19937_64 rng(5);
+  uint64_t last = uint64_t(1) << draw_weight_bits;
+  for (int i = 0; i <= 200000; ++i) {
+    const float d = -43.0f * float(i) / 200000.0f;  // 0 down to −43, decreasing
+    const uint64_t w = draw_weight(d);
+    const double want = std::exp(double(d)) * one;
+    ASSERT_LE(std::fabs(double(w) - want), want * 1e-15 + 1.0) << "d " << d;
+    ASSERT_LE(w, last) << "d " << d << ": larger than at a larger d";
+    last = w;
+  }
+  for (int i = 0; i < 100000; ++i) {  // random points, the reduction's every interval
+    const float d = -static_cast<float>(static_cast<double>(rng() >> 11) * 0x1.0p-53 * 42.9);
+    const double want = std::exp(double(d)) * one;
+    ASSERT_LE(std::fabs(double(draw_weight(d)) - want), want * 1e-15 + 1.0) << "d " << d;
+  }
+}
+
+// The draw's target is floor(bits · 2^-53 · mass), exactly: against the product taken whole where it fits
+// 128 bits, at the ends of the bits' range and at the largest masses.
+TEST(DrawWeight, TargetIsTheFlooredProduct) {
+  std::mt19937_64 rng(9);
+  for (int i = 0; i < 10000; ++i) {
+    const uint64_t bits = rng() >> 11;
+    const DrawMass mass = (DrawMass(rng() >> 34) << 44) | (rng() >> 20);  // < 2^74: bits · mass < 2^127
+    EXPECT_TRUE(draw_target(bits, mass) == (DrawMass(bits) * mass) >> 53) << i;
+  }
+  const DrawMass big = (DrawMass(1) << 93) - 1;
+  EXPECT_TRUE(draw_target(0, big) == 0);
+  EXPECT_TRUE(draw_target(uint64_t(1) << 52, big) == big >> 1);           // u = 1/2
+  EXPECT_TRUE(draw_target((uint64_t(1) << 53) - 1, big) < big);           // u < 1: the target is below the mass
+  EXPECT_TRUE(draw_target((uint64_t(1) << 53) - 1, big) >= big - (big >> 52));
+}
+
+// sample(logits, bits) with the bits draw_bits() took draws what sample(logits) draws from the stream:
+// what a caller relies on when a device draw falls back to the row (TokenPicker).
+TEST(Sampler, GivenBitsDrawAsTheStream) {
+  const int64_t n = 152064;
+  std::vector<float> logits = random_logits(n, 41);
+  for (const auto& [temperature, top_k, top_p, min_p] :
+       {std::tuple{1.0f, 0, 1.0f, 0.0f}, std::tuple{0.7f, 0, 1.0f, 0.05f}, std::tuple{0.6f, 20, 0.95f, 0.0f}, std::tuple{1.5f, 0, 0.9f, 0.0f}}) {
+    SamplerParams params;
+    params.temperature = temperature, params.top_k = top_k, params.top_p = top_p, params.min_p = min_p, params.seed = 77;
+    Sampler a = make_sampler(params, n), b = make_sampler(params, n);
+    Sampler::DeviceDraw draw;
+    EXPECT_EQ(b.device_draw(&draw), top_k == 0 && top_p == 1.0f) << "temperature " << temperature;
+    for (int i = 0; i < 30; ++i) {
+      const uint64_t bits = b.draw_bits();
+      ASSERT_EQ(a.sample(logits.data()), b.sample(logits.data(), bits)) << "temperature " << temperature << ", draw " << i;
+    }
+  }
+}
+
+// Top-p from the row's best candidates and its total weight (what a GPU sends instead of the row): the
+// token sampling the row draws with the same bits while the nucleus lies within the candidates, −1
+// (the row, then) when it reaches past them; with min-p after top-p too.
+TEST(Sampler, NucleusFromCandidatesDrawsAsTheWholeRow) {
+  const int64_t n = 152064;
+  std::vector<float> logits = random_logits(n, 51);
+  for (size_t i = 0; i < logits.size(); i += 7) logits[i] = std::round(logits[i] * 4.0f) / 4.0f;  // ties
+  for (size_t i = 0; i < logits.size(); i += 1499) logits[i] += 9.0f;                           // a peak
+  for (const auto& [temperature, top_p, min_p] : {std::tuple{0.7f, 0.9f, 0.0f}, std::tuple{1.0f, 0.5f, 0.05f}, std::tuple{0.3f, 0.95f, 0.0f},
+                                                  std::tuple{2.0f, 0.99f, 0.0f}}) {
+    SamplerParams params;
+    params.temperature = temperature, params.top_p = top_p, params.min_p = min_p, params.seed = 3;
+    Sampler row = make_sampler(params, n), picked = make_sampler(params, n);
+    ASSERT_TRUE(picked.nucleus_from_candidates());
+    std::vector<float> z(logits);
+    for (auto& v : z) v /= temperature;
+    std::vector<int32_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+    DrawMass mass = 0;
+    for (int64_t i = 0; i < n; ++i) mass += draw_weight(z[size_t(i)] - z[size_t(order[0])]);
+    // The nucleus's size by the definition.
+    const DrawMass wanted = static_cast<DrawMass>(static_cast<double>(top_p) * static_cast<double>(mass));
+    DrawMass cumulative = 0;
+    int64_t size = 0;
+    while (cumulative < wanted || size == 0) cumulative += draw_weight(z[size_t(order[size_t(size++)])] - z[size_t(order[0])]);
+    // Candidates as a device selects them: every token at or above the m-th's z, in id order.
+    int compared = 0;
+    for (int64_t m : {int64_t(1), int64_t(200), int64_t(1024), int64_t(20000)}) {
+      std::vector<int32_t> ids;
+      for (int32_t i = 0; i < n; ++i)
+        if (z[size_t(i)] >= z[size_t(order[size_t(m - 1)])]) ids.push_back(i);
+      std::vector<float> cz;
+      for (int32_t id : ids) cz.push_back(z[size_t(id)]);
+      for (int draw = 0; draw < 10; ++draw) {
+        const uint64_t bits = picked.draw_bits();
+        const int32_t from_row = row.sample(logits.data(), bits);
+        const int32_t token = picked.sample_nucleus(ids.data(), cz.data(), int64_t(ids.size()), mass, bits);
+        if (token < 0) continue;  // the nucleus reaches past these candidates
+        ++compared;
+        ASSERT_EQ(token, from_row) << "temperature " << temperature << ", top_p " << top_p << ", " << ids.size() << " candidates, draw " << draw;
+      }
+    }
+    if (size <= 20000) {
+      EXPECT_GT(compared, 0) << "temperature " << temperature << ", top_p " << top_p << ": no candidate set held the nucleus";
+    }
+    // Whether the candidates are judged rightly: the nucleus itself holds it, one token fewer does not.
+    std::vector<int32_t> all(order.begin(), order.begin() + size), fewer(order.begin(), order.begin() + size - 1);
+    auto z_of = [&](const std::vector<int32_t>& ids) {
+      std::vector<float> out;
+      for (int32_t id : ids) out.push_back(z[size_t(id)]);
+      return out;
+    };
+    const bool tied_edge = size > 1 && z[size_t(order[size_t(size - 1)])] == z[size_t(order[size_t(size - 2)])];
+    EXPECT_GE(picked.sample_nucleus(all.data(), z_of(all).data(), size, mass, 1), 0) << "the whole nucleus: " << size << " tokens";
+    if (size > 1 && !tied_edge) {  // one short of the nucleus (not a tie's prefix, which a device never sends)
+      EXPECT_EQ(picked.sample_nucleus(fewer.data(), z_of(fewer).data(), size - 1, mass, 1), -1) << "one short: " << size - 1 << " tokens";
+    }
+  }
 }
 
 TEST(Sampler, RejectsInvalidParametersNamingTheField) {

@@ -14,6 +14,7 @@
 
 #include "core/status.hpp"
 #include "quant/weight_format.hpp"
+#include "sampling/draw_weight.hpp"
 
 namespace moeflux {
 
@@ -102,8 +103,9 @@ class Backend {
 
   // What a top-k sampler needs from a row of logits x[0, n) in backend memory: z = x / temperature (an
   // fp32 division, as the host sampler's) for a set of distinct ids that holds the k best z (higher first,
-  // ties to the lower id; all n when k ≥ n), into the host arrays ids and z of `capacity`; returns how
-  // many. With it, x[id] as it is for each of the n_gather ids in gather (each in [0, n), host) into the
+  // ties to the lower id; all n when k ≥ n) and every id whose z is above the lowest z in the set (a
+  // prefix of the row in the sampler's order, which top-p from candidates walks), into the host arrays
+  // ids and z of `capacity`; returns how many. With it, x[id] as it is for each of the n_gather ids in gather (each in [0, n), host) into the
   // host array gathered: the logits a penalizing sampler changes (Sampler::penalty_ids). −1 where the
   // backend does not offer it, or more than `capacity` candidates tie at its cut, or n_gather is more than
   // it takes (the caller then copies x and samples there). Waits for the queued work. Default: −1.
@@ -111,6 +113,18 @@ class Backend {
                                  const int32_t* gather, int64_t n_gather, float* gathered) {
     return -1;
   }
+
+  // The token Sampler::sample(row, bits) returns for a temperature draw over the whole row x[0, n) in
+  // backend memory (Sampler::device_draw: z = x / temperature in fp32, min-p's cut z_max + log_min_p in
+  // fp32, draw_weight.hpp's weights and exact sums, the draw in id order with the target from the 53
+  // random bits), without copying the row. −1 where the backend does not offer it or no z is finite (the
+  // caller then samples the copied row, which reports that). Waits for the queued work. Default: −1.
+  virtual int64_t draw_token(const float* x, int64_t n, float temperature, float log_min_p, uint64_t bits) { return -1; }
+  // The row's total draw weight (draw_weight.hpp: Σ draw_weight(z − z_max) over x[0, n), z = x /
+  // temperature in fp32), exact, into *mass: what top-p from candidates needs of the rest of the row
+  // (Sampler::sample_nucleus). false where the backend does not offer it or no z is finite. Waits for the
+  // queued work. Default: false.
+  virtual bool row_mass(const float* x, int64_t n, float temperature, DrawMass* mass) { return false; }
 
   // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
   virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;

@@ -19,6 +19,7 @@
 
 #include "core/status.hpp"
 #include "runtime/forward_state.hpp"
+#include "sampling/draw_weight.hpp"
 
 namespace moeflux {
 
@@ -66,6 +67,13 @@ class Session {
   // Requires has_logits().
   int64_t top_candidates(float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity, std::span<const int32_t> gather = {},
                          float* gathered = nullptr) const;
+  // For a sampler that draws from the whole row (Sampler::device_draw): the token drawn where the logits
+  // are (Backend::draw_token), −1 where that is not offered (the caller samples logits() with the same
+  // bits). Requires has_logits().
+  int64_t draw_token(float temperature, float log_min_p, uint64_t bits) const;
+  // For top-p from candidates (Sampler::sample_nucleus): the row's total draw weight, computed where the
+  // logits are (Backend::row_mass); false where that is not offered. Requires has_logits().
+  bool row_mass(float temperature, DrawMass* mass) const;
   int64_t n_past() const { return n_past_; }
   int64_t n_ctx() const;
   int64_t n_vocab() const;

@@ -133,9 +133,11 @@ void Sampler::reset() {
   rng_.seed(seed_);
 }
 
-double Sampler::next_uniform() {
-  // The top 53 bits of one 64-bit output, scaled by 2^-53: every double in [0, 1) on that grid.
-  return static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+bool Sampler::device_draw(DeviceDraw* out) const {
+  if (!(params_.temperature > 0.0f) || (params_.top_k > 0 && params_.top_k < n_vocab_) || params_.top_p < 1.0f || penalizes()) return false;
+  out->temperature = params_.temperature;
+  out->log_min_p = params_.min_p > 0.0f ? std::log(params_.min_p) : -std::numeric_limits<float>::infinity();
+  return true;
 }
 
 float Sampler::penalized(float logit, int32_t count) const {
@@ -177,30 +179,36 @@ int64_t Sampler::candidate_k() {
 
 void Sampler::fill_weights(int64_t n_kept, float max_logit) {
   if (weights_filled_ && weights_max_ == max_logit) return;
-  for (int64_t i = 0; i < n_kept; ++i) weights_[ids_[i]] = std::exp(static_cast<double>(logits_[ids_[i]] - max_logit));
+  draw_weights(logits_.data(), ids_.data(), n_kept, max_logit, weights_.data());
   weights_filled_ = true;
   weights_max_ = max_logit;
 }
 
 int32_t Sampler::draw(int64_t n_kept) {
-  // Weights relative to the largest kept logit so exp never overflows; summed in double so that
-  // 152k small weights do not lose the tail. (The largest logit always survives the earlier steps, so
-  // the weights top-p took are these.)
+  // Weights relative to the largest kept logit (the largest logit always survives the earlier steps, so
+  // the weights top-p took are these), summed exactly.
   float max_logit = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n_kept; ++i) max_logit = std::max(max_logit, logits_[ids_[i]]);
   fill_weights(n_kept, max_logit);
-  double total = 0;
+  DrawMass total = 0;
   for (int64_t i = 0; i < n_kept; ++i) total += weights_[ids_[i]];
-  const double target = next_uniform() * total;
-  double cumulative = 0;
+  const uint64_t bits = bits_given_ ? given_bits_ : draw_bits();
+  bits_given_ = false;
+  const DrawMass target = draw_target(bits, total);  // < total: the largest kept token weighs 2^62
+  DrawMass cumulative = 0;
   for (int64_t i = 0; i < n_kept; ++i) {
     cumulative += weights_[ids_[i]];
     if (cumulative > target) return ids_[i];
   }
-  // Rounding left target ≥ the running sum: the last token with non-zero weight.
-  for (int64_t i = n_kept - 1; i > 0; --i)
-    if (logits_[ids_[i]] != -std::numeric_limits<float>::infinity()) return ids_[i];
+  MF_CHECK_MSG(false, "sampler: the draw passed every candidate (target {} of {})", double(target), double(total));
   return ids_[0];
+}
+
+int32_t Sampler::sample(const float* logits, uint64_t bits) {
+  bits_given_ = params_.temperature > 0.0f, given_bits_ = bits;
+  const int32_t token = sample(logits);
+  bits_given_ = false;
+  return token;
 }
 
 int32_t Sampler::sample(const float* logits) {
@@ -274,7 +282,27 @@ int32_t Sampler::sample_candidates(const int32_t* ids, const float* z, int64_t c
   return pick(n, max_logit);
 }
 
-int32_t Sampler::pick(int64_t n, float max_logit) {
+int32_t Sampler::sample_nucleus(const int32_t* ids, const float* z, int64_t count, DrawMass row_mass, uint64_t bits) {
+  MF_CHECK_MSG(nucleus_from_candidates() && count > 0 && count <= n_vocab_, "sample_nucleus: {} candidates (the sampler {} from them)", count,
+               nucleus_from_candidates() ? "samples" : "does not sample");
+  reserve();
+  weights_filled_ = false;
+  for (int64_t i = 0; i < count; ++i) {
+    MF_CHECK_MSG(ids[i] >= 0 && ids[i] < n_vocab_, "sample_nucleus: id {} outside the vocabulary [0, {})", ids[i], n_vocab_);
+    logits_[ids[i]] = z[i];
+    ids_[i] = ids[i];
+  }
+  std::sort(ids_.begin(), ids_.begin() + count);  // id order, as sample() starts
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < count; ++i) max_logit = std::max(max_logit, logits_[ids_[i]]);
+  if (!std::isfinite(max_logit)) return -1;  // the row path reports it
+  bits_given_ = true, given_bits_ = bits;
+  const int32_t token = pick(count, max_logit, &row_mass);
+  bits_given_ = false;
+  return token;
+}
+
+int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
   const LogitDescending descending{logits_.data()};
   int64_t n_kept = n;
   bool sorted = false;  // ids_[0, n_kept) in descending order (else in id order)
@@ -287,10 +315,13 @@ int32_t Sampler::pick(int64_t n, float max_logit) {
 
   if (params_.top_p < 1.0f) {
     fill_weights(n_kept, max_logit);
-    double total = 0;
-    for (int64_t i = 0; i < n_kept; ++i) total += weights_[ids_[i]];
-    const double wanted = static_cast<double>(params_.top_p) * total;
-    double cumulative = 0;
+    DrawMass total = 0;
+    if (row_mass)
+      total = *row_mass;
+    else
+      for (int64_t i = 0; i < n_kept; ++i) total += weights_[ids_[i]];
+    const DrawMass wanted = static_cast<DrawMass>(static_cast<double>(params_.top_p) * static_cast<double>(total));
+    DrawMass cumulative = 0;
     int64_t n_sorted = sorted ? n_kept : 0;
     int64_t prefix = sorted ? n_kept : std::min(n_kept, kTopPFirstPrefix);
     int64_t i = 0;
@@ -309,6 +340,7 @@ int32_t Sampler::pick(int64_t n, float max_logit) {
       if (i < n_sorted || n_sorted == n_kept) break;
       prefix = std::min(n_kept, prefix * kTopPGrowth);
     }
+    if (row_mass && i == n_kept) return -1;  // the nucleus reaches past the candidates
     n_kept = std::min(n_kept, i + 1);
     sorted = true;
   }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/status.hpp"
+#include "sampling/draw_weight.hpp"
 
 namespace moeflux {
 
@@ -53,14 +54,21 @@ int64_t argmax_first(const float* v, int64_t n);
 // One sampler per generation stream. Not thread-safe; two samplers share nothing.
 //
 // Reproducibility: the random stream is std::mt19937_64 (its output sequence is fixed by the C++
-// standard), and the uniform in [0, 1) is built from its top 53 bits here rather than by
+// standard), and a draw takes its top 53 bits as the uniform u = bits · 2^-53 rather than using
 // std::uniform_real_distribution, whose output differs between standard libraries. Candidates are
 // drawn in a canonical order (token id order, or descending probability with ties to the lower id
-// once top-k/top-p sort them), so the same seed and logits give the same tokens on every platform up to
-// the last-ulp differences between libm's expf.
+// once top-k/top-p sort them).
+//
+// Weights (draw_weight.hpp): a candidate weighs exp(z − z_max) as an integer in units of 2^-62 of the
+// largest (floor; e^-43 of it or less weighs 0: such a token had a chance below 2^-62 relative to the
+// most likely one), by moeflux's own exp; totals, top-p's cumulative mass (≥ top_p · total, the product
+// taken in double) and the draw (the first token in the order whose cumulative weight exceeds
+// floor(u · total)) are exact integer sums. So the result depends on no summation order: the same seed and
+// logits give the same tokens on every platform, and a GPU that sums the row in its own order draws the
+// token this class draws (Backend::draw_token).
 //
 // Cost per call: one copy of the logits [n_vocab] f32 and O(n_vocab) passes; top-k selects with
-// nth_element; top-p sorts only a growing prefix of the candidates (256, then ×4) until it holds the
+// a histogram of keys; top-p sorts only a growing prefix of the candidates (256, then ×4) until it holds the
 // requested mass, so a 152k vocabulary is not fully sorted. No allocation after the first call.
 class Sampler {
  public:
@@ -69,6 +77,31 @@ class Sampler {
 
   // logits: [n_vocab] f32, not modified. Returns a token id in [0, n_vocab). Does not call accept().
   int32_t sample(const float* logits);
+  // sample() with the draw's 53 random bits given (from draw_bits()) instead of taken from the stream at
+  // the draw: for a caller that drew them for a device first (device_draw) and fell back to the row.
+  int32_t sample(const float* logits, uint64_t bits);
+  // The next 53 bits of the random stream, as the next draw would take them (advances the stream).
+  uint64_t draw_bits() { return rng_() >> 11; }
+
+  // What a device needs to draw this sampler's token where the logits are, without copying them: set when
+  // sampling is a temperature draw over the whole row, with min-p or not (no top-k below n_vocab, top-p
+  // off, no penalty that could change a logit); then Backend::draw_token(x, temperature, log_min_p, bits)
+  // returns the token sample(x, bits) does.
+  struct DeviceDraw {
+    float temperature;
+    float log_min_p;  // std::log(min_p) (−inf when min-p is off): the cut is z_max + log_min_p, in fp32
+  };
+  bool device_draw(DeviceDraw* out) const;
+
+  // Top-p from candidates: with top-p on and neither a top-k below n_vocab nor a penalty, the token
+  // sample(row, bits) returns, from the row's best candidates — ids with their z (divided in fp32, as
+  // sample() does), every token at or above the lowest z among them, as Backend::top_candidates selects
+  // them — and the row's total weight (Backend::row_mass); −1 when the nucleus reaches past the candidates
+  // (the caller samples the row with the same bits).
+  bool nucleus_from_candidates() const {
+    return params_.temperature > 0.0f && (params_.top_k == 0 || params_.top_k >= n_vocab_) && params_.top_p < 1.0f && !penalizes();
+  }
+  int32_t sample_nucleus(const int32_t* ids, const float* z, int64_t count, DrawMass row_mass, uint64_t bits);
   // Steps 1-2 alone, in place on logits [n_vocab] f32: what sample() does before temperature. For callers
   // that report penalized log-probabilities, and for tests.
   void apply_penalties(float* logits);
@@ -116,10 +149,11 @@ class Sampler {
   // Steps 1-2 for one logit of a token with `count` occurrences in the window (count ≥ 1).
   float penalized(float logit, int32_t count) const;
   // Steps 4-7 over ids_[0, n) (in id order), whose scaled logits are in logits_, the largest max_logit.
-  int32_t pick(int64_t n, float max_logit);
-  double next_uniform();           // [0, 1), 53 bits
-  int32_t draw(int64_t n_kept);    // from ids_[0, n_kept) with weights exp(logits_[id] - max)
-  // weights_[id] = exp(logits_[id] − max_logit) in double for ids_[0, n_kept), once per sample(): top-p and
+  // With row_mass, ids_[0, n) are the row's best and top-p takes the row's total from it: −1 when the
+  // nucleus is not within them.
+  int32_t pick(int64_t n, float max_logit, const DrawMass* row_mass = nullptr);
+  int32_t draw(int64_t n_kept);    // from ids_[0, n_kept) by their weights (the class comment's Weights)
+  // weights_[id] = draw_weight(logits_[id] − max_logit) for ids_[0, n_kept), once per sample(): top-p and
   // the draw read the same values instead of taking the exponential again in each pass.
   void fill_weights(int64_t n_kept, float max_logit);
 
@@ -134,7 +168,9 @@ class Sampler {
   std::vector<int32_t> ids_;               // [n_vocab] candidate token ids
   std::vector<int32_t> penalty_counts_;    // [n_vocab] occurrences in the window; all zero between calls
   std::vector<int32_t> penalty_ids_;       // penalty_ids(), of the window as it is when penalty_ids_current_
-  std::vector<double> weights_;            // [n_vocab], fill_weights
+  std::vector<uint64_t> weights_;          // [n_vocab], fill_weights
+  bool bits_given_ = false;                // sample(logits, bits): the draw takes given_bits_
+  uint64_t given_bits_ = 0;
   bool penalty_ids_current_ = false;
   bool weights_filled_ = false;            // for this sample() call's candidates (a superset of those kept)
   float weights_max_ = 0.0f;               // the max_logit they were taken against

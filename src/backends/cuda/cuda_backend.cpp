@@ -17,9 +17,10 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -108,6 +109,8 @@ class CudaBackend final : public Backend {
     if (argmax_host_) cudaFreeHost(argmax_host_);
     if (top_device_) cudaFree(top_device_);
     if (top_host_) cudaFreeHost(top_host_);
+    if (draw_key_) cudaFree(draw_key_);
+    if (draw_host_) cudaFreeHost(draw_host_);
     for (int i = 0; i < 2; ++i) {
       if (bounce_[i]) cudaFreeHost(bounce_[i]);
       if (bounce_done_[i]) cudaEventDestroy(bounce_done_[i]);
@@ -252,6 +255,52 @@ class CudaBackend final : public Backend {
     std::memcpy(z, host + 4 + capacity, size_t(count) * sizeof(float));
     if (n_gather > 0) std::memcpy(gathered, host_gather_values, size_t(n_gather) * sizeof(float));
     return count;
+  }
+
+  int64_t draw_token(const float* x, int64_t n, float temperature, float log_min_p, uint64_t bits) override {
+    if (n <= 0 || n > max_draw_vocab || !(temperature > 0.0f) || recording_) return -1;
+    const OpTimer timer(*this, "draw_token");
+    bind();
+    ensure_draw_buffers();
+    MF_CUDA_CHECK(cudaMemsetAsync(draw_key_, 0, sizeof(unsigned long long), stream_));
+    cuda::argmax_key(x, n, draw_key_, stream_);
+    cuda::draw_mass(x, n, temperature, log_min_p, draw_key_, draw_mass_, stream_);
+    cuda::draw_find(x, n, temperature, log_min_p, draw_key_, draw_mass_, bits, draw_out_, stream_);
+    MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_out_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return *reinterpret_cast<const int32_t*>(draw_host_);
+  }
+
+  // draw_token's and row_mass's buffers: argmax's key, the blocks' sums and the drawn id on the device,
+  // the key and sums (or the id) on their pinned way up; for rows of up to max_draw_vocab.
+  void ensure_draw_buffers() {
+    if (draw_key_) return;
+    const size_t words = 1 + 2 * size_t(cuda::draw_blocks(max_draw_vocab));
+    void* device = nullptr;
+    MF_CUDA_CHECK(cudaMalloc(&device, sizeof(unsigned long long) * (words + 1)));
+    MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&draw_host_), sizeof(unsigned long long) * words, cudaHostAllocDefault));
+    draw_key_ = static_cast<unsigned long long*>(device);
+    draw_mass_ = draw_key_ + 1;
+    draw_out_ = reinterpret_cast<int32_t*>(draw_key_ + words);
+  }
+
+  bool row_mass(const float* x, int64_t n, float temperature, DrawMass* mass) override {
+    if (n <= 0 || n > max_draw_vocab || !(temperature > 0.0f) || recording_) return false;
+    const OpTimer timer(*this, "row_mass");
+    bind();
+    ensure_draw_buffers();
+    const int64_t blocks = cuda::draw_blocks(n);
+    MF_CUDA_CHECK(cudaMemsetAsync(draw_key_, 0, sizeof(unsigned long long), stream_));
+    cuda::argmax_key(x, n, draw_key_, stream_);
+    cuda::draw_mass(x, n, temperature, -std::numeric_limits<float>::infinity(), draw_key_, draw_mass_, stream_);
+    // The max's key and the blocks' sums come up; the host adds them (any order: integers).
+    MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_key_, sizeof(unsigned long long) * size_t(1 + 2 * blocks), cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (draw_host_[0] == 0) return false;  // every value NaN
+    DrawMass total = 0;
+    for (int64_t b = 0; b < blocks; ++b) total += (DrawMass(draw_host_[1 + 2 * b]) << 32) + draw_host_[2 + 2 * b];
+    *mass = total;
+    return true;
   }
 
   void trace_mark(const char* what) override {
@@ -880,6 +929,12 @@ class CudaBackend final : public Backend {
   static constexpr int64_t max_top_candidates = 8192;
   void* top_device_ = nullptr;
   void* top_host_ = nullptr;
+  // draw_token and row_mass (ensure_draw_buffers), for rows of up to max_draw_vocab (2048 blocks' sums).
+  static constexpr int64_t max_draw_vocab = int64_t(1) << 22;
+  unsigned long long* draw_key_ = nullptr;  // device: the key, then the sums, then the id
+  unsigned long long* draw_mass_ = nullptr;
+  int32_t* draw_out_ = nullptr;
+  unsigned long long* draw_host_ = nullptr;  // pinned
   std::vector<void*> weights_;      // upload_weights' device copies
 };
 

@@ -2,6 +2,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_common.cuh"
 #include "backends/cuda/elementwise.cuh"
+#include "sampling/draw_weight.hpp"
 
 namespace moeflux::cuda {
 namespace {
@@ -204,6 +205,163 @@ __global__ void gather_kernel(const float* __restrict__ x, const int32_t* __rest
 void gather(const float* x, const int32_t* ids, int64_t count, float* out, cudaStream_t stream) {
   if (count <= 0) return;
   launch(gather_kernel, pass_blocks(count), threads, 0, stream, x, ids, count, out);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+namespace {
+__constant__ double draw_exp2_32[32] = {MF_DRAW_EXP2_32};
+
+// draw_weight.hpp's arithmetic as the device rounds it: the _rn intrinsics are never fused into an FMA.
+struct DeviceWeightOps {
+  __device__ static double exp2_32(int j) { return draw_exp2_32[j]; }
+  __host__ __device__ static double mul(double a, double b) {
+#ifdef __CUDA_ARCH__
+    return __dmul_rn(a, b);
+#else
+    return a * b;
+#endif
+  }
+  __host__ __device__ static double add(double a, double b) {
+#ifdef __CUDA_ARCH__
+    return __dadd_rn(a, b);
+#else
+    return a + b;
+#endif
+  }
+  __device__ static int round_to_int(double v) { return __double2int_rn(v); }
+  __device__ static uint64_t to_u64(double v) { return __double2ull_rz(v); }
+  __device__ static double from_bits(uint64_t b) { return __longlong_as_double(static_cast<long long>(b)); }
+};
+
+// A token's weight in the draw: 0 below min-p's cut (kept: !(z < cut), as the host's filter keeps it).
+__device__ __forceinline__ uint64_t kept_weight(float x, float temperature, float z_max, float cut) {
+  const float z = x / temperature;
+  return z < cut ? 0 : draw_weight_with<DeviceWeightOps>(z - z_max);
+}
+
+__device__ __forceinline__ float draw_z_max(const float* x, const unsigned long long* max_key, float temperature) {
+  return x[argmax_index(*max_key)] / temperature;
+}
+
+// Block b: the kept weights of ids [b · draw_chunk, …) summed as their high and low 32-bit halves (each
+// sum exact in 64 bits), into mass[2b], mass[2b + 1].
+__global__ void draw_mass_kernel(const float* __restrict__ x, int64_t n, float temperature, float log_min_p,
+                                 const unsigned long long* max_key, unsigned long long* __restrict__ mass) {
+  dependent_launch_begin();
+  __shared__ unsigned long long partial[2][threads / 32];
+  const float z_max = draw_z_max(x, max_key, temperature), cut = z_max + log_min_p;
+  const int64_t begin = int64_t(blockIdx.x) * draw_chunk, end = min(n, begin + draw_chunk);
+  unsigned long long hi = 0, lo = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const uint64_t w = kept_weight(x[i], temperature, z_max, cut);
+    hi += w >> 32, lo += w & 0xFFFFFFFFu;
+  }
+  for (int o = 16; o > 0; o >>= 1) hi += __shfl_xor_sync(0xffffffffu, hi, o), lo += __shfl_xor_sync(0xffffffffu, lo, o);
+  if ((threadIdx.x & 31) == 0) partial[0][threadIdx.x >> 5] = hi, partial[1][threadIdx.x >> 5] = lo;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    hi = lo = 0;
+    for (int w = 0; w < threads / 32; ++w) hi += partial[0][w], lo += partial[1][w];
+    mass[2 * blockIdx.x] = hi, mass[2 * blockIdx.x + 1] = lo;
+  }
+}
+
+__device__ __forceinline__ DrawMass mass_of(unsigned long long hi, unsigned long long lo) { return (DrawMass(hi) << 32) + lo; }
+
+// The warp's inclusive prefix of one 128-bit mass a lane.
+__device__ DrawMass warp_prefix(DrawMass m) {
+  const int lane = threadIdx.x & 31;
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned long long h = __shfl_up_sync(0xffffffffu, static_cast<unsigned long long>(m >> 64), o);
+    const unsigned long long l = __shfl_up_sync(0xffffffffu, static_cast<unsigned long long>(m), o);
+    if (lane >= o) m += (DrawMass(h) << 64) + l;
+  }
+  return m;
+}
+
+// The lane whose span holds the target: the first lane whose inclusive prefix exceeds it (every lane
+// gets it, with the prefix before that lane's span).
+__device__ int find_lane(DrawMass inclusive, DrawMass mine, DrawMass target, DrawMass* before) {
+  const unsigned past = __ballot_sync(0xffffffffu, inclusive > target);
+  const int at = past ? __ffs(past) - 1 : 31;
+  const DrawMass exclusive = inclusive - mine;
+  const unsigned long long h = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(exclusive >> 64), at);
+  const unsigned long long l = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(exclusive), at);
+  *before = (DrawMass(h) << 64) + l;
+  return at;
+}
+
+// One warp: the total, the target, the block holding it (lanes over contiguous spans of blocks), then
+// the id (lanes over 64-id spans of that block, then the found lane id by id), as Sampler::draw walks
+// the kept ids in id order.
+__global__ void draw_find_kernel(const float* __restrict__ x, int64_t n, float temperature, float log_min_p,
+                                 const unsigned long long* max_key, const unsigned long long* __restrict__ mass, uint64_t bits,
+                                 int32_t* out) {
+  dependent_launch_begin();
+  const int lane = threadIdx.x;
+  const float z_max = draw_z_max(x, max_key, temperature), cut = z_max + log_min_p;
+  if (!isfinite(z_max)) {
+    if (lane == 0) *out = -1;
+    return;
+  }
+  const int n_blocks = int((n + draw_chunk - 1) / draw_chunk), per_lane = (n_blocks + 31) / 32;
+  const int b0 = min(n_blocks, lane * per_lane), b1 = min(n_blocks, b0 + per_lane);
+  DrawMass mine = 0;
+  for (int b = b0; b < b1; ++b) mine += mass_of(mass[2 * b], mass[2 * b + 1]);
+  const DrawMass inclusive = warp_prefix(mine);
+  const DrawMass total = (DrawMass(__shfl_sync(0xffffffffu, static_cast<unsigned long long>(inclusive >> 64), 31)) << 64) +
+                         __shfl_sync(0xffffffffu, static_cast<unsigned long long>(inclusive), 31);
+  const DrawMass target = draw_target(bits, total);  // < total: the largest token weighs 2^62
+  DrawMass cumulative;
+  const int at = find_lane(inclusive, mine, target, &cumulative);
+  // The block: the found lane's span walked by every lane in step (the span is short; its masses are
+  // read once per lane from the L2).
+  int block = -1;
+  if (lane == at)
+    for (int b = b0; b < b1; ++b) {
+      const DrawMass m = mass_of(mass[2 * b], mass[2 * b + 1]);
+      if (cumulative + m > target) {
+        block = b;
+        break;
+      }
+      cumulative += m;
+    }
+  block = __shfl_sync(0xffffffffu, block, at);
+  const unsigned long long ch = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(cumulative >> 64), at);
+  const unsigned long long cl = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(cumulative), at);
+  cumulative = (DrawMass(ch) << 64) + cl;
+  // The id: lanes over 64-id spans of the block.
+  constexpr int span = draw_chunk / 32;
+  const int64_t i0 = int64_t(block) * draw_chunk + lane * span, i1 = min(n, i0 + span);
+  DrawMass own = 0;
+  for (int64_t i = i0; i < i1; ++i) own += kept_weight(x[i], temperature, z_max, cut);
+  DrawMass before;
+  const int id_lane = find_lane(cumulative + warp_prefix(own), own, target, &before);
+  if (lane == id_lane) {
+    int64_t found = i1 - 1;
+    for (int64_t i = i0; i < i1; ++i) {
+      before += kept_weight(x[i], temperature, z_max, cut);
+      if (before > target) {
+        found = i;
+        break;
+      }
+    }
+    *out = int32_t(found);
+  }
+}
+}  // namespace
+
+void draw_mass(const float* x, int64_t n, float temperature, float log_min_p, const unsigned long long* max_key, unsigned long long* mass,
+               cudaStream_t stream) {
+  if (n <= 0) return;
+  launch(draw_mass_kernel, unsigned(draw_blocks(n)), threads, 0, stream, x, n, temperature, log_min_p, max_key, mass);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void draw_find(const float* x, int64_t n, float temperature, float log_min_p, const unsigned long long* max_key,
+               const unsigned long long* mass, uint64_t bits, int32_t* out, cudaStream_t stream) {
+  if (n <= 0) return;
+  launch(draw_find_kernel, 1, 32, 0, stream, x, n, temperature, log_min_p, max_key, mass, bits, out);
   MF_CUDA_CHECK_LAUNCH();
 }
 

@@ -41,6 +41,17 @@ void top_candidates(const float* x, int64_t n, float temperature, int64_t k, uns
                     cudaStream_t stream);
 // out[i] = x[ids[i]] for i < count (ids on the device, each in x's range).
 void gather(const float* x, const int32_t* ids, int64_t count, float* out, cudaStream_t stream);
-inline int64_t argmax_index(unsigned long long key) { return key == 0 ? 0 : int64_t(0xFFFFFFFFu - uint32_t(key)); }
+__host__ __device__ inline int64_t argmax_index(unsigned long long key) { return key == 0 ? 0 : int64_t(0xFFFFFFFFu - uint32_t(key)); }
+// Backend::draw_token and row_mass on the device (n ≤ 2^22), in two passes. max_key: argmax_key's result
+// for x, so z_max = x[its index] / temperature. draw_mass: the kept weights (z ≥ z_max + log_min_p) of
+// ids [b · draw_chunk, …) summed as their high and low 32-bit halves into mass[2b], mass[2b + 1].
+// draw_find (after it): *out becomes the id drawn with those weights in id order, or −1 when z_max is not
+// finite.
+constexpr int64_t draw_chunk = 2048;  // ids a block sums
+inline int64_t draw_blocks(int64_t n) { return (n + draw_chunk - 1) / draw_chunk; }
+void draw_mass(const float* x, int64_t n, float temperature, float log_min_p, const unsigned long long* max_key, unsigned long long* mass,
+               cudaStream_t stream);
+void draw_find(const float* x, int64_t n, float temperature, float log_min_p, const unsigned long long* max_key,
+               const unsigned long long* mass, uint64_t bits, int32_t* out, cudaStream_t stream);
 
 }  // namespace moeflux::cuda

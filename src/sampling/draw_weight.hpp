@@ -1,0 +1,79 @@
+// The sampler's draw weights and sums, defined so that a GPU computes the same bits as the host in any
+// order (sampler.hpp, "Weights"): a token's weight is exp(z − z_max) as an integer in units of 2^-62
+// (floor; the largest token weighs exactly 2^62, one below e^-42.98 of it weighs 0), and every total,
+// cumulative sum and draw target is exact integer arithmetic. exp is moeflux's own — Cody-Waite reduction
+// by ln 2/32, a table of 2^(j/32) and a degree-6 Taylor polynomial, ~3e-16 relative — written once as a template over the
+// arithmetic (Ops: mul, add, to nearest int, truncation to uint64, a double from its bits, the table) so the host (plain double operations
+// in a translation unit built without contraction into FMA) and a CUDA kernel (the _rn intrinsics, which
+// are never contracted) run the very same rounded operations.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MF_HOST_DEVICE __host__ __device__
+#else
+#define MF_HOST_DEVICE
+#endif
+
+namespace moeflux {
+
+// The weight of the largest token: 2^62 (a weight is at most this; sums are held in 128 bits).
+inline constexpr int draw_weight_bits = 62;
+
+// 2^(j/32) for j < 32, correctly rounded (each side builds its table from this list: Ops::exp2_32).
+#define MF_DRAW_EXP2_32                                                                          \
+  0x1.0000000000000p+0, 0x1.059b0d3158574p+0, 0x1.0b5586cf9890fp+0, 0x1.11301d0125b51p+0,        \
+      0x1.172b83c7d517bp+0, 0x1.1d4873168b9aap+0, 0x1.2387a6e756238p+0, 0x1.29e9df51fdee1p+0,    \
+      0x1.306fe0a31b715p+0, 0x1.371a7373aa9cbp+0, 0x1.3dea64c123422p+0, 0x1.44e086061892dp+0,    \
+      0x1.4bfdad5362a27p+0, 0x1.5342b569d4f82p+0, 0x1.5ab07dd485429p+0, 0x1.6247eb03a5585p+0,    \
+      0x1.6a09e667f3bcdp+0, 0x1.71f75e8ec5f74p+0, 0x1.7a11473eb0187p+0, 0x1.82589994cce13p+0,    \
+      0x1.8ace5422aa0dbp+0, 0x1.93737b0cdc5e5p+0, 0x1.9c49182a3f090p+0, 0x1.a5503b23e255dp+0,    \
+      0x1.ae89f995ad3adp+0, 0x1.b7f76f2fb5e47p+0, 0x1.c199bdd85529cp+0, 0x1.cb720dcef9069p+0,    \
+      0x1.d5818dcfba487p+0, 0x1.dfc97337b9b5fp+0, 0x1.ea4afa2a490dap+0, 0x1.f50765b6e4540p+0
+
+template <typename Ops>
+MF_HOST_DEVICE inline uint64_t draw_weight_with(float d) {
+  // d = z − z_max ≤ 0 (an fp32 subtraction by the caller); NaN, −inf and anything at which
+  // e^d · 2^62 < 1 weigh 0.
+  const double x = static_cast<double>(d);
+  if (!(x >= -43.0)) return 0;
+  if (x >= 0.0) return uint64_t(1) << draw_weight_bits;
+  // x = (32k + j)·ln 2/32 + r, |r| ≤ ln 2/64; e^x = 2^k · 2^(j/32) · e^r.
+  const double inv_ln2_32 = 46.166241308446828, ln2_32_hi = 0x1.62e42fee00000p-6, ln2_32_lo = 0x1.a39ef35793c76p-38;
+  const int m = Ops::round_to_int(Ops::mul(x, inv_ln2_32));  // −1985 … 0
+  const double md = static_cast<double>(m);
+  // ln2_32_hi has 21 trailing zero bits: m · ln2_32_hi is exact, so r = x − m·ln 2/32 to ~2^-80.
+  const double r = Ops::add(Ops::add(x, -Ops::mul(md, ln2_32_hi)), -Ops::mul(md, ln2_32_lo));
+  // e^r = Σ r^i / i!, i ≤ 6 (the first term left out is below 2e-18 at |r| ≤ 0.011), by Horner.
+  double p = 1.0 / 720;
+  p = Ops::add(Ops::mul(p, r), 1.0 / 120);
+  p = Ops::add(Ops::mul(p, r), 1.0 / 24);
+  p = Ops::add(Ops::mul(p, r), 1.0 / 6);
+  p = Ops::add(Ops::mul(p, r), 1.0 / 2);
+  p = Ops::add(Ops::mul(p, r), 1.0);
+  p = Ops::add(Ops::mul(p, r), 1.0);
+  const int k = m >> 5, j = m & 31;  // floor division: k ≤ 0, 0 ≤ j < 32
+  // 2^(j/32) · p below 2, then an exact scaling by 2^(62 + k) (62 + k ≥ 0), then truncated.
+  return Ops::to_u64(Ops::mul(Ops::mul(Ops::exp2_32(j), p), Ops::from_bits(uint64_t(1023 + draw_weight_bits + k) << 52)));
+}
+
+// The host's weight (draw_weight.cpp, built with -ffp-contract=off).
+uint64_t draw_weight(float d);
+// out[ids[i]] = draw_weight(z[ids[i]] − z_max) for i < n: the sampler's pass, one call.
+void draw_weights(const float* z, const int32_t* ids, int64_t n, float z_max, uint64_t* out);
+
+#if defined(__SIZEOF_INT128__)
+__extension__ typedef unsigned __int128 DrawMass;  // a sum of weights
+#else
+#error "the sampler's exact sums need a 128-bit integer type (GCC and Clang have one)"
+#endif
+
+// floor(u · mass) for u = bits · 2^-53 (bits: 53 random bits): the draw's target, exact (mass < 2^93:
+// up to 2^31 weights of at most 2^62).
+MF_HOST_DEVICE inline DrawMass draw_target(uint64_t bits, DrawMass mass) {
+  const uint64_t lo = uint64_t(mass), hi = uint64_t(mass >> 64);
+  return ((DrawMass(bits) * hi) << 11) + ((DrawMass(bits) * lo) >> 53);
+}
+
+}  // namespace moeflux
