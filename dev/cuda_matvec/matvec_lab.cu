@@ -1827,7 +1827,10 @@ __host__ __device__ constexpr int v28_row_bytes(int cols) { return cols / 2 + co
 
 __device__ __forceinline__ float v28_nibble(uint32_t w, int k) { return __uint_as_float(__byte_perm(w, 0x40000000u, 0x7054u | (unsigned(k) << 8))); }
 
+// (sm_90's bulk copies and mbarrier transactions: the other architectures of the build get empty bodies;
+// the lab runs v28 on an H100.)
 __device__ __forceinline__ void v28_wait(uint32_t bar, uint32_t phase) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
       "{\n .reg .pred p;\n"
       "V28_WAIT_%=:\n"
@@ -1835,16 +1838,20 @@ __device__ __forceinline__ void v28_wait(uint32_t bar, uint32_t phase) {
       " @!p bra V28_WAIT_%=;\n}\n" ::"r"(bar),
       "r"(phase)
       : "memory");
+#endif
 }
 
 __device__ __forceinline__ void v28_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst), "l"(src), "r"(bytes),
                "r"(bar)
                : "memory");
+#endif
 }
 
 template <int P>
 __global__ void __launch_bounds__(512, 1) matvec_v28(Matrix m, int TR, int S, int RG, const float* __restrict__ x, float* __restrict__ y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) uint8_t smem28[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = warp % S, g = warp / S;
   const int cols = m.cols, half = cols / 2, groups = cols / 64;
@@ -1930,6 +1937,7 @@ __global__ void __launch_bounds__(512, 1) matvec_v28(Matrix m, int TR, int S, in
     }
     if (S > 1) __syncthreads();  // part is read before the next tile writes it
   }
+#endif
 }
 
 // ---- host side ----------------------------------------------------------------------------------------
