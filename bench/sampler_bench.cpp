@@ -38,8 +38,10 @@ void register_all() {
     float temperature, top_p;
     int top_k;
   };
+  // t1.5_topp0.9: a flat row's nucleus (~10^5 tokens at this spread).
   const Setting settings[] = {{"t0.6_topk20_topp0.95", 0.6f, 0.95f, 20}, {"t0.7_topp0.9", 0.7f, 0.9f, 0},
-                              {"t1.0", 1.0f, 1.0f, 0}, {"greedy", 0.0f, 1.0f, 0}};
+                              {"t1.5_topp0.9", 1.5f, 0.9f, 0},           {"t1.0", 1.0f, 1.0f, 0},
+                              {"greedy", 0.0f, 1.0f, 0}};
   for (int64_t n_vocab : {151936, 248320})
     for (const Setting& s : settings) {
       SamplerParams p;

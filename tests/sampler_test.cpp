@@ -578,6 +578,55 @@ TEST(Sampler, NucleusFromCandidatesDrawsAsTheWholeRow) {
   }
 }
 
+// Top-p over flat rows, whose nucleus is past the sorted prefix (the sampler then finds it and draws by
+// weighted bins of the keys, sorting neither): the tokens of a full sort with the documented weights,
+// nucleus, min-p cut and target, draw by draw — ties by the thousand included.
+TEST(Sampler, TopPOfAFlatRowDrawsAsAFullSort) {
+  const int64_t n = 152064;
+  std::vector<float> rounded = random_logits(n, 61);
+  for (auto& l : rounded) l = std::round(l * 8.0f) / 8.0f;  // 97 values: ~1600 tokens each
+  for (const auto& logits : {random_logits(n, 60), rounded})
+    for (const auto& [top_p, min_p] : {std::pair{0.9f, 0.0f}, std::pair{0.5f, 0.0f}, std::pair{0.99f, 0.0f}, std::pair{0.9f, 0.2f}}) {
+      SamplerParams params;
+      params.temperature = 1.5f, params.top_p = top_p, params.min_p = min_p, params.seed = 17;
+      Sampler sampler = make_sampler(params, n);
+      std::vector<float> z(logits);
+      for (auto& v : z) v /= params.temperature;
+      std::vector<int32_t> order(n);
+      std::iota(order.begin(), order.end(), 0);
+      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+      const float z0 = z[size_t(order[0])];
+      DrawMass total = 0;
+      for (int32_t id : order) total += draw_weight(z[size_t(id)] - z0);
+      const DrawMass wanted = static_cast<DrawMass>(static_cast<double>(top_p) * static_cast<double>(total));
+      std::vector<int32_t> kept;
+      DrawMass cumulative = 0;
+      for (int32_t id : order) {
+        kept.push_back(id);
+        if ((cumulative += draw_weight(z[size_t(id)] - z0)) >= wanted) break;
+      }
+      ASSERT_GT(kept.size(), 4096u) << "top_p " << top_p << ": the nucleus is not past the sorted prefix";
+      if (min_p > 0.0f) {
+        const float threshold = z0 + std::log(min_p);
+        while (kept.size() > 1 && z[size_t(kept.back())] < threshold) kept.pop_back();
+      }
+      DrawMass kept_total = 0;
+      for (int32_t id : kept) kept_total += draw_weight(z[size_t(id)] - z0);
+      std::mt19937_64 rng(params.seed);
+      for (int draw = 0; draw < 20; ++draw) {
+        const DrawMass target = draw_target(rng() >> 11, kept_total);
+        DrawMass walked = 0;
+        int32_t expected = -1;
+        for (int32_t id : kept)
+          if ((walked += draw_weight(z[size_t(id)] - z0)) > target) {
+            expected = id;
+            break;
+          }
+        ASSERT_EQ(sampler.sample(logits.data()), expected) << "top_p " << top_p << ", min_p " << min_p << ", draw " << draw;
+      }
+    }
+}
+
 TEST(Sampler, RejectsInvalidParametersNamingTheField) {
   auto rejects = [](SamplerParams params, const std::string& field, int64_t n_vocab = 10) {
     auto sampler = Sampler::create(params, n_vocab);

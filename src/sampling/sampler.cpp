@@ -54,6 +54,9 @@ void select_best(int32_t* first, int32_t* last, int64_t m, const float* logits, 
 // holds less than top_p of the mass: with a peaked next-token distribution the first round suffices.
 constexpr int64_t kTopPFirstPrefix = 256;
 constexpr int64_t kTopPGrowth = 4;
+// A nucleus past a sorted prefix of this many (a flat row) is found by weighted bins of the keys instead
+// (Sampler::first_past): no sort of the nucleus at all.
+constexpr int64_t kTopPSortMax = 1024;
 
 Status invalid(const char* field, const std::string& range, const std::string& value) {
   return make_error(ErrorCode::invalid_argument, "sampler parameter {} = {}: must be {}", field, value, range);
@@ -184,7 +187,7 @@ void Sampler::fill_weights(int64_t n_kept, float max_logit) {
   weights_max_ = max_logit;
 }
 
-int32_t Sampler::draw(int64_t n_kept) {
+int32_t Sampler::draw(int64_t n_kept, bool in_order) {
   // Weights relative to the largest kept logit (the largest logit always survives the earlier steps, so
   // the weights top-p took are these), summed exactly.
   float max_logit = -std::numeric_limits<float>::infinity();
@@ -195,6 +198,7 @@ int32_t Sampler::draw(int64_t n_kept) {
   const uint64_t bits = bits_given_ ? given_bits_ : draw_bits();
   bits_given_ = false;
   const DrawMass target = draw_target(bits, total);  // < total: the largest kept token weighs 2^62
+  if (in_order) return first_past(ids_.data(), n_kept, target);
   DrawMass cumulative = 0;
   for (int64_t i = 0; i < n_kept; ++i) {
     cumulative += weights_[ids_[i]];
@@ -202,6 +206,32 @@ int32_t Sampler::draw(int64_t n_kept) {
   }
   MF_CHECK_MSG(false, "sampler: the draw passed every candidate (target {} of {})", double(target), double(total));
   return ids_[0];
+}
+
+int32_t Sampler::first_past(int32_t* ids, int64_t n, DrawMass target) {
+  // The group [lo, hi) shares the key's bits above `shift`; `before` is the weight of every candidate
+  // ahead of it in the order. Each level's bins (11, 11, then 10 bits of the key) find the one holding the
+  // crossing and narrow the group to it; the last few are sorted and walked.
+  const LogitDescending descending{logits_.data()};
+  constexpr int shifts[3] = {21, 10, 0};
+  constexpr uint32_t masks[3] = {0x7FF, 0x7FF, 0x3FF};
+  bin_mass_.resize(0x800);
+  DrawMass before = 0;
+  int64_t lo = 0, hi = n;
+  for (int level = 0; level < 3 && hi - lo > 256; ++level) {
+    const int shift = shifts[level];
+    const uint32_t mask = masks[level];
+    std::fill(bin_mass_.begin(), bin_mass_.end(), DrawMass(0));
+    for (int64_t k = lo; k < hi; ++k) bin_mass_[(descending_key(logits_[ids[k]]) >> shift) & mask] += weights_[ids[k]];
+    uint32_t b = mask;
+    while (b > 0 && before + bin_mass_[b] <= target) before += bin_mass_[b--];
+    hi = std::partition(ids + lo, ids + hi, [&](int32_t id) { return ((descending_key(logits_[id]) >> shift) & mask) == b; }) - ids;
+  }
+  std::sort(ids + lo, ids + hi, descending);
+  for (int64_t k = lo; k < hi; ++k)
+    if ((before += weights_[ids[k]]) > target) return ids[k];
+  MF_CHECK_MSG(false, "sampler: no candidate past the target {} (a broken sum)", double(target));
+  return ids[lo];
 }
 
 int32_t Sampler::sample(const float* logits, uint64_t bits) {
@@ -325,6 +355,7 @@ int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
     int64_t n_sorted = sorted ? n_kept : 0;
     int64_t prefix = sorted ? n_kept : std::min(n_kept, kTopPFirstPrefix);
     int64_t i = 0;
+    bool flat = false;
     for (;;) {
       if (n_sorted < prefix) {
         // Bring the next-largest candidates into [n_sorted, prefix) and sort only them.
@@ -338,11 +369,30 @@ int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
         if (cumulative >= wanted) break;
       }
       if (i < n_sorted || n_sorted == n_kept) break;
+      if (!row_mass && prefix >= kTopPSortMax) {
+        flat = true;
+        break;
+      }
       prefix = std::min(n_kept, prefix * kTopPGrowth);
     }
     if (row_mass && i == n_kept) return -1;  // the nucleus reaches past the candidates
-    n_kept = std::min(n_kept, i + 1);
-    sorted = true;
+    if (flat) {
+      // The nucleus ends at the first candidate whose cumulative weight reaches wanted (> wanted − 1:
+      // wanted is above the sorted prefix's weight, so above 2^62), found by weighted bins; it is the
+      // candidates at or before that one in the order, drawn in the order too.
+      const int32_t edge = first_past(ids_.data(), n_kept, wanted - 1);
+      n_kept = std::partition(ids_.begin(), ids_.begin() + n_kept, [&](int32_t id) { return !descending(edge, id); }) - ids_.begin();
+    } else {
+      n_kept = std::min(n_kept, i + 1);
+      sorted = true;
+    }
+    if (flat) {
+      if (params_.min_p > 0.0f) {
+        const float threshold = max_logit + std::log(params_.min_p);
+        n_kept = std::remove_if(ids_.begin(), ids_.begin() + n_kept, [&](int32_t id) { return logits_[id] < threshold; }) - ids_.begin();
+      }
+      return draw(n_kept, true);
+    }
   }
 
   if (params_.min_p > 0.0f) {

@@ -152,7 +152,12 @@ class Sampler {
   // With row_mass, ids_[0, n) are the row's best and top-p takes the row's total from it: −1 when the
   // nucleus is not within them.
   int32_t pick(int64_t n, float max_logit, const DrawMass* row_mass = nullptr);
-  int32_t draw(int64_t n_kept);    // from ids_[0, n_kept) by their weights (the class comment's Weights)
+  // From ids_[0, n_kept) by their weights (the class comment's Weights), walked as they lie, or (in_order)
+  // in the order higher z first, ties to the lower id, without sorting them (first_past).
+  int32_t draw(int64_t n_kept, bool in_order = false);
+  // Of ids[0, n) (weights filled), the first in that order whose cumulative weight exceeds target, by
+  // weighted bins of the order's keys; permutes ids.
+  int32_t first_past(int32_t* ids, int64_t n, DrawMass target);
   // weights_[id] = draw_weight(logits_[id] − max_logit) for ids_[0, n_kept), once per sample(): top-p and
   // the draw read the same values instead of taking the exponential again in each pass.
   void fill_weights(int64_t n_kept, float max_logit);
@@ -169,6 +174,7 @@ class Sampler {
   std::vector<int32_t> penalty_counts_;    // [n_vocab] occurrences in the window; all zero between calls
   std::vector<int32_t> penalty_ids_;       // penalty_ids(), of the window as it is when penalty_ids_current_
   std::vector<uint64_t> weights_;          // [n_vocab], fill_weights
+  std::vector<DrawMass> bin_mass_;         // first_past's bins
   bool bits_given_ = false;                // sample(logits, bits): the draw takes given_bits_
   uint64_t given_bits_ = 0;
   bool penalty_ids_current_ = false;
