@@ -49,6 +49,20 @@ std::vector<float> random_logits(int64_t n, uint64_t seed) {
   return logits;
 }
 
+// z = logit / temperature (fp32, as the sampler divides) and the ids in the sampler's order: higher z
+// first, ties to the lower id.
+std::vector<float> scaled(const std::vector<float>& logits, float temperature) {
+  std::vector<float> z(logits);
+  for (auto& v : z) v /= temperature;
+  return z;
+}
+std::vector<int32_t> sampler_order(const std::vector<float>& z) {
+  std::vector<int32_t> order(z.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+  return order;
+}
+
 TEST(Sampler, GreedyPicksArgmaxWithTiesToTheLowestId) {
   SamplerParams params;
   params.temperature = 0;
@@ -212,11 +226,8 @@ TEST(Sampler, TopKOverA152kVocabularyDrawsAsAFullSort) {
     params.top_k = top_k;
     params.seed = 29;
     Sampler sampler = make_sampler(params, n);
-    std::vector<float> z(logits);
-    for (auto& v : z) v /= params.temperature;
-    std::vector<int32_t> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+    const std::vector<float> z = scaled(logits, params.temperature);
+    std::vector<int32_t> order = sampler_order(z);
     order.resize(size_t(top_k));
     std::mt19937_64 rng(params.seed);
     for (int draw = 0; draw < 20; ++draw) {
@@ -531,11 +542,8 @@ TEST(Sampler, NucleusFromCandidatesDrawsAsTheWholeRow) {
     params.temperature = temperature, params.top_p = top_p, params.min_p = min_p, params.seed = 3;
     Sampler row = make_sampler(params, n), picked = make_sampler(params, n);
     ASSERT_TRUE(picked.nucleus_from_candidates());
-    std::vector<float> z(logits);
-    for (auto& v : z) v /= temperature;
-    std::vector<int32_t> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+    const std::vector<float> z = scaled(logits, temperature);
+    const std::vector<int32_t> order = sampler_order(z);
     DrawMass mass = 0;
     for (int64_t i = 0; i < n; ++i) mass += draw_weight(z[size_t(i)] - z[size_t(order[0])]);
     // The nucleus's size by the definition.
@@ -590,11 +598,8 @@ TEST(Sampler, TopPOfAFlatRowDrawsAsAFullSort) {
       SamplerParams params;
       params.temperature = 1.5f, params.top_p = top_p, params.min_p = min_p, params.seed = 17;
       Sampler sampler = make_sampler(params, n);
-      std::vector<float> z(logits);
-      for (auto& v : z) v /= params.temperature;
-      std::vector<int32_t> order(n);
-      std::iota(order.begin(), order.end(), 0);
-      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return z[a] != z[b] ? z[a] > z[b] : a < b; });
+      const std::vector<float> z = scaled(logits, params.temperature);
+      const std::vector<int32_t> order = sampler_order(z);
       const float z0 = z[size_t(order[0])];
       DrawMass total = 0;
       for (int32_t id : order) total += draw_weight(z[size_t(id)] - z0);
