@@ -1029,9 +1029,15 @@ TEST_P(BackendOps, RowMassIsTheExactSumOfTheWeights) {
       EXPECT_TRUE(mass == want) << "n " << n << ", temperature " << temperature << ": " << double(mass) << " against " << double(want);
     }
   }
-  DeviceBuffer none(but(), *be_, std::vector<float>(1000, nan));
-  DrawMass mass = 0;
-  EXPECT_FALSE(be_->row_mass(none.f(), 1000, 1.0f, &mass));
+  // No finite z: NaNs only, an infinite largest value, −inf everywhere.
+  std::vector<float> with_inf = gaussian(1000, rng_);
+  with_inf[17] = std::numeric_limits<float>::infinity();
+  for (const auto& row : {std::vector<float>(1000, nan), with_inf, std::vector<float>(1000, -std::numeric_limits<float>::infinity())}) {
+    DeviceBuffer none(but(), *be_, row);
+    DrawMass mass = 0;
+    EXPECT_FALSE(be_->row_mass(none.f(), 1000, 1.0f, &mass));
+    EXPECT_EQ(be_->draw_token(none.f(), 1000, 1.0f, -std::numeric_limits<float>::infinity(), 12345), -1);
+  }
 }
 
 TEST_P(BackendOps, SwigluMatchesReference) {

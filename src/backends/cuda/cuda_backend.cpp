@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -296,7 +297,8 @@ class CudaBackend final : public Backend {
     // The max's key and the blocks' sums come up; the host adds them (any order: integers).
     MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_key_, sizeof(unsigned long long) * size_t(1 + 2 * blocks), cudaMemcpyDeviceToHost, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    if (draw_host_[0] == 0) return false;  // every value NaN
+    // No finite z (every value NaN, or the largest infinite after the division): the row path reports it.
+    if (draw_host_[0] == 0 || !std::isfinite(cuda::argmax_value(draw_host_[0]) / temperature)) return false;
     DrawMass total = 0;
     for (int64_t b = 0; b < blocks; ++b) total += (DrawMass(draw_host_[1 + 2 * b]) << 32) + draw_host_[2 + 2 * b];
     *mass = total;

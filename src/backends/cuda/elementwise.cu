@@ -314,8 +314,7 @@ __global__ void draw_find_kernel(const float* __restrict__ x, int64_t n, float t
   const DrawMass target = draw_target(bits, total);  // < total: the largest token weighs 2^62
   DrawMass cumulative;
   const int at = find_lane(inclusive, mine, target, &cumulative);
-  // The block: the found lane's span walked by every lane in step (the span is short; its masses are
-  // read once per lane from the L2).
+  // The block: the found lane walks its span of blocks (a few: n_blocks / 32).
   int block = -1;
   if (lane == at)
     for (int b = b0; b < b1; ++b) {
