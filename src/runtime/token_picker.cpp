@@ -17,7 +17,8 @@ int32_t TokenPicker::next(const Session& session, Sampler& sampler) {
     ids_.resize(size_t(capacity)), z_.resize(size_t(capacity));
     const float temperature = sampler.params().temperature;
     DrawMass mass = 0;
-    if (const int64_t n = session.top_candidates(temperature, nucleus_k, ids_.data(), z_.data(), capacity); n > 0 && session.row_mass(temperature, &mass))
+    const int64_t n = session.top_candidates(temperature, nucleus_k, ids_.data(), z_.data(), capacity);
+    if (n > 0 && session.row_mass(temperature, &mass))
       if (const int32_t token = sampler.sample_nucleus(ids_.data(), z_.data(), n, mass, bits); token >= 0) return token;
     return sampler.sample(session.logits(), bits);
   }

@@ -1,11 +1,12 @@
 // The sampler's draw weights and sums, defined so that a GPU computes the same bits as the host in any
 // order (sampler.hpp, "Weights"): a token's weight is exp(z − z_max) as an integer in units of 2^-62
 // (floor; the largest token weighs exactly 2^62, one below e^-42.98 of it weighs 0), and every total,
-// cumulative sum and draw target is exact integer arithmetic. exp is moeflux's own — Cody-Waite reduction
-// by ln 2/32, a table of 2^(j/32) and a degree-6 Taylor polynomial, ~3e-16 relative — written once as a template over the
-// arithmetic (Ops: mul, add, to nearest int, truncation to uint64, a double from its bits, the table) so the host (plain double operations
-// in a translation unit built without contraction into FMA) and a CUDA kernel (the _rn intrinsics, which
-// are never contracted) run the very same rounded operations.
+// cumulative sum and draw target is exact integer arithmetic. exp is moeflux's own — Cody-Waite
+// reduction by ln 2/32, a table of 2^(j/32) and a degree-6 Taylor polynomial, ~3e-16 relative — written
+// once as a template over the arithmetic (Ops: mul, add, to nearest int, truncation to uint64, a double
+// from its bits, the table) so that the host (plain double operations in a translation unit built
+// without contraction into FMA) and a CUDA kernel (the _rn intrinsics, which are never contracted) run
+// the very same rounded operations.
 #pragma once
 
 #include <cstdint>

@@ -67,9 +67,10 @@ int64_t argmax_first(const float* v, int64_t n);
 // logits give the same tokens on every platform, and a GPU that sums the row in its own order draws the
 // token this class draws (Backend::draw_token).
 //
-// Cost per call: one copy of the logits [n_vocab] f32 and O(n_vocab) passes; top-k selects with
-// a histogram of keys; top-p sorts only a growing prefix of the candidates (256, then ×4) until it holds the
-// requested mass, so a 152k vocabulary is not fully sorted. No allocation after the first call.
+// Cost per call: one copy of the logits [n_vocab] f32 and O(n_vocab) passes; top-k selects with a
+// histogram of keys; top-p sorts a prefix of the candidates (256, then 1024) while it holds less than the
+// requested mass, and past that finds the nucleus's edge and the drawn token by weighted bins of the keys
+// (first_past), so no row is fully sorted. No allocation after the first call.
 class Sampler {
  public:
   // invalid_argument naming the field and its allowed range for a bad parameter or n_vocab ≤ 0.
