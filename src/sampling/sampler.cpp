@@ -335,7 +335,8 @@ int32_t Sampler::sample_nucleus(const int32_t* ids, const float* z, int64_t coun
 int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
   const LogitDescending descending{logits_.data()};
   int64_t n_kept = n;
-  bool sorted = false;  // ids_[0, n_kept) in descending order (else in id order)
+  bool sorted = false;    // ids_[0, n_kept) in descending order (else in id order, or a set: in_order)
+  bool in_order = false;  // drawn in descending order without being sorted (a flat row's nucleus)
   if (params_.top_k > 0 && params_.top_k < n_vocab_) {
     n_kept = std::min<int64_t>(params_.top_k, n);
     select_best(ids_.data(), ids_.data() + n, n_kept, logits_.data(), descending);
@@ -379,19 +380,13 @@ int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
     if (flat) {
       // The nucleus ends at the first candidate whose cumulative weight reaches wanted (> wanted − 1:
       // wanted is above the sorted prefix's weight, so above 2^62), found by weighted bins; it is the
-      // candidates at or before that one in the order, drawn in the order too.
+      // candidates at or before that one in the order, drawn in the order too (unsorted here).
       const int32_t edge = first_past(ids_.data(), n_kept, wanted - 1);
       n_kept = std::partition(ids_.begin(), ids_.begin() + n_kept, [&](int32_t id) { return !descending(edge, id); }) - ids_.begin();
+      in_order = true;
     } else {
       n_kept = std::min(n_kept, i + 1);
       sorted = true;
-    }
-    if (flat) {
-      if (params_.min_p > 0.0f) {
-        const float threshold = max_logit + std::log(params_.min_p);
-        n_kept = std::remove_if(ids_.begin(), ids_.begin() + n_kept, [&](int32_t id) { return logits_[id] < threshold; }) - ids_.begin();
-      }
-      return draw(n_kept, true);
     }
   }
 
@@ -402,13 +397,13 @@ int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
     if (sorted) {
       while (n_kept > 1 && logits_[ids_[n_kept - 1]] < threshold) --n_kept;
     } else {
-      // remove_if keeps the survivors in id order.
+      // remove_if keeps the survivors in id order (or as a set).
       n_kept = std::remove_if(ids_.begin(), ids_.begin() + n_kept,
                               [&](int32_t id) { return logits_[id] < threshold; }) -
                ids_.begin();
     }
   }
-  return draw(n_kept);
+  return draw(n_kept, in_order);
 }
 
 // ---------------------------------------------------------------------------------------------------

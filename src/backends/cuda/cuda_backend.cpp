@@ -262,14 +262,19 @@ class CudaBackend final : public Backend {
     if (n <= 0 || n > max_draw_vocab || !(temperature > 0.0f) || recording_) return -1;
     const OpTimer timer(*this, "draw_token");
     bind();
-    ensure_draw_buffers();
-    MF_CUDA_CHECK(cudaMemsetAsync(draw_key_, 0, sizeof(unsigned long long), stream_));
-    cuda::argmax_key(x, n, draw_key_, stream_);
-    cuda::draw_mass(x, n, temperature, log_min_p, draw_key_, draw_mass_, stream_);
+    queue_draw_mass(x, n, temperature, log_min_p);
     cuda::draw_find(x, n, temperature, log_min_p, draw_key_, draw_mass_, bits, draw_out_, stream_);
     MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_out_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return *reinterpret_cast<const int32_t*>(draw_host_);
+  }
+
+  // What draw_token and row_mass share, queued: argmax's key of x, then the blocks' kept weights.
+  void queue_draw_mass(const float* x, int64_t n, float temperature, float log_min_p) {
+    ensure_draw_buffers();
+    MF_CUDA_CHECK(cudaMemsetAsync(draw_key_, 0, sizeof(unsigned long long), stream_));
+    cuda::argmax_key(x, n, draw_key_, stream_);
+    cuda::draw_mass(x, n, temperature, log_min_p, draw_key_, draw_mass_, stream_);
   }
 
   // draw_token's and row_mass's buffers: argmax's key, the blocks' sums and the drawn id on the device,
@@ -289,11 +294,8 @@ class CudaBackend final : public Backend {
     if (n <= 0 || n > max_draw_vocab || !(temperature > 0.0f) || recording_) return false;
     const OpTimer timer(*this, "row_mass");
     bind();
-    ensure_draw_buffers();
+    queue_draw_mass(x, n, temperature, -std::numeric_limits<float>::infinity());
     const int64_t blocks = cuda::draw_blocks(n);
-    MF_CUDA_CHECK(cudaMemsetAsync(draw_key_, 0, sizeof(unsigned long long), stream_));
-    cuda::argmax_key(x, n, draw_key_, stream_);
-    cuda::draw_mass(x, n, temperature, -std::numeric_limits<float>::infinity(), draw_key_, draw_mass_, stream_);
     // The max's key and the blocks' sums come up; the host adds them (any order: integers).
     MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_key_, sizeof(unsigned long long) * size_t(1 + 2 * blocks), cudaMemcpyDeviceToHost, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
