@@ -962,9 +962,10 @@ TEST_P(BackendOps, TopCandidatesHoldTheKBest) {
 }
 
 // A temperature draw over the whole row where the logits are (Sampler::device_draw): the token the host
-// sampler draws on the same row with the same random bits, draw for draw — rows with ties, NaNs, a flat
-// and a peaked shape, at three temperatures, with and without min-p; and −1 for a row with no finite
-// value (the host reports that).
+// sampler draws on the same row with the same random bits, draw for draw — rows with ties (thousands of
+// tokens on one value), NaNs, a flat and a peaked shape, at three temperatures, with and without top-p
+// (its nucleus a few tokens or most of a flat row; a share so small it rounds to no weight at all) and
+// min-p; and −1 for a row with no finite z (the host reports that).
 TEST_P(BackendOps, DrawTokenDrawsAsTheSamplerOnTheRow) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   auto rounded = gaussian(151936, rng_, 3.0f);
@@ -984,59 +985,33 @@ TEST_P(BackendOps, DrawTokenDrawsAsTheSamplerOnTheRow) {
     const int64_t n = int64_t(x.size());
     DeviceBuffer d(but(), *be_, x);
     for (const float temperature : {0.6f, 1.0f, 1.7f})
-      for (const float min_p : {0.0f, 0.05f}) {
-        SamplerParams params;
-        params.temperature = temperature, params.min_p = min_p, params.seed = 1;
-        auto sampler = Sampler::create(params, n);
-        ASSERT_TRUE(sampler);
-        Sampler::DeviceDraw draw;
-        ASSERT_TRUE(sampler->device_draw(&draw));
-        for (int i = 0; i < 8; ++i) {
-          const uint64_t bits = bits_rng() >> 11;
-          const int64_t token = be_->draw_token(d.f(), n, draw.temperature, draw.log_min_p, bits);
-          if (token < 0) {
-            ASSERT_TRUE(be_->host_memory()) << "a device backend offers draw_token";
-            break;
+      for (const float top_p : {1.0f, 0.9f, 0.5f, 0.995f, 1e-30f})
+        for (const float min_p : {0.0f, 0.05f}) {
+          SamplerParams params;
+          params.temperature = temperature, params.top_p = top_p, params.min_p = min_p, params.seed = 1;
+          auto sampler = Sampler::create(params, n);
+          ASSERT_TRUE(sampler);
+          Sampler::DeviceDraw draw;
+          ASSERT_TRUE(sampler->device_draw(&draw));
+          for (int i = 0; i < 6; ++i) {
+            const uint64_t bits = bits_rng() >> 11;
+            const int64_t token = be_->draw_token(d.f(), n, draw.temperature, draw.top_p, draw.log_min_p, bits);
+            if (token < 0) {
+              ASSERT_TRUE(be_->host_memory()) << "a device backend offers draw_token";
+              return;
+            }
+            ASSERT_EQ(token, sampler->sample(x.data(), bits))
+                << what << ", temperature " << temperature << ", top_p " << top_p << ", min_p " << min_p << ", draw " << i;
           }
-          ASSERT_EQ(token, sampler->sample(x.data(), bits)) << what << ", temperature " << temperature << ", min_p " << min_p << ", draw " << i;
         }
-      }
-  }
-  DeviceBuffer none(but(), *be_, std::vector<float>(1000, nan));
-  EXPECT_EQ(be_->draw_token(none.f(), 1000, 1.0f, -std::numeric_limits<float>::infinity(), 12345), -1);
-}
-
-// The row's total draw weight where the logits are: Σ draw_weight(z − z_max) over the row, exact (the
-// sum of integers in any order), for the rows above; false for a row of NaNs.
-TEST_P(BackendOps, RowMassIsTheExactSumOfTheWeights) {
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  auto with_nan = gaussian(151936, rng_, 3.0f);
-  for (size_t i = 0; i < with_nan.size(); i += 101) with_nan[i] = nan;
-  for (const auto& x : {gaussian(151936, rng_, 3.0f), gaussian(151936, rng_, 0.05f), with_nan, gaussian(12, rng_)}) {
-    const int64_t n = int64_t(x.size());
-    DeviceBuffer d(but(), *be_, x);
-    for (const float temperature : {0.6f, 1.3f}) {
-      DrawMass mass = 0;
-      if (!be_->row_mass(d.f(), n, temperature, &mass)) {
-        ASSERT_TRUE(be_->host_memory()) << "a device backend offers row_mass";
-        return;
-      }
-      float z_max = -std::numeric_limits<float>::infinity();
-      for (float v : x)
-        if (v == v) z_max = std::max(z_max, v / temperature);
-      DrawMass want = 0;
-      for (float v : x) want += draw_weight(v / temperature - z_max);
-      EXPECT_TRUE(mass == want) << "n " << n << ", temperature " << temperature << ": " << double(mass) << " against " << double(want);
-    }
   }
   // No finite z: NaNs only, an infinite largest value, −inf everywhere.
   std::vector<float> with_inf = gaussian(1000, rng_);
   with_inf[17] = std::numeric_limits<float>::infinity();
   for (const auto& row : {std::vector<float>(1000, nan), with_inf, std::vector<float>(1000, -std::numeric_limits<float>::infinity())}) {
     DeviceBuffer none(but(), *be_, row);
-    DrawMass mass = 0;
-    EXPECT_FALSE(be_->row_mass(none.f(), 1000, 1.0f, &mass));
-    EXPECT_EQ(be_->draw_token(none.f(), 1000, 1.0f, -std::numeric_limits<float>::infinity(), 12345), -1);
+    for (const float top_p : {1.0f, 0.9f})
+      EXPECT_EQ(be_->draw_token(none.f(), 1000, 1.0f, top_p, -std::numeric_limits<float>::infinity(), 12345), -1) << "top_p " << top_p;
   }
 }
 

@@ -728,8 +728,9 @@ TEST_P(Cuda, LogitsAndGreedyMatchTransformers) {
 
 // Sampled decoding on the GPU: top-k sampling and penalized picks from the candidates the GPU selects
 // (TokenPicker, before the logits are copied; a penalty's window logits gathered with them) draw the token
-// a twin sampler of the same seed draws from the copied row, step by step; a setting the candidates cannot
-// serve (top-p without top-k) takes the row and agrees likewise.
+// a twin sampler of the same seed draws from the copied row, step by step; so do draws over the whole row on
+// the GPU (temperature alone, min-p, top-p without top-k: Backend::draw_token) and a setting neither serves
+// (a penalty without top-k), which takes the row.
 TEST_P(Cuda, SampledTokensMatchSamplingTheRow) {
   SKIP_WITHOUT_GPU();
   const Fixture f = load_fixture(reference_of(GetParam()));
@@ -747,12 +748,16 @@ TEST_P(Cuda, SampledTokensMatchSamplingTheRow) {
   greedy_penalized.temperature = 0.0f, greedy_penalized.repetition_penalty = 1.5f, greedy_penalized.presence_penalty = 0.5f;
   SamplerParams top_p_alone = top_k;
   top_p_alone.top_k = 0;
-  SamplerParams temperature_alone;  // drawn on the GPU (Backend::draw_token)
+  SamplerParams top_p_min_p = top_p_alone;
+  top_p_min_p.temperature = 1.2f, top_p_min_p.top_p = 0.8f, top_p_min_p.min_p = 0.02f;
+  SamplerParams top_p_penalized = top_p_alone;
+  top_p_penalized.repetition_penalty = 1.2f;
+  SamplerParams temperature_alone;
   temperature_alone.temperature = 1.0f, temperature_alone.seed = 5;
   SamplerParams min_p_alone = temperature_alone;
   min_p_alone.temperature = 0.8f, min_p_alone.min_p = 0.1f;
   for (const SamplerParams& params :
-       {top_k, wide, penalized, presence, greedy_penalized, top_p_alone, temperature_alone, min_p_alone}) {
+       {top_k, wide, penalized, presence, greedy_penalized, top_p_alone, top_p_min_p, top_p_penalized, temperature_alone, min_p_alone}) {
     auto picked = Sampler::create(params, model->n_vocab()), twin = Sampler::create(params, model->n_vocab());
     ASSERT_TRUE(picked && twin);
     auto session = new_session(*model);

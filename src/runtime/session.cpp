@@ -159,15 +159,10 @@ int64_t Session::top_candidates(float temperature, int64_t k, int32_t* ids, floa
                                          int64_t(gather.size()), gathered);
 }
 
-int64_t Session::draw_token(float temperature, float log_min_p, uint64_t bits) const {
+int64_t Session::draw_token(float temperature, float top_p, float log_min_p, uint64_t bits) const {
   MF_CHECK_MSG(has_logits_, "draw_token: no logits (evaluate a token first)");
   if (!logits_on_backend_) return -1;
-  return model_.backend().draw_token(state_->backend_logits, n_vocab(), temperature, log_min_p, bits);
-}
-
-bool Session::row_mass(float temperature, DrawMass* mass) const {
-  MF_CHECK_MSG(has_logits_, "row_mass: no logits (evaluate a token first)");
-  return logits_on_backend_ && model_.backend().row_mass(state_->backend_logits, n_vocab(), temperature, mass);
+  return model_.backend().draw_token(state_->backend_logits, n_vocab(), temperature, top_p, log_min_p, bits);
 }
 
 Status Session::forward_batch(const int32_t* tokens, int64_t count, float* logits, bool logits_all) {

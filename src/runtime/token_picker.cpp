@@ -7,19 +7,7 @@ int32_t TokenPicker::next(const Session& session, Sampler& sampler) {
   if (Sampler::DeviceDraw draw; sampler.device_draw(&draw)) {
     // The draw's bits taken first, so the row path below draws with the same ones.
     const uint64_t bits = sampler.draw_bits();
-    if (const int64_t token = session.draw_token(draw.temperature, draw.log_min_p, bits); token >= 0) return int32_t(token);
-    return sampler.sample(session.logits(), bits);
-  }
-  if (sampler.nucleus_from_candidates()) {
-    // Top-p without top-k: the row's best candidates and its total weight; the row itself only when the
-    // nucleus reaches past them (a flat distribution).
-    const uint64_t bits = sampler.draw_bits();
-    ids_.resize(size_t(capacity)), z_.resize(size_t(capacity));
-    const float temperature = sampler.params().temperature;
-    DrawMass mass = 0;
-    const int64_t n = session.top_candidates(temperature, nucleus_k, ids_.data(), z_.data(), capacity);
-    if (n > 0 && session.row_mass(temperature, &mass))
-      if (const int32_t token = sampler.sample_nucleus(ids_.data(), z_.data(), n, mass, bits); token >= 0) return token;
+    if (const int64_t token = session.draw_token(draw.temperature, draw.top_p, draw.log_min_p, bits); token >= 0) return int32_t(token);
     return sampler.sample(session.logits(), bits);
   }
   if (const int64_t k = sampler.candidate_k(); k > 0 && k <= capacity) {

@@ -22,10 +22,18 @@ struct HostOps {
     std::memcpy(&v, &b, sizeof v);
     return v;
   }
+  static uint64_t to_bits(double v) {
+    uint64_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  }
+  static double from_u64(uint64_t v) { return static_cast<double>(v); }  // to nearest, ties to even
 };
 }  // namespace
 
 uint64_t draw_weight(float d) { return draw_weight_with<HostOps>(d); }
+
+DrawMass top_p_mass(float top_p, DrawMass total) { return top_p_mass_with<HostOps>(top_p, total); }
 
 void draw_weights(const float* z, const int32_t* ids, int64_t n, float z_max, uint64_t* out) {
   for (int64_t i = 0; i < n; ++i) out[ids[i]] = draw_weight_with<HostOps>(z[ids[i]] - z_max);

@@ -70,6 +70,44 @@ __extension__ typedef unsigned __int128 DrawMass;  // a sum of weights
 #error "the sampler's exact sums need a 128-bit integer type (GCC and Clang have one)"
 #endif
 
+// top_p's share of a total, as the sampler defines it (sampler.hpp): static_cast<DrawMass>(double(top_p) ·
+// double(total)) — the total rounded to the nearest double (ties to even), the product rounded, the result
+// truncated — written out in integer steps and Ops (mul; from_u64, a uint64 rounded to nearest; to_u64,
+// truncation; from_bits, to_bits) so that the host and a GPU compute it alike without a 128-bit float
+// conversion of their own.
+MF_HOST_DEVICE inline int draw_bit_width(uint64_t v) {
+#if defined(__CUDA_ARCH__)
+  return 64 - __clzll(static_cast<long long>(v));
+#else
+  return v == 0 ? 0 : 64 - __builtin_clzll(v);
+#endif
+}
+
+template <typename Ops>
+MF_HOST_DEVICE inline DrawMass top_p_mass_with(float top_p, DrawMass total) {
+  const uint64_t hi = uint64_t(total >> 64), lo = uint64_t(total);
+  double t;
+  if (hi == 0) {
+    t = Ops::from_u64(lo);
+  } else {
+    // The top 64 bits, with every bit below them folded into the lowest (a sticky bit below the rounding
+    // position, 10 bits further up), rounded once, then scaled by 2^shift exactly.
+    const int shift = draw_bit_width(hi);
+    const uint64_t dropped = shift == 64 ? lo : lo & ((uint64_t(1) << shift) - 1);
+    const uint64_t top = uint64_t(total >> shift) | uint64_t(dropped != 0);
+    t = Ops::mul(Ops::from_u64(top), Ops::from_bits(uint64_t(1023 + shift) << 52));
+  }
+  const double p = Ops::mul(static_cast<double>(top_p), t);
+  if (p < 18446744073709551616.0) return Ops::to_u64(p);  // below 2^64
+  // An integer: its 53-bit significand shifted left by the exponent less 52 (at least 12).
+  const uint64_t b = Ops::to_bits(p);
+  const int e = int((b >> 52) & 0x7FF) - 1023;
+  return DrawMass((b & ((uint64_t(1) << 52) - 1)) | (uint64_t(1) << 52)) << (e - 52);
+}
+
+// The host's top_p_mass (draw_weight.cpp).
+DrawMass top_p_mass(float top_p, DrawMass total);
+
 // floor(u · mass) for u = bits · 2^-53 (bits: 53 random bits): the draw's target, exact (mass < 2^93:
 // up to 2^31 weights of at most 2^62).
 MF_HOST_DEVICE inline DrawMass draw_target(uint64_t bits, DrawMass mass) {

@@ -137,8 +137,9 @@ void Sampler::reset() {
 }
 
 bool Sampler::device_draw(DeviceDraw* out) const {
-  if (!(params_.temperature > 0.0f) || (params_.top_k > 0 && params_.top_k < n_vocab_) || params_.top_p < 1.0f || penalizes()) return false;
+  if (!(params_.temperature > 0.0f) || (params_.top_k > 0 && params_.top_k < n_vocab_) || penalizes()) return false;
   out->temperature = params_.temperature;
+  out->top_p = params_.top_p;
   out->log_min_p = params_.min_p > 0.0f ? std::log(params_.min_p) : -std::numeric_limits<float>::infinity();
   return true;
 }
@@ -312,27 +313,7 @@ int32_t Sampler::sample_candidates(const int32_t* ids, const float* z, int64_t c
   return pick(n, max_logit);
 }
 
-int32_t Sampler::sample_nucleus(const int32_t* ids, const float* z, int64_t count, DrawMass row_mass, uint64_t bits) {
-  MF_CHECK_MSG(nucleus_from_candidates() && count > 0 && count <= n_vocab_, "sample_nucleus: {} candidates (the sampler {} from them)", count,
-               nucleus_from_candidates() ? "samples" : "does not sample");
-  reserve();
-  weights_filled_ = false;
-  for (int64_t i = 0; i < count; ++i) {
-    MF_CHECK_MSG(ids[i] >= 0 && ids[i] < n_vocab_, "sample_nucleus: id {} outside the vocabulary [0, {})", ids[i], n_vocab_);
-    logits_[ids[i]] = z[i];
-    ids_[i] = ids[i];
-  }
-  std::sort(ids_.begin(), ids_.begin() + count);  // id order, as sample() starts
-  float max_logit = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < count; ++i) max_logit = std::max(max_logit, logits_[ids_[i]]);
-  if (!std::isfinite(max_logit)) return -1;  // the row path reports it
-  bits_given_ = true, given_bits_ = bits;
-  const int32_t token = pick(count, max_logit, &row_mass);
-  bits_given_ = false;
-  return token;
-}
-
-int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
+int32_t Sampler::pick(int64_t n, float max_logit) {
   const LogitDescending descending{logits_.data()};
   int64_t n_kept = n;
   bool sorted = false;    // ids_[0, n_kept) in descending order (else in id order, or a set: in_order)
@@ -347,11 +328,8 @@ int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
   if (params_.top_p < 1.0f) {
     fill_weights(n_kept, max_logit);
     DrawMass total = 0;
-    if (row_mass)
-      total = *row_mass;
-    else
-      for (int64_t i = 0; i < n_kept; ++i) total += weights_[ids_[i]];
-    const DrawMass wanted = static_cast<DrawMass>(static_cast<double>(params_.top_p) * static_cast<double>(total));
+    for (int64_t i = 0; i < n_kept; ++i) total += weights_[ids_[i]];
+    const DrawMass wanted = top_p_mass(params_.top_p, total);
     DrawMass cumulative = 0;
     int64_t n_sorted = sorted ? n_kept : 0;
     int64_t prefix = sorted ? n_kept : std::min(n_kept, kTopPFirstPrefix);
@@ -370,13 +348,12 @@ int32_t Sampler::pick(int64_t n, float max_logit, const DrawMass* row_mass) {
         if (cumulative >= wanted) break;
       }
       if (i < n_sorted || n_sorted == n_kept) break;
-      if (!row_mass && prefix >= kTopPSortMax) {
+      if (prefix >= kTopPSortMax) {
         flat = true;
         break;
       }
       prefix = std::min(n_kept, prefix * kTopPGrowth);
     }
-    if (row_mass && i == n_kept) return -1;  // the nucleus reaches past the candidates
     if (flat) {
       // The nucleus ends at the first candidate whose cumulative weight reaches wanted (> wanted − 1:
       // wanted is above the sorted prefix's weight, so above 2^62), found by weighted bins; it is the

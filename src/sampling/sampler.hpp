@@ -62,7 +62,7 @@ int64_t argmax_first(const float* v, int64_t n);
 // Weights (draw_weight.hpp): a candidate weighs exp(z − z_max) as an integer in units of 2^-62 of the
 // largest (floor; e^-43 of it or less weighs 0: such a token had a chance below 2^-62 relative to the
 // most likely one), by moeflux's own exp; totals, top-p's cumulative mass (≥ top_p · total, the product
-// taken in double) and the draw (the first token in the order whose cumulative weight exceeds
+// taken in double: top_p_mass) and the draw (the first token in the order whose cumulative weight exceeds
 // floor(u · total)) are exact integer sums. So the result depends on no summation order: the same seed and
 // logits give the same tokens on every platform, and a GPU that sums the row in its own order draws the
 // token this class draws (Backend::draw_token).
@@ -85,24 +85,16 @@ class Sampler {
   uint64_t draw_bits() { return rng_() >> 11; }
 
   // What a device needs to draw this sampler's token where the logits are, without copying them: set when
-  // sampling is a temperature draw over the whole row, with min-p or not (no top-k below n_vocab, top-p
-  // off, no penalty that could change a logit); then Backend::draw_token(x, temperature, log_min_p, bits)
-  // returns the token sample(x, bits) does.
+  // sampling is a temperature draw over the whole row, with top-p, min-p, both or neither (no top-k below
+  // n_vocab, no penalty that could change a logit); then Backend::draw_token(x, temperature, top_p,
+  // log_min_p, bits) returns the token sample(x, bits) does.
   struct DeviceDraw {
     float temperature;
+    float top_p;      // 1 = off: the draw walks the kept tokens in id order, else in the sampler's order
     float log_min_p;  // std::log(min_p) (−inf when min-p is off): the cut is z_max + log_min_p, in fp32
   };
   bool device_draw(DeviceDraw* out) const;
 
-  // Top-p from candidates: with top-p on and neither a top-k below n_vocab nor a penalty, the token
-  // sample(row, bits) returns, from the row's best candidates — ids with their z (divided in fp32, as
-  // sample() does), every token at or above the lowest z among them, as Backend::top_candidates selects
-  // them — and the row's total weight (Backend::row_mass); −1 when the nucleus reaches past the candidates
-  // (the caller samples the row with the same bits).
-  bool nucleus_from_candidates() const {
-    return params_.temperature > 0.0f && (params_.top_k == 0 || params_.top_k >= n_vocab_) && params_.top_p < 1.0f && !penalizes();
-  }
-  int32_t sample_nucleus(const int32_t* ids, const float* z, int64_t count, DrawMass row_mass, uint64_t bits);
   // Steps 1-2 alone, in place on logits [n_vocab] f32: what sample() does before temperature. For callers
   // that report penalized log-probabilities, and for tests.
   void apply_penalties(float* logits);
@@ -150,9 +142,7 @@ class Sampler {
   // Steps 1-2 for one logit of a token with `count` occurrences in the window (count ≥ 1).
   float penalized(float logit, int32_t count) const;
   // Steps 4-7 over ids_[0, n) (in id order), whose scaled logits are in logits_, the largest max_logit.
-  // With row_mass, ids_[0, n) are the row's best and top-p takes the row's total from it: −1 when the
-  // nucleus is not within them.
-  int32_t pick(int64_t n, float max_logit, const DrawMass* row_mass = nullptr);
+  int32_t pick(int64_t n, float max_logit);
   // From ids_[0, n_kept) by their weights (the class comment's Weights), walked as they lie, or (in_order)
   // in the order higher z first, ties to the lower id, without sorting them (first_past).
   int32_t draw(int64_t n_kept, bool in_order = false);

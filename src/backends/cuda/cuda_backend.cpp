@@ -258,53 +258,36 @@ class CudaBackend final : public Backend {
     return count;
   }
 
-  int64_t draw_token(const float* x, int64_t n, float temperature, float log_min_p, uint64_t bits) override {
+  int64_t draw_token(const float* x, int64_t n, float temperature, float top_p, float log_min_p, uint64_t bits) override {
     if (n <= 0 || n > max_draw_vocab || !(temperature > 0.0f) || recording_) return -1;
     const OpTimer timer(*this, "draw_token");
     bind();
-    queue_draw_mass(x, n, temperature, log_min_p);
-    cuda::draw_find(x, n, temperature, log_min_p, draw_key_, draw_mass_, bits, draw_out_, stream_);
-    MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_out_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
-    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return *reinterpret_cast<const int32_t*>(draw_host_);
-  }
-
-  // What draw_token and row_mass share, queued: argmax's key of x, then the blocks' kept weights.
-  void queue_draw_mass(const float* x, int64_t n, float temperature, float log_min_p) {
     ensure_draw_buffers();
     MF_CUDA_CHECK(cudaMemsetAsync(draw_key_, 0, sizeof(unsigned long long), stream_));
     cuda::argmax_key(x, n, draw_key_, stream_);
-    cuda::draw_mass(x, n, temperature, log_min_p, draw_key_, draw_mass_, stream_);
+    if (top_p < 1.0f) {
+      cuda::draw_top_p(x, n, temperature, top_p, log_min_p, draw_key_, draw_top_p_, bits, draw_out_, stream_);
+    } else {
+      cuda::draw_mass(x, n, temperature, log_min_p, draw_key_, draw_mass_, stream_);
+      cuda::draw_find(x, n, temperature, log_min_p, draw_key_, draw_mass_, bits, draw_out_, stream_);
+    }
+    MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_out_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return *draw_host_;
   }
 
-  // draw_token's and row_mass's buffers: argmax's key, the blocks' sums and the drawn id on the device,
-  // the key and sums (or the id) on their pinned way up; for rows of up to max_draw_vocab.
+  // draw_token's buffers, for rows of up to max_draw_vocab: on the device argmax's key, the blocks' sums,
+  // the drawn id and top-p's select; the id's pinned way up.
   void ensure_draw_buffers() {
     if (draw_key_) return;
-    const size_t words = 1 + 2 * size_t(cuda::draw_blocks(max_draw_vocab));
+    const size_t words = 2 + 2 * size_t(cuda::draw_blocks(max_draw_vocab));  // the key, the sums, the id
     void* device = nullptr;
-    MF_CUDA_CHECK(cudaMalloc(&device, sizeof(unsigned long long) * (words + 1)));
-    MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&draw_host_), sizeof(unsigned long long) * words, cudaHostAllocDefault));
+    MF_CUDA_CHECK(cudaMalloc(&device, sizeof(unsigned long long) * words + cuda::top_p_buffer_bytes));
+    MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&draw_host_), sizeof(int32_t), cudaHostAllocDefault));
     draw_key_ = static_cast<unsigned long long*>(device);
     draw_mass_ = draw_key_ + 1;
-    draw_out_ = reinterpret_cast<int32_t*>(draw_key_ + words);
-  }
-
-  bool row_mass(const float* x, int64_t n, float temperature, DrawMass* mass) override {
-    if (n <= 0 || n > max_draw_vocab || !(temperature > 0.0f) || recording_) return false;
-    const OpTimer timer(*this, "row_mass");
-    bind();
-    queue_draw_mass(x, n, temperature, -std::numeric_limits<float>::infinity());
-    const int64_t blocks = cuda::draw_blocks(n);
-    // The max's key and the blocks' sums come up; the host adds them (any order: integers).
-    MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_key_, sizeof(unsigned long long) * size_t(1 + 2 * blocks), cudaMemcpyDeviceToHost, stream_));
-    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    // No finite z (every value NaN, or the largest infinite after the division): the row path reports it.
-    if (draw_host_[0] == 0 || !std::isfinite(cuda::argmax_value(draw_host_[0]) / temperature)) return false;
-    DrawMass total = 0;
-    for (int64_t b = 0; b < blocks; ++b) total += (DrawMass(draw_host_[1 + 2 * b]) << 32) + draw_host_[2 + 2 * b];
-    *mass = total;
-    return true;
+    draw_out_ = reinterpret_cast<int32_t*>(draw_key_ + words - 1);
+    draw_top_p_ = reinterpret_cast<cuda::TopPBuffer*>(draw_key_ + words);
   }
 
   void trace_mark(const char* what) override {
@@ -933,12 +916,13 @@ class CudaBackend final : public Backend {
   static constexpr int64_t max_top_candidates = 8192;
   void* top_device_ = nullptr;
   void* top_host_ = nullptr;
-  // draw_token and row_mass (ensure_draw_buffers), for rows of up to max_draw_vocab (2048 blocks' sums).
+  // draw_token (ensure_draw_buffers), for rows of up to max_draw_vocab (2048 blocks' sums).
   static constexpr int64_t max_draw_vocab = int64_t(1) << 22;
-  unsigned long long* draw_key_ = nullptr;  // device: the key, then the sums, then the id
+  unsigned long long* draw_key_ = nullptr;  // device: the key, then the sums, then the id, then top-p's select
   unsigned long long* draw_mass_ = nullptr;
   int32_t* draw_out_ = nullptr;
-  unsigned long long* draw_host_ = nullptr;  // pinned
+  cuda::TopPBuffer* draw_top_p_ = nullptr;
+  int32_t* draw_host_ = nullptr;  // pinned
   std::vector<void*> weights_;      // upload_weights' device copies
 };
 

@@ -231,6 +231,8 @@ struct DeviceWeightOps {
   __device__ static int round_to_int(double v) { return __double2int_rn(v); }
   __device__ static uint64_t to_u64(double v) { return __double2ull_rz(v); }
   __device__ static double from_bits(uint64_t b) { return __longlong_as_double(static_cast<long long>(b)); }
+  __device__ static uint64_t to_bits(double v) { return static_cast<uint64_t>(__double_as_longlong(v)); }
+  __device__ static double from_u64(uint64_t v) { return __ull2double_rn(v); }
 };
 
 // A token's weight in the draw: 0 below min-p's cut (kept: !(z < cut), as the host's filter keeps it).
@@ -362,6 +364,199 @@ void draw_find(const float* x, int64_t n, float temperature, float log_min_p, co
   if (n <= 0) return;
   launch(draw_find_kernel, 1, 32, 0, stream, x, n, temperature, log_min_p, max_key, mass, bits, out);
   MF_CUDA_CHECK_LAUNCH();
+}
+
+namespace {
+// Top-p's select (draw_top_p): the first token in the sampler's order whose cumulative weight exceeds a
+// target, by a weighted radix select over argmax_key_of(z, id) — z's order above the id's complement, so
+// higher z first, ties to the lower id, every key distinct — a digit a level, from the top: 11, 11 and 10
+// bits of z's key, then 11, 11 and 10 of the id's.
+constexpr int select_bins = 2048;
+constexpr int select_levels = 6;
+__device__ __forceinline__ int select_shift(int level) {
+  return level == 0 ? 53 : level == 1 ? 42 : level == 2 ? 32 : level == 3 ? 21 : level == 4 ? 10 : 0;
+}
+__device__ __forceinline__ int select_width(int level) { return level == 2 || level == 5 ? 10 : 11; }
+
+}  // namespace
+
+struct TopPBuffer {
+  // A level's bins: the weight of digit d is lo[d] + 2^64 · hi[d]; count[d] tokens of positive weight, the
+  // sum of their ids id_sum[d] (the id itself when the count is 1).
+  struct Bins {
+    unsigned long long lo[select_bins], hi[select_bins], count[select_bins], id_sum[select_bins];
+  };
+  // Level 0's sums over the row, in 32-bit halves as draw_mass_kernel's: every weight and those at or
+  // above min-p's cut.
+  unsigned long long total_hi, total_lo, kept_hi, kept_lo;
+  unsigned arrived;  // blocks done with this launch
+  int phase;         // 0: the nucleus's edge; 1: the draw; 2: done
+  int level;
+  unsigned long long prefix;  // the key's digits above this level, fixed by the levels before
+  DrawMass before;            // the weight of every token ahead of the prefix's group in the order
+  DrawMass target;
+  Bins first;  // level 0's, kept for the draw's first level (the same weights over the same row)
+  Bins next;   // a later level's, zeroed once read
+};
+static_assert(sizeof(TopPBuffer) <= top_p_buffer_bytes, "elementwise.cuh's size of the top-p buffer");
+
+namespace {
+__device__ __forceinline__ DrawMass halves(unsigned long long hi, unsigned long long lo) { return (DrawMass(hi) << 32) + lo; }
+
+// One launch a level: each block bins its draw_chunk ids whose key matches the prefix (weights of 0 left
+// out: they are never past a target) in shared memory and adds its bins to the level's; the last block to
+// arrive picks the digit holding the target and either fixes it (the next launch bins the next digit of
+// that group) or, with one token in it, has found the token: the nucleus's edge, after which the draw's
+// target is set and its first level picked from the bins already kept, or the drawn token, into *out.
+// Launches after the token is found return at once.
+__global__ void __launch_bounds__(threads) top_p_level_kernel(const float* __restrict__ x, int64_t n, float temperature, float top_p,
+                                                              float log_min_p, const unsigned long long* max_key, uint64_t bits,
+                                                              TopPBuffer* buffer, int32_t* out) {
+  dependent_launch_begin();
+  __shared__ unsigned long long bin_lo[select_bins], bin_ids[select_bins];  // ids: count << 40 | Σ id
+  __shared__ unsigned bin_hi[select_bins];
+  __shared__ unsigned long long partial[4][threads / 32];
+  __shared__ int last, digit;
+  __shared__ DrawMass before_digit;
+  TopPBuffer& b = *buffer;
+  if (b.phase == 2) return;
+  const int level = b.level;
+  const unsigned long long prefix = b.prefix;
+  const float z_max = draw_z_max(x, max_key, temperature), cut = z_max + log_min_p;
+  if (!isfinite(z_max)) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) b.phase = 2, *out = -1;
+    return;
+  }
+  for (int d = threadIdx.x; d < select_bins; d += blockDim.x) bin_lo[d] = 0, bin_ids[d] = 0, bin_hi[d] = 0;
+  __syncthreads();
+  const int shift = select_shift(level), width = select_width(level);
+  unsigned long long total_hi = 0, total_lo = 0, kept_hi = 0, kept_lo = 0;
+  const int64_t begin = int64_t(blockIdx.x) * draw_chunk, end = min(n, begin + draw_chunk);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float z = x[i] / temperature;
+    const unsigned long long key = argmax_key_of(z, uint32_t(i));
+    if (level > 0 && key >> (shift + width) != prefix) continue;
+    const uint64_t w = draw_weight_with<DeviceWeightOps>(z - z_max);
+    if (w == 0) continue;
+    if (level == 0) {
+      total_hi += w >> 32, total_lo += w & 0xFFFFFFFFu;
+      if (!(z < cut)) kept_hi += w >> 32, kept_lo += w & 0xFFFFFFFFu;
+    }
+    const int d = int(key >> shift) & ((1 << width) - 1);
+    const unsigned long long old = atomicAdd(&bin_lo[d], static_cast<unsigned long long>(w));
+    if (old + w < old) atomicAdd(&bin_hi[d], 1u);
+    atomicAdd(&bin_ids[d], (1ull << 40) + static_cast<unsigned long long>(i));
+  }
+  if (level == 0) {
+    for (int o = 16; o > 0; o >>= 1) {
+      total_hi += __shfl_xor_sync(0xffffffffu, total_hi, o), total_lo += __shfl_xor_sync(0xffffffffu, total_lo, o);
+      kept_hi += __shfl_xor_sync(0xffffffffu, kept_hi, o), kept_lo += __shfl_xor_sync(0xffffffffu, kept_lo, o);
+    }
+    if ((threadIdx.x & 31) == 0) {
+      const int w = threadIdx.x >> 5;
+      partial[0][w] = total_hi, partial[1][w] = total_lo, partial[2][w] = kept_hi, partial[3][w] = kept_lo;
+    }
+  }
+  __syncthreads();
+  if (level == 0 && threadIdx.x < 4) {
+    unsigned long long sum = 0;
+    for (int w = 0; w < threads / 32; ++w) sum += partial[threadIdx.x][w];
+    atomicAdd(threadIdx.x == 0 ? &b.total_hi : threadIdx.x == 1 ? &b.total_lo : threadIdx.x == 2 ? &b.kept_hi : &b.kept_lo, sum);
+  }
+  TopPBuffer::Bins& bins = level == 0 ? b.first : b.next;
+  for (int d = threadIdx.x; d < select_bins; d += blockDim.x) {
+    const unsigned long long ids = bin_ids[d];
+    if (ids == 0) continue;
+    const unsigned long long lo = bin_lo[d], old = atomicAdd(&bins.lo[d], lo);
+    const unsigned long long hi = bin_hi[d] + (old + lo < old ? 1u : 0u);
+    if (hi) atomicAdd(&bins.hi[d], hi);
+    atomicAdd(&bins.count[d], ids >> 40);
+    atomicAdd(&bins.id_sum[d], ids & ((1ull << 40) - 1));
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&b.arrived, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+
+  // The last block: the digit, level by level while one launch's bins decide it.
+  int phase = b.phase, at = level;
+  unsigned long long fixed = prefix;
+  DrawMass before = b.before, target = b.target;
+  if (phase == 0 && at == 0) {
+    // The nucleus ends at the first token whose cumulative weight reaches top_p's share of the row (> it − 1).
+    const DrawMass wanted = top_p_mass_with<DeviceWeightOps>(top_p, halves(__ldcg(&b.total_hi), __ldcg(&b.total_lo)));
+    target = wanted == 0 ? 0 : wanted - 1, before = 0;
+  }
+  for (;;) {
+    TopPBuffer::Bins& g = at == 0 ? b.first : b.next;
+    for (int d = threadIdx.x; d < select_bins; d += blockDim.x) bin_lo[d] = __ldcg(&g.lo[d]), bin_hi[d] = unsigned(__ldcg(&g.hi[d]));
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      // Lane l sums digits [top − 64, top] from the highest down; the lane whose span crosses walks it.
+      constexpr int per_lane = select_bins / 32;
+      const int lane = threadIdx.x, top = select_bins - 1 - lane * per_lane;
+      DrawMass mine = 0;
+#pragma unroll 8
+      for (int k = 0; k < per_lane; ++k) mine += (DrawMass(bin_hi[top - k]) << 64) + bin_lo[top - k];
+      DrawMass cumulative;
+      const int found_lane = find_lane(before + warp_prefix(mine), mine, target, &cumulative);
+      int found = -1;
+      if (lane == found_lane)
+        for (int k = 0; k < per_lane; ++k) {
+          const DrawMass m = (DrawMass(bin_hi[top - k]) << 64) + bin_lo[top - k];
+          if (cumulative + m > target) {
+            found = top - k;
+            break;
+          }
+          cumulative += m;
+        }
+      if (lane == found_lane) digit = found, before_digit = cumulative;
+    }
+    __syncthreads();
+    const int d = digit;
+    if (d < 0) {  // past every bin: a broken sum; the caller samples the row
+      if (threadIdx.x == 0) b.phase = 2, *out = -1;
+      return;
+    }
+    before = before_digit;
+    const unsigned long long count = __ldcg(&g.count[d]), id_sum = __ldcg(&g.id_sum[d]);
+    const DrawMass through = before + (DrawMass(bin_hi[d]) << 64) + bin_lo[d];
+    __syncthreads();
+    if (at > 0)
+      for (int e = threadIdx.x; e < select_bins; e += blockDim.x) g.lo[e] = 0, g.hi[e] = 0, g.count[e] = 0, g.id_sum[e] = 0;
+    if (count > 1 && at < select_levels - 1) {
+      fixed = (fixed << select_width(at)) | unsigned(d);
+      ++at;
+      break;
+    }
+    if (phase == 1) {
+      if (threadIdx.x == 0) *out = int32_t(id_sum);
+      phase = 2;
+      break;
+    }
+    // The edge: the nucleus is every token up to it, less those below min-p's cut (a prefix of the order
+    // too), so its weight is the smaller of the two prefixes'; the draw's target, then its first level.
+    const DrawMass kept = halves(__ldcg(&b.kept_hi), __ldcg(&b.kept_lo));
+    target = draw_target(bits, through < kept ? through : kept);
+    phase = 1, at = 0, fixed = 0, before = 0;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) b.phase = phase, b.level = at, b.prefix = fixed, b.before = before, b.target = target, b.arrived = 0;
+}
+}  // namespace
+
+void draw_top_p(const float* x, int64_t n, float temperature, float top_p, float log_min_p, const unsigned long long* max_key,
+                TopPBuffer* buffer, uint64_t bits, int32_t* out, cudaStream_t stream) {
+  if (n <= 0) return;
+  MF_CUDA_CHECK(cudaMemsetAsync(buffer, 0, sizeof(TopPBuffer), stream));
+  // At most six levels find the edge and five more the drawn token (the draw's first is picked in the
+  // edge's last launch).
+  for (int l = 0; l < 2 * select_levels - 1; ++l) {
+    launch(top_p_level_kernel, unsigned(draw_blocks(n)), threads, 0, stream, x, n, temperature, top_p, log_min_p, max_key, bits, buffer, out);
+    MF_CUDA_CHECK_LAUNCH();
+  }
 }
 
 void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t stream) {

@@ -62,4 +62,14 @@ void draw_mass(const float* x, int64_t n, float temperature, float log_min_p, co
 void draw_find(const float* x, int64_t n, float temperature, float log_min_p, const unsigned long long* max_key,
                const unsigned long long* mass, uint64_t bits, int32_t* out, cudaStream_t stream);
 
+// Backend::draw_token with top-p on the device (n ≤ 2^22): the nucleus's edge, then the drawn token, each the
+// first token in the sampler's order (higher z first, ties to the lower id) whose cumulative weight exceeds
+// a target — top_p_mass of the row's total less one, then draw_target of the nucleus's weight (min-p's cut
+// applied) — by a weighted radix select over argmax's 64-bit key of z (11, 11, 10 bits of z's order, then
+// of the id), a launch a level. max_key: argmax_key's result for x. *out becomes the id, or −1 when z_max
+// is not finite. buffer: top_p_buffer_bytes of device memory (zeroed here).
+struct TopPBuffer;
+constexpr size_t top_p_buffer_bytes = 128 + 2 * 4 * 8 * 2048;
+void draw_top_p(const float* x, int64_t n, float temperature, float top_p, float log_min_p, const unsigned long long* max_key,
+                TopPBuffer* buffer, uint64_t bits, int32_t* out, cudaStream_t stream);
 }  // namespace moeflux::cuda
