@@ -961,11 +961,12 @@ TEST_P(BackendOps, TopCandidatesHoldTheKBest) {
   }
 }
 
-// A temperature draw over the whole row where the logits are (Sampler::device_draw): the token the host
-// sampler draws on the same row with the same random bits, draw for draw — rows with ties (thousands of
-// tokens on one value), NaNs, a flat and a peaked shape, at three temperatures, with and without top-p
-// (its nucleus a few tokens or most of a flat row; a share so small it rounds to no weight at all) and
-// min-p; and −1 for a row with no finite z (the host reports that).
+// A draw over the whole row where the logits are (Sampler::device_draw): the token the host sampler draws
+// on the same row with the same random bits, draw for draw — rows with ties (thousands of tokens on one
+// value), NaNs, a flat and a peaked shape, a short one; temperature alone and with min-p (drawn in id
+// order), top-p (a nucleus of a few tokens or most of a flat row; a share so small it rounds to no weight),
+// top-k (1, 20, 40, 5000; past the row's length: off), both, and penalties over a window that holds the
+// peaked row's best tokens, greedy too; and −1 for a row with no finite z (the host reports that).
 TEST_P(BackendOps, DrawTokenDrawsAsTheSamplerOnTheRow) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   auto rounded = gaussian(151936, rng_, 3.0f);
@@ -980,38 +981,59 @@ TEST_P(BackendOps, DrawTokenDrawsAsTheSamplerOnTheRow) {
                                                                         {"NaNs", with_nan},
                                                                         {"peaked", peaked},
                                                                         {"short", gaussian(12, rng_)}};
+  struct Setting {
+    float temperature;
+    int top_k;
+    float top_p, min_p;
+    float repetition = 1.0f, presence = 0.0f, frequency = 0.0f;
+  };
+  const std::vector<Setting> settings = {
+      {0.6f, 0, 1.0f, 0.0f},    {1.0f, 0, 1.0f, 0.05f},     {1.7f, 0, 1.0f, 0.0f},                       // id order
+      {1.0f, 0, 0.9f, 0.0f},    {0.6f, 0, 0.5f, 0.05f},     {1.7f, 0, 0.995f, 0.0f}, {1.0f, 0, 1e-30f, 0.0f},  // top-p
+      {1.0f, 20, 1.0f, 0.0f},   {0.6f, 40, 0.95f, 0.0f},    {1.7f, 5000, 0.9f, 0.05f}, {1.0f, 1, 1.0f, 0.0f},
+      {0.5f, 5000, 1.0f, 0.0f},  // the peaked row's 5000th token weighs 0 (50 below its best)
+      {1.0f, 1 << 20, 1.0f, 0.0f},                                                                            // top-k
+      {1.0f, 0, 1.0f, 0.0f, 1.3f}, {0.7f, 20, 0.95f, 0.0f, 1.0f, 1.5f, 0.25f}, {1.2f, 0, 0.9f, 0.02f, 1.1f, 0.5f},  // penalties
+      {0.0f, 0, 1.0f, 0.0f, 1.5f}, {0.0f, 0, 1.0f, 0.0f, 1.0f, 30.0f, 1.0f}};  // greedy, penalized
   std::mt19937_64 bits_rng(3);
   for (const auto& [what, x] : rows) {
     const int64_t n = int64_t(x.size());
     DeviceBuffer d(but(), *be_, x);
-    for (const float temperature : {0.6f, 1.0f, 1.7f})
-      for (const float top_p : {1.0f, 0.9f, 0.5f, 0.995f, 1e-30f})
-        for (const float min_p : {0.0f, 0.05f}) {
-          SamplerParams params;
-          params.temperature = temperature, params.top_p = top_p, params.min_p = min_p, params.seed = 1;
-          auto sampler = Sampler::create(params, n);
-          ASSERT_TRUE(sampler);
-          Sampler::DeviceDraw draw;
-          ASSERT_TRUE(sampler->device_draw(&draw));
-          for (int i = 0; i < 6; ++i) {
-            const uint64_t bits = bits_rng() >> 11;
-            const int64_t token = be_->draw_token(d.f(), n, draw.temperature, draw.top_p, draw.log_min_p, bits);
-            if (token < 0) {
-              ASSERT_TRUE(be_->host_memory()) << "a device backend offers draw_token";
-              return;
-            }
-            ASSERT_EQ(token, sampler->sample(x.data(), bits))
-                << what << ", temperature " << temperature << ", top_p " << top_p << ", min_p " << min_p << ", draw " << i;
-          }
+    for (const Setting& setting : settings) {
+      SamplerParams params;
+      params.temperature = setting.temperature, params.top_k = setting.top_k, params.top_p = setting.top_p, params.min_p = setting.min_p;
+      params.repetition_penalty = setting.repetition, params.presence_penalty = setting.presence, params.frequency_penalty = setting.frequency;
+      params.penalty_last_n = 256, params.seed = 1;
+      auto sampler = Sampler::create(params, n);
+      ASSERT_TRUE(sampler);
+      // A window of 256 with repeats: the peaked row's best tokens (multiples of 9973) and others.
+      for (int64_t i = 0; i < 256; ++i) sampler->accept(int32_t(i % 3 == 0 ? (i * 9973) % n : (i * 7919 + i / 5) % n));
+      const std::string where = what + ", temperature " + std::to_string(setting.temperature) + ", top_k " + std::to_string(setting.top_k) +
+                                ", top_p " + std::to_string(setting.top_p) + ", min_p " + std::to_string(setting.min_p) + ", penalties " +
+                                std::to_string(setting.repetition) + " " + std::to_string(setting.presence) + " " + std::to_string(setting.frequency);
+      for (int i = 0; i < 6; ++i) {
+        Sampler::DeviceDraw draw;
+        ASSERT_TRUE(sampler->device_draw(&draw)) << where;
+        const uint64_t bits = bits_rng() >> 11;
+        const int64_t token = be_->draw_token(d.f(), n, draw, bits);
+        if (token < 0) {
+          ASSERT_TRUE(be_->host_memory()) << "a device backend offers draw_token";
+          return;
         }
+        ASSERT_EQ(token, sampler->sample(x.data(), bits)) << where << ", draw " << i;
+      }
+    }
   }
   // No finite z: NaNs only, an infinite largest value, −inf everywhere.
   std::vector<float> with_inf = gaussian(1000, rng_);
   with_inf[17] = std::numeric_limits<float>::infinity();
   for (const auto& row : {std::vector<float>(1000, nan), with_inf, std::vector<float>(1000, -std::numeric_limits<float>::infinity())}) {
     DeviceBuffer none(but(), *be_, row);
-    for (const float top_p : {1.0f, 0.9f})
-      EXPECT_EQ(be_->draw_token(none.f(), 1000, 1.0f, top_p, -std::numeric_limits<float>::infinity(), 12345), -1) << "top_p " << top_p;
+    for (const auto& [top_k, top_p] : {std::pair{0, 1.0f}, std::pair{0, 0.9f}, std::pair{20, 1.0f}}) {
+      DeviceDraw draw;
+      draw.top_k = top_k, draw.top_p = top_p;
+      EXPECT_EQ(be_->draw_token(none.f(), 1000, draw, 12345), -1) << "top_k " << top_k << ", top_p " << top_p;
+    }
   }
 }
 

@@ -545,7 +545,7 @@ TEST(Sampler, GivenBitsDrawAsTheStream) {
     params.temperature = temperature, params.top_k = top_k, params.top_p = top_p, params.min_p = min_p, params.seed = 77;
     Sampler a = make_sampler(params, n), b = make_sampler(params, n);
     Sampler::DeviceDraw draw;
-    EXPECT_EQ(b.device_draw(&draw), top_k == 0) << "temperature " << temperature;
+    EXPECT_TRUE(b.device_draw(&draw)) << "temperature " << temperature;
     for (int i = 0; i < 30; ++i) {
       const uint64_t bits = b.draw_bits();
       ASSERT_EQ(a.sample(logits.data()), b.sample(logits.data(), bits)) << "temperature " << temperature << ", draw " << i;

@@ -114,14 +114,16 @@ class Backend {
     return -1;
   }
 
-  // The token Sampler::sample(row, bits) returns for a temperature draw over the whole row x[0, n) in
-  // backend memory (Sampler::device_draw: z = x / temperature in fp32; top-p's nucleus in the sampler's
-  // order, higher z first, ties to the lower id, its mass top_p_mass of the row's total (1 = off); min-p's
-  // cut z_max + log_min_p in fp32; draw_weight.hpp's weights and exact sums; the target from the 53
-  // random bits, walked in id order without top-p and in the sampler's order with it), without copying the
-  // row. −1 where the backend does not offer it or no z is finite (the caller then samples the copied row,
-  // which reports that). Waits for the queued work. Default: −1.
-  virtual int64_t draw_token(const float* x, int64_t n, float temperature, float top_p, float log_min_p, uint64_t bits) { return -1; }
+  // The token Sampler::sample(row, bits) returns for the draw `draw` (Sampler::device_draw) over the whole
+  // row x[0, n) in backend memory, without copying the row: the penalties on the window's logits, z = x /
+  // temperature in fp32, top-k's k best and top-p's nucleus in the sampler's order (higher z first, ties to
+  // the lower id; the nucleus's weight top_p_mass of the kept weight), min-p's cut z_max + log_min_p in fp32,
+  // draw_weight.hpp's weights and exact sums, the target from the 53 random bits, walked in id order without
+  // top-k and top-p and in the sampler's order with either; at temperature 0 the penalized row's argmax
+  // (argmax_first: ties to the lowest id, NaN never chosen). −1 where the backend does not offer it or no
+  // z is finite (the caller then samples the copied row, which reports that). Waits for the queued work.
+  // Default: −1.
+  virtual int64_t draw_token(const float* x, int64_t n, const DeviceDraw& draw, uint64_t bits) { return -1; }
 
   // y[t, r] = Σ_c W[r, c] · x[t, c].   x: [T, w.cols], y: [T, w.rows]. T = 1 is the decode matvec.
   virtual void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens) = 0;

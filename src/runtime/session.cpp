@@ -159,10 +159,10 @@ int64_t Session::top_candidates(float temperature, int64_t k, int32_t* ids, floa
                                          int64_t(gather.size()), gathered);
 }
 
-int64_t Session::draw_token(float temperature, float top_p, float log_min_p, uint64_t bits) const {
+int64_t Session::draw_token(const DeviceDraw& draw, uint64_t bits) const {
   MF_CHECK_MSG(has_logits_, "draw_token: no logits (evaluate a token first)");
   if (!logits_on_backend_) return -1;
-  return model_.backend().draw_token(state_->backend_logits, n_vocab(), temperature, top_p, log_min_p, bits);
+  return model_.backend().draw_token(state_->backend_logits, n_vocab(), draw, bits);
 }
 
 Status Session::forward_batch(const int32_t* tokens, int64_t count, float* logits, bool logits_all) {

@@ -70,7 +70,7 @@ class Session {
   // For a sampler that draws from the whole row (Sampler::device_draw): the token drawn where the logits
   // are (Backend::draw_token), −1 where that is not offered (the caller samples logits() with the same
   // bits). Requires has_logits().
-  int64_t draw_token(float temperature, float top_p, float log_min_p, uint64_t bits) const;
+  int64_t draw_token(const DeviceDraw& draw, uint64_t bits) const;
   int64_t n_past() const { return n_past_; }
   int64_t n_ctx() const;
   int64_t n_vocab() const;

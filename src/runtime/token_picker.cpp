@@ -4,12 +4,6 @@ namespace moeflux {
 
 int32_t TokenPicker::next(const Session& session, Sampler& sampler) {
   if (sampler.picks_argmax()) return session.greedy_token();
-  if (Sampler::DeviceDraw draw; sampler.device_draw(&draw)) {
-    // The draw's bits taken first, so the row path below draws with the same ones.
-    const uint64_t bits = sampler.draw_bits();
-    if (const int64_t token = session.draw_token(draw.temperature, draw.top_p, draw.log_min_p, bits); token >= 0) return int32_t(token);
-    return sampler.sample(session.logits(), bits);
-  }
   if (const int64_t k = sampler.candidate_k(); k > 0 && k <= capacity) {
     ids_.resize(size_t(capacity)), z_.resize(size_t(capacity));
     const std::vector<int32_t>& window = sampler.penalty_ids();
@@ -18,6 +12,12 @@ int32_t TokenPicker::next(const Session& session, Sampler& sampler) {
     const float temperature = sampler.params().temperature > 0.0f ? sampler.params().temperature : 1.0f;
     const int64_t n = session.top_candidates(temperature, k, ids_.data(), z_.data(), capacity, window, window_logits_.data());
     if (n >= 0) return sampler.sample_candidates(ids_.data(), z_.data(), n, window_logits_.data());
+  }
+  if (Sampler::DeviceDraw draw; sampler.device_draw(&draw)) {
+    // The draw's bits taken first, so the row path below draws with the same ones (a greedy pick takes none).
+    const uint64_t bits = draw.temperature > 0.0f ? sampler.draw_bits() : 0;
+    if (const int64_t token = session.draw_token(draw, bits); token >= 0) return int32_t(token);
+    return sampler.sample(session.logits(), bits);
   }
   return sampler.sample(session.logits());
 }

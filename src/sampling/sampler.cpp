@@ -136,11 +136,18 @@ void Sampler::reset() {
   rng_.seed(seed_);
 }
 
-bool Sampler::device_draw(DeviceDraw* out) const {
-  if (!(params_.temperature > 0.0f) || (params_.top_k > 0 && params_.top_k < n_vocab_) || penalizes()) return false;
+bool Sampler::device_draw(DeviceDraw* out) {
+  if (picks_argmax()) return false;
+  *out = DeviceDraw{};
   out->temperature = params_.temperature;
+  out->top_k = params_.top_k > 0 && params_.top_k < n_vocab_ ? params_.top_k : 0;
   out->top_p = params_.top_p;
-  out->log_min_p = params_.min_p > 0.0f ? std::log(params_.min_p) : -std::numeric_limits<float>::infinity();
+  if (params_.min_p > 0.0f) out->log_min_p = std::log(params_.min_p);
+  const std::vector<int32_t>& window = penalty_ids();
+  out->penalized_ids = window.data(), out->penalized_counts = penalty_id_counts_.data();
+  out->n_penalized = static_cast<int64_t>(window.size());
+  out->repetition_penalty = params_.repetition_penalty;
+  out->presence_penalty = params_.presence_penalty, out->frequency_penalty = params_.frequency_penalty;
   return true;
 }
 
@@ -167,11 +174,12 @@ const std::vector<int32_t>& Sampler::penalty_ids() {
   if (penalty_ids_current_) return penalty_ids_;
   penalty_ids_current_ = true;
   penalty_ids_.clear();
+  penalty_id_counts_.clear();
   if (!penalizes() || history_.empty()) return penalty_ids_;
   if (penalty_counts_.empty()) penalty_counts_.assign(n_vocab_, 0);
   for (int32_t t : history_)
     if (penalty_counts_[t]++ == 0) penalty_ids_.push_back(t);
-  for (int32_t t : penalty_ids_) penalty_counts_[t] = 0;
+  for (int32_t t : penalty_ids_) penalty_id_counts_.push_back(penalty_counts_[t]), penalty_counts_[t] = 0;
   return penalty_ids_;
 }
 

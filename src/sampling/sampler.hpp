@@ -84,16 +84,13 @@ class Sampler {
   // The next 53 bits of the random stream, as the next draw would take them (advances the stream).
   uint64_t draw_bits() { return rng_() >> 11; }
 
-  // What a device needs to draw this sampler's token where the logits are, without copying them: set when
-  // sampling is a temperature draw over the whole row, with top-p, min-p, both or neither (no top-k below
-  // n_vocab, no penalty that could change a logit); then Backend::draw_token(x, temperature, top_p,
-  // log_min_p, bits) returns the token sample(x, bits) does.
-  struct DeviceDraw {
-    float temperature;
-    float top_p;      // 1 = off: the draw walks the kept tokens in id order, else in the sampler's order
-    float log_min_p;  // std::log(min_p) (−inf when min-p is off): the cut is z_max + log_min_p, in fp32
-  };
-  bool device_draw(DeviceDraw* out) const;
+  // What a device needs to draw this sampler's token where the logits are, without copying them: set for
+  // every setting but plain greedy (which is argmax: Session::greedy_token) — any draw with temperature > 0
+  // (top-k, top-p, min-p, penalties) and greedy with a penalty; then Backend::draw_token(x, draw, bits)
+  // returns the token sample(x, bits) does (bits unused when greedy). The penalty window's arrays
+  // point into the sampler: valid until the next accept() or reset().
+  using DeviceDraw = moeflux::DeviceDraw;
+  bool device_draw(DeviceDraw* out);
 
   // Steps 1-2 alone, in place on logits [n_vocab] f32: what sample() does before temperature. For callers
   // that report penalized log-probabilities, and for tests.
@@ -164,6 +161,7 @@ class Sampler {
   std::vector<int32_t> ids_;               // [n_vocab] candidate token ids
   std::vector<int32_t> penalty_counts_;    // [n_vocab] occurrences in the window; all zero between calls
   std::vector<int32_t> penalty_ids_;       // penalty_ids(), of the window as it is when penalty_ids_current_
+  std::vector<int32_t> penalty_id_counts_;  // how often each of penalty_ids_ occurs in the window
   std::vector<uint64_t> weights_;          // [n_vocab], fill_weights
   std::vector<DrawMass> bin_mass_;         // first_past's bins
   bool bits_given_ = false;                // sample(logits, bits): the draw takes given_bits_

@@ -112,6 +112,9 @@ class CudaBackend final : public Backend {
     if (top_host_) cudaFreeHost(top_host_);
     if (draw_key_) cudaFree(draw_key_);
     if (draw_host_) cudaFreeHost(draw_host_);
+    if (draw_row_) cudaFree(draw_row_);
+    if (draw_window_) cudaFree(draw_window_);
+    if (draw_window_host_) cudaFreeHost(draw_window_host_);
     for (int i = 0; i < 2; ++i) {
       if (bounce_[i]) cudaFreeHost(bounce_[i]);
       if (bounce_done_[i]) cudaEventDestroy(bounce_done_[i]);
@@ -258,36 +261,70 @@ class CudaBackend final : public Backend {
     return count;
   }
 
-  int64_t draw_token(const float* x, int64_t n, float temperature, float top_p, float log_min_p, uint64_t bits) override {
-    if (n <= 0 || n > max_draw_vocab || !(temperature > 0.0f) || recording_) return -1;
+  int64_t draw_token(const float* x, int64_t n, const DeviceDraw& draw, uint64_t bits) override {
+    if (n <= 0 || n > max_draw_vocab || !(draw.temperature >= 0.0f) || draw.n_penalized > n || recording_) return -1;
     const OpTimer timer(*this, "draw_token");
     bind();
-    ensure_draw_buffers();
+    ensure_draw_buffers(n, draw.n_penalized);
+    const float* row = x;
+    if (draw.n_penalized > 0) {
+      // A penalized copy of the row: the window's ids and counts go up through pinned memory (free: the last
+      // call waited for its copy).
+      std::memcpy(draw_window_host_, draw.penalized_ids, size_t(draw.n_penalized) * sizeof(int32_t));
+      std::memcpy(draw_window_host_ + draw.n_penalized, draw.penalized_counts, size_t(draw.n_penalized) * sizeof(int32_t));
+      MF_CUDA_CHECK(cudaMemcpyAsync(draw_window_, draw_window_host_, 2 * size_t(draw.n_penalized) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+      cuda::penalize(x, draw_row_, n, draw_window_, draw_window_ + draw.n_penalized, draw.n_penalized, draw.repetition_penalty,
+                     draw.presence_penalty, draw.frequency_penalty, stream_);
+      row = draw_row_;
+    }
     MF_CUDA_CHECK(cudaMemsetAsync(draw_key_, 0, sizeof(unsigned long long), stream_));
-    cuda::argmax_key(x, n, draw_key_, stream_);
-    if (top_p < 1.0f) {
-      cuda::draw_top_p(x, n, temperature, top_p, log_min_p, draw_key_, draw_top_p_, bits, draw_out_, stream_);
+    cuda::argmax_key(row, n, draw_key_, stream_);
+    if (draw.temperature == 0.0f) {  // greedy with a penalty: the key's index
+      MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_key_, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream_));
+      MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      return cuda::argmax_index(*draw_host_);
+    }
+    if (draw.in_order()) {
+      cuda::draw_ordered(row, n, draw.temperature, draw.top_k, draw.top_p, draw.log_min_p, draw_key_, draw_ordered_, bits, draw_out_, stream_);
     } else {
-      cuda::draw_mass(x, n, temperature, log_min_p, draw_key_, draw_mass_, stream_);
-      cuda::draw_find(x, n, temperature, log_min_p, draw_key_, draw_mass_, bits, draw_out_, stream_);
+      cuda::draw_mass(row, n, draw.temperature, draw.log_min_p, draw_key_, draw_mass_, stream_);
+      cuda::draw_find(row, n, draw.temperature, draw.log_min_p, draw_key_, draw_mass_, bits, draw_out_, stream_);
     }
     MF_CUDA_CHECK(cudaMemcpyAsync(draw_host_, draw_out_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return *draw_host_;
+    return *reinterpret_cast<const int32_t*>(draw_host_);
   }
 
-  // draw_token's buffers, for rows of up to max_draw_vocab: on the device argmax's key, the blocks' sums,
-  // the drawn id and top-p's select; the id's pinned way up.
-  void ensure_draw_buffers() {
-    if (draw_key_) return;
-    const size_t words = 2 + 2 * size_t(cuda::draw_blocks(max_draw_vocab));  // the key, the sums, the id
-    void* device = nullptr;
-    MF_CUDA_CHECK(cudaMalloc(&device, sizeof(unsigned long long) * words + cuda::top_p_buffer_bytes));
-    MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&draw_host_), sizeof(int32_t), cudaHostAllocDefault));
-    draw_key_ = static_cast<unsigned long long*>(device);
-    draw_mass_ = draw_key_ + 1;
-    draw_out_ = reinterpret_cast<int32_t*>(draw_key_ + words - 1);
-    draw_top_p_ = reinterpret_cast<cuda::TopPBuffer*>(draw_key_ + words);
+  // draw_token's buffers: on the device argmax's key, the blocks' sums, the drawn id and the ordered draw's
+  // selects (for rows of up to max_draw_vocab), then the penalized row and the window (grown to the largest
+  // asked for); the key's or id's and the window's pinned ways.
+  void ensure_draw_buffers(int64_t n, int64_t n_window) {
+    if (!draw_key_) {
+      const size_t words = 2 + 2 * size_t(cuda::draw_blocks(max_draw_vocab));  // even: the ordered draw's buffer stays 16-byte aligned
+      void* device = nullptr;
+      MF_CUDA_CHECK(cudaMalloc(&device, sizeof(unsigned long long) * words + cuda::ordered_draw_buffer_bytes));
+      MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&draw_host_), sizeof(unsigned long long), cudaHostAllocDefault));
+      draw_key_ = static_cast<unsigned long long*>(device);
+      draw_mass_ = draw_key_ + 1;
+      draw_out_ = reinterpret_cast<int32_t*>(draw_key_ + words - 1);
+      draw_ordered_ = reinterpret_cast<cuda::OrderedDrawBuffer*>(draw_key_ + words);
+    }
+    if (n_window == 0) return;
+    if (n > draw_row_size_) {
+      if (draw_row_) MF_CUDA_CHECK(cudaFree(draw_row_));
+      draw_row_ = nullptr;
+      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&draw_row_), size_t(n) * sizeof(float)));
+      draw_row_size_ = n;
+    }
+    if (n_window > draw_window_size_) {
+      if (draw_window_) MF_CUDA_CHECK(cudaFree(draw_window_));
+      if (draw_window_host_) MF_CUDA_CHECK(cudaFreeHost(draw_window_host_));
+      draw_window_ = nullptr, draw_window_host_ = nullptr;
+      const int64_t size = std::max<int64_t>(n_window, 1024);
+      MF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&draw_window_), 2 * size_t(size) * sizeof(int32_t)));
+      MF_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&draw_window_host_), 2 * size_t(size) * sizeof(int32_t), cudaHostAllocDefault));
+      draw_window_size_ = size;
+    }
   }
 
   void trace_mark(const char* what) override {
@@ -918,11 +955,16 @@ class CudaBackend final : public Backend {
   void* top_host_ = nullptr;
   // draw_token (ensure_draw_buffers), for rows of up to max_draw_vocab (2048 blocks' sums).
   static constexpr int64_t max_draw_vocab = int64_t(1) << 22;
-  unsigned long long* draw_key_ = nullptr;  // device: the key, then the sums, then the id, then top-p's select
+  unsigned long long* draw_key_ = nullptr;  // device: the key, then the sums, then the id, then the ordered draw's buffer
   unsigned long long* draw_mass_ = nullptr;
   int32_t* draw_out_ = nullptr;
-  cuda::TopPBuffer* draw_top_p_ = nullptr;
-  int32_t* draw_host_ = nullptr;  // pinned
+  cuda::OrderedDrawBuffer* draw_ordered_ = nullptr;
+  unsigned long long* draw_host_ = nullptr;  // pinned: the key or the id
+  float* draw_row_ = nullptr;     // the penalized row, draw_row_size_ floats
+  int64_t draw_row_size_ = 0;
+  int32_t* draw_window_ = nullptr;       // the window's ids, then its counts: 2 · draw_window_size_
+  int32_t* draw_window_host_ = nullptr;  // pinned
+  int64_t draw_window_size_ = 0;
   std::vector<void*> weights_;      // upload_weights' device copies
 };
 

@@ -367,22 +367,25 @@ void draw_find(const float* x, int64_t n, float temperature, float log_min_p, co
 }
 
 namespace {
-// Top-p's select (draw_top_p): the first token in the sampler's order whose cumulative weight exceeds a
-// target, by a weighted radix select over argmax_key_of(z, id) — z's order above the id's complement, so
-// higher z first, ties to the lower id, every key distinct — a digit a level, from the top: 11, 11 and 10
-// bits of z's key, then 11, 11 and 10 of the id's.
+// The ordered draw's selects (draw_ordered): the first token in the sampler's order whose cumulative count
+// or weight exceeds a target, by a radix select over argmax_key_of(z, id) — z's order above the id's
+// complement, so higher z first, ties to the lower id, every key distinct — a digit a level, from the top:
+// 11, 11 and 10 bits of z's key, then 11, 11 and 10 of the id's.
 constexpr int select_bins = 2048;
 constexpr int select_levels = 6;
 __device__ __forceinline__ int select_shift(int level) {
   return level == 0 ? 53 : level == 1 ? 42 : level == 2 ? 32 : level == 3 ? 21 : level == 4 ? 10 : 0;
 }
 __device__ __forceinline__ int select_width(int level) { return level == 2 || level == 5 ? 10 : 11; }
-
 }  // namespace
 
-struct TopPBuffer {
-  // A level's bins: the weight of digit d is lo[d] + 2^64 · hi[d]; count[d] tokens of positive weight, the
-  // sum of their ids id_sum[d] (the id itself when the count is 1).
+// The selects' steps, one after the other: top-k's last token (by count), the nucleus's edge (by weight),
+// the drawn token (by weight); each step's first level picked from level 0's bins (the same row).
+enum OrderedStep : int { step_start = 0, step_top_k, step_edge, step_draw, step_done };
+
+struct OrderedDrawBuffer {
+  // A level's bins: count[d] tokens of digit d (of any weight: top-k counts them all), their weight
+  // lo[d] + 2^64 · hi[d], the sum of their ids id_sum[d] (the id itself when the count is 1).
   struct Bins {
     unsigned long long lo[select_bins], hi[select_bins], count[select_bins], id_sum[select_bins];
   };
@@ -390,41 +393,43 @@ struct TopPBuffer {
   // above min-p's cut.
   unsigned long long total_hi, total_lo, kept_hi, kept_lo;
   unsigned arrived;  // blocks done with this launch
-  int phase;         // 0: the nucleus's edge; 1: the draw; 2: done
+  int step;          // OrderedStep
   int level;
-  unsigned long long prefix;  // the key's digits above this level, fixed by the levels before
-  DrawMass before;            // the weight of every token ahead of the prefix's group in the order
-  DrawMass target;
-  Bins first;  // level 0's, kept for the draw's first level (the same weights over the same row)
+  unsigned long long prefix;        // the key's digits above this level, fixed by the levels before
+  unsigned long long before_count;  // tokens ahead of the prefix's group in the order
+  DrawMass before;                  // and their weight
+  DrawMass target;                  // a count (top-k's step) or a weight
+  DrawMass limit;                   // the weight of the kept prefix so far: the row's, top-k's, the nucleus's
+  Bins first;  // level 0's, kept for every step's first level
   Bins next;   // a later level's, zeroed once read
 };
-static_assert(sizeof(TopPBuffer) <= top_p_buffer_bytes, "elementwise.cuh's size of the top-p buffer");
+static_assert(sizeof(OrderedDrawBuffer) <= ordered_draw_buffer_bytes, "elementwise.cuh's size of the ordered draw's buffer");
 
 namespace {
 __device__ __forceinline__ DrawMass halves(unsigned long long hi, unsigned long long lo) { return (DrawMass(hi) << 32) + lo; }
 
-// One launch a level: each block bins its draw_chunk ids whose key matches the prefix (weights of 0 left
-// out: they are never past a target) in shared memory and adds its bins to the level's; the last block to
-// arrive picks the digit holding the target and either fixes it (the next launch bins the next digit of
-// that group) or, with one token in it, has found the token: the nucleus's edge, after which the draw's
-// target is set and its first level picked from the bins already kept, or the drawn token, into *out.
-// Launches after the token is found return at once.
-__global__ void __launch_bounds__(threads) top_p_level_kernel(const float* __restrict__ x, int64_t n, float temperature, float top_p,
-                                                              float log_min_p, const unsigned long long* max_key, uint64_t bits,
-                                                              TopPBuffer* buffer, int32_t* out) {
+// One launch a level: each block bins its draw_chunk ids whose key matches the prefix in shared memory and
+// adds its bins to the level's; the last block to arrive picks the digit holding the step's target and
+// either fixes it (the next launch bins the next digit of that group) or, with one token in it, has found
+// the step's token and sets up the next step, whose first level it picks from the bins kept, until the drawn
+// token is written to *out. Launches after that return at once.
+__global__ void __launch_bounds__(threads) ordered_draw_kernel(const float* __restrict__ x, int64_t n, float temperature, int64_t top_k,
+                                                               float top_p, float log_min_p, const unsigned long long* max_key,
+                                                               uint64_t bits, OrderedDrawBuffer* buffer, int32_t* out) {
   dependent_launch_begin();
-  __shared__ unsigned long long bin_lo[select_bins], bin_ids[select_bins];  // ids: count << 40 | Σ id
+  __shared__ unsigned long long bin_lo[select_bins], bin_ids[select_bins];  // ids: count << 40 | Σ id, then the counts
   __shared__ unsigned bin_hi[select_bins];
   __shared__ unsigned long long partial[4][threads / 32];
   __shared__ int last, digit;
-  __shared__ DrawMass before_digit;
-  TopPBuffer& b = *buffer;
-  if (b.phase == 2) return;
+  __shared__ DrawMass digit_before;
+  __shared__ unsigned long long digit_before_count;
+  OrderedDrawBuffer& b = *buffer;
+  if (b.step == step_done) return;
   const int level = b.level;
   const unsigned long long prefix = b.prefix;
   const float z_max = draw_z_max(x, max_key, temperature), cut = z_max + log_min_p;
   if (!isfinite(z_max)) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) b.phase = 2, *out = -1;
+    if (blockIdx.x == 0 && threadIdx.x == 0) b.step = step_done, *out = -1;
     return;
   }
   for (int d = threadIdx.x; d < select_bins; d += blockDim.x) bin_lo[d] = 0, bin_ids[d] = 0, bin_hi[d] = 0;
@@ -437,14 +442,15 @@ __global__ void __launch_bounds__(threads) top_p_level_kernel(const float* __res
     const unsigned long long key = argmax_key_of(z, uint32_t(i));
     if (level > 0 && key >> (shift + width) != prefix) continue;
     const uint64_t w = draw_weight_with<DeviceWeightOps>(z - z_max);
-    if (w == 0) continue;
-    if (level == 0) {
-      total_hi += w >> 32, total_lo += w & 0xFFFFFFFFu;
-      if (!(z < cut)) kept_hi += w >> 32, kept_lo += w & 0xFFFFFFFFu;
-    }
     const int d = int(key >> shift) & ((1 << width) - 1);
-    const unsigned long long old = atomicAdd(&bin_lo[d], static_cast<unsigned long long>(w));
-    if (old + w < old) atomicAdd(&bin_hi[d], 1u);
+    if (w != 0) {
+      if (level == 0) {
+        total_hi += w >> 32, total_lo += w & 0xFFFFFFFFu;
+        if (!(z < cut)) kept_hi += w >> 32, kept_lo += w & 0xFFFFFFFFu;
+      }
+      const unsigned long long old = atomicAdd(&bin_lo[d], static_cast<unsigned long long>(w));
+      if (old + w < old) atomicAdd(&bin_hi[d], 1u);
+    }
     atomicAdd(&bin_ids[d], (1ull << 40) + static_cast<unsigned long long>(i));
   }
   if (level == 0) {
@@ -463,11 +469,11 @@ __global__ void __launch_bounds__(threads) top_p_level_kernel(const float* __res
     for (int w = 0; w < threads / 32; ++w) sum += partial[threadIdx.x][w];
     atomicAdd(threadIdx.x == 0 ? &b.total_hi : threadIdx.x == 1 ? &b.total_lo : threadIdx.x == 2 ? &b.kept_hi : &b.kept_lo, sum);
   }
-  TopPBuffer::Bins& bins = level == 0 ? b.first : b.next;
+  OrderedDrawBuffer::Bins& bins = level == 0 ? b.first : b.next;
   for (int d = threadIdx.x; d < select_bins; d += blockDim.x) {
     const unsigned long long ids = bin_ids[d];
     if (ids == 0) continue;
-    const unsigned long long lo = bin_lo[d], old = atomicAdd(&bins.lo[d], lo);
+    const unsigned long long lo = bin_lo[d], old = lo ? atomicAdd(&bins.lo[d], lo) : 0;
     const unsigned long long hi = bin_hi[d] + (old + lo < old ? 1u : 0u);
     if (hi) atomicAdd(&bins.hi[d], hi);
     atomicAdd(&bins.count[d], ids >> 40);
@@ -480,48 +486,74 @@ __global__ void __launch_bounds__(threads) top_p_level_kernel(const float* __res
   if (!last) return;
   __threadfence();
 
-  // The last block: the digit, level by level while one launch's bins decide it.
-  int phase = b.phase, at = level;
-  unsigned long long fixed = prefix;
-  DrawMass before = b.before, target = b.target;
-  if (phase == 0 && at == 0) {
-    // The nucleus ends at the first token whose cumulative weight reaches top_p's share of the row (> it − 1).
-    const DrawMass wanted = top_p_mass_with<DeviceWeightOps>(top_p, halves(__ldcg(&b.total_hi), __ldcg(&b.total_lo)));
-    target = wanted == 0 ? 0 : wanted - 1, before = 0;
+  // The last block: digits, level by level, while one launch's bins decide them.
+  const DrawMass kept = halves(__ldcg(&b.kept_hi), __ldcg(&b.kept_lo));
+  int step = b.step, at = level;
+  unsigned long long fixed = prefix, before_count = b.before_count;
+  DrawMass before = b.before, target = b.target, limit = b.limit;
+  // The next step's target, from the kept prefix's weight: top-k's last token is the k-th (k − 1 before it);
+  // the nucleus ends at the first token whose cumulative weight reaches top_p's share (> it − 1); the draw
+  // walks to floor(u · the kept weight), min-p's cut applied (min-p keeps a prefix of the order too, so the
+  // kept tokens' weight is the least of the three prefixes').
+  auto begin_step = [&](int next) {
+    step = next, at = 0, fixed = 0, before_count = 0, before = 0;
+    if (next == step_top_k) {
+      target = DrawMass(top_k - 1);
+    } else if (next == step_edge) {
+      const DrawMass wanted = top_p_mass_with<DeviceWeightOps>(top_p, limit);
+      target = wanted == 0 ? 0 : wanted - 1;
+    } else {
+      target = draw_target(bits, limit < kept ? limit : kept);
+    }
+  };
+  const bool top_k_on = top_k > 0 && top_k < n;
+  if (step == step_start) {
+    limit = halves(__ldcg(&b.total_hi), __ldcg(&b.total_lo));
+    begin_step(top_k_on ? step_top_k : top_p < 1.0f ? step_edge : step_draw);
   }
   for (;;) {
-    TopPBuffer::Bins& g = at == 0 ? b.first : b.next;
-    for (int d = threadIdx.x; d < select_bins; d += blockDim.x) bin_lo[d] = __ldcg(&g.lo[d]), bin_hi[d] = unsigned(__ldcg(&g.hi[d]));
+    OrderedDrawBuffer::Bins& g = at == 0 ? b.first : b.next;
+    for (int d = threadIdx.x; d < select_bins; d += blockDim.x)
+      bin_lo[d] = __ldcg(&g.lo[d]), bin_hi[d] = unsigned(__ldcg(&g.hi[d])), bin_ids[d] = __ldcg(&g.count[d]);
     __syncthreads();
     if (threadIdx.x < 32) {
-      // Lane l sums digits [top − 64, top] from the highest down; the lane whose span crosses walks it.
+      // Lane l sums digits [top − 63, top] from the highest down; the lane whose span crosses the target
+      // (by count in top-k's step, else by weight) walks it.
       constexpr int per_lane = select_bins / 32;
+      const bool by_count = step == step_top_k;
       const int lane = threadIdx.x, top = select_bins - 1 - lane * per_lane;
-      DrawMass mine = 0;
+      DrawMass mass = 0;
+      unsigned long long count = 0;
 #pragma unroll 8
-      for (int k = 0; k < per_lane; ++k) mine += (DrawMass(bin_hi[top - k]) << 64) + bin_lo[top - k];
-      DrawMass cumulative;
-      const int found_lane = find_lane(before + warp_prefix(mine), mine, target, &cumulative);
-      int found = -1;
-      if (lane == found_lane)
+      for (int k = 0; k < per_lane; ++k) mass += (DrawMass(bin_hi[top - k]) << 64) + bin_lo[top - k], count += bin_ids[top - k];
+      const DrawMass mass_ahead = warp_prefix(mass) - mass;
+      const DrawMass count_ahead = warp_prefix(DrawMass(count)) - count;
+      DrawMass crossed;
+      const int found_lane = find_lane((by_count ? before_count + count_ahead + count : before + mass_ahead + mass), by_count ? DrawMass(count) : mass,
+                                       target, &crossed);
+      if (lane == found_lane) {
+        DrawMass m_before = before + mass_ahead, c_before = before_count + count_ahead;
+        int found = -1;
         for (int k = 0; k < per_lane; ++k) {
           const DrawMass m = (DrawMass(bin_hi[top - k]) << 64) + bin_lo[top - k];
-          if (cumulative + m > target) {
+          const unsigned long long c = bin_ids[top - k];
+          if ((by_count ? c_before + c : m_before + m) > target) {
             found = top - k;
             break;
           }
-          cumulative += m;
+          m_before += m, c_before += c;
         }
-      if (lane == found_lane) digit = found, before_digit = cumulative;
+        digit = found, digit_before = m_before, digit_before_count = (unsigned long long)c_before;
+      }
     }
     __syncthreads();
     const int d = digit;
     if (d < 0) {  // past every bin: a broken sum; the caller samples the row
-      if (threadIdx.x == 0) b.phase = 2, *out = -1;
+      if (threadIdx.x == 0) b.step = step_done, *out = -1;
       return;
     }
-    before = before_digit;
-    const unsigned long long count = __ldcg(&g.count[d]), id_sum = __ldcg(&g.id_sum[d]);
+    before = digit_before, before_count = digit_before_count;
+    const unsigned long long count = bin_ids[d], id_sum = __ldcg(&g.id_sum[d]);
     const DrawMass through = before + (DrawMass(bin_hi[d]) << 64) + bin_lo[d];
     __syncthreads();
     if (at > 0)
@@ -531,32 +563,56 @@ __global__ void __launch_bounds__(threads) top_p_level_kernel(const float* __res
       ++at;
       break;
     }
-    if (phase == 1) {
+    if (step == step_draw) {
       if (threadIdx.x == 0) *out = int32_t(id_sum);
-      phase = 2;
+      step = step_done;
       break;
     }
-    // The edge: the nucleus is every token up to it, less those below min-p's cut (a prefix of the order
-    // too), so its weight is the smaller of the two prefixes'; the draw's target, then its first level.
-    const DrawMass kept = halves(__ldcg(&b.kept_hi), __ldcg(&b.kept_lo));
-    target = draw_target(bits, through < kept ? through : kept);
-    phase = 1, at = 0, fixed = 0, before = 0;
+    limit = through < limit ? through : limit;
+    begin_step(step == step_top_k && top_p < 1.0f ? step_edge : step_draw);
     __syncthreads();
   }
-  if (threadIdx.x == 0) b.phase = phase, b.level = at, b.prefix = fixed, b.before = before, b.target = target, b.arrived = 0;
+  if (threadIdx.x == 0) {
+    b.step = step, b.level = at, b.prefix = fixed, b.before_count = before_count, b.before = before, b.target = target, b.limit = limit;
+    b.arrived = 0;
+  }
+}
+
+// The window's tokens of a penalized copy of the row: the sampler's penalized(), the same rounded fp32
+// operations (sampler.cpp is built without contraction into FMA).
+__global__ void penalize_kernel(const float* __restrict__ x, float* __restrict__ row, const int32_t* __restrict__ ids,
+                                const int32_t* __restrict__ counts, int64_t n_ids, float repetition, float presence, float frequency) {
+  dependent_launch_begin();
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n_ids; j += int64_t(gridDim.x) * blockDim.x) {
+    float logit = x[ids[j]];
+    if (repetition != 1.0f) logit = logit > 0 ? __fdiv_rn(logit, repetition) : __fmul_rn(logit, repetition);
+    if (presence != 0.0f || frequency != 0.0f) logit = __fsub_rn(logit, __fadd_rn(presence, __fmul_rn(frequency, float(counts[j]))));
+    row[ids[j]] = logit;
+  }
 }
 }  // namespace
 
-void draw_top_p(const float* x, int64_t n, float temperature, float top_p, float log_min_p, const unsigned long long* max_key,
-                TopPBuffer* buffer, uint64_t bits, int32_t* out, cudaStream_t stream) {
+void draw_ordered(const float* x, int64_t n, float temperature, int64_t top_k, float top_p, float log_min_p, const unsigned long long* max_key,
+                  OrderedDrawBuffer* buffer, uint64_t bits, int32_t* out, cudaStream_t stream) {
   if (n <= 0) return;
-  MF_CUDA_CHECK(cudaMemsetAsync(buffer, 0, sizeof(TopPBuffer), stream));
-  // At most six levels find the edge and five more the drawn token (the draw's first is picked in the
-  // edge's last launch).
-  for (int l = 0; l < 2 * select_levels - 1; ++l) {
-    launch(top_p_level_kernel, unsigned(draw_blocks(n)), threads, 0, stream, x, n, temperature, top_p, log_min_p, max_key, bits, buffer, out);
+  MF_CUDA_CHECK(cudaMemsetAsync(buffer, 0, sizeof(OrderedDrawBuffer), stream));
+  // The first launch bins level 0 for every step; each step then needs at most five more (its first level
+  // is picked from level 0's bins).
+  const int steps = (top_k > 0 && top_k < n ? 1 : 0) + (top_p < 1.0f ? 1 : 0) + 1;
+  for (int l = 0; l < 1 + steps * (select_levels - 1); ++l) {
+    launch(ordered_draw_kernel, unsigned(draw_blocks(n)), threads, 0, stream, x, n, temperature, top_k, top_p, log_min_p, max_key, bits, buffer,
+           out);
     MF_CUDA_CHECK_LAUNCH();
   }
+}
+
+void penalize(const float* x, float* row, int64_t n, const int32_t* ids, const int32_t* counts, int64_t n_ids, float repetition, float presence,
+              float frequency, cudaStream_t stream) {
+  if (n <= 0) return;
+  MF_CUDA_CHECK(cudaMemcpyAsync(row, x, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+  if (n_ids <= 0) return;
+  launch(penalize_kernel, grid_for(n_ids, threads), threads, 0, stream, x, row, ids, counts, n_ids, repetition, presence, frequency);
+  MF_CUDA_CHECK_LAUNCH();
 }
 
 void argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t stream) {

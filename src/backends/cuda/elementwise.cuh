@@ -62,14 +62,20 @@ void draw_mass(const float* x, int64_t n, float temperature, float log_min_p, co
 void draw_find(const float* x, int64_t n, float temperature, float log_min_p, const unsigned long long* max_key,
                const unsigned long long* mass, uint64_t bits, int32_t* out, cudaStream_t stream);
 
-// Backend::draw_token with top-p on the device (n ≤ 2^22): the nucleus's edge, then the drawn token, each the
-// first token in the sampler's order (higher z first, ties to the lower id) whose cumulative weight exceeds
-// a target — top_p_mass of the row's total less one, then draw_target of the nucleus's weight (min-p's cut
-// applied) — by a weighted radix select over argmax's 64-bit key of z (11, 11, 10 bits of z's order, then
-// of the id), a launch a level. max_key: argmax_key's result for x. *out becomes the id, or −1 when z_max
-// is not finite. buffer: top_p_buffer_bytes of device memory (zeroed here).
-struct TopPBuffer;
-constexpr size_t top_p_buffer_bytes = 128 + 2 * 4 * 8 * 2048;
-void draw_top_p(const float* x, int64_t n, float temperature, float top_p, float log_min_p, const unsigned long long* max_key,
-                TopPBuffer* buffer, uint64_t bits, int32_t* out, cudaStream_t stream);
+// Backend::draw_token in the sampler's order (top-k, top-p, or both; n ≤ 2^22): top-k's last token (the k-th,
+// by count), the nucleus's edge (the first token whose cumulative weight reaches top_p_mass of the kept
+// weight), then the drawn token (past draw_target of the kept weight, min-p's cut applied), each by a radix
+// select over argmax's 64-bit key of z (11, 11, 10 bits of z's order, then of the id), a launch a level.
+// top_k: 0 or ≥ n = off. max_key: argmax_key's result for x. *out becomes the id, or −1 when z_max is not
+// finite. buffer: ordered_draw_buffer_bytes of device memory (zeroed here). Without top-k and top-p the
+// sampler walks the row in id order: draw_mass and draw_find.
+struct OrderedDrawBuffer;
+constexpr size_t ordered_draw_buffer_bytes = 160 + 2 * 4 * 8 * 2048;
+void draw_ordered(const float* x, int64_t n, float temperature, int64_t top_k, float top_p, float log_min_p, const unsigned long long* max_key,
+                  OrderedDrawBuffer* buffer, uint64_t bits, int32_t* out, cudaStream_t stream);
+// row = x with the window's tokens ids[j] penalized (Sampler's penalized(x[ids[j]], counts[j]): the repetition
+// penalty, then presence + frequency · count subtracted, in the same fp32 operations). ids distinct, on the
+// device, as counts.
+void penalize(const float* x, float* row, int64_t n, const int32_t* ids, const int32_t* counts, int64_t n_ids, float repetition, float presence,
+              float frequency, cudaStream_t stream);
 }  // namespace moeflux::cuda
