@@ -209,7 +209,9 @@ void gather(const float* x, const int32_t* ids, int64_t count, float* out, cudaS
 }
 
 namespace {
-__constant__ double draw_exp2_32[32] = {MF_DRAW_EXP2_32};
+// In global memory, not __constant__: the lanes of a warp index it by their own values, which constant
+// memory would serve one address at a time.
+__device__ const double draw_exp2_32[32] = {MF_DRAW_EXP2_32};
 
 // draw_weight.hpp's arithmetic as the device rounds it: the _rn intrinsics are never fused into an FMA.
 struct DeviceWeightOps {
@@ -293,62 +295,62 @@ __device__ int find_lane(DrawMass inclusive, DrawMass mine, DrawMass target, Dra
   return at;
 }
 
-// One warp: the total, the target, the block holding it (lanes over contiguous spans of blocks), then
-// the id (lanes over 64-id spans of that block, then the found lane id by id), as Sampler::draw walks
-// the kept ids in id order.
-__global__ void draw_find_kernel(const float* __restrict__ x, int64_t n, float temperature, float log_min_p,
-                                 const unsigned long long* max_key, const unsigned long long* __restrict__ mass, uint64_t bits,
-                                 int32_t* out) {
+// One block: warp 0 finds the total, the target and the chunk holding it (lanes over contiguous spans of
+// chunks), then every thread weighs draw_find_per ids of that chunk and the block's prefix sums find the
+// thread whose ids hold the target, which walks them: as Sampler::draw walks the kept ids in id order.
+constexpr int draw_find_per = draw_chunk / threads;
+static_assert(draw_chunk % threads == 0, "draw_find's threads share a chunk evenly");
+__global__ void __launch_bounds__(threads) draw_find_kernel(const float* __restrict__ x, int64_t n, float temperature, float log_min_p,
+                                                            const unsigned long long* max_key, const unsigned long long* __restrict__ mass,
+                                                            uint64_t bits, int32_t* out) {
   dependent_launch_begin();
-  const int lane = threadIdx.x;
+  __shared__ int chunk;
+  __shared__ DrawMass chunk_before, target, warp_mass[threads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float z_max = draw_z_max(x, max_key, temperature), cut = z_max + log_min_p;
-  if (!isfinite(z_max)) {
-    if (lane == 0) *out = -1;
-    return;
-  }
-  const int n_blocks = int((n + draw_chunk - 1) / draw_chunk), per_lane = (n_blocks + 31) / 32;
-  const int b0 = min(n_blocks, lane * per_lane), b1 = min(n_blocks, b0 + per_lane);
-  DrawMass mine = 0;
-  for (int b = b0; b < b1; ++b) mine += mass_of(mass[2 * b], mass[2 * b + 1]);
-  const DrawMass inclusive = warp_prefix(mine);
-  const DrawMass total = (DrawMass(__shfl_sync(0xffffffffu, static_cast<unsigned long long>(inclusive >> 64), 31)) << 64) +
-                         __shfl_sync(0xffffffffu, static_cast<unsigned long long>(inclusive), 31);
-  const DrawMass target = draw_target(bits, total);  // < total: the largest token weighs 2^62
-  DrawMass cumulative;
-  const int at = find_lane(inclusive, mine, target, &cumulative);
-  // The block: the found lane walks its span of blocks (a few: n_blocks / 32).
-  int block = -1;
-  if (lane == at)
-    for (int b = b0; b < b1; ++b) {
-      const DrawMass m = mass_of(mass[2 * b], mass[2 * b + 1]);
-      if (cumulative + m > target) {
-        block = b;
-        break;
+  if (threadIdx.x == 0) *out = -1;  // unless a thread finds the id below (a broken sum: the row, then)
+  if (!isfinite(z_max)) return;
+  if (warp == 0) {
+    const int n_blocks = int((n + draw_chunk - 1) / draw_chunk), per_lane = (n_blocks + 31) / 32;
+    const int b0 = min(n_blocks, lane * per_lane), b1 = min(n_blocks, b0 + per_lane);
+    DrawMass mine = 0;
+    for (int b = b0; b < b1; ++b) mine += mass_of(mass[2 * b], mass[2 * b + 1]);
+    const DrawMass inclusive = warp_prefix(mine);
+    const DrawMass total = (DrawMass(__shfl_sync(0xffffffffu, static_cast<unsigned long long>(inclusive >> 64), 31)) << 64) +
+                           __shfl_sync(0xffffffffu, static_cast<unsigned long long>(inclusive), 31);
+    const DrawMass t = draw_target(bits, total);  // < total: the largest token weighs 2^62
+    DrawMass cumulative;
+    const int at = find_lane(inclusive, mine, t, &cumulative);
+    if (lane == at) {
+      int found = b1 - 1;
+      for (int b = b0; b < b1; ++b) {
+        const DrawMass m = mass_of(mass[2 * b], mass[2 * b + 1]);
+        if (cumulative + m > t) {
+          found = b;
+          break;
+        }
+        cumulative += m;
       }
-      cumulative += m;
+      chunk = found, chunk_before = cumulative, target = t;
     }
-  block = __shfl_sync(0xffffffffu, block, at);
-  const unsigned long long ch = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(cumulative >> 64), at);
-  const unsigned long long cl = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(cumulative), at);
-  cumulative = (DrawMass(ch) << 64) + cl;
-  // The id: lanes over 64-id spans of the block.
-  constexpr int span = draw_chunk / 32;
-  const int64_t i0 = int64_t(block) * draw_chunk + lane * span, i1 = min(n, i0 + span);
+  }
+  __syncthreads();
+  // The chunk's ids, draw_find_per a thread in id order; the block's exclusive prefix of their weights.
+  const int64_t i0 = int64_t(chunk) * draw_chunk + threadIdx.x * draw_find_per, i1 = min(n, i0 + draw_find_per);
   DrawMass own = 0;
   for (int64_t i = i0; i < i1; ++i) own += kept_weight(x[i], temperature, z_max, cut);
-  DrawMass before;
-  const int id_lane = find_lane(cumulative + warp_prefix(own), own, target, &before);
-  if (lane == id_lane) {
-    int64_t found = i1 - 1;
-    for (int64_t i = i0; i < i1; ++i) {
-      before += kept_weight(x[i], temperature, z_max, cut);
-      if (before > target) {
-        found = i;
+  const DrawMass in_warp = warp_prefix(own);
+  if (lane == 31) warp_mass[warp] = in_warp;
+  __syncthreads();
+  DrawMass before = chunk_before + in_warp - own;
+  for (int w = 0; w < warp; ++w) before += warp_mass[w];
+  const DrawMass goal = target;
+  if (before <= goal && before + own > goal)
+    for (int64_t i = i0; i < i1; ++i)
+      if ((before += kept_weight(x[i], temperature, z_max, cut)) > goal) {
+        *out = int32_t(i);
         break;
       }
-    }
-    *out = int32_t(found);
-  }
 }
 }  // namespace
 
@@ -362,7 +364,7 @@ void draw_mass(const float* x, int64_t n, float temperature, float log_min_p, co
 void draw_find(const float* x, int64_t n, float temperature, float log_min_p, const unsigned long long* max_key,
                const unsigned long long* mass, uint64_t bits, int32_t* out, cudaStream_t stream) {
   if (n <= 0) return;
-  launch(draw_find_kernel, 1, 32, 0, stream, x, n, temperature, log_min_p, max_key, mass, bits, out);
+  launch(draw_find_kernel, 1, threads, 0, stream, x, n, temperature, log_min_p, max_key, mass, bits, out);
   MF_CUDA_CHECK_LAUNCH();
 }
 
