@@ -14,8 +14,9 @@ namespace moeflux {
 // sends at most 32 KB of candidates and the penalty window's raw logits); every other draw with temperature
 // > 0 — temperature alone, min-p, top-p, top-k past 1024, penalties without top-k — and any pick whose
 // penalty window passes the candidates, by Session::draw_token (the GPU draws it with the sampler's random
-// bits: 4 bytes come back); what a backend does not offer (a CPU backend) samples the whole row on the host. The same token as sampler.sample(session.logits()), draw for draw. Does not accept
-// the token. Keeps the candidate buffers between calls.
+// bits: 4 bytes come back); what a backend does not offer (a CPU backend) samples the whole row on the
+// host. The same token as sampler.sample(session.logits()), draw for draw. Does not accept the token.
+// Keeps the candidate buffers between calls.
 class TokenPicker {
  public:
   int32_t next(const Session& session, Sampler& sampler);

@@ -113,7 +113,7 @@ DrawMass top_p_mass(float top_p, DrawMass total);
 // Backend::draw_token runs it): the sampler's steps over the whole row, with its random bits.
 struct DeviceDraw {
   float temperature = 1.0f;  // > 0: z = logit / temperature in fp32; 0: greedy (the penalized row's argmax)
-  int64_t top_k = 0;         // below the row's length; 0 = off
+  int64_t top_k = 0;         // 0 (or at least the row's length) = off
   float top_p = 1.0f;        // 1 = off
   float log_min_p = -std::numeric_limits<float>::infinity();  // std::log(min_p), −inf when off: the cut is z_max + log_min_p in fp32
   // The penalties (steps 1-2): the window's distinct tokens and their counts in it, none when n_penalized is 0.
@@ -121,8 +121,9 @@ struct DeviceDraw {
   const int32_t* penalized_counts = nullptr;
   int64_t n_penalized = 0;
   float repetition_penalty = 1.0f, presence_penalty = 0.0f, frequency_penalty = 0.0f;
-  // Without top-k and top-p the sampler walks the kept tokens in id order, else in its order (higher z first).
-  bool in_order() const { return top_k > 0 || top_p < 1.0f; }
+  // Over a row of n: without top-k and top-p the sampler walks the kept tokens in id order, else in its order
+  // (higher z first).
+  bool in_order(int64_t n) const { return (top_k > 0 && top_k < n) || top_p < 1.0f; }
 };
 
 // floor(u · mass) for u = bits · 2^-53 (bits: 53 random bits): the draw's target, exact (mass < 2^93:

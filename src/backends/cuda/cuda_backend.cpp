@@ -284,7 +284,7 @@ class CudaBackend final : public Backend {
       MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
       return cuda::argmax_index(*draw_host_);
     }
-    if (draw.in_order()) {
+    if (draw.in_order(n)) {
       cuda::draw_ordered(row, n, draw.temperature, draw.top_k, draw.top_p, draw.log_min_p, draw_key_, draw_ordered_, bits, draw_out_, stream_);
     } else {
       cuda::draw_mass(row, n, draw.temperature, draw.log_min_p, draw_key_, draw_mass_, stream_);
