@@ -185,8 +185,8 @@ uint64_t moeflux_sampler_seed(const moeflux_sampler* sampler);
 /* The sampler's pick from the session's last logits — the token moeflux_sampler_sample would return on
  * moeflux_session_logits(session), draw for draw — taken where the logits are: greedy by
  * moeflux_session_greedy_token, top-k sampling (1 <= top_k <= 1024) and greedy or top-k picks with
- * penalties from at most 32 KB of candidates a GPU selects (with the penalty window's raw logits),
- * anything else (top-p without top-k) from the row on the host. Does not record it
+ * penalties from at most 32 KB of candidates a GPU selects (with the penalty window's raw logits), every
+ * other setting drawn on the GPU (only the id comes back); on a CPU backend from the row. Does not record it
  * (moeflux_sampler_accept). -1 before any evaluation, on a null argument or a sampler of another
  * vocabulary size (moeflux_last_error says which). */
 int32_t moeflux_session_sample(const moeflux_session* session, moeflux_sampler* sampler);
