@@ -6,8 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <limits>
 #include <fstream>
+#include <limits>
+#include <map>
 #include <numeric>
 #include <random>
 #include <set>
@@ -532,6 +533,53 @@ TEST(DrawWeight, TopPMassIsTheDoubleProduct) {
     for (const DrawMass total : totals)
       ASSERT_TRUE(top_p_mass(top_p, total) == reference(top_p, total))
           << "top_p " << top_p << ", total " << double(total) << ": " << double(top_p_mass(top_p, total)) << " against " << double(reference(top_p, total));
+}
+
+// What a device is handed to draw (Sampler::device_draw): the settings as sample() applies them — a top-k at
+// or past the vocabulary off, min-p as its log, −inf when off — and the penalty window as its distinct tokens
+// with how often each occurs, for every setting but plain greedy (argmax needs none of it).
+TEST(Sampler, DeviceDrawCarriesTheSettingsAndTheWindow) {
+  const int64_t n = 1000;
+  SamplerParams params;
+  params.temperature = 0.7f, params.top_k = 40, params.top_p = 0.9f, params.min_p = 0.05f;
+  params.repetition_penalty = 1.2f, params.presence_penalty = 0.5f, params.frequency_penalty = 0.1f, params.penalty_last_n = 6;
+  Sampler sampler = make_sampler(params, n);
+  for (int32_t t : {9, 3, 9, 500, 3, 9, 7, 3}) sampler.accept(t);  // the window: the last 6, {9, 500, 3, 9, 7, 3}
+  Sampler::DeviceDraw draw;
+  ASSERT_TRUE(sampler.device_draw(&draw));
+  EXPECT_EQ(draw.temperature, 0.7f);
+  EXPECT_EQ(draw.top_k, 40);
+  EXPECT_EQ(draw.top_p, 0.9f);
+  EXPECT_EQ(draw.log_min_p, std::log(0.05f));
+  EXPECT_EQ(draw.repetition_penalty, 1.2f);
+  EXPECT_EQ(draw.presence_penalty, 0.5f);
+  EXPECT_EQ(draw.frequency_penalty, 0.1f);
+  std::map<int32_t, int32_t> window;
+  for (int64_t j = 0; j < draw.n_penalized; ++j) EXPECT_TRUE(window.emplace(draw.penalized_ids[j], draw.penalized_counts[j]).second);
+  EXPECT_EQ(window, (std::map<int32_t, int32_t>{{9, 2}, {500, 1}, {3, 2}, {7, 1}}));
+  EXPECT_TRUE(draw.in_order(n));
+
+  SamplerParams plain;  // temperature alone: id order, no window, no cut
+  plain.temperature = 1.0f, plain.top_k = int(n);
+  Sampler free = make_sampler(plain, n);
+  free.accept(5);
+  ASSERT_TRUE(free.device_draw(&draw));
+  EXPECT_EQ(draw.top_k, 0) << "a top-k of the whole vocabulary keeps every token";
+  EXPECT_EQ(draw.n_penalized, 0);
+  EXPECT_EQ(draw.log_min_p, -std::numeric_limits<float>::infinity());
+  EXPECT_FALSE(draw.in_order(n));
+
+  SamplerParams greedy;
+  greedy.temperature = 0.0f;
+  Sampler argmax = make_sampler(greedy, n);
+  EXPECT_FALSE(argmax.device_draw(&draw)) << "plain greedy is argmax";
+  greedy.repetition_penalty = 1.5f;
+  Sampler penalized = make_sampler(greedy, n);
+  penalized.accept(4);
+  ASSERT_TRUE(penalized.device_draw(&draw)) << "greedy with a penalty: the penalized row's argmax";
+  EXPECT_EQ(draw.temperature, 0.0f);
+  ASSERT_EQ(draw.n_penalized, 1);
+  EXPECT_EQ(draw.penalized_ids[0], 4);
 }
 
 // sample(logits, bits) with the bits draw_bits() took draws what sample(logits) draws from the stream:
