@@ -104,9 +104,9 @@ class Backend {
   // What a top-k sampler needs from a row of logits x[0, n) in backend memory: z = x / temperature (an
   // fp32 division, as the host sampler's) for a set of distinct ids that holds the k best z (higher first,
   // ties to the lower id; all n when k ≥ n) and every id whose z is above the lowest z in the set (a
-  // prefix of the row in the sampler's order, which top-p from candidates walks), into the host arrays
-  // ids and z of `capacity`; returns how many. With it, x[id] as it is for each of the n_gather ids in
-  // gather (each in [0, n), host) into the host array gathered: the logits a penalizing sampler changes (Sampler::penalty_ids). −1 where the
+  // prefix of the row in the sampler's order), into the host arrays ids and z of `capacity`; returns how
+  // many. With it, x[id] as it is for each of the n_gather ids in gather (each in [0, n), host) into the
+  // host array gathered: the logits a penalizing sampler changes (Sampler::penalty_ids). −1 where the
   // backend does not offer it, or more than `capacity` candidates tie at its cut, or n_gather is more than
   // it takes (the caller then copies x and samples there). Waits for the queued work. Default: −1.
   virtual int64_t top_candidates(const float* x, int64_t n, float temperature, int64_t k, int32_t* ids, float* z, int64_t capacity,

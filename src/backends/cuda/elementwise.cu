@@ -408,8 +408,6 @@ struct OrderedDrawBuffer {
 static_assert(sizeof(OrderedDrawBuffer) <= ordered_draw_buffer_bytes, "elementwise.cuh's size of the ordered draw's buffer");
 
 namespace {
-__device__ __forceinline__ DrawMass halves(unsigned long long hi, unsigned long long lo) { return (DrawMass(hi) << 32) + lo; }
-
 // One launch a level: each block bins its draw_chunk ids whose key matches the prefix in shared memory and
 // adds its bins to the level's; the last block to arrive picks the digit holding the step's target and
 // either fixes it (the next launch bins the next digit of that group) or, with one token in it, has found
@@ -489,7 +487,7 @@ __global__ void __launch_bounds__(threads) ordered_draw_kernel(const float* __re
   __threadfence();
 
   // The last block: digits, level by level, while one launch's bins decide them.
-  const DrawMass kept = halves(__ldcg(&b.kept_hi), __ldcg(&b.kept_lo));
+  const DrawMass kept = mass_of(__ldcg(&b.kept_hi), __ldcg(&b.kept_lo));
   int step = b.step, at = level;
   unsigned long long fixed = prefix, before_count = b.before_count;
   DrawMass before = b.before, target = b.target, limit = b.limit;
@@ -510,9 +508,10 @@ __global__ void __launch_bounds__(threads) ordered_draw_kernel(const float* __re
   };
   const bool top_k_on = top_k > 0 && top_k < n;
   if (step == step_start) {
-    limit = halves(__ldcg(&b.total_hi), __ldcg(&b.total_lo));
+    limit = mass_of(__ldcg(&b.total_hi), __ldcg(&b.total_lo));
     begin_step(top_k_on ? step_top_k : top_p < 1.0f ? step_edge : step_draw);
   }
+  const auto bin_mass = [&](int d) { return (DrawMass(bin_hi[d]) << 64) + bin_lo[d]; };  // from the shared copy
   for (;;) {
     OrderedDrawBuffer::Bins& g = at == 0 ? b.first : b.next;
     for (int d = threadIdx.x; d < select_bins; d += blockDim.x)
@@ -527,17 +526,17 @@ __global__ void __launch_bounds__(threads) ordered_draw_kernel(const float* __re
       DrawMass mass = 0;
       unsigned long long count = 0;
 #pragma unroll 8
-      for (int k = 0; k < per_lane; ++k) mass += (DrawMass(bin_hi[top - k]) << 64) + bin_lo[top - k], count += bin_ids[top - k];
+      for (int k = 0; k < per_lane; ++k) mass += bin_mass(top - k), count += bin_ids[top - k];
       const DrawMass mass_ahead = warp_prefix(mass) - mass;
       const DrawMass count_ahead = warp_prefix(DrawMass(count)) - count;
-      DrawMass crossed;
+      DrawMass ahead;  // find_lane's sum ahead of the found span, of the measure searched; the walk keeps both
       const int found_lane = find_lane((by_count ? before_count + count_ahead + count : before + mass_ahead + mass), by_count ? DrawMass(count) : mass,
-                                       target, &crossed);
+                                       target, &ahead);
       if (lane == found_lane) {
         DrawMass m_before = before + mass_ahead, c_before = before_count + count_ahead;
         int found = -1;
         for (int k = 0; k < per_lane; ++k) {
-          const DrawMass m = (DrawMass(bin_hi[top - k]) << 64) + bin_lo[top - k];
+          const DrawMass m = bin_mass(top - k);
           const unsigned long long c = bin_ids[top - k];
           if ((by_count ? c_before + c : m_before + m) > target) {
             found = top - k;
@@ -556,7 +555,7 @@ __global__ void __launch_bounds__(threads) ordered_draw_kernel(const float* __re
     }
     before = digit_before, before_count = digit_before_count;
     const unsigned long long count = bin_ids[d], id_sum = __ldcg(&g.id_sum[d]);
-    const DrawMass through = before + (DrawMass(bin_hi[d]) << 64) + bin_lo[d];
+    const DrawMass through = before + bin_mass(d);
     __syncthreads();
     if (at > 0)
       for (int e = threadIdx.x; e < select_bins; e += blockDim.x) g.lo[e] = 0, g.hi[e] = 0, g.count[e] = 0, g.id_sum[e] = 0;

@@ -9,7 +9,6 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "quant/weight_format.hpp"
 
@@ -43,14 +42,7 @@ void top_candidates(const float* x, int64_t n, float temperature, int64_t k, uns
 // out[i] = x[ids[i]] for i < count (ids on the device, each in x's range).
 void gather(const float* x, const int32_t* ids, int64_t count, float* out, cudaStream_t stream);
 __host__ __device__ inline int64_t argmax_index(unsigned long long key) { return key == 0 ? 0 : int64_t(0xFFFFFFFFu - uint32_t(key)); }
-// The value argmax_key's nonzero key was made of (−0 comes back as +0).
-inline float argmax_value(unsigned long long key) {
-  const uint32_t k = uint32_t(key >> 32), u = k & 0x80000000u ? k ^ 0x80000000u : ~k;
-  float v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-// Backend::draw_token and row_mass on the device (n ≤ 2^22), in two passes. max_key: argmax_key's result
+// Backend::draw_token in id order (no top-k, no top-p) on the device (n ≤ 2^22), in two passes. max_key: argmax_key's result
 // for x, so z_max = x[its index] / temperature. draw_mass: the kept weights (z ≥ z_max + log_min_p) of
 // ids [b · draw_chunk, …) summed as their high and low 32-bit halves into mass[2b], mass[2b + 1].
 // draw_find (after it): *out becomes the id drawn with those weights in id order, or −1 when z_max is not
