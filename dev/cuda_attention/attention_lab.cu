@@ -16,7 +16,7 @@
 // Outputs of each new version are compared with v1's (already checked against the CPU reference by
 // the op tests). Build: ninja -C build attention_lab. Run: build/dev/attention_lab (one table per op), or
 // build/dev/attention_lab --short for the short-context decode sweep alone (v2's key tiles per split, v3's
-// rounds of chunks per split and cluster sizes).
+// rounds of chunks per split and cluster sizes), --long [n_past] for the decode kernel at 1K-32K keys.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -304,6 +304,60 @@ void attention_short_sweep() {
   }
 }
 
+// Decode over long contexts (1K to 32K keys), where a call's KV bytes should set its time: the decode
+// kernel's default split against fixed rounds of chunks a split (AttentionTuning::split_tiles), the cache
+// rotated through 512 MB so that no call is served from the L2. µs a call and % of the copy rate
+// (KV bytes: every key and value read once).
+void attention_long_sweep(double copy_gbs, int64_t only = 0) {
+  const AttentionModel models[] = {
+      {"Qwen3-30B-A3B", AttentionLayout::gqa(32, 4, 128), false},
+      {"Qwen3.5-397B", AttentionLayout::gqa(32, 2, 256), false},
+  };
+  std::printf("\nlong decode (the decode kernel; [rounds of chunks a split] us, %% copy; 0 = the kernel's choice)\n");
+  for (const AttentionModel& m : models) {
+    const AttentionLayout& l = m.layout;
+    const size_t pool = size_t(512) << 20, pool_floats = pool / 4;
+    float* k = device_random(pool_floats, 51);
+    float* v = device_random(pool_floats, 52);
+    for (int64_t n_past : {1024, 2048, 4096, 8192, 16384, 32767}) {
+      if (only && n_past != only) continue;
+      const int64_t n_keys = n_past + 1;
+      const size_t k_floats = size_t(n_keys * l.k_stride), v_floats = size_t(n_keys * l.v_stride);
+      const int copies = int(std::max<size_t>(1, pool_floats / std::max(k_floats, v_floats)));
+      const size_t q_floats = size_t(l.n_head * l.k_dim), o_floats = size_t(l.n_head * l.v_dim);
+      float* q = device_random(q_floats, 53, -0.6f, 0.6f);
+      float *o1 = nullptr, *o2 = nullptr;
+      CHECK(cudaMalloc(&o1, o_floats * 4));
+      CHECK(cudaMalloc(&o2, o_floats * 4));
+      const float scale = 1.0f / std::sqrt(float(l.k_dim));
+      cuda::attention(q, k, v, 1, n_past, l, scale, o1, nullptr, cuda::AttentionPath::simple);
+      CHECK(cudaDeviceSynchronize());
+      const auto h1 = to_host(o1, o_floats);
+      const double kv_bytes = double(n_keys) * l.n_head_kv * (l.k_dim + l.v_dim) * 4;
+      std::printf("%-16s n_past=%-6lld (%d copies):", m.name, (long long)n_past, copies);
+      // [rounds of chunks a split]: 0 = the kernel's choice.
+      for (int split_rounds : {0, 4, 8, 16, 32}) {
+        const cuda::AttentionTuning tuning{0, 0, 0, split_rounds};
+        const double us = time_us([&](int it) {
+          cuda::attention(q, k + size_t(it % copies) * k_floats, v + size_t(it % copies) * v_floats, 1, n_past, l, scale, o2, nullptr,
+                          cuda::AttentionPath::decode, tuning);
+        });
+        cuda::attention(q, k, v, 1, n_past, l, scale, o2, nullptr, cuda::AttentionPath::decode, tuning);
+        CHECK(cudaDeviceSynchronize());
+        const double diff = max_diff(h1, to_host(o2, o_floats)) / 1.7;
+        std::printf(" [%d] %.1f %.0f%%%s", split_rounds, us, 100.0 * kv_bytes / us / 1e3 / copy_gbs, diff > 1e-5 ? "(WRONG)" : "");
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+      CHECK(cudaFree(q));
+      CHECK(cudaFree(o1));
+      CHECK(cudaFree(o2));
+    }
+    CHECK(cudaFree(k));
+    CHECK(cudaFree(v));
+  }
+}
+
 // --- gated delta rule -----------------------------------------------------------------------------
 
 // v1: the kernel this lab's v2/v3 replaced (one block per value head, state in shared memory).
@@ -420,6 +474,10 @@ int main(int argc, char** argv) {
               prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_gbs, empty_us);
   if (argc > 1 && std::strcmp(argv[1], "--short") == 0) {  // the short-context decode sweep alone
     attention_short_sweep();
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--long") == 0) {  // the long-context decode sweep alone
+    attention_long_sweep(copy_gbs, argc > 2 ? std::atoll(argv[2]) : 0);
     return 0;
   }
   attention_table(copy_gbs);
