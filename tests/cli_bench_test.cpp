@@ -54,6 +54,12 @@ TEST_F(CliBench, ReportsColdAndWarmRunsWithTierCountersAndTheBound) {
     EXPECT_EQ(host["hits"].get<int64_t>() + host["misses"].get<int64_t>(), 5 * uses_per_token);
     EXPECT_EQ(host["bytes_moved"].get<uint64_t>(), host["transfers"].get<uint64_t>() * j["expert_bytes"].get<uint64_t>());
   }
+  // The bound counts the session's cache a decode token reads: every position it attends (the 12-token
+  // prompt and, on average over the 5 tokens, 3 more) and the recurrent state read and written.
+  for (const auto& run : j["runs"])
+    EXPECT_EQ(run["decode"]["cache_read_bytes_per_token"].get<uint64_t>(),
+              15 * j["cache_bytes_per_token"].get<uint64_t>() + 2 * j["state_fixed_bytes"].get<uint64_t>());
+  EXPECT_GT(j["cache_bytes_per_token"].get<uint64_t>(), 0u);
   const auto& warm = j["runs"][1]["decode"];
   EXPECT_EQ(warm["tiers"][0]["misses"], 0);
   EXPECT_EQ(warm["tiers"][0]["bytes_moved"], 0);
