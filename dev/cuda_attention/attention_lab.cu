@@ -240,6 +240,31 @@ void attention_sweep(double copy_gbs) {
   }
 }
 
+// One decode token's query over a cache (n_past earlier keys), with v1's output to check others against:
+// q, v1's output o1 and a second output o2 on the device, v1's result on the host.
+struct DecodeQuery {
+  size_t o_floats;
+  float scale;
+  float *q = nullptr, *o1 = nullptr, *o2 = nullptr;
+  std::vector<float> reference;
+  DecodeQuery(const AttentionLayout& l, const float* k, const float* v, int64_t n_past, uint32_t seed)
+      : o_floats(size_t(l.n_head * l.v_dim)), scale(1.0f / std::sqrt(float(l.k_dim))) {
+    q = device_random(size_t(l.n_head * l.k_dim), seed, -0.6f, 0.6f);
+    CHECK(cudaMalloc(&o1, o_floats * 4));
+    CHECK(cudaMalloc(&o2, o_floats * 4));
+    cuda::attention(q, k, v, 1, n_past, l, scale, o1, nullptr, cuda::AttentionPath::simple);
+    CHECK(cudaDeviceSynchronize());
+    reference = to_host(o1, o_floats);
+  }
+  ~DecodeQuery() {
+    CHECK(cudaFree(q));
+    CHECK(cudaFree(o1));
+    CHECK(cudaFree(o2));
+  }
+  DecodeQuery(const DecodeQuery&) = delete;
+  DecodeQuery& operator=(const DecodeQuery&) = delete;
+};
+
 // Decode over short and middling contexts (the bench's 512-768 keys, to 8K), where a call sits near its fixed cost: the
 // tiled kernel's key tiles per split block (AttentionTuning::split_tiles; 0 = one wave of blocks, one
 // tile each here) and its shape, over 32 copies of the cache (more than the L2 holds, as a step's 48
@@ -259,15 +284,11 @@ void attention_short_sweep() {
     float* k = device_random(k_floats * copies, 41);
     float* v = m.latent ? k : device_random(v_floats * copies, 42);
     for (int64_t n_past : {128, 600, 1100, 1500, 2048, 4096, 8192}) {
-      const size_t q_floats = size_t(l.n_head * l.k_dim), o_floats = size_t(l.n_head * l.v_dim);
-      float* q = device_random(q_floats, 43, -0.6f, 0.6f);
-      float *o1 = nullptr, *o2 = nullptr;
-      CHECK(cudaMalloc(&o1, o_floats * 4));
-      CHECK(cudaMalloc(&o2, o_floats * 4));
-      const float scale = 1.0f / std::sqrt(float(l.k_dim));
-      cuda::attention(q, k, v, 1, n_past, l, scale, o1, nullptr, cuda::AttentionPath::simple);
-      CHECK(cudaDeviceSynchronize());
-      const auto h1 = to_host(o1, o_floats);
+      const DecodeQuery d(l, k, v, n_past, 43);
+      const size_t o_floats = d.o_floats;
+      const float scale = d.scale;
+      float *const q = d.q, *const o2 = d.o2;
+      const std::vector<float>& h1 = d.reference;
       // One path and tuning: µs a call, and " (WRONG)" where the output is off v1's.
       const auto measure = [&](cuda::AttentionPath path, const cuda::AttentionTuning& tuning) {
         const double us = time_us([&](int it) {
@@ -295,9 +316,6 @@ void attention_short_sweep() {
       }
       std::printf("\n");
       std::fflush(stdout);
-      CHECK(cudaFree(q));
-      CHECK(cudaFree(o1));
-      CHECK(cudaFree(o2));
     }
     CHECK(cudaFree(k));
     if (!m.latent) CHECK(cudaFree(v));
@@ -324,15 +342,11 @@ void attention_long_sweep(double copy_gbs, int64_t only = 0) {
       const int64_t n_keys = n_past + 1;
       const size_t k_floats = size_t(n_keys * l.k_stride), v_floats = size_t(n_keys * l.v_stride);
       const int copies = int(std::max<size_t>(1, pool_floats / std::max(k_floats, v_floats)));
-      const size_t q_floats = size_t(l.n_head * l.k_dim), o_floats = size_t(l.n_head * l.v_dim);
-      float* q = device_random(q_floats, 53, -0.6f, 0.6f);
-      float *o1 = nullptr, *o2 = nullptr;
-      CHECK(cudaMalloc(&o1, o_floats * 4));
-      CHECK(cudaMalloc(&o2, o_floats * 4));
-      const float scale = 1.0f / std::sqrt(float(l.k_dim));
-      cuda::attention(q, k, v, 1, n_past, l, scale, o1, nullptr, cuda::AttentionPath::simple);
-      CHECK(cudaDeviceSynchronize());
-      const auto h1 = to_host(o1, o_floats);
+      const DecodeQuery d(l, k, v, n_past, 53);
+      const size_t o_floats = d.o_floats;
+      const float scale = d.scale;
+      float *const q = d.q, *const o2 = d.o2;
+      const std::vector<float>& h1 = d.reference;
       const double kv_bytes = double(n_keys) * l.n_head_kv * (l.k_dim + l.v_dim) * 4;
       std::printf("%-16s n_past=%-6lld (%d copies):", m.name, (long long)n_past, copies);
       // [rounds of chunks a split]: 0 = the kernel's choice.
@@ -349,9 +363,6 @@ void attention_long_sweep(double copy_gbs, int64_t only = 0) {
       }
       std::printf("\n");
       std::fflush(stdout);
-      CHECK(cudaFree(q));
-      CHECK(cudaFree(o1));
-      CHECK(cudaFree(o2));
     }
     CHECK(cudaFree(k));
     CHECK(cudaFree(v));
