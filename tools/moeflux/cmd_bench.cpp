@@ -2,9 +2,10 @@
 // each expert tier's counters per phase and the bound they are judged against (DESIGN.md,
 // "Performance"): the link rates of this machine are measured in the same run (device copy and pinned
 // host→device for CUDA, expert reads from storage as the store does them), and a decode token's bound is
-// (active bytes + the session cache it reads) ÷ device rate + bytes the GPU tier copied ÷ host→device rate
-// + bytes read from storage ÷ storage rate. Owns the measurement loop and its report (text or one JSON object); not the model or the store.
+// (active bytes + the session cache it reads) ÷ device rate (on the CPU, the compute threads' host memory
+// read rate) + bytes the GPU tier copied ÷ host→device rate + bytes read from storage ÷ storage rate. Owns the measurement loop and its report (text or one JSON object); not the model or the store.
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -15,6 +16,7 @@
 #include "backends/cuda/cuda_experts.hpp"
 
 #include "commands.hpp"
+#include "core/thread_pool.hpp"
 #include "core/timer.hpp"
 #include "format/pack.hpp"
 #include "model_flags.hpp"
@@ -59,6 +61,7 @@ struct PhaseResult {
 // Link rates in bytes per second, measured in this run; 0 where not measured.
 struct Rates {
   double device = 0;          // CUDA device copy (read + write)
+  double host_memory = 0;     // host memory read by the compute threads (the CPU device's weights and cache)
   double host_to_device = 0;  // pinned host → device
   double storage = 0;         // expert blobs read by a store like the model's
 };
@@ -108,6 +111,38 @@ Result<double> measure_storage_rate(const Pack& pack, const ExpertStoreOptions& 
     bytes += uint64_t(per_call) * m.expert_bytes;
   }
   return double(store->stats().bytes_read) / timer.seconds();
+}
+
+// The rate at which n_threads (0: every hardware thread, as the CPU backend takes it) read host memory:
+// a buffer of 512 MiB (at most an eighth of the machine's memory; beyond any last-level cache) touched
+// once, then summed by the threads in contiguous shares, the median of five passes.
+double measure_host_read_rate(int n_threads) {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  size_t bytes = size_t(512) << 20;
+  if (pages > 0 && page > 0) bytes = std::min(bytes, size_t(pages) * size_t(page) / 8);
+  const size_t n = bytes / sizeof(uint64_t);
+  if (n == 0) return 0.0;
+  std::vector<uint64_t> buffer(n);
+  for (size_t i = 0; i < n; ++i) buffer[i] = i;
+  ThreadPool pool(n_threads);
+  const int64_t shares = 4 * int64_t(pool.size());
+  std::vector<uint64_t> sums(static_cast<size_t>(shares));
+  std::vector<double> seconds;
+  for (int pass = 0; pass < 5; ++pass) {
+    Timer timer;
+    pool.parallel_for(shares, [&](int64_t t) {
+      const size_t begin = n * size_t(t) / size_t(shares), end = n * size_t(t + 1) / size_t(shares);
+      uint64_t sum = 0;
+      for (size_t i = begin; i < end; ++i) sum += buffer[i];
+      sums[size_t(t)] = sum;  // kept, so the reads are not optimized away
+    });
+    seconds.push_back(timer.seconds());
+  }
+  std::sort(seconds.begin(), seconds.end());
+  uint64_t total = 0;
+  for (uint64_t v : sums) total += v;
+  if (total != uint64_t(n) * uint64_t(n - 1) / 2) return 0.0;  // Σ i: every word was read
+  return double(bytes) / seconds[seconds.size() / 2];
 }
 
 double peak_rss_bytes() {
@@ -177,6 +212,7 @@ Bound decode_bound(const PhaseResult& d, uint64_t device_bytes, const Rates& r, 
   Bound b;
   const double n = double(d.n_tokens);
   if (on_gpu && r.device > 0) b.compute = double(device_bytes) / r.device;
+  if (!on_gpu && r.host_memory > 0) b.compute = double(device_bytes) / r.host_memory;
   for (const TierResult& t : d.tiers) {
     const double per_token = double(t.stats.bytes_read) / n;
     if (t.name == "gpu" && r.host_to_device > 0) b.host_to_device = per_token / r.host_to_device;
@@ -231,6 +267,7 @@ int run_bench(const BenchArgs& a) {
     auto storage = measure_storage_rate(model.pack(), o.experts, uint64_t(1) << 30);
     if (!storage) return report_error("bench", storage.status().with_context("measuring the storage read rate"));
     rates.storage = *storage;
+    if (!on_gpu) rates.host_memory = measure_host_read_rate(o.n_threads);
     CudaLinkRates cuda;
     if (on_gpu && measure_cuda_link_rates(o.gpu, &cuda)) {
       rates.device = cuda.device_copy;
@@ -354,7 +391,8 @@ int run_bench(const BenchArgs& a) {
                 {"expert_stride", m.expert_stride},
                 {"expert_bytes_per_token", expert_bytes_per_token},
                 {"active_bytes_per_token", active_bytes},
-                {"rates_bytes_per_s", {{"device_copy", rates.device}, {"host_to_device", rates.host_to_device}, {"storage", rates.storage}}},
+                {"rates_bytes_per_s",
+                 {{"device_copy", rates.device}, {"host_to_device", rates.host_to_device}, {"storage", rates.storage}, {"host_memory_read", rates.host_memory}}},
                 {"cache_bytes_per_token", cache_bytes_per_token},
                 {"state_fixed_bytes", state_fixed_bytes},
                 {"peak_host_rss_bytes", rss},
@@ -378,7 +416,7 @@ int run_bench(const BenchArgs& a) {
                 on_gpu ? fmt::format(", host→device (pinned) {}/s, device copy {}/s", format_bytes(rates.host_to_device),
                                      format_bytes(rates.device))
                              .c_str()
-                       : "");
+                       : fmt::format(", host memory read {}/s", format_bytes(rates.host_memory)).c_str());
   std::printf("session cache: %s per token (fp32) + %s of recurrent state; a decode token reads %s of it on average (in the bound)\n",
               format_bytes(double(cache_bytes_per_token)).c_str(), format_bytes(double(state_fixed_bytes)).c_str(),
               format_bytes(double(cache_read_bytes)).c_str());
