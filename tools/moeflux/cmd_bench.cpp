@@ -474,8 +474,9 @@ void register_bench(CLI::App& app, Action& action) {
       ->check(CLI::IsMember({"on", "off", "auto"}))
       ->capture_default_str();
   sub->add_flag("--graphs,!--no-graphs", args->graphs,
-                "record each decode step as a CUDA graph and replay it (when every expert is on the GPU) instead of launching op by op");
-  sub->add_flag("!--no-probe", args->probe, "skip measuring the storage / host→device / device rates (no bound is reported)");
+                "record each decode step as a CUDA graph and replay it (when every expert is on the GPU) instead of launching op by "
+                "op (for comparison: recording each step costs the host more than the graph saves the GPU)");
+  sub->add_flag("!--no-probe", args->probe, "skip measuring the storage / host→device / device / host memory rates (no bound is reported)");
   sub->add_option("--seed", args->seed, "seed of the random prompt");
   sub->add_flag("--json", args->json_output, "print one JSON object instead of text");
   sub->callback([args, &action] { action = [args] { return run_bench(*args); }; });
