@@ -3,13 +3,15 @@
 // "Performance"): the link rates of this machine are measured in the same run (device copy and pinned
 // host→device for CUDA, expert reads from storage as the store does them), and a decode token's bound is
 // (active bytes + the session cache it reads) ÷ device rate (on the CPU, the compute threads' host memory
-// read rate) + bytes the GPU tier copied ÷ host→device rate + bytes read from storage ÷ storage rate. Owns the measurement loop and its report (text or one JSON object); not the model or the store.
+// read rate) + bytes the GPU tier copied ÷ host→device rate + bytes read from storage ÷ storage rate.
+// Owns the measurement loop and its report (text or one JSON object); not the model or the store.
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <functional>
+#include <new>
 #include <random>
 
 #include "backends/backend.hpp"
@@ -115,14 +117,20 @@ Result<double> measure_storage_rate(const Pack& pack, const ExpertStoreOptions& 
 
 // The rate at which n_threads (0: every hardware thread, as the CPU backend takes it) read host memory:
 // a buffer of 512 MiB (at most an eighth of the machine's memory; beyond any last-level cache) touched
-// once, then summed by the threads in contiguous shares, the median of five passes.
+// once, then summed by the threads in contiguous shares, the median of five passes. 0 where the buffer
+// cannot be had (no rate, no compute part in the bound).
 double measure_host_read_rate(int n_threads) {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
   size_t bytes = size_t(512) << 20;
   if (pages > 0 && page > 0) bytes = std::min(bytes, size_t(pages) * size_t(page) / 8);
   const size_t n = bytes / sizeof(uint64_t);
   if (n == 0) return 0.0;
-  std::vector<uint64_t> buffer(n);
+  std::vector<uint64_t> buffer;
+  try {
+    buffer.resize(n);
+  } catch (const std::bad_alloc&) {
+    return 0.0;
+  }
   for (size_t i = 0; i < n; ++i) buffer[i] = i;
   ThreadPool pool(n_threads);
   const int64_t shares = 4 * int64_t(pool.size());
